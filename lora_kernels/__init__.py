@@ -1,0 +1,46 @@
+"""lora_kernels: fused LoRA for PyTorch.
+
+    y = x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ,   scaling = alpha / rank
+
+Public API: the functional op :func:`lora_linear`, the drop-in module :class:`FusedLoRALinear`, model-level
+helpers (:func:`replace_linear_with_fused_lora` and friends), adapter files (:func:`save_lora`,
+:func:`load_lora`) and the eager reference everything is checked against.
+"""
+from .functional import BACKENDS, lora_linear, resolve_backend, triton_available
+from .io import load_lora, save_lora
+from .modules import FusedLoRALinear
+from .reference import lora_linear_eager, lora_linear_reference
+from .replace import (
+    LoRASummary,
+    find_target_linears,
+    iter_lora_layers,
+    lora_state_dict,
+    lora_summary,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    replace_linear_with_fused_lora,
+    unmerge_lora,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "FusedLoRALinear",
+    "LoRASummary",
+    "find_target_linears",
+    "iter_lora_layers",
+    "load_lora",
+    "lora_linear",
+    "lora_linear_eager",
+    "lora_linear_reference",
+    "lora_state_dict",
+    "lora_summary",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "replace_linear_with_fused_lora",
+    "resolve_backend",
+    "save_lora",
+    "triton_available",
+    "unmerge_lora",
+]

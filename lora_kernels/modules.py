@@ -1,0 +1,224 @@
+"""``FusedLoRALinear``: a drop-in replacement for ``nn.Linear`` with a LoRA adapter.
+
+    y = x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ,     scaling = alpha / rank   (alpha / √rank with rsLoRA)
+
+Shapes: ``weight`` W (out_features, in_features) and ``bias`` b (out_features,) exactly as in
+``nn.Linear``, so the base's ``state_dict`` keys are unchanged; ``lora_A`` A (rank, in_features) and
+``lora_B`` B (out_features, rank). ``alpha=None`` means ``alpha = rank``, i.e. scaling 1, MiniMind's
+unscaled LoRA.
+
+Initialisation (B = 0 in both, so a fresh adapter leaves the layer's output unchanged):
+
+* ``"minimind"``: A ~ N(0, 0.02²), as MiniMind's LoRA;
+* ``"kaiming"``: A Kaiming-uniform with a = √5, as HF PEFT and loralib.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import BACKENDS, lora_linear
+
+INITS = ("minimind", "kaiming")
+
+
+def _validate_lora_args(rank, alpha, dropout, init, backend) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
+                              or not math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number > 0 (or None for alpha = rank), got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class FusedLoRALinear(nn.Module):
+    """``nn.Linear`` plus a LoRA adapter, computed by the fused :func:`lora_kernels.lora_linear`.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        rank: LoRA rank r >= 1.
+        alpha: LoRA alpha > 0; None means alpha = rank (scaling 1).
+        dropout: dropout probability on the LoRA path's input, in [0, 1).
+        use_rslora: scale by alpha / √rank instead of alpha / rank.
+        init: ``"minimind"`` or ``"kaiming"`` initialisation of ``lora_A`` (``lora_B`` starts at zero).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :func:`lora_kernels.lora_linear`).
+
+    Raises:
+        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init or backend.
+
+    Warns:
+        UserWarning: when rank >= in·out / (in + out), the adapter has at least as many parameters as
+            the layer it adapts.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        rank: int = 16,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "minimind",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._setup_lora(in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory)
+        self._reset_base_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int = 16,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "minimind",
+        backend: str = "auto",
+        lora_dtype: Optional[torch.dtype] = None,
+    ) -> "FusedLoRALinear":
+        """Wraps an existing ``nn.Linear``, sharing its weight and bias (no copy).
+
+        Args:
+            linear: the layer to adapt.
+            lora_dtype: dtype of ``lora_A``/``lora_B``; defaults to the linear's weight dtype.
+            Others: as for the constructor.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        factory = {"device": linear.weight.device, "dtype": lora_dtype or linear.weight.dtype}
+        layer._setup_lora(linear.in_features, linear.out_features, rank, alpha, dropout, use_rslora, init,
+                          backend, factory)
+        layer.train(linear.training)
+        return layer
+
+    def _setup_lora(self, in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory):
+        _validate_lora_args(rank, alpha, dropout, init, backend)
+        if rank >= in_features * out_features / (in_features + out_features):
+            warnings.warn(
+                f"rank {rank} >= in*out/(in+out) = {in_features * out_features / (in_features + out_features):.1f} "
+                f"for a {in_features}->{out_features} layer: the adapter has at least as many parameters as "
+                "the layer itself",
+                stacklevel=3,
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.init = init
+        self.backend = backend
+        self.lora_A = nn.Parameter(torch.empty((rank, in_features), **factory))
+        self.lora_B = nn.Parameter(torch.empty((out_features, rank), **factory))
+        self._merged = False
+        self.register_buffer("_weight_before_merge", None, persistent=False)
+        self.reset_lora_parameters()
+
+    def _reset_base_parameters(self) -> None:
+        # The same initialisation as nn.Linear.reset_parameters.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_lora_parameters(self) -> None:
+        """Re-initialises ``lora_A`` by ``self.init`` and zeroes ``lora_B``."""
+        with torch.no_grad():
+            if self.init == "minimind":
+                nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank, or alpha / √rank with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def merged(self) -> bool:
+        """True while the adapter is folded into ``weight`` (the layer then runs as a plain linear)."""
+        return self._merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged:
+            return F.linear(x, self.weight, self.bias)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                           dropout_p=self.dropout, training=self.training, backend=self.backend)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B·A`` (out_features, in_features), computed in fp32, returned in fp32."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        """Folds the adapter into ``weight`` in place: ``W ← W + scaling·B·A`` (summed in fp32).
+
+        Args:
+            keep_original: keep a copy of the unmerged weight so that :meth:`unmerge` restores it bit for
+                bit (costs one weight's memory while merged). With False, unmerge subtracts the delta
+                again, which is exact only up to rounding.
+        """
+        if self._merged:
+            return
+        if keep_original:
+            self._weight_before_merge = self.weight.detach().clone()
+        self.weight.copy_(self.weight.float() + self.delta_weight())
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undoes :meth:`merge`; a no-op on an unmerged layer."""
+        if not self._merged:
+            return
+        if self._weight_before_merge is not None:
+            self.weight.copy_(self._weight_before_merge)
+            self._weight_before_merge = None
+        else:
+            self.weight.copy_(self.weight.float() - self.delta_weight())
+        self._merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new plain ``nn.Linear`` holding the merged weight (this layer is left unchanged)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        merged = self.weight.float() if self._merged else self.weight.float() + self.delta_weight()
+        linear.weight.copy_(merged)
+        linear.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+            linear.bias.requires_grad_(self.bias.requires_grad)
+        linear.train(self.training)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+            f"backend={self.backend!r}" + (", merged=True" if self._merged else "")
+        )

@@ -1,0 +1,71 @@
+"""The eager LoRA linear: the single source of truth that every backend is checked against.
+
+    y = x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ
+
+with ``x`` (..., in_features), ``W`` (out_features, in_features), ``b`` (out_features,) or None,
+``A = lora_A`` (rank, in_features), ``B = lora_B`` (out_features, rank) and ``scaling = alpha / rank``.
+
+This is what MiniMind's monkey-patched LoRA and HF PEFT's ``lora.Linear`` compute, written with plain
+differentiable torch ops so autograd derives the backward. It is deliberately naive: it materialises the
+M×N LoRA product, and with dropout it keeps the mask and a dropped-out copy of x for backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Eager LoRA linear with an explicit dropout mask.
+
+    Args:
+        x: input, shape (..., in_features).
+        weight: base weight, shape (out_features, in_features).
+        bias: base bias, shape (out_features,), or None.
+        lora_A: shape (rank, in_features).
+        lora_B: shape (out_features, rank).
+        scaling: the LoRA scale, alpha / rank.
+        dropout_mask: boolean keep-mask broadcastable to ``x`` (True keeps), or None for no dropout.
+            Passing the mask (instead of drawing one here) lets tests feed the reference the exact mask a
+            backend regenerated from its seed.
+        dropout_p: the drop probability the mask was drawn with; kept values are scaled by 1/(1-p).
+
+    Returns:
+        y, shape (..., out_features), in the dtype of the inputs.
+    """
+    x_lora = x
+    if dropout_mask is not None:
+        x_lora = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    base = F.linear(x, weight, bias)
+    return base + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
+
+
+def lora_linear_eager(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """Eager LoRA linear with ordinary dropout (``F.dropout``), as MiniMind and PEFT run it.
+
+    This is the ``"eager"`` baseline of the benchmarks; :func:`lora_kernels.lora_linear` with
+    ``backend="eager"`` instead uses :func:`lora_linear_reference` with the seeded mask of the fused
+    backends so that both give the same numbers under the same ``torch.manual_seed``.
+    """
+    x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)

@@ -1,0 +1,210 @@
+"""Model-level LoRA: swap ``nn.Linear`` layers for :class:`FusedLoRALinear`, freeze, merge, summarise."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .modules import FusedLoRALinear
+
+Targets = Union[str, Sequence[str]]
+LORA_PARAM_NAMES = ("lora_A", "lora_B")
+
+
+def iter_lora_layers(model: nn.Module) -> Iterator[Tuple[str, FusedLoRALinear]]:
+    """Yields ``(module path, layer)`` for every :class:`FusedLoRALinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLoRALinear):
+            yield name, module
+
+
+def _output_head_names(model: nn.Module) -> set:
+    """Names of the output head that ``"all-linear"`` leaves alone (PEFT's rule)."""
+    heads = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    for name, module in model.named_modules():
+        if module is head or name == "lm_head" or name.endswith(".lm_head"):
+            heads.add(name)
+    return heads
+
+
+def _name_matches(name: str, targets: Targets) -> bool:
+    """List: exact path or a suffix after a dot. String: regular expression matching the whole path."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_target_linears(
+    model: nn.Module, target_modules: Targets = "square", exclude_modules: Optional[Targets] = None
+) -> List[str]:
+    """Paths of the ``nn.Linear`` modules that ``target_modules`` selects (see
+    :func:`replace_linear_with_fused_lora`).
+
+    Raises:
+        ValueError: a bad ``target_modules`` value, or nothing matched.
+        TypeError: a module named explicitly by a list is not an ``nn.Linear`` (e.g. GPT-2's ``Conv1D``).
+    """
+    if isinstance(target_modules, str) and target_modules in ("square", "all-linear"):
+        rule = target_modules
+    elif isinstance(target_modules, str) or (
+        isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in target_modules)
+    ):
+        rule = "names"
+        if not isinstance(target_modules, str):
+            target_modules = list(target_modules)
+            if not target_modules:
+                raise ValueError("target_modules is an empty list")
+        else:
+            try:
+                re.compile(target_modules)
+            except re.error as err:
+                raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {err}")
+    else:
+        raise ValueError(
+            "target_modules must be 'square', 'all-linear', a list of module names or a regex string, "
+            f"got {target_modules!r}"
+        )
+    heads = _output_head_names(model) if rule == "all-linear" else set()
+
+    selected = []
+    for name, module in model.named_modules():
+        if not name or (exclude_modules is not None and _name_matches(name, exclude_modules)):
+            continue
+        is_linear = isinstance(module, nn.Linear)  # FusedLoRALinear is not a subclass
+        if rule == "square":
+            chosen = is_linear and module.in_features == module.out_features
+        elif rule == "all-linear":
+            chosen = is_linear and name not in heads
+        else:
+            chosen = _name_matches(name, target_modules)
+            if chosen and not is_linear:
+                if isinstance(module, FusedLoRALinear):
+                    raise ValueError(f"module {name!r} already has a LoRA adapter")
+                if isinstance(target_modules, str) and not list(module.parameters(recurse=False)):
+                    continue  # a regex may also match containers; only leaf layers matter
+                raise TypeError(
+                    f"module {name!r} is a {type(module).__name__}; only nn.Linear layers can take a "
+                    "FusedLoRALinear adapter"
+                )
+        if chosen:
+            selected.append(name)
+    if not selected:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer in the model")
+    return selected
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def replace_linear_with_fused_lora(
+    model: nn.Module,
+    rank: int = 16,
+    alpha: Optional[float] = None,
+    dropout: float = 0.0,
+    target_modules: Targets = "square",
+    exclude_modules: Optional[Targets] = None,
+    freeze_base: bool = True,
+    backend: str = "auto",
+    **kwargs,
+) -> nn.Module:
+    """Swaps the selected ``nn.Linear`` children of ``model`` for :class:`FusedLoRALinear`, in place.
+
+    The new layers share the old layers' weights (no copy); the LoRA parameters are created on the same
+    device, in the same dtype.
+
+    Args:
+        model: any ``nn.Module``.
+        rank, alpha, dropout, backend: passed to :meth:`FusedLoRALinear.from_linear`.
+        target_modules: ``"square"`` (in_features == out_features, MiniMind's rule), ``"all-linear"``
+            (every linear except the output head, PEFT's meaning), a list of names (a module's full path,
+            or a suffix of it after a dot, e.g. ``["q_proj", "v_proj"]``), or a regular expression string
+            that must match a module's whole path.
+        exclude_modules: modules to leave alone, given as a list of names or a regex, as above.
+        freeze_base: set ``requires_grad=False`` on every parameter of the model except the LoRA ones.
+        **kwargs: further :meth:`FusedLoRALinear.from_linear` arguments (``use_rslora``, ``init``,
+            ``lora_dtype``).
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        ValueError / TypeError: see :func:`find_target_linears` and :class:`FusedLoRALinear`.
+    """
+    names = find_target_linears(model, target_modules, exclude_modules)
+    layers = {
+        name: FusedLoRALinear.from_linear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=dropout,
+                                          backend=backend, **kwargs)
+        for name in names
+    }
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    if freeze_base:
+        mark_only_lora_as_trainable(model)
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
+    """Sets ``requires_grad`` True on LoRA parameters and False on every other parameter; returns model."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.rsplit(".", 1)[-1] in LORA_PARAM_NAMES)
+    return model
+
+
+def merge_lora(model: nn.Module, keep_original: bool = True) -> nn.Module:
+    """Merges every adapter into its base weight (see :meth:`FusedLoRALinear.merge`); returns model."""
+    for _, layer in iter_lora_layers(model):
+        layer.merge(keep_original=keep_original)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undoes :func:`merge_lora`; returns model."""
+    for _, layer in iter_lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The adapter weights only: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``, detached."""
+    state = {}
+    for name, layer in iter_lora_layers(model):
+        prefix = f"{name}." if name else ""
+        state[prefix + "lora_A"] = layer.lora_A.detach()
+        state[prefix + "lora_B"] = layer.lora_B.detach()
+    return state
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    """Parameter counts of a model with adapters."""
+
+    trainable: int
+    total: int
+    lora_layers: int
+
+    @property
+    def percent(self) -> float:
+        """Trainable parameters as a percentage of all parameters."""
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable: {self.percent:.4f}% || LoRA layers: {self.lora_layers}")
+
+
+def lora_summary(model: nn.Module) -> LoRASummary:
+    """Counts trainable and total parameters (a shared parameter once) and LoRA layers."""
+    params = list(model.parameters())  # parameters() yields a tied parameter once
+    return LoRASummary(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        lora_layers=sum(1 for _ in iter_lora_layers(model)),
+    )

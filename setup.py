@@ -1,0 +1,39 @@
+"""Packaging for lora_kernels (fused LoRA kernels) and minimind (the bundled LoRA SFT trainer)."""
+from setuptools import find_packages, setup
+
+TEST_REQUIRES = [
+    "pytest>=7",
+    "pytest-benchmark>=4",
+    "hypothesis>=6",
+    "peft>=0.10",
+    "safetensors>=0.4",
+]
+
+setup(
+    name="lora-kernels",
+    version="0.1.0",
+    description="Fused Triton LoRA kernels for PyTorch, a drop-in LoRA linear, and a MiniMind LoRA SFT trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["lora_kernels", "lora_kernels.*", "minimind", "minimind.*"]),
+    include_package_data=True,
+    package_data={"minimind": ["assets/*", "assets/**/*"]},
+    install_requires=[
+        "torch>=2.4",
+        # Triton ships Linux wheels only; elsewhere the fused torch backend is used.
+        'triton>=3.0; platform_system == "Linux"',
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "tqdm>=4.60",
+        "matplotlib>=3.5",
+    ],
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={
+        "console_scripts": [
+            "minimind-train-lora=minimind.train_lora:main",
+            "minimind-chat=minimind.chat:main",
+            "minimind-merge-lora=minimind.merge_lora:main",
+        ]
+    },
+)
