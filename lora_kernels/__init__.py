@@ -11,6 +11,7 @@ from .io import load_lora, save_lora
 from .modules import FusedLoRALinear
 from .reference import lora_linear_eager, lora_linear_reference
 from .replace import (
+    disable_lora,
     LoRASummary,
     find_target_linears,
     iter_lora_layers,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "FusedLoRALinear",
+    "disable_lora",
     "LoRASummary",
     "find_target_linears",
     "iter_lora_layers",

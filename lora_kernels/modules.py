@@ -135,6 +135,7 @@ class FusedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty((rank, in_features), **factory))
         self.lora_B = nn.Parameter(torch.empty((out_features, rank), **factory))
         self._merged = False
+        self.lora_enabled = True  # False: run the base layer alone (see lora_kernels.disable_lora)
         self.register_buffer("_weight_before_merge", None, persistent=False)
         self.reset_lora_parameters()
 
@@ -165,7 +166,7 @@ class FusedLoRALinear(nn.Module):
         return self._merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._merged:
+        if self._merged or not self.lora_enabled:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.dropout, training=self.training, backend=self.backend)

@@ -1,6 +1,7 @@
 """Model-level LoRA: swap ``nn.Linear`` layers for :class:`FusedLoRALinear`, freeze, merge, summarise."""
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -170,6 +171,27 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for _, layer in iter_lora_layers(model):
         layer.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside it every adapter of ``model`` is off and the model computes its base.
+
+    Raises:
+        RuntimeError: a layer is merged (its adapter is inside the weight; unmerge it first).
+    """
+    layers = [layer for _, layer in iter_lora_layers(model)]
+    merged = [name for name, layer in iter_lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"cannot disable merged adapters ({merged[:3]}...); call unmerge_lora(model) first")
+    previous = [layer.lora_enabled for layer in layers]
+    for layer in layers:
+        layer.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous):
+            layer.lora_enabled = enabled
 
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from lora_kernels import (
+    disable_lora,
     FusedLoRALinear,
     find_target_linears,
     lora_state_dict,
@@ -189,3 +190,22 @@ def test_find_target_linears_does_not_modify():
     model = TinyLM()
     assert find_target_linears(model, "square") == per_layer(["q_proj", "o_proj"])
     assert lora_names(model) == []
+
+
+def test_disable_lora():
+    torch.manual_seed(0)
+    base = TinyLM()
+    ids = torch.randint(0, V, (2, 5))
+    expected = base(ids)
+    model = replace_linear_with_fused_lora(base, rank=2, target_modules="all-linear")
+    for p in lora_state_dict(model).values():
+        p.normal_()
+    adapted = model(ids)
+    assert not torch.allclose(adapted, expected, atol=1e-3)
+    with disable_lora(model):
+        assert torch.equal(model(ids), expected)
+    assert torch.equal(model(ids), adapted)
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with disable_lora(model):
+            pass
