@@ -173,6 +173,15 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replaces every :class:`FusedLoRALinear` by a plain ``nn.Linear`` with the adapter merged into its
+    weight (:meth:`FusedLoRALinear.to_linear`), in place; returns model, whose state_dict then has the
+    base's keys only."""
+    for name, layer in list(iter_lora_layers(model)):
+        _set_submodule(model, name, layer.to_linear())
+    return model
+
+
 @contextlib.contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside it every adapter of ``model`` is off and the model computes its base.

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from lora_kernels import (
     disable_lora,
+    merge_and_unload,
     FusedLoRALinear,
     find_target_linears,
     lora_state_dict,
@@ -209,3 +210,16 @@ def test_disable_lora():
     with pytest.raises(RuntimeError, match="unmerge"):
         with disable_lora(model):
             pass
+
+
+def test_merge_and_unload():
+    torch.manual_seed(0)
+    model = replace_linear_with_fused_lora(TinyLM(), rank=2, target_modules="all-linear")
+    for p in lora_state_dict(model).values():
+        p.normal_()
+    ids = torch.randint(0, V, (2, 5))
+    adapted = model(ids)
+    merge_and_unload(model)
+    assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == set(TinyLM().state_dict())
+    assert torch.allclose(model(ids), adapted, atol=1e-5)
