@@ -216,7 +216,7 @@ def test_merge_and_unload():
     torch.manual_seed(0)
     model = replace_linear_with_fused_lora(TinyLM(), rank=2, target_modules="all-linear")
     for p in lora_state_dict(model).values():
-        p.normal_()
+        p.normal_(0, 0.2)
     ids = torch.randint(0, V, (2, 5))
     adapted = model(ids)
     merge_and_unload(model)
