@@ -4,11 +4,13 @@
 
 Public API: the functional op :func:`lora_linear`, the drop-in module :class:`FusedLoRALinear`, model-level
 helpers (:func:`replace_linear_with_fused_lora` and friends), adapter files (:func:`save_lora`,
-:func:`load_lora`) and the eager reference everything is checked against.
+:func:`load_lora`; PEFT's format with :func:`save_peft_adapter`, :func:`load_peft_adapter`, and
+:func:`fuse_peft_model` for a live ``PeftModel``) and the eager reference everything is checked against.
 """
 from .functional import BACKENDS, lora_linear, resolve_backend, triton_available
 from .io import load_lora, save_lora
 from .modules import FusedLoRALinear
+from .peft_format import fuse_peft_model, load_peft_adapter, save_peft_adapter
 from .reference import lora_linear_eager, lora_linear_reference
 from .replace import (
     disable_lora,
@@ -32,8 +34,10 @@ __all__ = [
     "disable_lora",
     "LoRASummary",
     "find_target_linears",
+    "fuse_peft_model",
     "iter_lora_layers",
     "load_lora",
+    "load_peft_adapter",
     "lora_linear",
     "lora_linear_eager",
     "lora_linear_reference",
@@ -45,6 +49,7 @@ __all__ = [
     "replace_linear_with_fused_lora",
     "resolve_backend",
     "save_lora",
+    "save_peft_adapter",
     "triton_available",
     "unmerge_lora",
 ]

@@ -14,6 +14,14 @@ Backends:
 Dropout never stores a mask: each call draws one integer seed from torch's default (CPU) generator, and
 the backend regenerates the mask from it in forward and again in backward. ``torch.manual_seed`` therefore
 makes a layer reproducible.
+
+``torch.compile``: while Dynamo traces, the op is the pair of ``torch.library`` custom ops
+``lora_kernels::lora_linear_forward`` / ``lora_linear_backward`` around the same backends (Triton kernels on
+CUDA), so models compile with ``fullgraph=True``. The seed is then a tensor drawn by ``torch.randint`` in the
+graph: no graph break, no recompile per call. ``aot_eager`` draws the seed eager mode draws; Inductor uses
+its own RNG unless ``torch._inductor.config.fallback_random`` is set. Eager calls keep the
+``autograd.Function``, which costs less Python per call than custom-op dispatch. The ``"eager"`` backend
+with dropout does not compile with ``fullgraph=True`` (its seed is a Python int).
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import importlib
 import math
 import os
 from types import ModuleType
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -69,9 +77,17 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+def draw_seed_tensor() -> torch.Tensor:
+    """A dropout seed as a one-element int64 CPU tensor from torch's default generator.
+
+    A traceable RNG op: under ``torch.compile`` it neither breaks the graph nor recompiles per call.
+    """
+    return torch.randint(0, 2**31 - 1, (1,))
+
+
 def draw_seed() -> int:
     """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return int(draw_seed_tensor().item())
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
@@ -140,6 +156,100 @@ class _LoRALinearFunction(torch.autograd.Function):
         return dx, dw, db, da, dbb, None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------------
+# torch.compile: the same backend calls as two torch.library custom ops. Dynamo and AOTAutograd see
+# through them (fake implementations give the output shapes, register_autograd the backward), so a model
+# compiles with fullgraph=True. The seed travels as a tensor and `.item()` runs only inside the opaque op.
+# Eager calls keep _LoRALinearFunction: custom-op dispatch adds Python overhead to every call.
+
+
+def _impl_for(backend: str, x: torch.Tensor) -> ModuleType:
+    # Resolved at run time, inside the op, so that tracing never imports Triton.
+    return _triton_module() if resolve_backend(backend, x) == "triton" else torch_backend
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The backend's forward on 2-D x: ``(y (M, N), S (M, r))``."""
+    impl = _impl_for(backend, x)
+    with torch.autocast(x.device.type, enabled=False):
+        y, s = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                            int(seed.item()) if seed is not None else 0)
+    return y.contiguous(), s.contiguous()
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_backward", mutates_args=())
+def _backward_op(
+    grad_y: torch.Tensor,
+    x: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    s: Optional[torch.Tensor],
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    backend: str,
+    needs_grad: List[bool],
+) -> List[torch.Tensor]:
+    """The backend's ``(dx, dweight, dbias, dA, dB)``; an empty tensor stands for a gradient not asked for."""
+    impl = _impl_for(backend, grad_y)
+    with torch.autocast(grad_y.device.type, enabled=False):
+        grads = impl.backward(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p,
+                              int(seed.item()) if seed is not None else 0, tuple(needs_grad))
+    return [g.contiguous() if g is not None else grad_y.new_empty(0) for g in grads]
+
+
+@_backward_op.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, backend, needs_grad):
+    (m, n), (r, k) = grad_y.shape, lora_A.shape
+    shapes = [(m, k), (n, k), (n,), (r, k), (n, r)]
+    return [grad_y.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs_grad)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    need_x, need_w, _, need_a, need_bb = ctx.needs_input_grad[:5]
+    # The same savings as _LoRALinearFunction: x for dA/dW, W for dX, S for dB, and never a mask.
+    ctx.save_for_backward(x if (need_w or need_a) else None, weight if need_x else None, lora_A, lora_B,
+                          output[1] if need_bb else None, seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_s):
+    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = _backward_op(grad_y, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, ctx.backend,
+                         needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _lora_linear_custom_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend):
+    seed = draw_seed_tensor() if dropout_p > 0 else None
+    y, _ = _forward_op(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                       backend)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -189,8 +299,10 @@ def lora_linear(
             + (f", bias {bias.dtype}" if bias is not None else "")
         )
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    name = resolve_backend(backend, x)
     p = float(dropout_p) if training else 0.0
+    if backend in ("auto", "triton", "torch") and torch.compiler.is_compiling():
+        return _lora_linear_custom_op(x, weight, bias, lora_A, lora_B, float(scaling), p, backend)
+    name = resolve_backend(backend, x)
     seed = draw_seed() if p > 0 else 0
 
     if name == "eager":

@@ -138,7 +138,26 @@ def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: st
     """
     tensors, metadata = read_lora_file(path)
     layer_meta = json.loads(metadata.get("layers", "{}"))
-    modules = _group_by_module(tensors, path)
+    return apply_lora_tensors(model, tensors, layer_meta, source=path, strict=strict, backend=backend)
+
+
+def apply_lora_tensors(
+    model: nn.Module,
+    tensors: Dict[str, torch.Tensor],
+    layer_meta: Dict[str, dict],
+    source: PathLike,
+    strict: bool = True,
+    backend: str = "auto",
+) -> nn.Module:
+    """The checks and the in-place load behind :func:`load_lora` (also used for PEFT adapters).
+
+    Args:
+        tensors: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``.
+        layer_meta: module path to ``{"rank", "alpha", "use_rslora", "dropout"}`` (any may be missing).
+        source: the file or directory the tensors came from, for error messages.
+        strict, backend: as for :func:`load_lora`.
+    """
+    modules = _group_by_module(tensors, source)
     available = dict(model.named_modules())
 
     problems = []
@@ -165,7 +184,7 @@ def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: st
                 problems.append(f"{name}: LoRA layer in the model but not in the file (strict=True)")
     if problems:
         listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"adapter {str(path)!r} does not fit the model:\n  {listed}")
+        raise ValueError(f"adapter {str(source)!r} does not fit the model:\n  {listed}")
 
     for name, pair in modules.items():
         meta = layer_meta.get(name, {})

@@ -40,6 +40,11 @@ def _name_matches(name: str, targets: Targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+# transformers' Conv1D (GPT-2 and its relatives) is a linear layer with the weight stored transposed.
+_CONV1D_HINT = (" (transformers' Conv1D, as in GPT-2, stores its weight transposed as (in, out) and is not "
+                "supported; convert such layers to nn.Linear with the transposed weight first)")
+
+
 def find_target_linears(
     model: nn.Module, target_modules: Targets = "square", exclude_modules: Optional[Targets] = None
 ) -> List[str]:
@@ -90,12 +95,15 @@ def find_target_linears(
                     continue  # a regex may also match containers; only leaf layers matter
                 raise TypeError(
                     f"module {name!r} is a {type(module).__name__}; only nn.Linear layers can take a "
-                    "FusedLoRALinear adapter"
+                    "FusedLoRALinear adapter" + (_CONV1D_HINT if type(module).__name__ == "Conv1D" else "")
                 )
         if chosen:
             selected.append(name)
     if not selected:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer in the model")
+        conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer in the model"
+                         + (f"; its {conv1d[0]!r} and {len(conv1d) - 1} more are Conv1D layers" + _CONV1D_HINT
+                            if conv1d else ""))
     return selected
 
 

@@ -1,0 +1,426 @@
+"""HF PEFT's LoRA adapter format, both ways, and the one-line conversion of a live ``PeftModel``.
+
+An adapter directory, as ``peft.PeftModel.save_pretrained`` writes it:
+
+* ``adapter_config.json``: PEFT's ``LoraConfig``: ``peft_type = "LORA"``, ``r``, ``lora_alpha``,
+  ``lora_dropout``, ``target_modules``, ``use_rslora``, ``bias``, ``task_type``, and ``rank_pattern`` /
+  ``alpha_pattern``, which map module-path patterns to the rank / alpha of layers that differ from ``r`` /
+  ``lora_alpha``. A pattern ``key`` applies to a module path that matches the regular expression
+  ``(.*\\.)?(key)$``; the first matching key wins.
+* ``adapter_model.safetensors`` (or a pickled ``adapter_model.bin``): tensors named
+  ``base_model.model.<module path>.lora_A.weight`` (rank, in_features) and ``... .lora_B.weight``
+  (out_features, rank), the layout of :class:`FusedLoRALinear`'s ``lora_A`` / ``lora_B``, so no transpose.
+  PEFT's scale is ours: ``lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora``.
+
+Only plain LoRA on ``nn.Linear`` layers is supported. DoRA and the other PEFT LoRA variants, LoRA on
+embeddings or convolutions, ``fan_in_fan_out`` (GPT-2's ``Conv1D``), trained biases, ``modules_to_save``
+and initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, ...) are refused with a
+message naming them. Reading and writing files needs neither ``peft`` nor ``transformers``;
+:func:`fuse_peft_model` needs ``peft``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .io import apply_lora_tensors, atomic_write
+from .modules import FusedLoRALinear
+from .replace import _set_submodule, iter_lora_layers, mark_only_lora_as_trainable
+
+PathLike = Union[str, os.PathLike]
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<leaf>lora_[AB])\.weight")
+
+# LoraConfig fields that select a LoRA variant with a different forward, or a feature beyond LoRA on
+# linear layers: a truthy value is refused, with the name shown to the user.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA",
+    "fan_in_fan_out": "fan_in_fan_out (GPT-2-style Conv1D layers that store the weight as (in, out))",
+    "lora_bias": "lora_bias (a bias on lora_B)",
+    "modules_to_save": "modules_to_save (fully trained copies of whole modules)",
+    "trainable_token_indices": "trainable_token_indices",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter, e.g. MoE experts)",
+    "layer_replication": "layer_replication",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "aLoRA",
+    "use_bdlora": "BD-LoRA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow",
+    "kasa_config": "KaSA",
+}
+# init_lora_weights values that leave the base weights alone (every other value rewrites them on load).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+# ---------------------------------------------------------------------------------------------------
+# rank_pattern / alpha_pattern, with PEFT's matching rule
+
+
+def _pattern_value(pattern: Dict[str, Any], module_path: str, default: Any) -> Any:
+    """``pattern[key]`` for the first key whose regex ``(.*\\.)?(key)$`` matches ``module_path``, else default."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def _exceptions(values: Dict[str, Any], default: Any) -> Dict[str, Any]:
+    """A rank or alpha pattern for the layers whose value differs from ``default``, keyed by module path.
+
+    PEFT reads a key as a regex that also matches any longer path ending in ``.<key>``; when a plain path
+    would reach another layer that way, every key becomes ``^<escaped path>``, which matches one path only.
+    """
+    pattern = {name: v for name, v in sorted(values.items()) if v != default}
+    if all(_pattern_value(pattern, name, default) == v for name, v in values.items()):
+        return pattern
+    return {"^" + re.escape(name): v for name, v in pattern.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _most_common(values: List[Any]) -> Any:
+    # Ties go to the value seen first in module order, which makes the file deterministic.
+    return Counter(values).most_common(1)[0][0]
+
+
+def _number(value: float) -> Union[int, float]:
+    """An integral float as an int, as PEFT writes ``r`` and ``lora_alpha``."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _target_modules(model: nn.Module, names: List[str]) -> Union[List[str], str]:
+    """PEFT's ``target_modules`` selecting exactly the layers ``names``.
+
+    PEFT matches a list entry against a module's path or the path's suffix after a dot, whatever the
+    module's type. A layer name such as ``"q_proj"`` is used when it selects adapted layers only, else the
+    layers' full paths; a regex of the escaped paths is the fallback if even those reach other modules.
+    """
+    paths = [n for n, _ in model.named_modules() if n]
+    wanted = set(names)
+
+    def selected(entries):
+        return {p for p in paths if any(p == t or p.endswith("." + t) for t in entries)}
+
+    entries = set()
+    for leaf in {name.rsplit(".", 1)[-1] for name in names}:
+        entries |= {leaf} if selected([leaf]) <= wanted else {n for n in names if n.rsplit(".", 1)[-1] == leaf}
+    if selected(entries) == wanted:
+        return sorted(entries)
+    return "|".join(re.escape(n) for n in sorted(names))
+
+
+def _unwrap_peft_model(model: nn.Module) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The base model inside a ``PeftModel`` (duck-typed: peft need not be installed) and the adapter's
+    task type and base model name; a plain model and an empty dict otherwise."""
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict) and callable(getattr(model, "get_base_model", None)):
+        if len(config) != 1:
+            raise ValueError(f"the PeftModel has adapters {sorted(config)}; save_peft_adapter saves one")
+        (adapter_config,) = config.values()
+        if getattr(adapter_config, "modules_to_save", None):
+            raise ValueError(f"the PeftModel trains modules_to_save={adapter_config.modules_to_save!r}, which "
+                             "save_peft_adapter does not write (it saves LoRA weights only)")
+        return model.get_base_model(), {
+            "task_type": getattr(adapter_config, "task_type", None),
+            "base_model_name_or_path": getattr(adapter_config, "base_model_name_or_path", None),
+        }
+    return model, {}
+
+
+def save_peft_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None) -> None:
+    """Writes the :class:`FusedLoRALinear` adapters of ``model`` as a PEFT LoRA adapter directory.
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` then gives the same outputs as ``model``. The most
+    common rank and alpha become ``r`` and ``lora_alpha``; layers that differ go to ``rank_pattern`` /
+    ``alpha_pattern``. Layers whose rsLoRA setting differs from the most common one are written with the
+    alpha that gives the same scaling. PEFT has one ``lora_dropout``: the most common dropout is written
+    (with a warning when layers differ; dropout does not change inference). Base weights are not saved,
+    even when they were trained.
+
+    Args:
+        model: a model with :class:`FusedLoRALinear` layers, or a ``PeftModel`` converted by
+            :func:`fuse_peft_model` (its task type and base model name are kept).
+        directory: created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are
+            written atomically, each replacing any previous file.
+        base_model_name_or_path: recorded in the config; defaults to the model's ``name_or_path`` (as set
+            by ``transformers``' ``from_pretrained``), else null.
+
+    Raises:
+        ValueError: the model has no LoRA layers, or is a ``PeftModel`` with several adapters or with
+            ``modules_to_save``.
+    """
+    from safetensors.torch import save_file
+
+    base, peft_info = _unwrap_peft_model(model)
+    layers = dict(iter_lora_layers(base))
+    if not layers:
+        raise ValueError("the model has no FusedLoRALinear layers to save")
+
+    use_rslora = _most_common([layer.use_rslora for layer in layers.values()])
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    # alpha such that PEFT's scaling (alpha / r, or alpha / √r with the file's use_rslora) is the layer's.
+    alphas = {name: _number(layer.scaling * (math.sqrt(layer.rank) if use_rslora else layer.rank))
+              if layer.use_rslora != use_rslora else _number(layer.alpha) for name, layer in layers.items()}
+    dropouts = [layer.dropout for layer in layers.values()]
+    if len(set(dropouts)) > 1:
+        warnings.warn(f"layers have different dropouts {sorted(set(dropouts))}; PEFT has one lora_dropout, "
+                      f"{_most_common(dropouts):g} is saved", stacklevel=2)
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+
+    task_type = peft_info.get("task_type")
+    if task_type is None and type(base).__name__.endswith("ForCausalLM"):
+        task_type = "CAUSAL_LM"
+    if base_model_name_or_path is None:
+        base_model_name_or_path = peft_info.get("base_model_name_or_path") or getattr(base, "name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": _most_common(dropouts),
+        "target_modules": _target_modules(base, list(layers)),
+        "use_rslora": use_rslora,
+        "rank_pattern": _exceptions(ranks, r),
+        "alpha_pattern": _exceptions(alphas, alpha),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+
+    directory = Path(directory)
+    atomic_write(directory / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_config(config: Dict[str, Any], directory: Path) -> None:
+    """Refuses anything but plain LoRA on linear layers, naming every unsupported setting."""
+    where = f"PEFT adapter {str(directory)!r}"
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{where} has peft_type {peft_type!r}; only LoRA adapters (peft_type 'LORA') are supported")
+    problems = [f"{label} ({field}={config[field]!r})" for field, label in _UNSUPPORTED_FIELDS.items()
+                if config.get(field)]
+    if config.get("bias", "none") != "none":
+        problems.append(f"trained base biases (bias={config['bias']!r})")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        problems.append(f"init_lora_weights={init!r}, which rewrites the base weights when PEFT loads the adapter "
+                        "(convert it to plain LoRA with PEFT's save_pretrained(..., "
+                        "path_initial_model_for_weight_conversion=...) first)")
+    if problems:
+        raise ValueError(f"{where} uses PEFT features that lora_kernels does not support: " + "; ".join(problems))
+
+
+def _read_tensors(directory: Path) -> Dict[str, torch.Tensor]:
+    safetensors_path, pickle_path = directory / SAFETENSORS_NAME, directory / PICKLE_NAME
+    if safetensors_path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_path))
+    if pickle_path.is_file():
+        tensors = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ValueError(f"{str(pickle_path)!r} does not hold a dict of tensors")
+        return tensors
+    raise FileNotFoundError(f"PEFT adapter {str(directory)!r} has neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
+
+
+def _kind_of_module(module: Optional[nn.Module]) -> Optional[str]:
+    """'an embedding' / 'a convolution' for modules whose LoRA we refuse, else None."""
+    if isinstance(module, nn.Embedding):
+        return "an embedding"
+    if isinstance(module, nn.modules.conv._ConvNd) or type(module).__name__ == "Conv1D":
+        return f"a convolution ({type(module).__name__})"
+    return None
+
+
+def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "auto",
+                      freeze_base: bool = True) -> nn.Module:
+    """Applies a LoRA adapter saved by PEFT to a plain model, as :class:`FusedLoRALinear` layers; in place.
+
+    Gives the outputs of ``peft.PeftModel.from_pretrained(model, directory)``: each adapted ``nn.Linear``
+    gets the file's A and B, its rank, and its alpha (``lora_alpha`` or the ``alpha_pattern`` entry),
+    ``use_rslora`` and ``lora_dropout``. Layers that are already :class:`FusedLoRALinear` get the new A, B,
+    alpha and rsLoRA setting. Everything is checked before anything changes.
+
+    Args:
+        model: the base model the adapter was trained on (e.g. a ``transformers`` ``LlamaForCausalLM``:
+            the module paths in the file are relative to it).
+        directory: a PEFT adapter directory (``adapter_config.json`` and ``adapter_model.safetensors`` or
+            ``adapter_model.bin``, the latter read with ``weights_only=True``).
+        backend: backend of the new layers (see :func:`lora_kernels.lora_linear`).
+        freeze_base: leave only the LoRA parameters trainable, as PEFT does.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: an unsupported PEFT feature (DoRA, embeddings, convolutions, ``fan_in_fan_out``, ...,
+            all named), or modules and shapes that do not fit the model (all listed).
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"PEFT adapter {str(directory)!r} has no {CONFIG_NAME}")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    _check_config(config, directory)
+    raw = _read_tensors(directory)
+
+    modules = dict(model.named_modules())
+    tensors, other, refused = {}, [], []
+    for key, value in raw.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            if "lora_embedding_" in key:
+                refused.append(f"{key}: LoRA on an embedding")
+            elif "lora_magnitude_vector" in key:
+                refused.append(f"{key}: DoRA")
+            else:
+                other.append(key)
+            continue
+        name = match["module"]
+        kind = _kind_of_module(modules.get(name))
+        if kind is not None or value.dim() != 2:
+            refused.append(f"{name}: LoRA on {kind or f'a convolution (lora weight of shape {tuple(value.shape)})'}")
+            continue
+        tensors[f"{name}.{match['leaf']}"] = value
+    if refused:
+        listed = sorted(set(refused))
+        raise ValueError(f"PEFT adapter {str(directory)!r} has LoRA weights lora_kernels does not support "
+                         "(only nn.Linear layers): " + "; ".join(listed[:10]))
+    if other:
+        raise ValueError(f"PEFT adapter {str(directory)!r} has tensors that are not LoRA weights named "
+                         f"{PREFIX}<module>.lora_A.weight / .lora_B.weight: {sorted(other)[:5]}")
+
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    layer_meta, mismatched = {}, []
+    for key, a in tensors.items():
+        name, _, leaf = key.rpartition(".")
+        if leaf != "lora_A":
+            continue
+        rank = _pattern_value(rank_pattern, name, r)
+        if a.shape[0] != rank:
+            mismatched.append(f"{name}: lora_A has rank {a.shape[0]}, the config says {rank}")
+        layer_meta[name] = {"alpha": float(_pattern_value(alpha_pattern, name, alpha)),
+                            "use_rslora": bool(config.get("use_rslora", False)),
+                            "dropout": float(config.get("lora_dropout", 0.0))}
+    if mismatched:
+        raise ValueError(f"PEFT adapter {str(directory)!r} contradicts its config: " + "; ".join(mismatched[:10]))
+
+    apply_lora_tensors(model, tensors, layer_meta, source=directory, strict=True, backend=backend)
+    if freeze_base:
+        mark_only_lora_as_trainable(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# A live PeftModel
+
+
+def _fusable(module: nn.Module, path: str, lora_linear_cls) -> Tuple[Optional[str], List[str]]:
+    """The adapter name of a PEFT LoRA layer that :func:`fuse_peft_model` can convert, and the problems
+    that prevent it (then the name is None)."""
+    kind = type(module).__name__
+    if type(module) is not lora_linear_cls:  # subclasses are quantized (bnb, GPTQ, ...) or other layers
+        return None, [f"{path}: a PEFT {kind} layer (only LoRA on nn.Linear is supported)"]
+    adapters = sorted(module.lora_A.keys())
+    if len(adapters) != 1:
+        return None, [f"{path}: adapters {adapters} (one adapter per layer is supported)"]
+    (adapter,) = adapters
+    problems = []
+    if not isinstance(module.get_base_layer(), nn.Linear):
+        problems.append(f"{path}: the base layer is a {type(module.get_base_layer()).__name__}, not nn.Linear")
+    for flag, label in ((module.use_dora.get(adapter), "DoRA"), (getattr(module, "fan_in_fan_out", False), "fan_in_fan_out"),
+                        (getattr(module, "lora_bias", {}).get(adapter), "lora_bias"), (module.merged, "merged adapter"),
+                        (module.disable_adapters or adapter not in module.active_adapters, "disabled adapter"),
+                        (getattr(module, "lora_variant", {}).get(adapter) is not None, "a LoRA variant")):
+        if flag:
+            problems.append(f"{path}: {label}")
+    return (adapter if not problems else None), problems
+
+
+def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Converts the LoRA linears inside a live ``peft.PeftModel`` to :class:`FusedLoRALinear`, in place.
+
+    Each converted layer shares the PEFT layer's parameters (the base weight and bias, and the
+    ``lora_A`` / ``lora_B`` weights themselves), so trainability, optimizer state and outputs are kept:
+    an existing PEFT training loop speeds up with one line. Save the result with
+    :func:`save_peft_adapter` (PEFT's own ``save_pretrained`` and ``merge_and_unload`` no longer see the
+    converted layers; use :func:`lora_kernels.merge_lora` or :func:`lora_kernels.merge_and_unload`).
+
+    Args:
+        peft_model: a ``PeftModel`` (or any module holding PEFT ``lora.Linear`` layers).
+        backend: backend of the new layers.
+
+    Returns:
+        ``peft_model``.
+
+    Raises:
+        ImportError: peft is not installed.
+        ValueError: a PEFT LoRA layer cannot be converted (DoRA, embeddings, convolutions,
+            ``fan_in_fan_out``, several adapters, merged or disabled adapters, ...; all listed). Nothing is
+            changed then.
+    """
+    try:
+        from peft.tuners.lora import Linear as PeftLoraLinear, LoraLayer
+    except ImportError as err:
+        raise ImportError("fuse_peft_model needs peft (pip install peft)") from err
+
+    plan, problems = [], []
+    for path, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            adapter, why = _fusable(module, path, PeftLoraLinear)
+            problems += why
+            if adapter is not None:
+                plan.append((path, module, adapter))
+    if problems:
+        raise ValueError("fuse_peft_model cannot convert these PEFT layers:\n  " + "\n  ".join(problems[:20]))
+    if not plan:
+        raise ValueError("the model has no PEFT LoRA linear layers to convert")
+
+    for path, module, adapter in plan:
+        linear = module.get_base_layer()
+        rank, alpha, use_rslora = module.r[adapter], module.lora_alpha[adapter], module.use_rslora[adapter]
+        divisor = math.sqrt(rank) if use_rslora else rank
+        if not math.isclose(alpha / divisor, module.scaling[adapter], rel_tol=1e-12):
+            alpha = module.scaling[adapter] * divisor  # PEFT's set_scale / scale_layer changed the scaling
+        dropout = module.lora_dropout[adapter]
+        # Built around a meta stand-in: no allocation and no draw from the RNG for parameters replaced next.
+        stub = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer = FusedLoRALinear.from_linear(stub, rank=rank, alpha=alpha, use_rslora=use_rslora, backend=backend,
+                                            dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.lora_A, layer.lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        layer.train(module.training)
+        _set_submodule(peft_model, path, layer)
+    return peft_model
