@@ -310,6 +310,7 @@ def lora_linear(
         if p > 0:
             mask = torch_backend.dropout_mask(seed, (x.numel() // x.shape[-1], x.shape[-1]), p, x.device)
             mask = mask.view(x.shape)
-        return lora_linear_reference(x, weight, bias, lora_A, lora_B, float(scaling), mask, p)
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, float(scaling), mask,
+                                     torch_backend.effective_dropout_p(p))
     impl = _triton_module() if name == "triton" else torch_backend
     return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, impl)

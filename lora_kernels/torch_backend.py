@@ -29,6 +29,7 @@ The backend contract shared with ``lora_kernels.ops.lora_linear`` (the Triton ba
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -36,17 +37,30 @@ import torch
 Grads = Tuple[Optional[torch.Tensor], ...]
 
 
-def dropout_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
-    """Keep-mask of this backend for ``seed``: True where an element of x survives dropout."""
+# The mask compares 16 random bits per element with round(p·2¹⁶): four elements per 64-bit draw, about
+# three times cheaper on the CPU than one float draw each. p is thereby rounded to a multiple of 2⁻¹⁶
+# (at most 7.6e-6 away), and 1/(1-p) uses that effective p so the LoRA term stays unbiased.
+_P_STEPS = 1 << 16
+
+
+def effective_dropout_p(dropout_p: float) -> float:
+    """The drop probability this backend realises for ``dropout_p``: a multiple of 2⁻¹⁶."""
+    return min(round(dropout_p * _P_STEPS), _P_STEPS - 1) / _P_STEPS
+
+
+def _drop_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """True where an element is dropped; a pure function of (seed, shape, p, device)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return torch.rand(tuple(shape), generator=generator, device=device) >= dropout_p
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    threshold = round(effective_dropout_p(dropout_p) * _P_STEPS) - _P_STEPS // 2  # int16 values are signed
+    return (bits.view(torch.int16)[:n] < threshold).view(tuple(shape))
 
 
-def _dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    """x̃ = m ⊙ x / (1 - p), a temporary that is never saved."""
-    keep = dropout_mask(seed, x.shape, dropout_p, x.device)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+def dropout_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """Keep-mask of this backend for ``seed``: True where an element of x survives dropout."""
+    return ~_drop_mask(seed, shape, dropout_p, device)
 
 
 def forward(
@@ -60,8 +74,12 @@ def forward(
     seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns ``y`` (M, N) and ``S = x̃·Aᵀ`` (M, r); see the module docstring."""
-    x_lora = _dropped(x, dropout_p, seed) if dropout_p > 0 else x
-    s = torch.mm(x_lora, lora_A.t())
+    if dropout_p > 0:
+        # masked_fill, with 1/(1-p) applied to the small S: one pass over x instead of cast-multiply-scale.
+        s = torch.mm(torch.where(_drop_mask(seed, x.shape, dropout_p, x.device), 0, x), lora_A.t())
+        s.mul_(1.0 / (1.0 - effective_dropout_p(dropout_p)))
+    else:
+        s = torch.mm(x, lora_A.t())
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     y.addmm_(s, lora_B.t(), alpha=scaling)
     return y, s
@@ -87,16 +105,18 @@ def backward(
         dbb = torch.mm(grad_y.t(), s).mul_(scaling)
     if need_x or need_a:
         ds = torch.mm(grad_y, lora_B).mul_(scaling)
-        keep = dropout_mask(seed, (grad_y.shape[0], lora_A.shape[1]), dropout_p, grad_y.device) if dropout_p > 0 else None
+        drop = None
+        if dropout_p > 0:
+            drop = _drop_mask(seed, (grad_y.shape[0], lora_A.shape[1]), dropout_p, grad_y.device)
+            ds.mul_(1.0 / (1.0 - effective_dropout_p(dropout_p)))  # x̃'s 1/(1-p), on the small (M, r) factor
         if need_x:
-            dx = torch.mm(grad_y, weight)
-            if keep is None:
-                dx.addmm_(ds, lora_A)
+            if drop is None:
+                dx = torch.mm(grad_y, weight).addmm_(ds, lora_A)
             else:
-                dx.addcmul_(torch.mm(ds, lora_A), keep.to(dx.dtype), value=1.0 / (1.0 - dropout_p))
+                # (m ⊙ dS·A) first, then the base GEMM accumulates into it: no separate add pass.
+                dx = torch.mm(ds, lora_A).masked_fill_(drop, 0).addmm_(grad_y, weight)
         if need_a:
-            x_lora = x if keep is None else x * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
-            da = torch.mm(ds.t(), x_lora)
+            da = torch.mm(ds.t(), x if drop is None else torch.where(drop, 0, x))
     if need_w:
         dw = torch.mm(grad_y.t(), x)
     if need_b:

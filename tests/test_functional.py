@@ -69,7 +69,8 @@ def test_matches_reference(backend, dtype, lead, k, n, r, bias, p):
 
     torch.manual_seed(1234)  # the op draws the same seed as above
     y, grads = run(lambda **kw: lora_linear(**kw, scaling=scaling, dropout_p=p, backend=backend), inputs, grad_out)
-    y_ref, grads_ref = reference64(inputs, scaling, mask, p)(grad_out)
+    # The torch backend rounds p to a multiple of 2^-16 and scales by that p (see effective_dropout_p).
+    y_ref, grads_ref = reference64(inputs, scaling, mask, torch_backend.effective_dropout_p(p))(grad_out)
 
     assert y.dtype == dtype
     assert_close(y, y_ref, dtype, "y")
@@ -125,6 +126,13 @@ def test_keep_rate_within_binomial_bounds():
     for seed in range(3):
         kept = torch_backend.dropout_mask(seed, (200, 300), p, torch.device("cpu")).double().mean().item()
         assert abs(kept - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-6, 0.1, 0.3, 0.5, 0.999999])
+def test_effective_dropout_p_is_p_rounded_to_2_to_the_minus_16(p):
+    q = torch_backend.effective_dropout_p(p)
+    assert (q * 2**16).is_integer() and q < 1
+    assert abs(q - p) <= 2**-17 or q == 1 - 2**-16  # the nearest step, or the last one below 1
 
 
 def test_forward_and_backward_use_the_same_mask():
