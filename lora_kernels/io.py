@@ -30,6 +30,12 @@ def _is_torch_pickle(path: Path) -> bool:
     return path.suffix in (".pth", ".pt", ".bin")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write) -> None:
     """Calls ``write(tmp_path)`` and renames the result to ``path``: a crash never leaves half a file."""
     path = Path(path)
@@ -38,6 +44,7 @@ def atomic_write(path: PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -157,3 +157,10 @@ def test_foreign_keys_are_refused(tmp_path):
     torch.save({"model.layers.0.q_proj.lora.A.weight": torch.zeros(2, D)}, tmp_path / "minimind.pth")
     with pytest.raises(ValueError, match="not a lora_kernels adapter"):
         load_lora(base_model(), tmp_path / "minimind.pth")
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    save_lora(adapted_model(), tmp_path / "a.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,0 +1,156 @@
+"""MiniMind's own LoRA file format, read into and written from ``FusedLoRALinear`` layers.
+
+MiniMind's ``save_lora`` writes a flat state_dict (``torch.save``) with, for each adapted linear
+``<module path>``:
+
+* ``<module path>.lora.A.weight``: A, (rank, in_features)
+* ``<module path>.lora.B.weight``: B, (out_features, rank)
+
+and its LoRA has no scaling: ``y = W x + B (A x)``. So a MiniMind adapter is a ``FusedLoRALinear``
+with ``alpha = rank`` (scaling 1); when saving an adapter trained with another scaling, the scaling
+is folded into B so MiniMind computes the same output.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Union
+
+import torch
+from torch import nn
+
+from lora_kernels import FusedLoRALinear, iter_lora_layers
+from lora_kernels.io import atomic_write
+
+from .model import strip_wrapper_prefix
+
+PathLike = Union[str, os.PathLike]
+_KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<half>[AB])\.weight$")
+
+
+def read_minimind_lora(path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Read a MiniMind LoRA file into ``{module path: {"A": (r, in), "B": (out, r)}}``.
+
+    Args:
+        path: ``.pth`` (read with ``weights_only=True``) or ``.safetensors``.
+
+    Returns:
+        The tensors grouped by module.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: keys that are not MiniMind LoRA keys, or an A without its B (all listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path), device="cpu")
+    else:
+        tensors = torch.load(str(path), weights_only=True, map_location="cpu")
+    if not isinstance(tensors, dict) or not tensors or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{path}: expected a non-empty dict of tensors (MiniMind's save_lora format)")
+    modules: Dict[str, Dict[str, torch.Tensor]] = {}
+    bad = []
+    for key, value in tensors.items():
+        m = _KEY.match(strip_wrapper_prefix(key))
+        if m is None or value.dim() != 2:
+            bad.append(key)
+            continue
+        modules.setdefault(m["module"], {})[m["half"]] = value
+    unpaired = [name for name, t in modules.items() if len(t) != 2]
+    if bad or unpaired:
+        raise ValueError(
+            f"{path} is not a MiniMind LoRA file (keys '<module>.lora.A.weight' / '<module>.lora.B.weight', 2-D): "
+            + "; ".join(p for p in (f"unexpected keys {bad[:8]}" if bad else "",
+                                     f"A without B or B without A for {unpaired[:8]}" if unpaired else "") if p)
+        )
+    return modules
+
+
+def load_minimind_lora(model: nn.Module, path: PathLike) -> nn.Module:
+    """Put the adapters of a MiniMind LoRA file on ``model``, in place.
+
+    Each module the file names must be an ``nn.Linear``; it is replaced by
+    ``FusedLoRALinear.from_linear(linear, rank=r)`` (alpha = rank, so scaling 1 as in MiniMind, sharing
+    the linear's weight) holding the file's A and B cast to the layer's dtype and device. Everything
+    is checked before anything changes, so a failed load leaves the model as it was.
+
+    Args:
+        model: e.g. a ``MiniMindForCausalLM``.
+        path: a file written by MiniMind's ``save_lora`` or by ``save_minimind_lora``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: listing every module that does not exist, is not a plain linear layer (an existing
+            ``FusedLoRALinear`` included) or does not fit the file's shapes.
+    """
+    modules = read_minimind_lora(path)
+    available = dict(model.named_modules())
+    problems: List[str] = []
+    for name, pair in sorted(modules.items()):
+        module = available.get(name)
+        a, b = pair["A"], pair["B"]
+        if module is None:
+            problems.append(f"{name}: no such module in the model")
+        elif isinstance(module, FusedLoRALinear):
+            problems.append(f"{name}: already has a LoRA adapter (merge or reload the base model first)")
+        elif not isinstance(module, nn.Linear):
+            problems.append(f"{name}: is a {type(module).__name__}, not nn.Linear")
+        elif a.shape[0] != b.shape[1] or a.shape[1] != module.in_features or b.shape[0] != module.out_features:
+            problems.append(f"{name}: file has A {tuple(a.shape)}, B {tuple(b.shape)}; a rank-r adapter of this "
+                            f"{module.in_features}->{module.out_features} linear needs A (r, {module.in_features}), "
+                            f"B ({module.out_features}, r)")
+    if problems:
+        raise ValueError(f"LoRA file {path} does not fit the model:\n  " + "\n  ".join(problems))
+
+    for name, pair in modules.items():
+        linear = available[name]
+        layer = FusedLoRALinear.from_linear(linear, rank=pair["A"].shape[0])
+        with torch.no_grad():
+            layer.lora_A.copy_(pair["A"])
+            layer.lora_B.copy_(pair["B"])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model
+
+
+def save_minimind_lora(model: nn.Module, path: PathLike) -> None:
+    """Write every ``FusedLoRALinear`` adapter of ``model`` in MiniMind's LoRA format, in fp16.
+
+    Keys are ``<module path>.lora.A.weight`` / ``.lora.B.weight``; B is multiplied by the layer's
+    scaling when it is not 1, since MiniMind's LoRA is unscaled. MiniMind's own ``load_lora`` reads
+    the file (it adapts only square linears, so adapters on other layers are ignored there).
+    ``.safetensors`` writes safetensors, any other suffix ``torch.save``. Written atomically.
+
+    Args:
+        model: a model with ``FusedLoRALinear`` layers.
+        path: destination file.
+
+    Raises:
+        ValueError: the model has no ``FusedLoRALinear`` layer, or one is merged into its weight.
+    """
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, layer in iter_lora_layers(model):
+        if layer.merged:
+            raise ValueError(f"{name}: the adapter is merged into the weight; unmerge it before saving")
+        name = strip_wrapper_prefix(name)
+        b = layer.lora_B.detach().float()
+        if layer.scaling != 1.0:
+            b = b * layer.scaling
+        tensors[f"{name}.lora.A.weight"] = layer.lora_A.detach().to("cpu", torch.float16).contiguous()
+        tensors[f"{name}.lora.B.weight"] = b.to("cpu", torch.float16).contiguous()
+    if not tensors:
+        raise ValueError("the model has no FusedLoRALinear layers to save")
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    else:
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))

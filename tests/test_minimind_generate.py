@@ -1,0 +1,150 @@
+"""minimind.generate and minimind.chat: cached decoding equals uncached, sampling filters, streaming text,
+and the bundled base model answering in language."""
+import pytest
+import torch
+
+from minimind import chat
+from minimind.generate import generate, process_logits, stream_generate, stream_text
+from minimind.model import BUNDLED_BASE, MiniMindConfig, MiniMindForCausalLM, load_minimind
+from minimind.tokenizer import BUNDLED_TOKENIZER, MiniMindTokenizer
+
+
+def tiny_model(arch="minimind2", use_moe=False):
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(arch=arch, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=97, use_moe=use_moe, max_position_embeddings=64)
+    return MiniMindForCausalLM(cfg).eval()
+
+
+def greedy_without_cache(model, ids, steps):
+    for _ in range(steps):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("arch,moe", [("minimind2", True), ("minimind3", False)])
+def test_cached_greedy_equals_uncached(arch, moe):
+    model = tiny_model(arch, moe)
+    ids = torch.randint(3, 97, (2, 6))
+    with torch.no_grad():
+        expected = greedy_without_cache(model, ids, 10)
+    assert torch.equal(generate(model, ids, max_new_tokens=10, temperature=0, eos_token_id=None), expected)
+
+
+def test_left_padded_batch_equals_each_row_alone():
+    model = tiny_model("minimind3")
+    a, b = torch.randint(3, 97, (1, 7)), torch.randint(3, 97, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
+    out = generate(model, batch, attention_mask=mask, max_new_tokens=8, temperature=0, eos_token_id=None)
+    assert torch.equal(out[0, 7:], generate(model, a, max_new_tokens=8, temperature=0, eos_token_id=None)[0, 7:])
+    assert torch.equal(out[1, 7:], generate(model, b, max_new_tokens=8, temperature=0, eos_token_id=None)[0, 4:])
+
+
+def test_eos_stops_a_row_and_pads_it():
+    model = tiny_model()
+    ids = torch.randint(3, 97, (2, 5))
+    free = generate(model, ids, max_new_tokens=6, temperature=0, eos_token_id=None)
+    eos = int(free[0, 6])  # row 0's second generated token plays the eos
+    out = generate(model, ids, max_new_tokens=6, temperature=0, eos_token_id=eos, pad_token_id=0)
+    first = (free[0, 5:] == eos).nonzero()[0].item()
+    assert out[0, 5 + first].item() == eos and (out[0, 6 + first:] == 0).all()
+    assert torch.equal(out[1, 5:5 + first + 1], free[1, 5:5 + first + 1])
+    steps = list(stream_generate(model, ids[:1], max_new_tokens=6, temperature=0, eos_token_id=eos))
+    assert len(steps) == first + 1  # a lone row stops right at its eos
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model = tiny_model()
+    ids = torch.randint(3, 97, (1, 5))
+    runs = [generate(model, ids, max_new_tokens=12, temperature=1.5, top_k=3, top_p=1.0, eos_token_id=None,
+                     generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    with torch.no_grad():  # every sampled token was among the 3 most likely at its step
+        for t in range(5, 17):
+            assert runs[0][0, t] in model(runs[0][:, :t]).logits[0, -1].topk(3).indices
+
+
+def test_process_logits_filters_and_penalty():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    keep = torch.isfinite(process_logits(logits, top_k=2))
+    assert keep.tolist() == [[True, True, False, False, False]]
+    probs = logits.softmax(-1)[0]  # 0.61, 0.22, 0.14, ...: top_p 0.7 needs the first two
+    keep = torch.isfinite(process_logits(logits, top_p=0.7))
+    assert keep.tolist() == [[True, True, False, False, False]] and probs[0] < 0.7 < probs[:2].sum()
+    assert torch.isfinite(process_logits(logits, top_p=0.5)).sum() == 1  # the best token always stays
+    seen = torch.tensor([[True, False, False, True, False]])
+    out = process_logits(logits, seen, repetition_penalty=2.0)
+    assert out.tolist() == [[1.0, 1.0, 0.5, -2.0, -3.0]]  # positive seen / 2, negative seen * 2
+    assert torch.allclose(process_logits(logits, temperature=0.5), logits * 2)
+    assert torch.equal(process_logits(logits, seen, temperature=0, repetition_penalty=2.0), out)  # greedy: penalty only
+    with pytest.raises(ValueError, match="top_p must be in"):
+        process_logits(logits, top_p=0)
+
+
+def test_stream_text_waits_for_whole_characters():
+    if not (BUNDLED_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip("bundled tokenizer not built")
+    tok = MiniMindTokenizer.from_pretrained()
+    text = "Hi 你好😀 world"
+    ids = tok.encode(text)
+    pieces = list(stream_text(tok, [torch.tensor([i]) for i in ids + [2, 5]]))
+    assert "".join(pieces) == text  # stops at <|im_end|> (id 2)
+    assert not any("\ufffd" in p for p in pieces) and len(pieces) > 1
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    if not BUNDLED_BASE.is_file() or not (BUNDLED_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip("bundled base model not built (python -m minimind.pretrain)")
+    return load_minimind(), MiniMindTokenizer.from_pretrained()
+
+
+@pytest.mark.parametrize("question,expected", [
+    ("What is the capital of France?", "Paris"),
+    ("日本的首都是哪里？", "东京"),
+    ("Who are you?", "MiniMind"),
+])
+def test_bundled_base_answers_in_language(bundled, question, expected):
+    model, tok = bundled
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
+    out = generate(model, torch.tensor([prompt]), max_new_tokens=40, temperature=0, eos_token_id=tok.eos_token_id)
+    answer = tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+    assert expected in answer, answer
+
+
+def test_chat_cli_one_shot(bundled, capsys):
+    chat.main(["--prompt", "What color is snow?", "--temperature", "0", "--max-new-tokens", "20"])
+    out = capsys.readouterr().out
+    assert ">>> What color is snow?" in out and "white" in out.lower()
+
+
+def test_chat_interactive_keeps_history_and_resets(bundled, capsys, monkeypatch):
+    typed = iter(["What color is snow?", "/reset", "", "Hello!", "/exit"])
+    seen = []
+    real_build = chat.build_prompt
+
+    def spy(tokenizer, messages, limit):
+        seen.append([m["content"] for m in messages])
+        return real_build(tokenizer, messages, limit)
+
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    monkeypatch.setattr(chat, "build_prompt", spy)
+    chat.main(["--temperature", "0", "--max-new-tokens", "16"])
+    assert seen == [["What color is snow?"], ["Hello!"]]  # /reset forgot the first exchange
+    assert "white" in capsys.readouterr().out.lower()
+
+
+def test_build_prompt_drops_oldest_turns_to_fit(bundled):
+    _, tok = bundled
+    turns = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question number {i} about pandas"},
+                  {"role": "assistant", "content": "ok " * 10}]
+    turns.append({"role": "user", "content": "last question"})
+    full = tok.apply_chat_template(turns, tokenize=True)
+    ids = chat.build_prompt(tok, turns, limit=len(full) - 1)
+    text = tok.decode(ids)
+    assert len(ids) < len(full) and text.startswith("<|im_start|>system\nBe brief.")
+    assert "question number 0" not in text and "last question" in text and text.endswith("<|im_start|>assistant\n")
+    assert len(chat.build_prompt(tok, turns[-1:], limit=3)) == 3  # a single over-long turn keeps its tail

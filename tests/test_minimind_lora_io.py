@@ -1,0 +1,139 @@
+"""minimind.lora_io: MiniMind's LoRA files load onto FusedLoRALinear and reproduce their logits; our files
+load in MiniMind's own LoRA code; bad files fail before anything changes."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lora_kernels import FusedLoRALinear, replace_linear_with_fused_lora
+from minimind import load_minimind_lora, save_minimind_lora
+from minimind.model import MiniMindConfig, MiniMindForCausalLM, load_minimind
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/minimind"
+
+
+def fixture(name: str) -> Path:
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"MiniMind fixture {name} not found under {FIXTURES} (needs the shared fixtures checkout)")
+    return path
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=97, max_position_embeddings=64)
+    return MiniMindForCausalLM(cfg).eval()
+
+
+class MiniMindLoRA(nn.Module):
+    """MiniMind's LoRA semantics, as an oracle: y = W x + B(A(x)), A and B plain bias-free linears."""
+
+    def __init__(self, linear: nn.Linear, rank: int):
+        super().__init__()
+        self.base = linear
+        self.lora = nn.Module()
+        self.lora.A = nn.Linear(linear.in_features, rank, bias=False)
+        self.lora.B = nn.Linear(rank, linear.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.lora.B(self.lora.A(x))
+
+
+def minimind_apply_and_load(model: nn.Module, path: Path, rank: int) -> nn.Module:
+    """MiniMind's apply_lora (every square linear) then load_lora (each module takes the keys under its name)."""
+    state = torch.load(path, weights_only=True)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and module.weight.shape[0] == module.weight.shape[1] and "lm_head" not in name:
+            wrapped = MiniMindLoRA(module, rank)
+            prefix = f"{name}.lora."
+            wrapped.lora.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, wrapped)
+    return model
+
+
+@pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
+def test_fixture_lora_files_reproduce_logits(generation):
+    model = load_minimind(fixture(f"{generation}_tiny_dense.pth"))
+    path = fixture(f"{generation}_tiny_dense_lora_r8.pth")
+    expected = torch.load(fixture(f"{generation}_tiny_dense_lora_r8_logits.pt"), weights_only=True)
+    assert load_minimind_lora(model, path) is model
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+    assert sorted(layers) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "o_proj"))
+    assert all(m.rank == 8 and m.scaling == 1.0 for m in layers.values())
+    ids = torch.arange(0, 48).remainder(6400).view(2, 24) * 7 % 6400
+    with torch.no_grad():
+        assert (model(ids).logits - expected).abs().max().item() < 1e-5
+
+
+def test_save_writes_minimind_keys_fp16_and_roundtrips_the_fixture(tmp_path):
+    model = load_minimind(fixture("minimind3_tiny_dense.pth"))
+    src = fixture("minimind3_tiny_dense_lora_r8.pth")
+    load_minimind_lora(model, src)
+    save_minimind_lora(model, tmp_path / "out.pth")
+    ours, theirs = torch.load(tmp_path / "out.pth", weights_only=True), torch.load(src, weights_only=True)
+    assert sorted(ours) == sorted(theirs)
+    assert all(ours[k].dtype == torch.float16 and torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("alpha", [None, 32.0])
+def test_minimind_load_lora_reads_our_file_and_matches(tmp_path, alpha):
+    """A model with FusedLoRALinear (any scaling) == MiniMind's LoRA code loading our saved file."""
+    ours = tiny_model()
+    replace_linear_with_fused_lora(ours, rank=4, alpha=alpha, target_modules=["q_proj", "o_proj"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, m in ours.named_modules():
+            if isinstance(m, FusedLoRALinear):
+                # fp16-exact values (the file is fp16; scaling 8 is a power of two)
+                m.lora_A.copy_((torch.randn_like(m.lora_A) * 0.1).half().float())
+                m.lora_B.copy_((torch.randn_like(m.lora_B) * 0.1).half().float() / m.scaling)
+    path = tmp_path / "adapter.pth"
+    save_minimind_lora(ours, path)
+    theirs = minimind_apply_and_load(tiny_model(), path, rank=4)
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max().item() < 1e-5
+        # ...and our loader reads it back to the same outputs, at scaling 1.
+        again = load_minimind_lora(tiny_model(), path)
+        assert (again(ids).logits - ours(ids).logits).abs().max().item() < 1e-5
+    assert all(m.scaling == 1.0 for m in again.modules() if isinstance(m, FusedLoRALinear))
+
+
+def test_bad_files_fail_before_changing_the_model(tmp_path):
+    model = tiny_model()
+    a, b = torch.zeros(4, 32), torch.zeros(32, 4)
+    torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": a, "model.layers.0.self_attn.q_proj.lora.B.weight": b,
+                "model.layers.0.self_attn.nope.lora.A.weight": a, "model.layers.0.self_attn.nope.lora.B.weight": b,
+                "model.norm.lora.A.weight": a, "model.norm.lora.B.weight": b,
+                "model.layers.1.self_attn.k_proj.lora.A.weight": a, "model.layers.1.self_attn.k_proj.lora.B.weight": b},
+               tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as err:
+        load_minimind_lora(model, tmp_path / "bad.pth")
+    msg = str(err.value)
+    assert "model.layers.0.self_attn.nope: no such module" in msg
+    assert "model.norm: is a RMSNorm, not nn.Linear" in msg
+    assert "model.layers.1.self_attn.k_proj: file has A (4, 32), B (32, 4)" in msg  # k_proj is 32 -> 16
+    assert "q_proj" not in msg
+    assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())  # nothing was swapped
+
+    torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": a, "x.weight": a}, tmp_path / "keys.pth")
+    with pytest.raises(ValueError, match=r"unexpected keys \['x.weight'\].*A without B"):
+        load_minimind_lora(model, tmp_path / "keys.pth")
+    with pytest.raises(FileNotFoundError):
+        load_minimind_lora(model, tmp_path / "missing.pth")
+
+    torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": a, "model.layers.0.self_attn.q_proj.lora.B.weight": b},
+               tmp_path / "ok.pth")
+    load_minimind_lora(model, tmp_path / "ok.pth")
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        load_minimind_lora(model, tmp_path / "ok.pth")
+
+
+def test_save_needs_lora_layers(tmp_path):
+    with pytest.raises(ValueError, match="no FusedLoRALinear"):
+        save_minimind_lora(tiny_model(), tmp_path / "x.pth")
+    assert not list(tmp_path.iterdir())
