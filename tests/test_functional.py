@@ -257,3 +257,35 @@ def test_bad_backend():
 
 def test_auto_picks_torch_on_cpu():
     assert resolve_backend("auto", torch.ones(1)) == "torch"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Property test: any shape hypothesis can think of (within a small budget) matches the reference.
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    k=st.integers(1, 40),
+    n=st.integers(1, 40),
+    r=st.integers(1, 12),
+    bias=st.booleans(),
+    p=st.sampled_from([0.0, 0.2, 0.7]),
+    # Scales fp32 can represent usefully: a 1e-224 scale underflows to 0 in fp32 but not in the fp64 reference.
+    scaling=st.one_of(st.just(0.0), st.floats(0.01, 4), st.floats(-4, -0.01)),
+)
+def test_any_shape_matches_reference(lead, k, n, r, bias, p, scaling):
+    inputs = make_inputs(tuple(lead), k, n, r, torch.float32, bias=bias, grads=("x", "lora_A", "lora_B", "weight"))
+    torch.manual_seed(99)
+    seed = draw_seed()
+    m = math.prod(lead)
+    mask = torch_backend.dropout_mask(seed, (m, k), p, torch.device("cpu")).view(*lead, k) if p else None
+    grad_out = torch.randn(*lead, n)
+    torch.manual_seed(99)
+    y, grads = run(lambda **kw: lora_linear(**kw, scaling=scaling, dropout_p=p, backend="torch"), inputs, grad_out)
+    y_ref, grads_ref = reference64(inputs, scaling, mask, torch_backend.effective_dropout_p(p))(grad_out)
+    assert_close(y, y_ref, torch.float32, "y")
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
