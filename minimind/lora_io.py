@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, Union
 
 import torch
 from torch import nn
 
-from lora_kernels import FusedLoRALinear, iter_lora_layers
-from lora_kernels.io import atomic_write
+from lora_kernels import iter_lora_layers
+from lora_kernels.io import apply_lora_tensors, atomic_write
 
 from .model import strip_wrapper_prefix
 
@@ -74,10 +74,12 @@ def read_minimind_lora(path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
 def load_minimind_lora(model: nn.Module, path: PathLike) -> nn.Module:
     """Put the adapters of a MiniMind LoRA file on ``model``, in place.
 
-    Each module the file names must be an ``nn.Linear``; it is replaced by
-    ``FusedLoRALinear.from_linear(linear, rank=r)`` (alpha = rank, so scaling 1 as in MiniMind, sharing
-    the linear's weight) holding the file's A and B cast to the layer's dtype and device. Everything
-    is checked before anything changes, so a failed load leaves the model as it was.
+    Each module the file names must be a linear layer. A plain ``nn.Linear`` is replaced by
+    ``FusedLoRALinear.from_linear(linear, rank=r)`` sharing its weight; an existing ``FusedLoRALinear``
+    of the same rank gets the file's adapter instead of its own. Either way alpha = rank, so scaling 1
+    as in MiniMind, and A and B are cast to the layer's dtype and device. Everything is checked before
+    anything changes (by ``lora_kernels.io.apply_lora_tensors``, which ``lora_kernels.load_lora`` uses
+    too), so a failed load leaves the model as it was.
 
     Args:
         model: e.g. a ``MiniMindForCausalLM``.
@@ -88,37 +90,13 @@ def load_minimind_lora(model: nn.Module, path: PathLike) -> nn.Module:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: listing every module that does not exist, is not a plain linear layer (an existing
-            ``FusedLoRALinear`` included) or does not fit the file's shapes.
+        ValueError: listing every module that does not exist, is not a linear layer or does not fit
+            the file's shapes.
     """
     modules = read_minimind_lora(path)
-    available = dict(model.named_modules())
-    problems: List[str] = []
-    for name, pair in sorted(modules.items()):
-        module = available.get(name)
-        a, b = pair["A"], pair["B"]
-        if module is None:
-            problems.append(f"{name}: no such module in the model")
-        elif isinstance(module, FusedLoRALinear):
-            problems.append(f"{name}: already has a LoRA adapter (merge or reload the base model first)")
-        elif not isinstance(module, nn.Linear):
-            problems.append(f"{name}: is a {type(module).__name__}, not nn.Linear")
-        elif a.shape[0] != b.shape[1] or a.shape[1] != module.in_features or b.shape[0] != module.out_features:
-            problems.append(f"{name}: file has A {tuple(a.shape)}, B {tuple(b.shape)}; a rank-r adapter of this "
-                            f"{module.in_features}->{module.out_features} linear needs A (r, {module.in_features}), "
-                            f"B ({module.out_features}, r)")
-    if problems:
-        raise ValueError(f"LoRA file {path} does not fit the model:\n  " + "\n  ".join(problems))
-
-    for name, pair in modules.items():
-        linear = available[name]
-        layer = FusedLoRALinear.from_linear(linear, rank=pair["A"].shape[0])
-        with torch.no_grad():
-            layer.lora_A.copy_(pair["A"])
-            layer.lora_B.copy_(pair["B"])
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    return model
+    tensors = {f"{name}.lora_{half}": pair[half] for name, pair in modules.items() for half in ("A", "B")}
+    meta = {name: {"alpha": float(pair["A"].shape[0]), "use_rslora": False} for name, pair in modules.items()}
+    return apply_lora_tensors(model, tensors, meta, source=path, strict=False)
 
 
 def save_minimind_lora(model: nn.Module, path: PathLike) -> None:

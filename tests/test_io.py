@@ -8,7 +8,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from lora_kernels import FusedLoRALinear, load_lora, lora_state_dict, replace_linear_with_fused_lora, save_lora
-from test_replace import D, V, TinyLM
+from test_replace import D, TinyLM
 
 
 def adapted_model(seed=0, **kwargs):

@@ -115,8 +115,8 @@ def test_bad_files_fail_before_changing_the_model(tmp_path):
         load_minimind_lora(model, tmp_path / "bad.pth")
     msg = str(err.value)
     assert "model.layers.0.self_attn.nope: no such module" in msg
-    assert "model.norm: is a RMSNorm, not nn.Linear" in msg
-    assert "model.layers.1.self_attn.k_proj: file has A (4, 32), B (32, 4)" in msg  # k_proj is 32 -> 16
+    assert "model.norm: is a RMSNorm, not a linear layer" in msg
+    assert "model.layers.1.self_attn.k_proj: file has lora_A (4, 32), lora_B (32, 4)" in msg  # k_proj: 32 -> 16
     assert "q_proj" not in msg
     assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())  # nothing was swapped
 
@@ -129,8 +129,17 @@ def test_bad_files_fail_before_changing_the_model(tmp_path):
     torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": a, "model.layers.0.self_attn.q_proj.lora.B.weight": b},
                tmp_path / "ok.pth")
     load_minimind_lora(model, tmp_path / "ok.pth")
-    with pytest.raises(ValueError, match="already has a LoRA adapter"):
-        load_minimind_lora(model, tmp_path / "ok.pth")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, FusedLoRALinear) and layer.scaling == 1.0
+    # Loading again replaces the adapter of the existing layer; another rank does not fit it.
+    torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": a + 1, "model.layers.0.self_attn.q_proj.lora.B.weight": b},
+               tmp_path / "ok2.pth")
+    assert load_minimind_lora(model, tmp_path / "ok2.pth").model.layers[0].self_attn.q_proj is layer
+    assert torch.equal(layer.lora_A, a + 1)
+    torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": torch.zeros(2, 32),
+                "model.layers.0.self_attn.q_proj.lora.B.weight": torch.zeros(32, 2)}, tmp_path / "r2.pth")
+    with pytest.raises(ValueError, match=r"the model needs \(4, 32\)"):
+        load_minimind_lora(model, tmp_path / "r2.pth")
 
 
 def test_save_needs_lora_layers(tmp_path):

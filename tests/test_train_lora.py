@@ -1,6 +1,5 @@
 """The LoRA SFT trainer: fused = eager, resume after SIGKILL, DDP = one process, and clear errors."""
 import json
-import math
 import os
 import signal
 import subprocess
