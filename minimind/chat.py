@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 from .generate import stream_generate, stream_text
-from .lora_io import load_minimind_lora
+from .lora_io import load_adapter
 from .model import BUNDLED_BASE, MiniMindForCausalLM, load_minimind
 from .tokenizer import MiniMindTokenizer
 
@@ -25,7 +25,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", type=Path, default=BUNDLED_BASE,
                    help="MiniMind .pth or our .safetensors (default: the bundled base)")
-    p.add_argument("--lora", type=Path, default=None, help="a MiniMind-format LoRA file to apply")
+    p.add_argument("--lora", type=Path, default=None, help="adapter to apply: MiniMind .pth, lora_kernels .safetensors, or a PEFT adapter directory")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or its folder (default: bundled)")
     p.add_argument("--prompt", action="append", default=None, help="answer this and exit (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     tokenizer = MiniMindTokenizer.from_pretrained(args.tokenizer)
     model = load_minimind(args.weights)
     if args.lora is not None:
-        load_minimind_lora(model, args.lora)
+        load_adapter(model, args.lora)
     model.eval()
     if model.config.vocab_size < tokenizer.vocab_size:
         sys.exit(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}: "

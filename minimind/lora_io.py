@@ -132,3 +132,25 @@ def save_minimind_lora(model: nn.Module, path: PathLike) -> None:
         atomic_write(path, lambda tmp: save_file(tensors, tmp))
     else:
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
+    """Applies an adapter in any format this project reads, told apart by its content.
+
+    * a directory with ``adapter_config.json``: a HF PEFT adapter (``lora_kernels.load_peft_adapter``);
+    * a file whose metadata says ``format: lora_kernels``: ``lora_kernels.load_lora``;
+    * any other ``.pth``/``.safetensors``: MiniMind's format (:func:`load_minimind_lora`).
+
+    Raises:
+        FileNotFoundError, ValueError: as the loader it picks.
+    """
+    from lora_kernels import load_lora, load_peft_adapter
+    from lora_kernels.io import read_lora_file
+
+    path = Path(path)
+    if path.is_dir():
+        return load_peft_adapter(model, path, freeze_base=False)
+    _, metadata = read_lora_file(path)
+    if metadata.get("format") == "lora_kernels":
+        return load_lora(model, path)
+    return load_minimind_lora(model, path)

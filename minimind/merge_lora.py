@@ -3,7 +3,7 @@
 The result is a full checkpoint in MiniMind's format (a ``torch.save``'d state_dict with MiniMind's key
 names for ``.pth``, or our safetensors with the config in its metadata), which MiniMind's own scripts and
 ``minimind.load_minimind`` load like any other base. The adapter may be MiniMind's format
-(``<module>.lora.A.weight``) or ours (``lora_kernels.save_lora``).
+(``<module>.lora.A.weight``), ours (``lora_kernels.save_lora``) or a HF PEFT adapter directory.
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lora_kernels import load_lora, merge_and_unload
-from lora_kernels.io import read_lora_file
+from lora_kernels import merge_and_unload
 
 
 def merge_into_base(base: str, lora: str, arch: Optional[str] = None):
@@ -24,22 +23,18 @@ def merge_into_base(base: str, lora: str, arch: Optional[str] = None):
     Raises:
         FileNotFoundError, ValueError: unreadable files or an adapter that does not fit the base.
     """
-    from .lora_io import load_minimind_lora
+    from .lora_io import load_adapter
     from .model import load_minimind
 
     model = load_minimind(base, **({"arch": arch} if arch else {}))
-    _, metadata = read_lora_file(lora)
-    if metadata.get("format") == "lora_kernels":
-        load_lora(model, lora)
-    else:
-        load_minimind_lora(model, lora)
+    load_adapter(model, lora)
     return merge_and_unload(model)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minimind.merge_lora", description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="MiniMind base checkpoint (.pth or .safetensors)")
-    p.add_argument("--lora", required=True, help="adapter: MiniMind .pth or lora_kernels .safetensors/.pth")
+    p.add_argument("--lora", required=True, help="adapter: MiniMind .pth, lora_kernels .safetensors/.pth, or a PEFT adapter directory")
     p.add_argument("--out", required=True, help="merged checkpoint (.pth: MiniMind's format; .safetensors)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the saved weights (MiniMind ships float16)")

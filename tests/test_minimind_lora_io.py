@@ -146,3 +146,21 @@ def test_save_needs_lora_layers(tmp_path):
     with pytest.raises(ValueError, match="no FusedLoRALinear"):
         save_minimind_lora(tiny_model(), tmp_path / "x.pth")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["minimind", "lora_kernels", "peft"])
+def test_load_adapter_tells_the_formats_apart(tmp_path, fmt):
+    from lora_kernels import lora_state_dict, save_lora, save_peft_adapter
+    from minimind.lora_io import load_adapter
+
+    trained = replace_linear_with_fused_lora(tiny_model(), rank=4, alpha=8, target_modules="all-linear")
+    for p in lora_state_dict(trained).values():
+        p.normal_(0, 0.1)
+    path = {"minimind": tmp_path / "a.pth", "lora_kernels": tmp_path / "a.safetensors", "peft": tmp_path / "peft"}[fmt]
+    {"minimind": save_minimind_lora, "lora_kernels": save_lora, "peft": save_peft_adapter}[fmt](trained, path)
+    loaded = load_adapter(tiny_model(), path)
+    ids = torch.arange(12).view(2, 6)
+    with torch.no_grad():
+        expected, got = trained(ids).logits, loaded(ids).logits
+    tol = 2e-3 if fmt == "minimind" else 1e-6  # MiniMind's format stores fp16 (B with the scaling folded in)
+    assert (got - expected).abs().max() <= tol * expected.abs().max()
