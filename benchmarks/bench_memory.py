@@ -15,24 +15,7 @@ from __future__ import annotations
 
 import torch
 
-
-def saved_activation_bytes(forward, parameters):
-    """Runs ``forward()`` and returns (its output, bytes of the non-parameter storages saved for backward).
-
-    A storage saved twice (e.g. x by two matmuls) counts once, as it is held once.
-    """
-    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = forward()
-    return y, sum(saved.values())
+from lora_kernels.memory import saved_activation_bytes
 
 
 def measure(case, settings) -> dict:

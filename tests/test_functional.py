@@ -9,6 +9,7 @@ from helpers import assert_close, make_peft_linear
 from lora_kernels import lora_linear, lora_linear_reference
 from lora_kernels import torch_backend
 from lora_kernels.functional import draw_seed, resolve_backend
+from lora_kernels.memory import saved_activation_bytes
 
 # (leading dims of x, in_features K, out_features N, rank r): odd sizes, M = 0 and 1, rank 1, ranks that
 # are not powers of two, several leading dimensions.
@@ -175,20 +176,8 @@ def test_fp32_adapters_on_half_base_are_cast():
 # Bytes saved for backward
 
 
-def saved_activation_bytes(fn, params):
-    """Bytes of the distinct non-parameter storages that autograd saves while running fn()."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+def saved_bytes(fn, params):
+    return saved_activation_bytes(fn, params)[1]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
@@ -196,11 +185,11 @@ def test_saves_only_base_activations_plus_s(p):
     m, k, n, r = 256, 64, 48, 8
     inputs = make_inputs((m,), k, n, r, torch.float32, grads=("x", "lora_A", "lora_B"))
     params = [inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"]]
-    ours = saved_activation_bytes(lambda: lora_linear(**inputs, scaling=1.0, dropout_p=p, backend="torch"), params)
+    ours = saved_bytes(lambda: lora_linear(**inputs, scaling=1.0, dropout_p=p, backend="torch"), params)
     # A linear layer being trained keeps x (for its weight gradient), as LoRA must (for dA); the frozen
     # base alone keeps no activation at all.
     trained_w = inputs["weight"].detach().requires_grad_()
-    base = saved_activation_bytes(lambda: F.linear(inputs["x"], trained_w, inputs["bias"]), params + [trained_w])
+    base = saved_bytes(lambda: F.linear(inputs["x"], trained_w, inputs["bias"]), params + [trained_w])
     assert base == m * k * 4
     assert ours == base + m * r * 4  # ... and we add only S = x̃·Aᵀ, whatever the dropout
 
@@ -211,8 +200,8 @@ def test_saves_less_than_peft_with_dropout():
     linear = torch.nn.Linear(k, n)
     layer = make_peft_linear(linear, r=r, alpha=r, dropout=0.1)
     x = torch.randn(m, k, requires_grad=True)
-    peft_bytes = saved_activation_bytes(lambda: layer(x), list(layer.parameters()))
-    ours = saved_activation_bytes(
+    peft_bytes = saved_bytes(lambda: layer(x), list(layer.parameters()))
+    ours = saved_bytes(
         lambda: lora_linear(x, linear.weight, linear.bias, layer.lora_A["default"].weight,
                             layer.lora_B["default"].weight, 1.0, dropout_p=0.1, backend="torch"),
         list(layer.parameters()))
