@@ -18,3 +18,14 @@ if not _has_cuda:
 
 # `import helpers` from test files, whatever pytest's import mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Property tests draw the same examples on every run (CI must not go red at random); set
+# HYPOTHESIS_PROFILE=explore locally to search new examples.
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+    _hypothesis_settings.register_profile("explore", derandomize=False, max_examples=400)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover - hypothesis is a test requirement
+    pass
