@@ -45,7 +45,7 @@ weights (no ``.contiguous()`` copies), fp32/fp16/bf16. Row offsets are int64, so
 ``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so are M and the
 seed (``do_not_specialize``), so a new sequence length does not compile a new kernel.
 
-GPU notes (block sizes and tuning). Block sizes come from :func:`kernel_configs`, a small cache keyed by
+GPU notes (block sizes and tuning). Block sizes come from :func:`lora_kernels.ops.configs.kernel_configs`, a small cache keyed by
 (device capability, SM count, dtype, TF32 on/off, M bucket = next power of two of M capped at 8192, N and
 K buckets, rank block); a new M only looks up its bucket, it never compiles or tunes. Defaults:
 
@@ -69,14 +69,25 @@ per new M). Under the interpreter all blocks are 32 and nothing is split, to kee
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import os
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .configs import (  # noqa: F401 - re-exported: tests and tools reach them through this module
+    KernelConfig,
+    LoRAKernelConfigs,
+    _autotune_enabled,
+    _bucket,
+    _input_precision,
+    _interpreting,
+    _rank_block,
+    _tuned_gemm,
+    kernel_configs,
+    override_configs,
+)
+from . import configs as _configs
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
@@ -413,182 +424,6 @@ def _sum_partials_kernel(
         _sum_partials_block(p2_ptr, out2_ptr, count2, numel2, pid - blocks0 - blocks1, BLOCK)
 
 
-# ---------------------------------------------------------------------------------------- configurations
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Block sizes and launch options of one kernel. For the skinny passes ``block_m`` is the row block and
-    ``block_k`` (S, dA) or ``block_n`` (dY pass) the streamed column block."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAKernelConfigs:
-    """Everything the launchers need for one (device, dtype, shape bucket).
-
-    ``max_block_r`` caps the rank block (the rank is looped or split over programs above it);
-    ``target_programs`` is the number of programs below which a skinny pass splits its reduction, keeping
-    at least ``min_split_tiles`` tiles of the reduction per split.
-    """
-
-    forward: KernelConfig
-    grad_input: KernelConfig
-    grad_weight: KernelConfig
-    down: KernelConfig
-    grad_output_pass: KernelConfig
-    grad_a: KernelConfig
-    max_block_r: int = 64
-    target_programs: int = 1
-    min_split_tiles: int = 4
-
-
-_OVERRIDE: Optional[LoRAKernelConfigs] = None
-_TUNED: Dict[tuple, KernelConfig] = {}
-
-
-@contextlib.contextmanager
-def override_configs(configs: LoRAKernelConfigs) -> Iterator[None]:
-    """Use ``configs`` for every launch inside the ``with`` block (tests and tuning experiments)."""
-    global _OVERRIDE
-    previous, _OVERRIDE = _OVERRIDE, configs
-    try:
-        yield
-    finally:
-        _OVERRIDE = previous
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _bucket(n: int, cap: int = 8192) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), cap)
-
-
-def _rank_block(rank: int, max_block_r: int) -> int:
-    """The rank padded for tl.dot: a power of two >= 16, at most ``max_block_r`` (looped beyond)."""
-    return min(max(16, triton.next_power_of_2(rank)), max_block_r)
-
-
-@functools.lru_cache(maxsize=64)
-def _device_info(device: torch.device) -> Tuple[Optional[Tuple[int, int]], int]:
-    """(compute capability, SM count); (None, 1) under the interpreter."""
-    if _interpreting() or device.type != "cuda":
-        return None, 1
-    props = torch.cuda.get_device_properties(device)
-    return (props.major, props.minor), props.multi_processor_count
-
-
-def _pick_gemm_tile(m: int, n: int, candidates: Sequence[Tuple[KernelConfig, float]], num_sms: int) -> KernelConfig:
-    """The candidate with the least modelled time: waves (ceil(tiles / SMs)) x tile area / tile efficiency."""
-    def cost(item):
-        cfg, efficiency = item
-        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        return triton.cdiv(tiles, num_sms) * cfg.block_m * cfg.block_n / efficiency
-    return min(candidates, key=cost)[0]
-
-
-def _gemm_candidates(capability: Tuple[int, int], dtype: torch.dtype, tf32: bool):
-    """(config, relative tile efficiency) pairs for the big GEMMs on this architecture."""
-    if dtype == torch.float32 and not tf32:  # IEEE fp32 runs on CUDA cores: smaller K blocks
-        return [(KernelConfig(64, 128, 32, 8, 8, 3), 1.0), (KernelConfig(64, 64, 32, 8, 4, 3), 0.9)]
-    bk = 32 if dtype == torch.float32 else 64
-    if capability[0] >= 9:
-        return [(KernelConfig(128, 256, bk, 8, 8, 3), 1.0), (KernelConfig(128, 128, bk, 8, 8, 4), 0.9),
-                (KernelConfig(64, 128, bk, 8, 4, 4), 0.75)]
-    if capability[0] == 8:  # 8 warps: with 4, the dropout variant of 128x128 spills on sm80
-        return [(KernelConfig(128, 128, 32, 8, 8, 4), 1.0), (KernelConfig(64, 128, 32, 8, 4, 4), 0.85)]
-    return [(KernelConfig(64, 64, 32, 8, 4, 2), 1.0)]
-
-
-@functools.lru_cache(maxsize=1024)
-def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket, block_r, tf32) -> LoRAKernelConfigs:
-    """The config cache: one entry per (device, dtype, shape bucket); no tuning, no compilation."""
-    if capability is None:  # interpreter: 32-blocks (tl.dot needs >= 16), nothing split
-        small = KernelConfig(32, 32, 32, group_m=4)
-        return LoRAKernelConfigs(small, small, small, small, small, small, max_block_r=64, target_programs=1)
-    wide = dtype != torch.float32 or tf32
-    hopper = capability[0] >= 9
-    stages = 4 if hopper else 3
-    if m_bucket <= 64:  # decode-like: thin row tiles, narrower column tiles for more programs
-        bm = max(16, m_bucket)
-        gemm = KernelConfig(bm, 64 if bm == 16 else 128, 128 if wide else 32, 8, 4, stages)
-        forward, grad_input = gemm, gemm
-    else:
-        candidates = _gemm_candidates(capability, dtype, tf32)
-        forward = _pick_gemm_tile(m_bucket, n_bucket, candidates, num_sms)
-        grad_input = _pick_gemm_tile(m_bucket, k_bucket, candidates, num_sms)
-    grad_weight = _pick_gemm_tile(n_bucket, k_bucket, _gemm_candidates(capability, dtype, tf32), num_sms)
-    # Memory-bound passes. IEEE fp32 dots run on CUDA cores and keep their operands in registers: smaller
-    # tiles and rank blocks of 32 (larger ones spill, per ptxas on sm80/sm90).
-    down = KernelConfig(64 if triton.cdiv(m_bucket, 64) >= num_sms else 32, 0, 128 if wide else 64,
-                        num_warps=4, num_stages=stages)
-    if wide:
-        dy = KernelConfig(min(128, max(16, m_bucket)), 64, 0, num_warps=4 if block_r <= 32 else 8, num_stages=3)
-        da = KernelConfig(64, 0, 128, num_warps=4, num_stages=3)
-    else:
-        dy = KernelConfig(min(64, max(16, m_bucket)), 32, 0, num_warps=4, num_stages=3)
-        da = KernelConfig(32, 0, 64, num_warps=4, num_stages=3)
-    return LoRAKernelConfigs(forward, grad_input, grad_weight, down, dy, da, max_block_r=64 if wide else 32,
-                             target_programs=4 * num_sms)
-
-
-def _tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.float32 and _tf32() else "ieee"
-
-
-def kernel_configs(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, rank: int) -> LoRAKernelConfigs:
-    """Block sizes for a LoRA linear with x (m, k), W (n, k) and this rank on ``device``: the override of
-    :func:`override_configs` if one is active, else the cached heuristic for the shape bucket."""
-    if _OVERRIDE is not None:
-        return _OVERRIDE
-    capability, num_sms = _device_info(device)
-    return _heuristic_configs(capability, num_sms, dtype, _bucket(m), _bucket(n, 1 << 16), _bucket(k, 1 << 16),
-                              _rank_block(rank, 64), _tf32() and dtype == torch.float32)
-
-
-def _autotune_enabled(device: torch.device) -> bool:
-    return os.environ.get("LORA_KERNELS_AUTOTUNE") == "1" and device.type == "cuda" and not _interpreting()
-
-
-def _tuned_gemm(key: tuple, default: KernelConfig, launch: Callable[[KernelConfig], None],
-                timer: Optional[Callable[[Callable[[], None]], float]] = None) -> KernelConfig:
-    """The GEMM tile for ``key`` (a shape *bucket*, never an exact M): timed once among a few candidates
-    around ``default`` and cached; later calls in the bucket only look it up."""
-    if key in _TUNED:
-        return _TUNED[key]
-    if default.block_m < 64:  # decode-sized M: the thin default tile is the only sensible one
-        _TUNED[key] = default
-        return default
-    if timer is None:
-        from triton.testing import do_bench
-        timer = lambda fn: do_bench(fn, warmup=5, rep=20)  # noqa: E731
-    candidates = {default}
-    for bm, bn, bk, warps, stages in ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
-                                      (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)):
-        candidates.add(KernelConfig(bm, bn, bk if default.block_k >= 64 else 32, default.group_m, warps, stages))
-    timings = []
-    for cfg in sorted(candidates, key=dataclasses.astuple):
-        try:
-            timings.append((timer(lambda: launch(cfg)), dataclasses.astuple(cfg), cfg))
-        except Exception:  # noqa: BLE001 - a candidate may not fit this GPU's shared memory; skip it
-            continue
-    best = min(timings)[2] if timings else default
-    _TUNED[key] = best
-    return best
-
-
 # --------------------------------------------------------------------------------------------- launchers
 
 
@@ -663,7 +498,7 @@ def _launch_matmul(c, a, strides_a, b, strides_b, k, *, bias=None, lora=None, lo
             INPUT_PRECISION=_input_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    if tune_key is not None and _OVERRIDE is None and _autotune_enabled(c.device):
+    if tune_key is not None and _configs._OVERRIDE is None and _autotune_enabled(c.device):
         config = _tuned_gemm(tune_key + (lora is not None, dropout_p > 0, bias is not None), config, launch)
     launch(config)
 
