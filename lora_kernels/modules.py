@@ -52,6 +52,8 @@ class FusedLoRALinear(nn.Module):
         use_rslora: scale by alpha / √rank instead of alpha / rank.
         init: ``"minimind"`` or ``"kaiming"`` initialisation of ``lora_A`` (``lora_B`` starts at zero).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :func:`lora_kernels.lora_linear`).
+        freeze_base: ``weight`` and ``bias`` start with ``requires_grad=False`` (as in loralib and PEFT), so
+            only ``lora_A``/``lora_B`` train and backward skips the dW GEMM; pass False to train the base too.
 
     Raises:
         ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init or backend.
@@ -74,6 +76,7 @@ class FusedLoRALinear(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        freeze_base: bool = True,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -81,6 +84,8 @@ class FusedLoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self._setup_lora(in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory)
         self._reset_base_parameters()
+        if freeze_base:
+            self.freeze_base()
 
     @classmethod
     def from_linear(
@@ -93,12 +98,15 @@ class FusedLoRALinear(nn.Module):
         init: str = "minimind",
         backend: str = "auto",
         lora_dtype: Optional[torch.dtype] = None,
+        freeze_base: bool = True,
     ) -> "FusedLoRALinear":
         """Wraps an existing ``nn.Linear``, sharing its weight and bias (no copy).
 
         Args:
             linear: the layer to adapt.
             lora_dtype: dtype of ``lora_A``/``lora_B``; defaults to the linear's weight dtype.
+            freeze_base: set ``requires_grad=False`` on the (shared) weight and bias; False leaves them as
+                they are.
             Others: as for the constructor.
 
         Raises:
@@ -114,7 +122,15 @@ class FusedLoRALinear(nn.Module):
         layer._setup_lora(linear.in_features, linear.out_features, rank, alpha, dropout, use_rslora, init,
                           backend, factory)
         layer.train(linear.training)
+        if freeze_base:
+            layer.freeze_base()
         return layer
+
+    def freeze_base(self) -> None:
+        """Sets ``requires_grad=False`` on ``weight`` and ``bias``: only the adapter trains."""
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
 
     def _setup_lora(self, in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory):
         _validate_lora_args(rank, alpha, dropout, init, backend)

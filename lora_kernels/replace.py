@@ -150,7 +150,7 @@ def replace_linear_with_fused_lora(
     names = find_target_linears(model, target_modules, exclude_modules)
     layers = {
         name: FusedLoRALinear.from_linear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=dropout,
-                                          backend=backend, **kwargs)
+                                          backend=backend, freeze_base=freeze_base, **kwargs)
         for name in names
     }
     for name, layer in layers.items():
