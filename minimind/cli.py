@@ -16,6 +16,14 @@ class CLIError(Exception):
     """An expected failure, reported as one line (``prog: error: message``) and exit status 2."""
 
 
+class CLIArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose errors raise :class:`CLIError` (one line, exit status 2 through
+    :func:`run_cli`) instead of printing the usage and calling ``sys.exit``."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
 def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], Optional[int]],
             argv: Optional[Sequence[str]] = None,
             interrupted: str = "interrupted") -> int:

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -75,7 +75,8 @@ def layer_stats(name: str, delta: torch.Tensor, rank: int, scaling: float, top_k
 # Reading an adapter: (name, ΔW, rank, scaling, W or None) per layer
 
 
-def _layers_of_model(model) -> List[Tuple[str, torch.Tensor, int, float, Optional[torch.Tensor]]]:
+def model_layers(model) -> List[Tuple[str, torch.Tensor, int, float, Optional[torch.Tensor]]]:
+    """``[(name, ΔW, rank, scaling, W)]`` of a model's :class:`FusedLoRALinear` layers, in module order."""
     from lora_kernels import iter_lora_layers
 
     return [(name, layer.delta_weight(), layer.rank, layer.scaling, layer.weight.detach())
@@ -103,7 +104,7 @@ def read_adapter_layers(adapter: Path, base: Optional[Path] = None):
 
             model = load_minimind(base or BUNDLED_BASE)
             load_adapter(model, adapter)
-            return _layers_of_model(model)
+            return model_layers(model)
         tensors, metadata = read_lora_file(adapter)
         if metadata.get("format") == "lora_kernels":
             meta = json.loads(metadata.get("layers", "{}"))
@@ -133,7 +134,8 @@ def _natural_key(name: str):
 # Figures
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +150,7 @@ def _save(fig, path: Path) -> None:
 
 def plot_layer(stats: LayerStats, delta: torch.Tensor, path: Path) -> None:
     """One layer: the heatmap of ΔW (diverging colours, 0 in white) and its singular values."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_map, ax_sv) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [1.25, 1]})
     limit = max(delta.abs().max().item(), 1e-12)
     image = ax_map.imshow(delta.float().numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
@@ -179,7 +181,7 @@ def plot_layer(stats: LayerStats, delta: torch.Tensor, path: Path) -> None:
 
 def plot_overview(stats: Sequence[LayerStats], path: Path, title: str = "LoRA update per layer") -> None:
     """All layers side by side: ‖ΔW‖_F (or ‖ΔW‖/‖W‖), effective rank, top-k energy, normalised spectra."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [s.name for s in stats]
     short = [re.sub(r"^model\.layers\.", "L", n).replace("self_attn.", "").replace("mlp.", "") for n in names]
     x = list(range(len(stats)))
