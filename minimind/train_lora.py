@@ -37,9 +37,12 @@ import json
 import math
 import os
 import pickle
+import re
+import shutil
 import socket
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -47,6 +50,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
 from atomic_io import atomic_write, remove_stale_temporaries
@@ -70,7 +74,25 @@ MINIMIND_HIDDEN_SIZE, MINIMIND_LAYERS = 768, 8  # MiniMind's defaults, used to r
 
 # Errors a damaged or foreign file can raise inside torch.load / safetensors / tokenizers.
 FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError,
-               pickle.UnpicklingError, UnicodeDecodeError)
+               pickle.UnpicklingError, UnicodeDecodeError, SafetensorError)
+
+
+def why_unreadable(err: BaseException) -> str:
+    """One line on why a file did not load (a refused pickle says which Python object it wanted to run)."""
+    text = str(err)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (f"it holds Python objects ({unsafe.group(1)}) that the safe loader (weights_only=True) refuses to "
+                "run; only plain tensor files are read")
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """torch.load warns about pickle protocols on stderr; the trainer says what went wrong itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,13 +350,15 @@ def writing(what: Path) -> Iterator[None]:
     """Turns a failed write into a one-line CLIError naming the file. torch.save reports a full disk as
     RuntimeError and safetensors as SafetensorError, not only as OSError."""
     try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - old safetensors
-        SafetensorError = RuntimeError
-    try:
         yield
     except (OSError, RuntimeError, SafetensorError) as err:
-        full = getattr(err, "errno", None) == errno.ENOSPC or "space" in str(err).lower()
+        text = str(err).lower()
+        try:
+            nearly_full = shutil.disk_usage(Path(what).parent).free < 2**20
+        except OSError:
+            nearly_full = False
+        full = getattr(err, "errno", None) == errno.ENOSPC or nearly_full or any(
+            sign in text for sign in ("no space", "storagefull", "code: 28"))
         reason = "no space left on the device" if full else (getattr(err, "strerror", None) or str(err))
         raise CLIError(f"could not write {what}: {reason}; the files saved before are intact")
 
@@ -451,11 +475,11 @@ def load_base(cfg: TrainConfig, rt: Runtime):
                 base.parent.is_dir() else []
             raise CLIError(f"base {str(base)!r}: no such file" + (f" (there: {', '.join(near)})" if near else ""))
         try:
-            model = load_minimind(base, **given)
+            with quiet_loading():
+                model = load_minimind(base, **given)
         except FILE_ERRORS as err:
-            raise CLIError(f"base {str(base)!r} is not a MiniMind checkpoint that fits "
-                           f"{', '.join(f'--{k} {v}' for k, v in given.items()) or 'its own config'}: "
-                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            fit = f" that fits {', '.join(f'--{k} {v}' for k, v in given.items())}" if given else ""
+            raise CLIError(f"base {str(base)!r} is not a readable MiniMind checkpoint{fit}: {why_unreadable(err)}")
         for name, value in given.items():
             if getattr(model.config, name) != value:
                 raise CLIError(f"base {str(base)!r} has {name}={getattr(model.config, name)}, not --{name} {value}")
@@ -857,9 +881,10 @@ def load_checkpoint(run: Run) -> int:
             return 0
         raise CLIError(f"{flag}: no training state at {str(path)!r}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with quiet_loading():
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FILE_ERRORS as err:
-        raise CLIError(f"{flag}: {str(path)!r} is not a readable training state: {str(err).splitlines()[0]}")
+        raise CLIError(f"{flag}: {str(path)!r} is not a readable training state: {why_unreadable(err)}")
     needed = ("lora", "optimizer", "scaler", "step", "rng_cpu", "config")
     missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:
