@@ -164,6 +164,16 @@ def _autotune_enabled(device: torch.device) -> bool:
     return os.environ.get("LORA_KERNELS_AUTOTUNE") == "1" and device.type == "cuda" and not _interpreting()
 
 
+def autotune_candidates(default: KernelConfig) -> list:
+    """The GEMM tiles :func:`_tuned_gemm` times for a bucket whose heuristic tile is ``default`` (itself
+    included), in a fixed order; the compile gate compiles every one of them."""
+    candidates = {default}
+    for bm, bn, bk, warps, stages in ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
+                                      (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)):
+        candidates.add(KernelConfig(bm, bn, bk if default.block_k >= 64 else 32, default.group_m, warps, stages))
+    return sorted(candidates, key=dataclasses.astuple)
+
+
 def _tuned_gemm(key: tuple, default: KernelConfig, launch: Callable[[KernelConfig], None],
                 timer: Optional[Callable[[Callable[[], None]], float]] = None) -> KernelConfig:
     """The GEMM tile for ``key`` (a shape *bucket*, never an exact M): timed once among a few candidates
@@ -176,12 +186,8 @@ def _tuned_gemm(key: tuple, default: KernelConfig, launch: Callable[[KernelConfi
     if timer is None:
         from triton.testing import do_bench
         timer = lambda fn: do_bench(fn, warmup=5, rep=20)  # noqa: E731
-    candidates = {default}
-    for bm, bn, bk, warps, stages in ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
-                                      (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)):
-        candidates.add(KernelConfig(bm, bn, bk if default.block_k >= 64 else 32, default.group_m, warps, stages))
     timings = []
-    for cfg in sorted(candidates, key=dataclasses.astuple):
+    for cfg in autotune_candidates(default):
         try:
             timings.append((timer(lambda: launch(cfg)), dataclasses.astuple(cfg), cfg))
         except Exception:  # noqa: BLE001 - a candidate may not fit this GPU's shared memory; skip it
