@@ -32,13 +32,21 @@ SPLIT_CONFIGS = ops.LoRAKernelConfigs(_B16, _B16, _B16, _B16, _B16, _B16, max_bl
                                       min_split_tiles=1)
 
 
+def _ieee_fp32_matmuls():
+    """IEEE fp32 matmuls through both torch APIs, leaving a state that either API can read (torch's legacy
+    getters raise after the new ``fp32_precision`` API was used, unless the new API set it last)."""
+    if hasattr(torch.backends, "fp32_precision"):
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.set_float32_matmul_precision("highest")
+
+
 @pytest.fixture(autouse=True)
 def ieee_fp32():
     """fp32 is checked at IEEE precision (PyTorch's default "highest"), whatever another test set."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    _ieee_fp32_matmuls()
     yield
-    torch.set_float32_matmul_precision(previous)
+    _ieee_fp32_matmuls()
 
 
 def make_inputs(lead, k, n, r, dtype, bias=True, seed=0):
@@ -77,17 +85,19 @@ def seed_drawn_by_op(seed):
     return draw_seed()
 
 
-def check_against_reference(lead, k, n, r, dtype, bias, p, wanted, scaling=0.75):
+def check_against_reference(lead, k, n, r, dtype, bias, p, wanted, scaling=0.75, tolerance=None):
+    """Forward and the ``wanted`` gradients vs the float64 reference, within ``TOLERANCES[tolerance or dtype]``."""
+    tolerance = tolerance or dtype
     inputs = make_inputs(lead, k, n, r, dtype, bias=bias)
     grad_out = torch.randn(*lead, n, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
     mask = ops.dropout_mask(seed_drawn_by_op(1234), (*lead, k), p, DEVICE) if p > 0 else None
     y, grads = run_backend(inputs, grad_out, scaling, p, wanted, seed=1234)
     y_ref, grads_ref = reference_grads(inputs, grad_out, scaling, mask, p, wanted)
     assert y.dtype == dtype and tuple(y.shape) == (*lead, n)
-    assert_close(y, y_ref, dtype, "y")
+    assert_close(y, y_ref, tolerance, "y")
     for name in wanted:
         assert grads[name].dtype == dtype
-        assert_close(grads[name], grads_ref[name], dtype, f"d{name}")
+        assert_close(grads[name], grads_ref[name], tolerance, f"d{name}")
 
 
 # (leading dims of x, K, N, rank, bias, dropout p, gradients asked for): odd sizes that are not multiples of
@@ -485,3 +495,41 @@ def test_output_may_be_changed_in_place_with_the_kernels():
     assert_close(h, y_ref + residual.double(), torch.float32, "y")
     for name in wanted:
         assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
+
+def _tf32_legacy_precision():
+    torch.set_float32_matmul_precision("high")
+
+
+def _tf32_allow_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def _tf32_matmul_fp32_precision():
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
+def _tf32_global_fp32_precision():
+    torch.backends.cuda.matmul.fp32_precision = "none"  # inherit the global setting (the fixture set "ieee")
+    torch.backends.fp32_precision = "tf32"
+
+
+TF32_SETTERS = [_tf32_legacy_precision, _tf32_allow_tf32]
+if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9: the new API, whose use breaks the old getters
+    TF32_SETTERS += [_tf32_matmul_fp32_precision, _tf32_global_fp32_precision]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("set_tf32", TF32_SETTERS, ids=lambda f: f.__name__[6:])
+def test_tf32_through_every_torch_api(set_tf32, dtype):
+    """TF32 set through any torch API: fp32 inputs get TF32 dots (and the TF32 configs), other dtypes are
+    untouched, and the results stay within the TF32 tolerance (fp32: the interpreter computes in full fp32,
+    a GPU in TF32) or the dtype's own."""
+    set_tf32()
+    assert ops._input_precision(torch.float32) == "tf32"
+    assert ops._input_precision(dtype) == ("tf32" if dtype == torch.float32 else "ieee")
+    for other in (torch.float32, torch.float16, torch.bfloat16):  # the config lookup asks too (it raised)
+        ops.kernel_configs(DEVICE, other, 4096, 4096, 4096, 16)
+    check_against_reference((33,), 40, 24, 5, dtype, True, 0.25, ALL,
+                            tolerance="tf32" if dtype == torch.float32 else dtype)
+    _ieee_fp32_matmuls()
+    assert ops._input_precision(torch.float32) == "ieee"

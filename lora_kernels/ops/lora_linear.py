@@ -32,9 +32,10 @@ run for a given shape, dtype and device.
 
 Numerics. Every ``tl.dot`` accumulates in fp32 (fp16/bf16 inputs use tensor cores with fp32 accumulators);
 bias, scale and mask are applied to the fp32 accumulator, and each output is rounded to its dtype once.
-For fp32 inputs ``tl.dot`` follows ``torch.get_float32_matmul_precision()``: ``"highest"`` (PyTorch's
-default) means IEEE fp32 (``input_precision="ieee"``, matching ``torch.mm`` and the tests' 1e-5 bar);
-``"high"``/``"medium"`` mean TF32, as they do for ``torch.mm``. S and dS are stored in x's dtype because
+For fp32 inputs ``tl.dot`` follows torch's fp32 matmul precision, set through either of its APIs
+(``torch.set_float32_matmul_precision`` / ``allow_tf32``, or ``torch.backends[.cuda.matmul].fp32_precision``):
+IEEE by default (``input_precision="ieee"``, matching ``torch.mm`` and the tests' 1e-5 bar), TF32 when torch
+would use it for ``torch.mm``. S and dS are stored in x's dtype because
 they are the operands of the next GEMMs; the 1/(1-p) factor is applied after the GEMMs, on fp32
 accumulators, so dropping is exact (keep ⊙ x never rounds).
 
