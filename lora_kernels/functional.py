@@ -270,11 +270,12 @@ class _LoRALinearFunction(torch.autograd.Function):
     @_first_order_only
     def backward(ctx, grad_y):
         x2d, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
-        with torch.autocast(grad_y.device.type, enabled=False):
-            dx, dw, db, da, dbb = ctx.impl.backward(
-                grad_y, x2d, weight, lora_A, lora_B, s,
-                ctx.scaling, ctx.dropout_p, seed, ctx.needs_input_grad[:5],
-            )
+        args = (grad_y, x2d, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, ctx.needs_input_grad[:5])
+        if _autocast_enabled(grad_y.device.type):  # backward called inside autocast: compute in saved dtypes
+            with torch.autocast(grad_y.device.type, enabled=False):
+                dx, dw, db, da, dbb = ctx.impl.backward(*args)
+        else:
+            dx, dw, db, da, dbb = ctx.impl.backward(*args)
         return dx, dw, db, da, dbb, None, None, None, None
 
 

@@ -423,6 +423,14 @@ def test_bf16_is_refused_on_the_interpreter_with_the_reason():
         lora_linear(**inputs, scaling=1.0, backend="triton")
 
 
+@pytest.fixture
+def fresh_plans():
+    """Launch plans hold the kernels they were built with: a patched kernel needs plans built anew."""
+    ops.clear_plans()
+    yield
+    ops.clear_plans()
+
+
 class _FailingLaunch:
     """Stands in for a @triton.jit kernel whose launch fails as an out-of-resources launch does."""
 
@@ -437,7 +445,7 @@ class _FailingLaunch:
 
 
 @pytest.fixture
-def auto_means_triton(monkeypatch):
+def auto_means_triton(monkeypatch, fresh_plans):
     """backend='auto' picks the kernels for these (CPU, interpreted) tensors, as it would for CUDA ones, and
     every configuration starts unfailed."""
     resolve = functional.resolve_backend
@@ -465,7 +473,7 @@ def test_auto_warns_once_and_falls_back_to_torch_when_a_kernel_fails(broken, mon
             assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
 
 
-def test_triton_backend_raises_with_the_configuration_when_a_kernel_fails(monkeypatch):
+def test_triton_backend_raises_with_the_configuration_when_a_kernel_fails(monkeypatch, fresh_plans):
     monkeypatch.setattr(ops, "_lora_matmul_kernel", _FailingLaunch())
     inputs = make_inputs((5,), 12, 8, 2, torch.float32)
     with pytest.raises(RuntimeError, match=r"Triton forward kernels failed for x \(M<=8, 12\) -> \(8\), rank 2.*"
