@@ -167,9 +167,26 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     return model
 
 
+def _shared_weights(model: nn.Module) -> set:
+    """ids of parameters that more than one module holds (tied weights, e.g. lm_head and embed_tokens)."""
+    seen: Dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
 def merge_lora(model: nn.Module, keep_original: bool = True) -> nn.Module:
-    """Merges every adapter into its base weight (see :meth:`FusedLoRALinear.merge`); returns model."""
+    """Merges every adapter into its base weight (see :meth:`FusedLoRALinear.merge`); returns model.
+
+    A LoRA layer whose weight is tied to another module's (an adapted ``lm_head`` sharing
+    ``embed_tokens.weight``) gets its own merged copy, so the other module is unchanged;
+    :func:`unmerge_lora` ties them again.
+    """
+    shared = _shared_weights(model)
     for _, layer in iter_lora_layers(model):
+        if id(layer.weight) in shared:
+            layer._untie_weight()
         layer.merge(keep_original=keep_original)
     return model
 
