@@ -100,8 +100,9 @@ def file_error_reason(err: BaseException) -> str:
         return f"not a plain tensor file (weights_only loading refused it: {detail})"
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return first.split(". This is an internal miniz error")[0]
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    text = text.split(". This is an internal miniz error")[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def read_tensor_file(path: PathLike) -> Tuple[Any, Dict[str, str]]:
