@@ -139,20 +139,26 @@ def replace_linear_with_fused_lora(
         exclude_modules: modules to leave alone, given as a list of names or a regex, as above.
         freeze_base: set ``requires_grad=False`` on every parameter of the model except the LoRA ones.
         **kwargs: further :meth:`FusedLoRALinear.from_linear` arguments (``use_rslora``, ``init``,
-            ``lora_dtype``).
+            ``lora_dtype``, ``allow_custom_forward``).
 
     Returns:
         ``model``, modified in place.
 
     Raises:
-        ValueError / TypeError: see :func:`find_target_linears` and :class:`FusedLoRALinear`.
+        ValueError / TypeError: see :func:`find_target_linears` and :class:`FusedLoRALinear`; TypeError
+            too, naming every selected ``nn.Linear`` subclass that overrides ``forward`` (wrapping it would
+            change the model's outputs) unless ``allow_custom_forward=True``. Nothing changes then.
     """
     names = find_target_linears(model, target_modules, exclude_modules)
-    layers = {
-        name: FusedLoRALinear.from_linear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=dropout,
-                                          backend=backend, **kwargs)
-        for name in names
-    }
+    layers, refused = {}, []
+    for name in names:  # every layer is built before the first is attached: a refusal changes nothing
+        try:
+            layers[name] = FusedLoRALinear.from_linear(model.get_submodule(name), rank=rank, alpha=alpha,
+                                                       dropout=dropout, backend=backend, **kwargs)
+        except TypeError as err:
+            refused.append(f"{name}: {err}")
+    if refused:
+        raise TypeError("cannot adapt " + "; ".join(refused[:10]))
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     if freeze_base:

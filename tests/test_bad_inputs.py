@@ -29,7 +29,7 @@ from lora_kernels import (
     save_lora,
     save_peft_adapter,
 )
-from minimind import chat, merge_lora, pretrain
+from minimind import chat, merge_lora, pretrain, train_tokenizer
 from minimind.dataset import NoTrainableTokensError, SFTDataset
 from minimind.lora_io import load_minimind_lora, save_minimind_lora
 from minimind.model import BUNDLED_BASE, load_minimind
@@ -354,7 +354,7 @@ def test_replace_refuses_a_custom_forward_without_changing_the_model():
     before = snapshot(model)
     with torch.no_grad():
         expected = model(IDS)
-    with pytest.raises(TypeError, match="ScaledLinear.*allow_custom_forward"):
+    with pytest.raises(TypeError, match="layers.0.q_proj: ScaledLinear.*allow_custom_forward"):
         replace_linear_with_fused_lora(model, rank=2, target_modules="square")
     assert_unchanged(model, before)
     # Opting in wraps it (and drops its forward, as the message says); excluding it leaves its outputs alone.
@@ -471,6 +471,10 @@ CLI_CASES = [
     ("pretrain --init pickle payload", pretrain,
      lambda t: ["--init", str(pickled_payload(t / "init.pth")), "--out", str(t / "o.safetensors")],
      ["--init", "init.pth"]),
+    ("train_tokenizer --vocab-size 10", train_tokenizer, lambda t: ["--vocab-size", "10", "--out", str(t / "tok")],
+     ["--vocab-size", "10"]),
+    ("train_tokenizer missing --data", train_tokenizer,
+     lambda t: ["--data", str(t / "none.jsonl"), "--out", str(t / "tok")], ["--data", "none.jsonl"]),
 ]
 
 
