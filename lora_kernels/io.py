@@ -26,6 +26,18 @@ import torch.nn as nn
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, lora_state_dict
 
+try:
+    from safetensors import SafetensorError
+
+    SAFETENSORS_ERRORS: Tuple[type, ...] = (SafetensorError,)
+except ImportError:  # older safetensors: its errors then surface as they come
+    SAFETENSORS_ERRORS = ()
+
+# What reading a tensor file raises when the file (not the program) is at fault: unreadable (OSError), a
+# damaged torch zip (RuntimeError), malformed content (ValueError, EOFError), a pickle that weights_only
+# refuses (UnpicklingError), a damaged safetensors file (SafetensorError).
+READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) + SAFETENSORS_ERRORS
+
 FORMAT = "lora_kernels"
 FORMAT_VERSION = "1"
 PathLike = Union[str, os.PathLike]
@@ -130,12 +142,23 @@ def read_tensor_file(path: PathLike) -> Tuple[Any, Dict[str, str]]:
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except FileNotFoundError:
         raise
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+    except READ_ERRORS as err:
         raise ValueError(f"cannot read {str(path)!r}: {file_error_reason(err)}") from err
-    except Exception as err:  # safetensors' SafetensorError derives from Exception only
-        if type(err).__name__ != "SafetensorError":
-            raise
-        raise ValueError(f"cannot read {str(path)!r}: {file_error_reason(err)}") from err
+
+
+def read_json_object(path: PathLike) -> Dict[str, Any]:
+    """The JSON object in ``path`` (a config file).
+
+    Raises:
+        ValueError: the file is not UTF-8 JSON or holds something other than an object, naming the file.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def check_tensors(tensors: Any, path: PathLike) -> Dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .io import _is_number, apply_lora_tensors, atomic_write, check_tensors, read_tensor_file
+from .io import _is_number, apply_lora_tensors, atomic_write, check_tensors, read_json_object, read_tensor_file
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, mark_only_lora_as_trainable
 
@@ -300,12 +300,7 @@ def _read_config(directory: Path) -> Dict[str, Any]:
     where = f"PEFT adapter config {str(path)!r}"
     if not path.is_file():
         raise FileNotFoundError(f"PEFT adapter {str(directory)!r} has no {CONFIG_NAME}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{where} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{where} must hold a JSON object (PEFT's LoraConfig), got a {type(config).__name__}")
+    config = read_json_object(path)
 
     peft_type = config.get("peft_type")
     if peft_type != "LORA":

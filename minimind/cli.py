@@ -16,11 +16,10 @@ import contextlib
 import errno
 import math
 import os
-import pickle
 import sys
 from typing import Callable, Iterator, NoReturn, Optional, Sequence, Union
 
-from lora_kernels.io import file_error_reason
+from lora_kernels.io import READ_ERRORS, SAFETENSORS_ERRORS, file_error_reason
 
 
 class CLIError(Exception):
@@ -77,23 +76,13 @@ def number(low: Optional[float] = None, high: Optional[float] = None, *, integer
     return parse
 
 
-def _is_safetensors_error(err: BaseException) -> bool:
-    return type(err).__name__ == "SafetensorError"
-
-
-# What loading a file raises when the file (not the program) is at fault: missing or unreadable (OSError),
-# malformed content (ValueError, EOFError, UnicodeDecodeError), a pickle that weights_only refuses
-# (UnpicklingError), a damaged torch zip or mismatched tensors (RuntimeError), a damaged safetensors file.
-_READ_ERRORS = (OSError, ValueError, EOFError, pickle.UnpicklingError, RuntimeError)
-_WRITE_ERRORS = (OSError, RuntimeError)
-
-
 @contextlib.contextmanager
 def reading(what: str) -> Iterator[None]:
     """Turns a failure to read a file inside the block into a :class:`CLIError` ``"{what}: {reason}"``.
 
     ``what`` names the argument and file, e.g. ``"--lora 'x.pth'"``; the loaders' messages already name the
-    file and the field. Use it around loading only: a RuntimeError there is a damaged file.
+    file and the field. Use it around loading only: a RuntimeError there is a damaged file (see
+    ``lora_kernels.io.READ_ERRORS``).
     """
     try:
         yield
@@ -101,12 +90,8 @@ def reading(what: str) -> Iterator[None]:
         raise
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"{what}: {err}") from err
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise CLIError(f"{what}: {file_error_reason(err)}") from err
-    except Exception as err:
-        if not _is_safetensors_error(err):
-            raise
-        raise CLIError(f"{what}: not a readable safetensors file ({file_error_reason(err)})") from err
 
 
 def write_error_reason(err: BaseException) -> str:
@@ -127,9 +112,5 @@ def writing(path: Union[str, os.PathLike]) -> Iterator[None]:
         yield
     except CLIError:
         raise
-    except _WRITE_ERRORS as err:
-        raise CLIError(f"could not write {str(path)!r}: {write_error_reason(err)}") from err
-    except Exception as err:
-        if not _is_safetensors_error(err):
-            raise
+    except (OSError, RuntimeError) + SAFETENSORS_ERRORS as err:
         raise CLIError(f"could not write {str(path)!r}: {write_error_reason(err)}") from err

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from tokenizers import Tokenizer
 
+from lora_kernels.io import read_json_object
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_TOKENIZER = ASSETS / "tokenizer"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -158,14 +160,7 @@ class MiniMindTokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         config_file = file.parent / "tokenizer_config.json"
-        config = None
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, ValueError) as err:
-                raise ValueError(f"{str(config_file)!r} is not valid JSON ({err})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{str(config_file)!r} must hold a JSON object, got a {type(config).__name__}")
+        config = read_json_object(config_file) if config_file.is_file() else None
         if chat_style is None:
             template = config.get("chat_template") if config else None
             chat_style = "minimind3" if isinstance(template, str) and "<think>" in template else "minimind2"

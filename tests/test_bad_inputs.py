@@ -164,25 +164,21 @@ Q0 = "layers.0.q_proj"
 PEFT_A = "base_model.model.layers.1.up_proj.lora_A.weight"
 
 
-def load_file_into_base(build_path, loader=load_lora):
+def load_file_into_base(build_path, loader=load_lora, model=base_model):
+    """A case: ``loader(model(), build_path(tmp_path))``."""
     def build(tmp_path):
         path = build_path(tmp_path)
-        return base_model(), lambda model: loader(model, path)
+        return model(), lambda m: loader(m, path)
     return build
 
 
 def load_file_into_adapted(build_path):
-    def build(tmp_path):
-        path = build_path(tmp_path)
-        return adapted_model(seed=5), lambda model: load_lora(model, path)
-    return build
+    """A case loading into a model that already has adapters (other A, B and alpha)."""
+    return load_file_into_base(build_path, model=lambda: adapted_model(seed=5))
 
 
-def load_peft(build_dir, model=base_model):
-    def build(tmp_path):
-        directory = build_dir(tmp_path)
-        return model(), lambda m: load_peft_adapter(m, directory)
-    return build
+def load_peft(build_dir):
+    return load_file_into_base(build_dir, loader=load_peft_adapter)
 
 
 def minimind_file(tensors):
