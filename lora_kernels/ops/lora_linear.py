@@ -32,9 +32,10 @@ run for a given shape, dtype and device.
 
 Numerics. Every ``tl.dot`` accumulates in fp32 (fp16/bf16 inputs use tensor cores with fp32 accumulators);
 bias, scale and mask are applied to the fp32 accumulator, and each output is rounded to its dtype once.
-For fp32 inputs ``tl.dot`` follows ``torch.get_float32_matmul_precision()``: ``"highest"`` (PyTorch's
-default) means IEEE fp32 (``input_precision="ieee"``, matching ``torch.mm`` and the tests' 1e-5 bar);
-``"high"``/``"medium"`` mean TF32, as they do for ``torch.mm``. S and dS are stored in x's dtype because
+For fp32 inputs ``tl.dot`` follows torch's fp32 matmul precision, set through either of its APIs
+(``torch.set_float32_matmul_precision`` / ``allow_tf32``, or ``torch.backends[.cuda.matmul].fp32_precision``):
+IEEE by default (``input_precision="ieee"``, matching ``torch.mm`` and the tests' 1e-5 bar), TF32 when torch
+would use it for ``torch.mm``. S and dS are stored in x's dtype because
 they are the operands of the next GEMMs; the 1/(1-p) factor is applied after the GEMMs, on fp32
 accumulators, so dropping is exact (keep ⊙ x never rounds).
 
@@ -42,8 +43,10 @@ Sizes. Any M >= 0 (M = 0 returns without launching), any K and N (edges masked; 
 operands past an edge are wrapped, not masked, and only the store is masked), any rank (the rank is padded
 to a power of two >= 16 inside the kernels and looped in blocks of at most 64), any strides of x, dY and the
 weights (no ``.contiguous()`` copies), fp32/fp16/bf16. Row offsets are int64, so M·K and M·N may pass 2³¹.
-``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so are M and the
-seed (``do_not_specialize``), so a new sequence length does not compile a new kernel.
+``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so is M
+(``do_not_specialize``), so a new sequence length does not compile a new kernel. The seed is a one-element
+int64 tensor on the device that the kernels read: nothing on the host depends on its value, so a CUDA graph
+that captured a training step replays fresh masks as the seed tensor is redrawn on the device.
 
 GPU notes (block sizes and tuning). Block sizes come from :func:`lora_kernels.ops.configs.kernel_configs`, a small cache keyed by
 (device capability, SM count, dtype, TF32 on/off, M bucket = next power of two of M capped at 8192, N and
@@ -127,7 +130,7 @@ def _split_tiles(pid_s, tiles_per_split, size, BLOCK: tl.constexpr):
     return start, tl.minimum(start + tiles_per_split, tl.cdiv(size, BLOCK))
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
+@triton.jit(do_not_specialize=["M"])
 def _dropout_mask_kernel(
     # pointers
     out_ptr,
@@ -135,12 +138,13 @@ def _dropout_mask_kernel(
     M, K,
     # strides
     stride_om, stride_ok,
-    # run-time scalars
-    seed, dropout_p,
+    # run-time scalars (the seed is read from device memory: a CUDA graph replays a pointer, not a value)
+    seed_ptr, dropout_p,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out (M, K) bool = keep(seed, row, col): the mask every kernel below regenerates, for tests."""
+    seed = tl.load(seed_ptr)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _keep_mask(seed, offs_m, offs_k, dropout_p)
@@ -148,7 +152,7 @@ def _dropout_mask_kernel(
     tl.store(ptrs, keep, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
+@triton.jit(do_not_specialize=["M"])
 def _lora_down_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr,
@@ -157,7 +161,7 @@ def _lora_down_kernel(
     # strides
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     # run-time scalars
-    seed, dropout_p, inv_keep,
+    seed_ptr, dropout_p, inv_keep,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -180,6 +184,9 @@ def _lora_down_kernel(
     step_x = tl.full([], BLOCK_K, tl.int64) * stride_xk
     step_a = tl.full([], BLOCK_K, tl.int64) * stride_ak
 
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+
     # --- stream x once over K
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -199,7 +206,7 @@ def _lora_down_kernel(
     tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
+@triton.jit(do_not_specialize=["M"])
 def _lora_matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
@@ -209,7 +216,7 @@ def _lora_matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_bias,
     stride_lm, stride_lr, stride_rr, stride_rn,
     # run-time scalars
-    lora_scale, seed, dropout_p,
+    lora_scale, seed_ptr, dropout_p,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -253,7 +260,7 @@ def _lora_matmul_kernel(
             acc = tl.dot(lo, ro, acc, input_precision=INPUT_PRECISION)
         acc = acc * lora_scale
         if HAS_DROPOUT:
-            acc = tl.where(_keep_mask(seed, offs_m, offs_n, dropout_p), acc, 0.0)
+            acc = tl.where(_keep_mask(tl.load(seed_ptr), offs_m, offs_n, dropout_p), acc, 0.0)
 
     # --- main loop over K
     ks = offs_k.to(tl.int64)  # for dW the K dimension is the tokens, whose stride times K can pass 2³¹
@@ -342,7 +349,7 @@ def _lora_dy_kernel(
         tl.store(ds_ptrs, (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
+@triton.jit(do_not_specialize=["M"])
 def _lora_da_kernel(
     # pointers
     ds_ptr, x_ptr, da_ptr,
@@ -351,7 +358,7 @@ def _lora_da_kernel(
     # strides
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dap, stride_dar, stride_dak,
     # run-time scalars
-    seed, dropout_p, inv_keep,
+    seed_ptr, dropout_p, inv_keep,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -369,6 +376,9 @@ def _lora_da_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (offs_k % K).to(tl.int64)  # wrapped; the store drops columns >= K
     r_mask = offs_r < R
+
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     # --- stream this split's row tiles of x and dS once
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -463,11 +473,18 @@ def _sum_partials(*jobs: Tuple[torch.Tensor, torch.Tensor]) -> None:
     _sum_partials_kernel[(programs,)](*args, BLOCK=block)
 
 
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The seed as the one-element int64 device tensor the kernels read (an int is copied there, for tests)."""
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == device else seed.to(device)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _launch_matmul(c, a, strides_a, b, strides_b, k, *, bias=None, lora=None, lora_scale=1.0, seed=0,
+def _launch_matmul(c, a, strides_a, b, strides_b, k, *, bias=None, lora=None, lora_scale=1.0, seed=None,
                    dropout_p=0.0, config: KernelConfig, max_block_r: int, tune_key: Optional[tuple] = None) -> None:
     """c (M, N) = lora_scale · [keep ⊙] (L·R) + a·b [+ bias].
 
@@ -492,7 +509,7 @@ def _launch_matmul(c, a, strides_a, b, strides_b, k, *, bias=None, lora=None, lo
             m, n, k, rank,
             strides_a[0], strides_a[1], strides_b[0], strides_b[1], c.stride(0), c.stride(1), stride_bias,
             strides_l[0], strides_l[1], strides_r[0], strides_r[1],
-            float(lora_scale), int(seed), float(dropout_p),
+            float(lora_scale), seed if seed is not None else c, float(dropout_p),
             HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_DROPOUT=dropout_p > 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
             INPUT_PRECISION=_input_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -522,7 +539,7 @@ def forward(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: two launches, y written once.
 
@@ -530,7 +547,8 @@ def forward(
         x: (M, K), any strides. weight: (N, K). bias: (N,) or None. lora_A: (r, K). lora_B: (N, r).
             All in one floating dtype.
         scaling: the LoRA scale s (run-time, no recompilation). dropout_p: drop probability in [0, 1).
-        seed: dropout seed; the mask is ``dropout_mask(seed, (M, K), dropout_p, x.device)``.
+        seed: dropout seed, a one-element int64 tensor on x's device (or an int); the mask is
+            ``dropout_mask(seed, (M, K), dropout_p, x.device)``.
 
     Returns:
         ``y`` (M, N) = x·Wᵀ + b + s·S·Bᵀ and ``S`` (M, r) = (keep ⊙ x)·Aᵀ/(1-p), both in x's dtype.
@@ -558,7 +576,7 @@ def forward(
                 x, lora_A, s,
                 m, k, rank,
                 x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
-                int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p),
+                _seed_tensor(seed, x.device) if dropout_p > 0 else x, float(dropout_p), 1.0 / (1.0 - dropout_p),
                 HAS_DROPOUT=dropout_p > 0, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
@@ -580,7 +598,7 @@ def backward(
     s: Optional[torch.Tensor],
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed,
     needs_grad: Sequence[bool],
 ) -> Grads:
     """Fused backward: gradients ``(dx, dweight, dbias, dA, dB)``, None where ``needs_grad`` is False.
@@ -615,6 +633,7 @@ def backward(
     precision = _input_precision(dtype)
     has_dropout = dropout_p > 0
     inv_keep = 1.0 / (1.0 - dropout_p)
+    seed_t = _seed_tensor(seed, device) if has_dropout else None
     dx = dw = db = da = dbb = None
     need_ds = need_x or need_a
     tail = []  # (workspace, out) pairs summed in one launch at the end
@@ -661,7 +680,7 @@ def backward(
             _launch_matmul(
                 dx, grad_y, (grad_y.stride(0), grad_y.stride(1)), weight, (weight.stride(0), weight.stride(1)), n,
                 lora=(ds, (ds.stride(0), ds.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), rank),
-                lora_scale=inv_keep if has_dropout else 1.0, seed=seed, dropout_p=dropout_p,
+                lora_scale=inv_keep if has_dropout else 1.0, seed=seed_t, dropout_p=dropout_p,
                 config=cfgs.grad_input, max_block_r=cfgs.max_block_r,
                 tune_key=("grad_input", device, dtype, _bucket(m), k, n),
             )
@@ -682,7 +701,7 @@ def backward(
                     m, k, rank, tiles_per_split,
                     ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
                     da_ws.stride(0), da_ws.stride(1), da_ws.stride(2),
-                    int(seed), float(dropout_p), inv_keep,
+                    seed_t if has_dropout else x, float(dropout_p), inv_keep,
                     HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
                     INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 )
@@ -699,7 +718,7 @@ def backward(
     return dx, dw, db, da, dbb
 
 
-def dropout_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+def dropout_mask(seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
     """The keep-mask the kernels regenerate for ``seed``: True where an element of x survives dropout.
 
     Args:
@@ -724,6 +743,7 @@ def dropout_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torc
     block = 32 if _interpreting() else 64
     with _device_guard(out):
         _dropout_mask_kernel[(triton.cdiv(m, block), triton.cdiv(k, block))](
-            out, m, k, out.stride(0), out.stride(1), int(seed), float(dropout_p), BLOCK_M=block, BLOCK_K=block,
+            out, m, k, out.stride(0), out.stride(1), _seed_tensor(seed, out.device), float(dropout_p),
+            BLOCK_M=block, BLOCK_K=block,
         )
     return out.view(shape)
