@@ -117,9 +117,16 @@ def file_error_reason(err: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _is_safetensors(path: Path) -> bool:
+    """True for a safetensors file (an 8-byte header length, then the JSON header), whatever its suffix."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
 def read_tensor_file(path: PathLike) -> Tuple[Any, Dict[str, str]]:
-    """Reads a ``.safetensors`` file, or a torch file (``.pth``/``.pt``/``.bin``, any other suffix) with
-    ``weights_only=True``, never running pickled code.
+    """Reads a safetensors file, or a torch file (``.pth``/``.pt``/``.bin``, ...) with
+    ``weights_only=True``, never running pickled code. The format is told by the content.
 
     Returns:
         ``(content, metadata)``: a dict of tensors and the safetensors metadata, or whatever the torch
@@ -134,7 +141,7 @@ def read_tensor_file(path: PathLike) -> Tuple[Any, Dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file")
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -213,7 +220,8 @@ def _layer_metadata(metadata: Dict[str, str], path: PathLike) -> Dict[str, dict]
     return layers
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """True for a finite int or float (not a bool, not a numeric string)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -223,13 +231,13 @@ def check_layer_settings(settings: Any, rank: int) -> List[str]:
     if not isinstance(settings, dict):
         return [f"settings must be an object with rank/alpha/use_rslora/dropout, got {settings!r:.80}"]
     problems = []
-    if "rank" in settings and (not _is_number(settings["rank"]) or settings["rank"] != rank):
+    if "rank" in settings and (not is_finite_number(settings["rank"]) or settings["rank"] != rank):
         problems.append(f"rank must be the integer {rank} (the rank of lora_A), got {settings['rank']!r}")
-    if "alpha" in settings and not (_is_number(settings["alpha"]) and settings["alpha"] > 0):
+    if "alpha" in settings and not (is_finite_number(settings["alpha"]) and settings["alpha"] > 0):
         problems.append(f"alpha must be a finite number > 0, got {settings['alpha']!r}")
     if "use_rslora" in settings and not isinstance(settings["use_rslora"], bool):
         problems.append(f"use_rslora must be true or false, got {settings['use_rslora']!r}")
-    if "dropout" in settings and not (_is_number(settings["dropout"]) and 0 <= settings["dropout"] < 1):
+    if "dropout" in settings and not (is_finite_number(settings["dropout"]) and 0 <= settings["dropout"] < 1):
         problems.append(f"dropout must be a number in [0, 1), got {settings['dropout']!r}")
     return problems
 

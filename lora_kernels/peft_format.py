@@ -34,7 +34,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .io import _is_number, apply_lora_tensors, atomic_write, check_tensors, read_json_object, read_tensor_file
+from .io import (apply_lora_tensors, atomic_write, check_tensors, is_finite_number, read_json_object,
+                 read_tensor_file)
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, mark_only_lora_as_trainable
 
@@ -318,16 +319,16 @@ def _read_config(directory: Path) -> Dict[str, Any]:
         raise ValueError(f"{where} uses PEFT features that lora_kernels does not support: " + "; ".join(problems))
 
     def is_rank(v):
-        return _is_number(v) and float(v).is_integer() and v >= 1
+        return is_finite_number(v) and float(v).is_integer() and v >= 1
 
     def is_alpha(v):
-        return _is_number(v) and v > 0
+        return is_finite_number(v) and v > 0
 
     config.setdefault("r", 8)
     config.setdefault("lora_alpha", 8)
     checks = [("r", config["r"], is_rank, "an integer >= 1"),
               ("lora_alpha", config["lora_alpha"], is_alpha, "a finite number > 0"),
-              ("lora_dropout", config.get("lora_dropout") or 0.0, lambda v: _is_number(v) and 0 <= v < 1,
+              ("lora_dropout", config.get("lora_dropout") or 0.0, lambda v: is_finite_number(v) and 0 <= v < 1,
                "a number in [0, 1)"),
               ("use_rslora", config.get("use_rslora", False), lambda v: isinstance(v, bool), "true or false")]
     for field, test, wanted in (("rank_pattern", is_rank, "an integer >= 1"),
@@ -458,8 +459,12 @@ def _fusable(module: nn.Module, path: str, lora_linear_cls) -> Tuple[Optional[st
         return None, [f"{path}: adapters {adapters} (one adapter per layer is supported)"]
     (adapter,) = adapters
     problems = []
-    if not isinstance(module.get_base_layer(), nn.Linear):
-        problems.append(f"{path}: the base layer is a {type(module.get_base_layer()).__name__}, not nn.Linear")
+    base = module.get_base_layer()
+    if not isinstance(base, nn.Linear):
+        problems.append(f"{path}: the base layer is a {type(base).__name__}, not nn.Linear")
+    elif type(base).forward is not nn.Linear.forward:
+        problems.append(f"{path}: the base layer is a {type(base).__name__}, an nn.Linear subclass with its own "
+                        "forward, which a FusedLoRALinear would drop")
     for flag, label in ((module.use_dora.get(adapter), "DoRA"), (getattr(module, "fan_in_fan_out", False), "fan_in_fan_out"),
                         (getattr(module, "lora_bias", {}).get(adapter), "lora_bias"), (module.merged, "merged adapter"),
                         (module.disable_adapters or adapter not in module.active_adapters, "disabled adapter"),

@@ -7,7 +7,6 @@ names the offending value, field or file, and, for loaders, that the model is un
 import errno
 import io
 import json
-import math
 import os
 import pickle
 import sys
@@ -530,22 +529,20 @@ def test_chat_shortens_the_answer_not_the_prompt(monkeypatch, capsys):
 # A full disk during merge_lora: exit 2, the earlier output byte-identical, no temporary file left
 
 
-def enospc_midway(real_writer):
+def full_disk_writer(kind):
     """A writer that writes part of the file, then fails as a full disk does, raising what ``kind`` raises."""
-    def fail(kind):
-        def writer(obj, path, *args, **kwargs):
-            with open(path, "wb") as f:
-                f.write(b"\x00" * 1000)
-            if kind == "OSError":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            if kind == "RuntimeError":  # torch.save's message
-                raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
-                                   "writing file data/3: file write failed")
-            import safetensors
-            raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                                              "message: \"No space left on device\" })")
-        return writer
-    return fail
+    def writer(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 1000)
+        if kind == "OSError":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if kind == "RuntimeError":  # torch.save's message
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+                               "writing file data/3: file write failed")
+        import safetensors
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          "message: \"No space left on device\" })")
+    return writer
 
 
 @pytest.mark.parametrize("suffix,writer,kind", [
@@ -560,7 +557,7 @@ def test_merge_lora_full_disk_keeps_the_earlier_output(tmp_path, monkeypatch, ca
     argv = ["--base", str(BUNDLED_BASE), "--lora", str(adapter), "--out", str(out)]
     assert merge_lora.main(argv) == 0
     earlier = out.read_bytes()
-    monkeypatch.setattr(writer, enospc_midway(None)(kind))
+    monkeypatch.setattr(writer, full_disk_writer(kind))
     capsys.readouterr()
     assert merge_lora.main(argv) == 2
     err = capsys.readouterr().err.strip()
