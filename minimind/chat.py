@@ -56,6 +56,16 @@ def build_prompt(tokenizer: MiniMindTokenizer, messages: List[dict], limit: int,
         turns = turns[2:]
 
 
+def _text(value: str, where: str) -> str:
+    """``value`` if it is valid Unicode text; Python decodes undecodable input bytes to lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CLIError(f"{where} is not UTF-8 text (byte {value[err.start].encode('utf-8', 'surrogateescape')!r} "
+                       f"at character {err.start}); set the terminal or the input file to UTF-8") from None
+    return value
+
+
 def reply(model: MiniMindForCausalLM, tokenizer: MiniMindTokenizer, messages: List[dict], args: argparse.Namespace) -> str:
     """Generate the assistant's answer to ``messages``, printing it as it streams; returns it.
 
@@ -108,10 +118,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     if args.max_new_tokens >= context:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt: the model's context is "
                        f"{context} tokens (max_position_embeddings); use at most {context - 1}")
-    head = [{"role": "system", "content": args.system}] if args.system else []
+    head = [{"role": "system", "content": _text(args.system, "--system")}] if args.system else []
+    prompts = [_text(prompt, "--prompt") for prompt in args.prompt or []]
 
-    if args.prompt:
-        for prompt in args.prompt:
+    if prompts:
+        for prompt in prompts:
             print(f">>> {prompt}")
             reply(model, tokenizer, head + [{"role": "user", "content": prompt}], args)
         return
@@ -120,13 +131,13 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     history: List[dict] = []
     while True:
         try:
-            text = input(">>> ").strip()
+            text = _text(input(">>> ").strip(), "standard input")
         except (EOFError, KeyboardInterrupt):
             print()
             return
         except UnicodeDecodeError as err:
             raise CLIError(f"standard input is not UTF-8 text ({err.reason} at byte {err.start}); "
-                           "set the terminal or the piped file to UTF-8") from None
+                           "set the terminal or the input file to UTF-8") from None
         if text in ("/exit", "/quit"):
             return
         if text == "/reset":

@@ -12,6 +12,7 @@ import pickle
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -420,6 +421,8 @@ CLI_CASES = [
     ("chat --temperature nan", chat, lambda t: [*PROMPT, "--temperature", "nan"], ["--temperature", "nan"]),
     ("chat --temperature -1", chat, lambda t: [*PROMPT, "--temperature", "-1"], ["--temperature", "-1"]),
     ("chat --top-k -1", chat, lambda t: ["--top-k", "-1", *PROMPT], ["--top-k", "-1"]),
+    ("chat --prompt not UTF-8", chat, lambda t: ["--prompt", "\udcff hi", "--max-new-tokens", "4"],
+     ["--prompt", "not UTF-8"]),
     ("chat --max-new-tokens abc", chat, lambda t: ["--prompt", "hi", "--max-new-tokens", "abc"],
      ["--max-new-tokens", "abc"]),
     ("chat --max-new-tokens = context", chat, lambda t: ["--prompt", "hi", "--max-new-tokens", "256"],
@@ -484,10 +487,26 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys, long_prompt_da
     assert all(word in lines[0] for word in words), lines[0]
 
 
-def test_chat_non_utf8_stdin(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe hello\n"), encoding="utf-8"))
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # Python's stdin uses either, by locale
+def test_chat_non_utf8_stdin(monkeypatch, capsys, errors):
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe hello\n"), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
     assert chat.main(["--temperature", "0", "--max-new-tokens", "4"]) == 2
-    assert "standard input is not UTF-8" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "standard input is not UTF-8" in err[0], err
+
+
+def test_chat_non_utf8_stdin_subprocess(tmp_path):
+    """The real thing once: bytes that are not UTF-8 piped into python -m minimind.chat."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                         os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "minimind.chat", "--max-new-tokens", "4"], input=b"\xff\xfe hi\n",
+                          capture_output=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr.decode(errors="replace")
+    err = done.stderr.decode(errors="replace").strip().splitlines()
+    assert len(err) == 1 and "standard input is not UTF-8" in err[0], err
 
 
 def test_chat_ctrl_c_is_130(monkeypatch, capsys):
