@@ -195,9 +195,11 @@ def _first_order_only(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing to guard
+            return backward(ctx, *grads)
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled() or not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+        if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
             return outputs
 
         def detached(t):
@@ -288,7 +290,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x viewed as 2-D (M, K); works for K = 0, where ``reshape(-1, 0)`` cannot infer M."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -431,7 +433,8 @@ def lora_linear(
             f"weight and bias must have x's dtype {x.dtype}, got weight {weight.dtype}"
             + (f", bias {bias.dtype}" if bias is not None else "")
         )
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     p = float(dropout_p) if training else 0.0
     if backend in ("auto", "triton", "torch") and torch.compiler.is_compiling():
         return _lora_linear_custom_op(x, weight, bias, lora_A, lora_B, float(scaling), p, backend)
@@ -446,4 +449,4 @@ def lora_linear(
                                      torch_backend.DEFAULT.realised_p(p, x.device))
     y = _LoRALinearFunction.apply(_rows(x), weight, bias, lora_A, lora_B, float(scaling), p, seed,
                                   _impl(backend, name))
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
