@@ -32,13 +32,9 @@ assistant tokens of its micro-batches (on all processes), plus the MoE auxiliary
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
-import pickle
-import re
-import shutil
 import socket
 import sys
 import time
@@ -50,7 +46,6 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
 from atomic_io import atomic_write, remove_stale_temporaries
@@ -64,28 +59,13 @@ from lora_kernels import (
     triton_available,
 )
 
-from .cli import CLIArgumentParser, CLIError, number, run_cli
+from .cli import ArgumentParser, CLIError, number, reading, run_cli, writing
 from .training import cosine_lr, evaluate, supervised_tokens, token_loss_sum
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_BASE = ASSETS / "base.safetensors"
 BUNDLED_DATA = ASSETS / "lora_identity.jsonl"
 MINIMIND_HIDDEN_SIZE, MINIMIND_LAYERS = 768, 8  # MiniMind's defaults, used to resolve --from_weight
-
-# Errors a damaged or foreign file can raise inside torch.load / safetensors / tokenizers.
-FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError,
-               pickle.UnpicklingError, UnicodeDecodeError, SafetensorError)
-
-
-def why_unreadable(err: BaseException) -> str:
-    """One line on why a file did not load (a refused pickle says which Python object it wanted to run)."""
-    text = str(err)
-    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if unsafe:
-        return (f"it holds Python objects ({unsafe.group(1)}) that the safe loader (weights_only=True) refuses to "
-                "run; only plain tensor files are read")
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
-
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
@@ -163,9 +143,9 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {text!r}")
 
 
-def build_parser() -> CLIArgumentParser:
+def build_parser() -> ArgumentParser:
     count, positive = number(1, integer=True), number(0, low_open=True)
-    p = CLIArgumentParser(prog="python -m minimind.train_lora",
+    p = ArgumentParser(prog="python -m minimind.train_lora",
                           description="MiniMind LoRA SFT on lora_kernels (both MiniMind generations' arguments).")
     g = p.add_argument_group("where things are (MiniMind-3: --save_dir/--from_weight; 2025: --out_dir)")
     g.add_argument("--out_dir", default=None, help="our layout: DIR/lora/, DIR/checkpoint.pt, ... (default: out)")
@@ -345,24 +325,6 @@ def check_out_dir(out_dir: Path) -> None:
         raise CLIError(f"output folder {str(out_dir)!r} is not writable: {err.strerror or err}")
 
 
-@contextlib.contextmanager
-def writing(what: Path) -> Iterator[None]:
-    """Turns a failed write into a one-line CLIError naming the file. torch.save reports a full disk as
-    RuntimeError and safetensors as SafetensorError, not only as OSError."""
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as err:
-        text = str(err).lower()
-        try:
-            nearly_full = shutil.disk_usage(Path(what).parent).free < 2**20
-        except OSError:
-            nearly_full = False
-        full = getattr(err, "errno", None) == errno.ENOSPC or nearly_full or any(
-            sign in text for sign in ("no space", "storagefull", "code: 28"))
-        reason = "no space left on the device" if full else (getattr(err, "strerror", None) or str(err))
-        raise CLIError(f"could not write {what}: {reason}; the files saved before are intact")
-
-
 @dataclass
 class RunPaths:
     """Every file a run writes (see the module docstring)."""
@@ -474,12 +436,9 @@ def load_base(cfg: TrainConfig, rt: Runtime):
             near = sorted(p.name for p in base.parent.glob(base.name.split("_")[0] + "_*.pth"))[:5] if \
                 base.parent.is_dir() else []
             raise CLIError(f"base {str(base)!r}: no such file" + (f" (there: {', '.join(near)})" if near else ""))
-        try:
-            with quiet_loading():
-                model = load_minimind(base, **given)
-        except FILE_ERRORS as err:
-            fit = f" that fits {', '.join(f'--{k} {v}' for k, v in given.items())}" if given else ""
-            raise CLIError(f"base {str(base)!r} is not a readable MiniMind checkpoint{fit}: {why_unreadable(err)}")
+        fit = f" (with {', '.join(f'--{k} {v}' for k, v in given.items())})" if given else ""
+        with reading(f"base {str(base)!r}{fit}"), quiet_loading():
+            model = load_minimind(base, **given)
         for name, value in given.items():
             if getattr(model.config, name) != value:
                 raise CLIError(f"base {str(base)!r} has {name}={getattr(model.config, name)}, not --{name} {value}")
@@ -880,11 +839,8 @@ def load_checkpoint(run: Run) -> int:
             run.rt.notes.append(f"--from_resume 1: no training state at {path}; starting afresh")
             return 0
         raise CLIError(f"{flag}: no training state at {str(path)!r}")
-    try:
-        with quiet_loading():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except FILE_ERRORS as err:
-        raise CLIError(f"{flag}: {str(path)!r} is not a readable training state: {why_unreadable(err)}")
+    with reading(f"{flag}: training state {str(path)!r}"), quiet_loading():
+        state = torch.load(path, map_location="cpu", weights_only=True)
     needed = ("lora", "optimizer", "scaler", "step", "rng_cpu", "config")
     missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:

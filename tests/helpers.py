@@ -19,6 +19,10 @@ Why these numbers (u = unit roundoff of the dtype):
   the base GEMM output, the LoRA add, the output store), each up to u relative to its own magnitude,
   which can approach the largest output: 4u ≈ 2e-3, doubled for margin.
 * bfloat16, 3.2e-2: the same four roundings with u = 2^-8 ≈ 3.9e-3, doubled: 8u ≈ 3.1e-2.
+* "tf32" (fp32 tensors with TF32 matmuls, as torch.mm under ``set_float32_matmul_precision("high")``),
+  4e-3: TF32 keeps fp16's 10-bit mantissa (u = 2^-11) on the GEMM inputs and accumulates in fp32, so a
+  result carries at most fp16's roundings of the operands and fewer of the outputs: fp16's bound holds.
+  Only a GPU computes in TF32; the CPU interpreter computes in fp32, well inside it.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ TOLERANCES = {
     torch.float16: 4e-3,
     torch.bfloat16: 3.2e-2,
     torch.float64: 1e-12,
+    "tf32": 4e-3,
 }
 
 

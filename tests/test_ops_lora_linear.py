@@ -32,13 +32,21 @@ SPLIT_CONFIGS = ops.LoRAKernelConfigs(_B16, _B16, _B16, _B16, _B16, _B16, max_bl
                                       min_split_tiles=1)
 
 
+def _ieee_fp32_matmuls():
+    """IEEE fp32 matmuls through both torch APIs, leaving a state that either API can read (torch's legacy
+    getters raise after the new ``fp32_precision`` API was used, unless the new API set it last)."""
+    if hasattr(torch.backends, "fp32_precision"):
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.set_float32_matmul_precision("highest")
+
+
 @pytest.fixture(autouse=True)
 def ieee_fp32():
     """fp32 is checked at IEEE precision (PyTorch's default "highest"), whatever another test set."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    _ieee_fp32_matmuls()
     yield
-    torch.set_float32_matmul_precision(previous)
+    _ieee_fp32_matmuls()
 
 
 def make_inputs(lead, k, n, r, dtype, bias=True, seed=0):
@@ -77,17 +85,19 @@ def seed_drawn_by_op(seed):
     return draw_seed()
 
 
-def check_against_reference(lead, k, n, r, dtype, bias, p, wanted, scaling=0.75):
+def check_against_reference(lead, k, n, r, dtype, bias, p, wanted, scaling=0.75, tolerance=None):
+    """Forward and the ``wanted`` gradients vs the float64 reference, within ``TOLERANCES[tolerance or dtype]``."""
+    tolerance = tolerance or dtype
     inputs = make_inputs(lead, k, n, r, dtype, bias=bias)
     grad_out = torch.randn(*lead, n, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
     mask = ops.dropout_mask(seed_drawn_by_op(1234), (*lead, k), p, DEVICE) if p > 0 else None
     y, grads = run_backend(inputs, grad_out, scaling, p, wanted, seed=1234)
     y_ref, grads_ref = reference_grads(inputs, grad_out, scaling, mask, p, wanted)
     assert y.dtype == dtype and tuple(y.shape) == (*lead, n)
-    assert_close(y, y_ref, dtype, "y")
+    assert_close(y, y_ref, tolerance, "y")
     for name in wanted:
         assert grads[name].dtype == dtype
-        assert_close(grads[name], grads_ref[name], dtype, f"d{name}")
+        assert_close(grads[name], grads_ref[name], tolerance, f"d{name}")
 
 
 # (leading dims of x, K, N, rank, bias, dropout p, gradients asked for): odd sizes that are not multiples of
@@ -388,3 +398,146 @@ def test_autotune_times_once_per_bucket():
 def test_tolerances_are_the_shared_ones():
     """This file states no tolerance of its own."""
     assert set(TOLERANCES) >= {torch.float32, torch.float16, torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch backend's kernel-mask twin, the bf16 refusal on the interpreter, and the fallback of "auto".
+
+from lora_kernels import functional, torch_backend  # noqa: E402
+
+
+@pytest.mark.parametrize("shape,p,seed", [((37, 53), 0.3, 7), ((5, 4, 19), 0.05, 2**31 - 2), ((64, 8), 0.9, 0)])
+def test_torch_twin_of_the_kernel_mask_is_bit_identical(shape, p, seed):
+    # The torch backend stands in for the kernels (fallback, and every non-CPU device) with this mask: it must
+    # be the kernels' own, element for element, or a forward by the kernels and a backward by torch disagree.
+    kernels = ops.dropout_mask(seed, shape, p, DEVICE)
+    twin = torch_backend.KERNEL_MASK.dropout_mask(torch.tensor([seed]), shape, p, DEVICE)
+    assert torch.equal(kernels, twin)
+    assert 0 < (~kernels).sum() < kernels.numel()
+
+
+@pytest.mark.skipif(CUDA, reason="the refusal is for Triton's CPU interpreter")
+def test_bf16_is_refused_on_the_interpreter_with_the_reason():
+    inputs = make_inputs((4,), 16, 8, 2, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="interpreter computes bf16 tl.dot wrongly"):
+        lora_linear(**inputs, scaling=1.0, backend="triton")
+
+
+@pytest.fixture
+def fresh_plans():
+    """Launch plans hold the kernels they were built with: a patched kernel needs plans built anew."""
+    ops.clear_plans()
+    yield
+    ops.clear_plans()
+
+
+class _FailingLaunch:
+    """Stands in for a @triton.jit kernel whose launch fails as an out-of-resources launch does."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            raise RuntimeError("out of resource: shared memory, Required: 294912, Hardware limit: 232448")
+        return launch
+
+
+@pytest.fixture
+def auto_means_triton(monkeypatch, fresh_plans):
+    """backend='auto' picks the kernels for these (CPU, interpreted) tensors, as it would for CUDA ones, and
+    every configuration starts unfailed."""
+    resolve = functional.resolve_backend
+    monkeypatch.setattr(functional, "resolve_backend", lambda b, x: "triton" if b == "auto" else resolve(b, x))
+    monkeypatch.setattr(functional._TRITON_AUTO, "failed", set())
+
+
+@pytest.mark.parametrize("broken", ["_lora_matmul_kernel", "_lora_da_kernel"])  # forward+dX, or dA alone
+def test_auto_warns_once_and_falls_back_to_torch_when_a_kernel_fails(broken, monkeypatch, auto_means_triton):
+    failing = _FailingLaunch()
+    monkeypatch.setattr(ops, broken, failing)
+    inputs = make_inputs((30,), 24, 16, 4, torch.float32)
+    grad_out = torch.randn(30, 16, device=DEVICE)
+    wanted = ("x", "lora_A", "lora_B")
+    with pytest.warns(RuntimeWarning, match=r"failed for x \(M<=32, 24\) -> \(16\), rank 4, torch.float32") as record:
+        runs = [run_backend_named(inputs, grad_out, 0.7, 0.3, wanted, seed=11, backend="auto") for _ in range(3)]
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1  # once per configuration
+    assert failing.launches == 1  # later calls go straight to the torch backend
+    # The results are the torch backend's, with the kernels' mask: exactly the reference on that mask.
+    mask = ops.dropout_mask(seed_drawn_by_op(11), (30, 24), 0.3, DEVICE)
+    y_ref, grads_ref = reference_grads(inputs, grad_out, 0.7, mask, 0.3, wanted)
+    for y, grads in runs:
+        assert_close(y, y_ref, torch.float32, "y")
+        for name in wanted:
+            assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
+
+
+def test_triton_backend_raises_with_the_configuration_when_a_kernel_fails(monkeypatch, fresh_plans):
+    monkeypatch.setattr(ops, "_lora_matmul_kernel", _FailingLaunch())
+    inputs = make_inputs((5,), 12, 8, 2, torch.float32)
+    with pytest.raises(RuntimeError, match=r"Triton forward kernels failed for x \(M<=8, 12\) -> \(8\), rank 2.*"
+                                            r"out of resource"):
+        lora_linear(**inputs, scaling=1.0, backend="triton")
+
+
+def run_backend_named(inputs, grad_out, scaling, p, wanted, seed, backend):
+    """y and the gradients of `wanted` through ``lora_linear(backend=backend)``, dropout seed `seed`."""
+    t = {n: (v.detach().clone().requires_grad_(n in wanted) if v is not None else None) for n, v in inputs.items()}
+    torch.manual_seed(seed)
+    y = lora_linear(**t, scaling=scaling, dropout_p=p, backend=backend)
+    grads = torch.autograd.grad(y, [t[n] for n in wanted], grad_out)
+    return y, dict(zip(wanted, grads))
+
+
+def test_output_may_be_changed_in_place_with_the_kernels():
+    inputs = make_inputs((3, 4), 16, 16, 4, torch.float32)
+    wanted = ("x", "lora_A", "lora_B")
+    t = {n: (v.detach().clone().requires_grad_(n in wanted) if v is not None else None) for n, v in inputs.items()}
+    residual = torch.randn(3, 4, 16, device=DEVICE)
+    h = lora_linear(**t, scaling=0.5, backend="triton")
+    h += residual  # MiniMind's block does exactly this after o_proj
+    grad_out = torch.randn(3, 4, 16, device=DEVICE)
+    grads = dict(zip(wanted, torch.autograd.grad(h, [t[n] for n in wanted], grad_out)))
+    y_ref, grads_ref = reference_grads(inputs, grad_out, 0.5, None, 0.0, wanted)
+    assert_close(h, y_ref + residual.double(), torch.float32, "y")
+    for name in wanted:
+        assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
+
+def _tf32_legacy_precision():
+    torch.set_float32_matmul_precision("high")
+
+
+def _tf32_allow_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def _tf32_matmul_fp32_precision():
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
+def _tf32_global_fp32_precision():
+    torch.backends.cuda.matmul.fp32_precision = "none"  # inherit the global setting (the fixture set "ieee")
+    torch.backends.fp32_precision = "tf32"
+
+
+TF32_SETTERS = [_tf32_legacy_precision, _tf32_allow_tf32]
+if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9: the new API, whose use breaks the old getters
+    TF32_SETTERS += [_tf32_matmul_fp32_precision, _tf32_global_fp32_precision]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("set_tf32", TF32_SETTERS, ids=lambda f: f.__name__[6:])
+def test_tf32_through_every_torch_api(set_tf32, dtype):
+    """TF32 set through any torch API: fp32 inputs get TF32 dots (and the TF32 configs), other dtypes are
+    untouched, and the results stay within the TF32 tolerance (fp32: the interpreter computes in full fp32,
+    a GPU in TF32) or the dtype's own."""
+    set_tf32()
+    assert ops._input_precision(torch.float32) == "tf32"
+    assert ops._input_precision(dtype) == ("tf32" if dtype == torch.float32 else "ieee")
+    for other in (torch.float32, torch.float16, torch.bfloat16):  # the config lookup asks too (it raised)
+        ops.kernel_configs(DEVICE, other, 4096, 4096, 4096, 16)
+    check_against_reference((33,), 40, 24, 5, dtype, True, 0.25, ALL,
+                            tolerance="tf32" if dtype == torch.float32 else dtype)
+    _ieee_fp32_matmuls()
+    assert ops._input_precision(torch.float32) == "ieee"

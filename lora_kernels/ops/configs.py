@@ -143,10 +143,30 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
 
 
 def _tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
+    """Whether torch runs fp32 matmuls in TF32, whichever of its APIs set it.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none" = inherit
+    ``torch.backends.fp32_precision``); it also reflects the legacy setters
+    (``torch.set_float32_matmul_precision``, ``torch.backends.cuda.matmul.allow_tf32``). The legacy getters
+    raise RuntimeError once the new API was used, so they are only the fallback for older torch.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except (AttributeError, RuntimeError):
+        precision = None
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return bool(matmul.allow_tf32)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for this dtype: TF32 only for fp32 inputs with torch's TF32 on."""
     return "tf32" if dtype == torch.float32 and _tf32() else "ieee"
 
 
@@ -157,11 +177,21 @@ def kernel_configs(device: torch.device, dtype: torch.dtype, m: int, n: int, k: 
         return _OVERRIDE
     capability, num_sms = _device_info(device)
     return _heuristic_configs(capability, num_sms, dtype, _bucket(m), _bucket(n, 1 << 16), _bucket(k, 1 << 16),
-                              _rank_block(rank, 64), _tf32() and dtype == torch.float32)
+                              _rank_block(rank, 64), _input_precision(dtype) == "tf32")
 
 
 def _autotune_enabled(device: torch.device) -> bool:
     return os.environ.get("LORA_KERNELS_AUTOTUNE") == "1" and device.type == "cuda" and not _interpreting()
+
+
+def autotune_candidates(default: KernelConfig) -> list:
+    """The GEMM tiles :func:`_tuned_gemm` times for a bucket whose heuristic tile is ``default`` (itself
+    included), in a fixed order; the compile gate compiles every one of them."""
+    candidates = {default}
+    for bm, bn, bk, warps, stages in ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
+                                      (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)):
+        candidates.add(KernelConfig(bm, bn, bk if default.block_k >= 64 else 32, default.group_m, warps, stages))
+    return sorted(candidates, key=dataclasses.astuple)
 
 
 def _tuned_gemm(key: tuple, default: KernelConfig, launch: Callable[[KernelConfig], None],
@@ -176,12 +206,8 @@ def _tuned_gemm(key: tuple, default: KernelConfig, launch: Callable[[KernelConfi
     if timer is None:
         from triton.testing import do_bench
         timer = lambda fn: do_bench(fn, warmup=5, rep=20)  # noqa: E731
-    candidates = {default}
-    for bm, bn, bk, warps, stages in ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
-                                      (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)):
-        candidates.add(KernelConfig(bm, bn, bk if default.block_k >= 64 else 32, default.group_m, warps, stages))
     timings = []
-    for cfg in sorted(candidates, key=dataclasses.astuple):
+    for cfg in autotune_candidates(default):
         try:
             timings.append((timer(lambda: launch(cfg)), dataclasses.astuple(cfg), cfg))
         except Exception:  # noqa: BLE001 - a candidate may not fit this GPU's shared memory; skip it

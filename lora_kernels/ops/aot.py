@@ -1,0 +1,321 @@
+"""The compile gate: every kernel x every configuration the launchers can choose, compiled for real GPU
+targets on a machine without a GPU, and what the compiler produced checked against the hardware's limits.
+
+:func:`sweep` calls the public launchers (``forward``, ``backward``, ``dropout_mask``) under
+:func:`~lora_kernels.ops.standin.stand_in_gpu` (compile-only) over a grid of cases: precision (IEEE fp32,
+TF32, fp16, bf16) x M (decode 1/17/64, prefill 512/2048, training 8192) x (N, K) in {512, 768, 4096} x
+rank (1, 8, 16, 32, 64, 100, 256: every rank-block bucket and both sides of the divisible-by-16
+specialisation) x bias x dropout x trainable W, plus (``full``) every candidate tile of the GEMM autotuner
+(:func:`lora_kernels.ops.configs.autotune_candidates`). Triton keys its compiled kernels by specialisation,
+so the thousands of cases compile a few hundred distinct kernels per arch; each is then read once:
+
+* ``ptxas -v``: registers per thread, spill stores/loads (bytes);
+* the kernel's metadata: shared memory requested at launch (Triton's dynamic allocation), warps, stages;
+* its SASS (``cuobjdump -sass``): the MMA form (``HGMMA`` = Hopper warpgroup MMA, ``HMMA`` = warp-level
+  tensor-core MMA, none = CUDA cores), cp.async copies (``LDGSTS``) and the widest global loads.
+
+Failures (:func:`verdicts`): a compile error; shared memory above the arch's opt-in limit in a default
+configuration; any register spill in a default configuration; on sm90, an fp16/bf16 forward, dX or
+dY-pass kernel with BLOCK_M >= 64 (wgmma's M per warpgroup) whose SASS has no HGMMA. Autotune candidates
+only fail on compile errors: the autotuner skips one that does not fit (``OutOfResources``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import configs as _configs
+from .standin import GPUS, stand_in_gpu
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+M_SIZES = (1, 17, 64, 512, 2048, 8192)
+WIDTHS = (512, 768, 4096)
+RANKS = (1, 8, 16, 32, 64, 100, 256)
+GEMM_ROLES = ("forward", "dX", "dY")  # the sm90 fp16/bf16 kernels that must use wgmma
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call of forward + backward the launchers can see."""
+
+    precision: str
+    m: int
+    n: int
+    k: int
+    rank: int
+    bias: bool
+    dropout: bool
+    train_w: bool
+    autotune: Optional[int] = None  # index into autotune_candidates(default tile) of each GEMM
+
+    def __str__(self) -> str:
+        text = (f"{self.precision} M={self.m} N={self.n} K={self.k} r={self.rank}"
+                f"{' bias' if self.bias else ''}{' dropout' if self.dropout else ''}{' dW' if self.train_w else ''}")
+        return text + (f" autotune#{self.autotune}" if self.autotune is not None else "")
+
+
+def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: bool = False) -> Iterator[Case]:
+    """The sweep's cases. ``quick``: a representative subset (decode and training M, N = K = 768, ranks
+    16 and 100, every flag) for the test suite. ``full``: every (N, K) pair and the autotune candidates."""
+    if quick:
+        ms, widths, ranks = (17, 8192), ((768, 768),), (16, 100)
+    else:
+        ms, ranks = M_SIZES, RANKS
+        widths = (list(itertools.product(WIDTHS, WIDTHS)) if full
+                  else [(512, 512), (768, 768), (4096, 4096), (4096, 768)])
+    for precision, m, (n, k), rank in itertools.product(precisions, ms, widths, ranks):
+        for bias, dropout, train_w in itertools.product((False, True), repeat=3):
+            yield Case(precision, m, n, k, rank, bias, dropout, train_w)
+    if full:  # every candidate tile of the GEMM autotuner, where the launchers would tune (BLOCK_M >= 64)
+        for precision, (n, k), rank in itertools.product(precisions, widths, (16, 100)):
+            for bias, dropout in itertools.product((False, True), repeat=2):
+                for index in range(_MAX_CANDIDATES):
+                    yield Case(precision, 8192, n, k, rank, bias, dropout, True, index)
+
+
+@contextlib.contextmanager
+def _fp32_precision(precision: str) -> Iterator[None]:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class _Tensors:
+    """Uninitialised CPU tensors per shape: nothing runs, so their contents never matter."""
+
+    def __init__(self):
+        self._cache: Dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (shape, dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.empty(shape, dtype=dtype)
+        return self._cache[key]
+
+
+_MAX_CANDIDATES = 6  # autotune_candidates: five tiles and the default
+
+
+class _NoSuchCandidate(Exception):
+    pass
+
+
+def _override_for(case: Case, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """For an autotune case, the configs with candidate ``case.autotune`` of each GEMM's candidate list
+    (the lists start from each GEMM's heuristic tile, as :func:`_tuned_gemm` builds them)."""
+    if case.autotune is None:
+        return contextlib.nullcontext()
+    defaults = _configs.kernel_configs(torch.device("cpu"), dtype, case.m, case.n, case.k, case.rank)
+    picked = {}
+    for field in ("forward", "grad_input", "grad_weight"):
+        candidates = _configs.autotune_candidates(getattr(defaults, field))
+        if case.autotune >= len(candidates):
+            raise _NoSuchCandidate
+        picked[field] = candidates[case.autotune]
+    return _configs.override_configs(dataclasses.replace(defaults, **picked))
+
+
+def _run_case(case: Case, tensors: _Tensors, launched: list) -> int:
+    """Calls forward and backward for ``case`` (the stand-in records the kernels in ``launched``); returns
+    how many of those launches ``forward`` made."""
+    from . import lora_linear as ops
+
+    dtype = DTYPES[case.precision]
+    x = tensors(case.m, case.k, dtype=dtype)
+    w = tensors(case.n, case.k, dtype=dtype)
+    b = tensors(case.n, dtype=dtype) if case.bias else None
+    lora_a = tensors(case.rank, case.k, dtype=dtype)
+    lora_b = tensors(case.n, case.rank, dtype=dtype)
+    p = 0.1 if case.dropout else 0.0
+    with _fp32_precision(case.precision), _override_for(case, dtype):
+        y, s = ops.forward(x, w, b, lora_a, lora_b, 2.0, p, 1234)
+        forward_launches = len(launched)
+        ops.backward(y, x, w, lora_a, lora_b, s, 2.0, p, 1234, (True, case.train_w, case.bias, True, True))
+    return forward_launches
+
+
+_ROLES = {"_lora_down_kernel": "down", "_lora_dy_kernel": "dY", "_lora_da_kernel": "dA",
+          "_sum_partials_kernel": "sum", "_dropout_mask_kernel": "mask"}
+
+
+def _role(name: str, constexprs: dict, in_forward: bool) -> str:
+    if name == "_lora_matmul_kernel":
+        return "forward" if in_forward else ("dX" if constexprs.get("HAS_LORA") else "dW")
+    return _ROLES.get(name, name)
+
+
+@dataclasses.dataclass
+class KernelReport:
+    """One distinct compiled kernel for one arch and what the compiler produced."""
+
+    arch: int
+    kernel: str
+    roles: List[str]
+    precision: str
+    constexprs: Dict[str, object]
+    default: bool  # reached by a default (non-autotune) configuration
+    cases: int
+    example: str
+    shared: int = 0
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    mma: str = ""
+    ldgsts: int = 0
+    widest_load: str = ""
+    scalar_16bit_loads: int = 0
+    hash: str = ""
+
+    @property
+    def config(self) -> str:
+        c = self.constexprs
+        parts = [f"{k}={c[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in c]
+        flags = [k.split("_", 1)[1].lower() for k in ("HAS_BIAS", "HAS_LORA", "HAS_DROPOUT", "COMPUTE_DS",
+                                                      "COMPUTE_DBB", "COMPUTE_DBIAS") if c.get(k)]
+        parts.append(f"w{c.get('num_warps')}s{c.get('num_stages')}")
+        return " ".join(parts + flags)
+
+
+@dataclasses.dataclass
+class CompileError:
+    arch: int
+    case: str
+    error: str
+
+
+def _ptxas_numbers(log: str) -> Tuple[int, int, int]:
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"unreadable ptxas -v output:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    """``ptxas -v`` with Triton's flags, for a kernel that came from Triton's cache (no log kept)."""
+    from triton import knobs
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                               f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
+                              capture_output=True, text=True, check=True)
+    return done.stderr + done.stdout
+
+
+def _read_binary(report: KernelReport, compiled, log: Optional[str]) -> None:
+    report.hash = compiled.hash
+    report.shared = int(compiled.metadata.shared)
+    report.registers, report.spill_stores, report.spill_loads = _ptxas_numbers(
+        log if log and "registers" in log else _run_ptxas(compiled.asm["ptx"], report.arch))
+    sass = compiled.asm["sass"]
+    report.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
+    report.ldgsts = len(re.findall(r"\bLDGSTS\b", sass))
+    widths = [int(w) for w in re.findall(r"\bLDG\.E\.(?:[A-Z.]*?)(\d+)\b", sass) if w in ("64", "128")]
+    report.widest_load = f"LDG.{max(widths)}" if widths else ("LDGSTS" if report.ldgsts else "LDG.32")
+    report.scalar_16bit_loads = len(re.findall(r"\bLDG\.E\.U16\b", sass))
+
+
+def sweep_arch(arch: int, precisions: Sequence[str] = PRECISIONS, full: bool = False,
+               quick: bool = False) -> Tuple[List[KernelReport], List[CompileError]]:
+    """Compiles every case of :func:`cases` for ``arch`` and reads each distinct kernel once."""
+    from . import lora_linear as ops
+
+    reports: Dict[str, KernelReport] = {}
+    logs: Dict[str, Optional[str]] = {}
+    compiled: Dict[str, object] = {}
+    errors: List[CompileError] = []
+    tensors = _Tensors()
+    with stand_in_gpu(arch, launch="compile", ptxas_log=True) as gpu:
+        def collect(case: str, precision: str, default: bool, forward_launches: int) -> None:
+            for i, record in enumerate(gpu.kernels):
+                key = record.compiled.hash
+                role = _role(record.kernel_name, record.constexprs, i < forward_launches)
+                if record.ptxas_log:
+                    logs[key] = record.ptxas_log
+                if key not in reports:
+                    meta = record.compiled.metadata
+                    constexprs = dict(record.constexprs, num_warps=meta.num_warps, num_stages=meta.num_stages)
+                    reports[key] = KernelReport(arch, record.kernel_name, [], precision, constexprs, default, 0, case)
+                    compiled[key] = record.compiled
+                rep = reports[key]
+                rep.cases += 1
+                rep.default |= default
+                if role not in rep.roles:
+                    rep.roles.append(role)
+            del gpu.kernels[:]
+
+        ops.dropout_mask(1, (4096, 4096), 0.1, torch.device("cpu"))
+        collect("dropout_mask 4096x4096", "bool", True, 1)
+        for case in cases(precisions, full=full, quick=quick):
+            try:
+                forward_launches = _run_case(case, tensors, gpu.kernels)
+            except _NoSuchCandidate:
+                continue
+            except Exception as err:  # noqa: BLE001 - every compile error is reported, the sweep goes on
+                errors.append(CompileError(arch, str(case), f"{type(err).__name__}: {err}"[:2000]))
+                del gpu.kernels[:]
+                continue
+            collect(str(case), case.precision, case.autotune is None, forward_launches)
+    for key, rep in reports.items():
+        _read_binary(rep, compiled[key], logs.get(key))
+    return sorted(reports.values(), key=lambda r: (r.kernel, r.precision, r.config)), errors
+
+
+def verdicts(reports: Iterable[KernelReport], errors: Iterable[CompileError]) -> List[str]:
+    """Every failure of the gate, one line each (empty: the gate passes)."""
+    failures = [f"sm{e.arch}: compile error in {e.case}: {e.error.splitlines()[0] if e.error else ''}"
+                for e in errors]
+    for r in reports:
+        where = f"sm{r.arch} {r.kernel} [{'/'.join(r.roles)}] {r.precision} {r.config} (e.g. {r.example})"
+        if not r.default:
+            continue  # autotune candidates: the tuner skips what does not fit
+        limit = GPUS[r.arch].max_shared_mem
+        if r.shared > limit:
+            failures.append(f"{where}: shared memory {r.shared} B > {limit} B")
+        if r.spill_stores or r.spill_loads:
+            failures.append(f"{where}: spills {r.spill_stores} B stores / {r.spill_loads} B loads")
+        if (r.arch == 90 and r.precision in ("fp16", "bf16") and set(r.roles) & set(GEMM_ROLES)
+                and r.constexprs.get("BLOCK_M", 0) >= 64 and r.mma != "HGMMA"):
+            failures.append(f"{where}: no wgmma (MMA form {r.mma})")
+    return failures
+
+
+def missing_tools() -> Optional[str]:
+    """Why the gate cannot run here (no ptxas / cuobjdump next to Triton), or None."""
+    from triton import knobs
+
+    for tool in ("ptxas", "cuobjdump"):
+        try:
+            path = getattr(knobs.nvidia, tool).path
+        except Exception as err:  # noqa: BLE001 - knobs raise when the binary is absent
+            return f"{tool} not found ({err}); it ships with Triton's NVIDIA backend"
+        if not path or not Path(path).exists():
+            return f"{tool} not found (expected at {path}); it ships with Triton's NVIDIA backend"
+    return None
+
+
+def triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
+def ptxas_version() -> str:
+    from triton import knobs
+    out = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\S+),", out)
+    return found.group(1) if found else "unknown"
