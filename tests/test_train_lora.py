@@ -21,7 +21,8 @@ from helpers import TOLERANCES
 from minimind.checkpoint import save_minimind
 from minimind.model import MiniMindConfig, MiniMindForCausalLM
 from minimind import train_lora
-from minimind.train_lora import OutputLock, main, parse_args, train
+from minimind.run_dir import OutputLock
+from minimind.train_lora import main, parse_args, train
 from minimind.training import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
