@@ -31,6 +31,7 @@ assistant tokens of its micro-batches (on all processes), plus the MoE auxiliary
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -66,13 +67,6 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_BASE = ASSETS / "base.safetensors"
 BUNDLED_DATA = ASSETS / "lora_identity.jsonl"
 MINIMIND_HIDDEN_SIZE, MINIMIND_LAYERS = 768, 8  # MiniMind's defaults, used to resolve --from_weight
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """torch.load warns about pickle protocols on stderr; the trainer says what went wrong itself."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,15 +132,13 @@ def _flag(text: str) -> bool:
         return True
     if value in ("0", "false", "no", "n", "off"):
         return False
-    import argparse
-
     raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {text!r}")
 
 
 def build_parser() -> ArgumentParser:
     count, positive = number(1, integer=True), number(0, low_open=True)
     p = ArgumentParser(prog="python -m minimind.train_lora",
-                          description="MiniMind LoRA SFT on lora_kernels (both MiniMind generations' arguments).")
+                       description="MiniMind LoRA SFT on lora_kernels (both MiniMind generations' arguments).")
     g = p.add_argument_group("where things are (MiniMind-3: --save_dir/--from_weight; 2025: --out_dir)")
     g.add_argument("--out_dir", default=None, help="our layout: DIR/lora/, DIR/checkpoint.pt, ... (default: out)")
     g.add_argument("--save_dir", default=None, help="MiniMind's layout: the adapter in DIR, the training state in "
@@ -222,8 +214,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     if ns.resume is not None and ns.from_resume:
         raise CLIError("give --resume or --from_resume 1, not both")
     cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
-    cfg.layout = "minimind" if ns.save_dir is not None else "ours"
-    cfg.out_dir = ns.save_dir or ns.out_dir or ("../out" if ns.from_weight else "out")
+    # MiniMind's layout with --save_dir, or with --from_weight alone (MiniMind's save_dir defaults to ../out).
+    minimind_layout = ns.save_dir is not None or (ns.from_weight is not None and ns.out_dir is None)
+    cfg.layout = "minimind" if minimind_layout else "ours"
+    cfg.out_dir = ns.save_dir or ns.out_dir or ("../out" if minimind_layout else "out")
     cfg.use_compile, cfg.progress = bool(ns.use_compile), not ns.no_progress
     cfg.resume = "if-present" if ns.from_resume else ns.resume
     if ns.from_weight is not None:  # MiniMind's init_model: {save_dir}/{name}_{hidden}[_moe].pth
@@ -316,6 +310,14 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 # ---------------------------------------------------------------------------------------------------
 # Model, tokenizer, data
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """torch.load warns about pickle protocols on stderr; the trainer says what went wrong itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+        yield
 
 
 def load_base(cfg: TrainConfig, rt: Runtime):
@@ -504,25 +506,27 @@ def setup(cfg: TrainConfig) -> Run:
         error = err
     _agree(rt, error)
 
-    steps_per_epoch = math.ceil(len(epoch_micro_batches(len(train_set), 0, cfg, rt)) / cfg.accumulation_steps)
-    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(steps_per_epoch * cfg.epochs, cfg.max_steps)
-    groups = lora_param_groups(model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay)
-    train_model = model
-    if rt.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    run = None
+    try:  # from here on the lock is held: give it back whatever fails
+        per_epoch = math.ceil(len(epoch_micro_batches(len(train_set), 0, cfg, rt)) / cfg.accumulation_steps)
+        total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+        groups = lora_param_groups(model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay)
+        train_model = model
+        if rt.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                                              else None, find_unused_parameters=bool(model.config.use_moe))
-    if cfg.use_compile:
-        train_model = torch.compile(train_model, dynamic=True)  # padded lengths vary: one graph for all
-    run = Run(cfg, rt, model, train_model, tokenizer, train_set, eval_set, torch.optim.AdamW(groups),
-              torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16), paths, lock,
-              backend, steps_per_epoch, total)
-    try:
+            train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                  else None, find_unused_parameters=bool(model.config.use_moe))
+        if cfg.use_compile:
+            train_model = torch.compile(train_model, dynamic=True)  # padded lengths vary: one graph for all
+        run = Run(cfg, rt, model, train_model, tokenizer, train_set, eval_set, torch.optim.AdamW(groups),
+                  torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16), paths, lock,
+                  backend, per_epoch, total)
         if rt.main:
             stale = [p for path in paths.outputs() for p in remove_stale_temporaries(path)]
             rt.notes += [note] if note else []
-            rt.notes += [f"removed {len(stale)} temporary file(s) a killed run left: {stale[0].name}..."] if stale else []
+            if stale:
+                rt.notes.append(f"removed {len(stale)} temporary file(s) a killed run left: {stale[0].name}...")
         if cfg.resume:
             run.step = load_checkpoint(run)
         if rt.main:
@@ -537,7 +541,10 @@ def setup(cfg: TrainConfig) -> Run:
         run.bar = tqdm(total=total, initial=run.step, disable=not rt.main or not cfg.progress, unit="step",
                        dynamic_ncols=True)
     except BaseException:
-        run.close()
+        if run is not None:
+            run.close()
+        elif lock is not None:
+            lock.release()
         raise
     return run
 
