@@ -673,8 +673,12 @@ def start_metrics(run: Run) -> List[dict]:
     if not path.is_file():
         return []
     if not run.cfg.resume or run.step == 0:
-        kept = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(path.stat().st_mtime))}"
-                              f"{path.suffix}")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        for n in range(2, 1000):  # never replace an earlier archive
+            if not kept.exists():
+                break
+            kept = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
         with writing(kept):
             os.replace(path, kept)
         run.rt.notes.append(f"an earlier run's {path.name} is kept as {kept.name}")

@@ -270,10 +270,10 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     assert not (tmp_path / "x.lock").exists()
 
 
-def test_a_new_run_keeps_the_old_metrics(tiny, tmp_path):
-    train(parse_args(args_for(tiny, tmp_path, "--max_steps", "2")))
-    first = (tmp_path / "metrics.jsonl").read_text()
-    train(parse_args(args_for(tiny, tmp_path, "--max_steps", "1")))
-    kept = [p for p in tmp_path.glob("metrics.*.jsonl")]
-    assert len(kept) == 1 and kept[0].read_text() == first
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+def test_new_runs_keep_the_old_metrics(tiny, tmp_path):
+    texts = []
+    for steps in ("3", "2", "1"):  # three runs within the same second: three files, none replaced
+        train(parse_args(args_for(tiny, tmp_path, "--max_steps", steps)))
+        texts.append((tmp_path / "metrics.jsonl").read_text())
+    kept = sorted(p.read_text() for p in tmp_path.glob("metrics.*.jsonl"))
+    assert kept == sorted(texts[:2]) and [len(t.splitlines()) for t in texts] == [3, 2, 1]
