@@ -902,6 +902,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
                     checkpoint(run)
                 if run.step >= run.total_steps:
                     break
+        run.bar.close()  # the summary comes below the finished bar
         result = finish(run)
         if run.rt.world_size > 1:
             dist.barrier()
