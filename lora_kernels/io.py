@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Tuple, Union
 import torch
 import torch.nn as nn
 
-from atomic_io import atomic_write  # noqa: F401  (lora_kernels.io.atomic_write: kept importable)
+from atomic_io import atomic_write  # lives in atomic_io; lora_kernels.io.atomic_write stays importable
 
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, lora_state_dict

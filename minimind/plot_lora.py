@@ -28,7 +28,7 @@ import torch
 
 from atomic_io import atomic_write
 
-from .cli import CLIError, number, run_cli
+from .cli import CLIError, number, reading, run_cli
 
 STATS_NAME = "lora_stats.json"
 OVERVIEW_NAME = "lora_overview.png"
@@ -98,7 +98,7 @@ def read_adapter_layers(adapter: Path, base: Optional[Path] = None):
 
     if not adapter.exists():
         raise CLIError(f"adapter {str(adapter)!r}: no such file or folder")
-    try:
+    with reading(f"adapter {str(adapter)!r}"):
         if base is not None or adapter.is_dir():
             from .checkpoint import BUNDLED_BASE, load_minimind
 
@@ -113,16 +113,14 @@ def read_adapter_layers(adapter: Path, base: Optional[Path] = None):
         else:  # MiniMind's format: no scaling (s = 1)
             meta = {}
             pairs = {name: (pair["A"], pair["B"]) for name, pair in read_minimind_lora(adapter).items()}
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise CLIError(f"adapter {str(adapter)!r}: {err}")
-    layers = []
-    for name, (a, b) in pairs.items():
-        info = meta.get(name, {})
-        # A stand-in layer on the meta device: the scaling rule is FusedLoRALinear's own.
-        stand_in = FusedLoRALinear(a.shape[1], b.shape[0], bias=False, rank=a.shape[0], alpha=info.get("alpha"),
-                                   use_rslora=bool(info.get("use_rslora", False)), device="meta")
-        delta = (b.float() @ a.float()) * stand_in.scaling
-        layers.append((name, delta, a.shape[0], stand_in.scaling, None))
+        layers = []
+        for name, (a, b) in pairs.items():
+            info = meta.get(name, {}) if isinstance(meta, dict) else {}
+            # A stand-in layer on the meta device: the scaling rule (and its checks) are FusedLoRALinear's own.
+            stand_in = FusedLoRALinear(a.shape[1], b.shape[0], bias=False, rank=a.shape[0], alpha=info.get("alpha"),
+                                       use_rslora=info.get("use_rslora", False) is True, device="meta")
+            delta = (b.float() @ a.float()) * stand_in.scaling
+            layers.append((name, delta, a.shape[0], stand_in.scaling, None))
     return sorted(layers, key=lambda item: _natural_key(item[0]))
 
 

@@ -95,6 +95,13 @@ def test_fused_and_eager_train_alike(tiny, tmp_path):
         assert (fused_w[key] - eager_w[key]).abs().max() <= 1e-4 * eager_w[key].abs().max(), key
 
 
+def test_num_workers_feed_the_same_batches(tiny, tmp_path):
+    """--num_workers N: a DataLoader with N worker processes gives the losses of the in-process one."""
+    for workers in ("0", "2"):
+        train(parse_args(args_for(tiny, tmp_path / workers, "--max_steps", "3", "--num_workers", workers)))
+    assert losses(tmp_path / "2" / "metrics.jsonl") == losses(tmp_path / "0" / "metrics.jsonl")
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 def test_use_compile_gives_the_losses_of_eager_mode(tiny, tmp_path, fused):
     """--use_compile 1 compiles the model with our LoRA layers (Inductor on the CPU): the same per-step losses."""
