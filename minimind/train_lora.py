@@ -613,7 +613,7 @@ def train_step(run: Run, micro_batches: list) -> float:
         run.scaler.scale(loss).backward()
         loss_sum += ce_sum.detach()
         aux_sum += aux.detach() / len(micro_batches)
-        run.tokens_since += int(ids.numel())
+        run.tokens_since += int((ids != run.tokenizer.pad_token_id).sum())  # real tokens, not padding
     if rt.world_size > 1:
         dist.all_reduce(loss_sum)
     step_loss = loss_sum.item() / n_tokens.item() + aux_sum.item()
