@@ -739,6 +739,8 @@ def load_checkpoint(run: Run) -> int:
         raise CLIError(f"{flag}: {str(path)!r} has a malformed 'config', 'lora' or 'step' field")
     changed = [f"--{k} {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
                if state["config"].get(k) != getattr(cfg, k)]
+    if state.get("world_size", 1) != run.rt.world_size:  # the global batch is batch_size x processes
+        changed.append(f"{state.get('world_size', 1)} -> {run.rt.world_size} processes")
     if changed:
         raise CLIError(f"{flag}: {path} was made with other settings: " + "; ".join(changed))
     params = lora_state_dict(run.model)
