@@ -203,8 +203,8 @@ class FusedLoRALinear(nn.Module):
                 stacklevel=stacklevel,
             )
 
-    def _unknown(self, name: str) -> KeyError:
-        return KeyError(f"no adapter named {name!r} in this layer (it has {list(self.lora_configs)})")
+    def _unknown(self, name: str) -> ValueError:
+        return ValueError(f"no adapter named {name!r} in this layer (it has {list(self.lora_configs)})")
 
     def add_adapter(self, name: str, config: LoRAConfig, dtype: Optional[torch.dtype] = None,
                     _stacklevel: int = 2) -> None:
@@ -244,7 +244,7 @@ class FusedLoRALinear(nn.Module):
         """Removes adapter ``name`` and its parameters (also from the active ones).
 
         Raises:
-            KeyError: no such adapter. RuntimeError: the layer is merged.
+            ValueError: no such adapter. RuntimeError: the layer is merged.
         """
         if name not in self.lora_configs:
             raise self._unknown(name)
@@ -267,7 +267,7 @@ class FusedLoRALinear(nn.Module):
                 a layer without one of the model's adapters skips it).
 
         Raises:
-            KeyError: (strict) a name the layer does not have. RuntimeError: the layer is merged.
+            ValueError: (strict) a name the layer does not have. RuntimeError: the layer is merged.
         """
         names = (names,) if isinstance(names, str) else tuple(names)
         if strict:
@@ -296,7 +296,7 @@ class FusedLoRALinear(nn.Module):
         """``(lora_A, lora_B)`` of adapter ``name``.
 
         Raises:
-            KeyError: no such adapter.
+            ValueError: no such adapter.
         """
         if name not in self.lora_configs:
             raise self._unknown(name)
