@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 
 from atomic_io import atomic_write, remove_stale_temporaries
 from lora_kernels import (
+    LoRAConfig,
     disable_lora,
     lora_param_groups,
     lora_state_dict,
@@ -354,14 +355,19 @@ def load_base(cfg: TrainConfig, rt: Runtime):
     return model.to(rt.device), tokenizer
 
 
+def lora_config(cfg: TrainConfig) -> LoRAConfig:
+    """The adapter's settings (``--rank``, ``--alpha``, ``--lora_dropout``)."""
+    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
+
+
 def add_lora(model, cfg: TrainConfig, rt: Runtime) -> str:
     """Adds the adapters in place; returns a description of the backend."""
     targets = cfg.targets if cfg.targets in ("square", "all-linear") else \
         [t.strip() for t in cfg.targets.split(",") if t.strip()]
     torch.manual_seed(cfg.seed)  # the same A on every process and in fused and eager runs
     try:
-        replace_linear_with_fused_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                       target_modules=targets, backend="auto" if cfg.fused else "eager")
+        replace_linear_with_fused_lora(model, config=lora_config(cfg), target_modules=targets,
+                                       backend="auto" if cfg.fused else "eager")
     except (ValueError, TypeError) as err:
         raise CLIError(f"--targets {cfg.targets!r}: {err}")
     if not cfg.fused:
@@ -552,7 +558,7 @@ def setup(cfg: TrainConfig) -> Run:
 def describe(run: Run) -> str:
     cfg, rt, c = run.cfg, run.rt, run.model.config
     summary = lora_summary(run.model)
-    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    alpha = lora_config(cfg).lora_alpha
     return "\n".join([
         "MiniMind LoRA SFT",
         f"  base       {'random (--from_weight none)' if cfg.random_base else cfg.base}  ({c.arch}, hidden "
