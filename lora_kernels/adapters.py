@@ -162,6 +162,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     _refuse_merged(model, f"delete adapter {name!r}")
     for path, layer in list(iter_lora_layers(model)):
         if name not in layer.lora_configs:
+            layer.set_adapter([n for n in layer._active if n != name], strict=False)
             continue
         layer.delete_adapter(name)
         if not layer.lora_configs:
