@@ -119,7 +119,8 @@ def pattern_value(pattern: Mapping[str, Any], module_path: str, default: Any) ->
 # The config
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """True for a finite int or float (not a bool, not a numeric string)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -160,21 +161,11 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         problems = self.problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init)
-        for name, test, wanted in (("rank_pattern", _is_rank, "an integer >= 1"),
-                                   ("alpha_pattern", _is_alpha, "a finite number > 0")):
-            pattern = getattr(self, name)
-            if not isinstance(pattern, Mapping):
-                problems.append(f"{name} must be a dict (pattern -> value), got {pattern!r:.80}")
-                continue
-            for key, value in pattern.items():
-                why = check_pattern(key)
-                if why is not None:
-                    problems.append(f"{name} key {key!r}: {why}")
-                if not test(value):
-                    problems.append(f"{name}[{key!r}] must be {wanted}, got {value!r}")
-            object.__setattr__(self, name, dict(pattern))
+        problems += pattern_problems(self.rank_pattern, self.alpha_pattern)
         if problems:
             raise ValueError("; ".join(problems))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
         lora_alpha = float(self.rank if self.alpha is None else self.alpha)
         object.__setattr__(self, "dropout", float(self.dropout))
         object.__setattr__(self, "lora_alpha", lora_alpha)
@@ -184,11 +175,11 @@ class LoRAConfig:
     def problems(rank: Any, alpha: Any, dropout: Any, use_rslora: Any = False, init: Any = "minimind") -> List[str]:
         """Every problem with these values, each naming the field and the value (empty when all are fine)."""
         problems = []
-        if not _is_rank(rank) or not isinstance(rank, int):
+        if not is_rank_value(rank) or not isinstance(rank, int):
             problems.append(f"rank must be an integer >= 1, got {rank!r}")
-        if alpha is not None and not _is_alpha(alpha):
+        if alpha is not None and not is_alpha_value(alpha):
             problems.append(f"alpha must be a finite number > 0 (or None for alpha = rank), got {alpha!r}")
-        if not (_is_number(dropout) and 0.0 <= dropout < 1.0):
+        if not (is_finite_number(dropout) and 0.0 <= dropout < 1.0):
             problems.append(f"dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
             problems.append(f"use_rslora must be True or False, got {use_rslora!r}")
@@ -226,9 +217,29 @@ class LoRAConfig:
                    init=values.get("init", "minimind"))
 
 
-def _is_rank(value: Any) -> bool:
-    return _is_number(value) and float(value).is_integer() and value >= 1
+def is_rank_value(value: Any) -> bool:
+    """True for a finite integral number >= 1 (``8`` or ``8.0``, as a JSON file may hold it)."""
+    return is_finite_number(value) and float(value).is_integer() and value >= 1
 
 
-def _is_alpha(value: Any) -> bool:
-    return _is_number(value) and value > 0
+def is_alpha_value(value: Any) -> bool:
+    """True for a finite number > 0."""
+    return is_finite_number(value) and value > 0
+
+
+def pattern_problems(rank_pattern: Any, alpha_pattern: Any) -> List[str]:
+    """Every problem with a ``rank_pattern`` / ``alpha_pattern`` pair (from code or from a PEFT config): not
+    an object, a key that cannot be used (:func:`check_pattern`), a value that is no rank / alpha."""
+    problems = []
+    for name, pattern, test, wanted in (("rank_pattern", rank_pattern, is_rank_value, "an integer >= 1"),
+                                        ("alpha_pattern", alpha_pattern, is_alpha_value, "a finite number > 0")):
+        if not isinstance(pattern, Mapping):
+            problems.append(f"{name} must be an object (pattern -> value), got {pattern!r:.80}")
+            continue
+        for key, value in pattern.items():
+            why = check_pattern(key)
+            if why is not None:
+                problems.append(f"{name} key {key!r}: {why}")
+            if not test(value):
+                problems.append(f"{name}[{key!r}] must be {wanted}, got {value!r}")
+    return problems

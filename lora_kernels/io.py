@@ -14,7 +14,6 @@ before it changes the model, and names the file and the field in its errors.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn as nn
 from atomic_io import atomic_write  # lives in atomic_io; lora_kernels.io.atomic_write stays importable
 
 from .adapters import active_adapters, adapter_names, resolve_adapter_name, set_adapter
-from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
+from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_finite_number
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, lora_state_dict
 
@@ -202,11 +201,6 @@ def _layer_metadata(metadata: Dict[str, str], path: PathLike) -> Dict[str, dict]
         raise ValueError(f"{str(path)!r}: metadata field 'layers' must be a JSON object (module path -> settings), "
                          f"got a {type(layers).__name__}")
     return layers
-
-
-def is_finite_number(value: Any) -> bool:
-    """True for a finite int or float (not a bool, not a numeric string)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_layer_settings(settings: Any, rank: int) -> List[str]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DEFAULT_ADAPTER, INITS, LoRAConfig, check_adapter_name  # noqa: F401 (INITS re-exported)
+from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
 from .functional import backend_names, lora_linear
 
 

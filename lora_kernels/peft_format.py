@@ -34,8 +34,9 @@ import torch
 import torch.nn as nn
 
 from .adapters import adapter_names as _adapter_names
-from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, lora_scaling
-from .config import check_pattern as _check_pattern, pattern_value as _pattern_value
+from .config import (DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_alpha_value, is_rank_value, lora_scaling,
+                     pattern_problems)
+from .config import pattern_value as _pattern_value
 from .io import (apply_lora_tensors, atomic_write, check_tensors, is_finite_number, read_json_object,
                  read_tensor_file)
 from .modules import FusedLoRALinear
@@ -264,31 +265,15 @@ def _read_config(directory: Path) -> Dict[str, Any]:
     if problems:
         raise ValueError(f"{where} uses PEFT features that lora_kernels does not support: " + "; ".join(problems))
 
-    def is_rank(v):
-        return is_finite_number(v) and float(v).is_integer() and v >= 1
-
-    def is_alpha(v):
-        return is_finite_number(v) and v > 0
-
     config.setdefault("r", 8)
     config.setdefault("lora_alpha", 8)
-    checks = [("r", config["r"], is_rank, "an integer >= 1"),
-              ("lora_alpha", config["lora_alpha"], is_alpha, "a finite number > 0"),
+    checks = [("r", config["r"], is_rank_value, "an integer >= 1"),
+              ("lora_alpha", config["lora_alpha"], is_alpha_value, "a finite number > 0"),
               ("lora_dropout", config.get("lora_dropout") or 0.0, lambda v: is_finite_number(v) and 0 <= v < 1,
                "a number in [0, 1)"),
               ("use_rslora", config.get("use_rslora", False), lambda v: isinstance(v, bool), "true or false")]
-    for field, test, wanted in (("rank_pattern", is_rank, "an integer >= 1"),
-                                ("alpha_pattern", is_alpha, "a finite number > 0")):
-        pattern = config.get(field) or {}
-        if not isinstance(pattern, dict):
-            problems.append(f"{field} must be an object (pattern -> value), got {pattern!r:.80}")
-            continue
-        for key, value in pattern.items():
-            why = _check_pattern(key)
-            if why is not None:
-                problems.append(f"{field} key {key!r}: {why}")
-            checks.append((f"{field}[{key!r}]", value, test, wanted))
     problems += [f"{field} must be {wanted}, got {value!r}" for field, value, test, wanted in checks if not test(value)]
+    problems += pattern_problems(config.get("rank_pattern") or {}, config.get("alpha_pattern") or {})
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems[:10]))
     return config
