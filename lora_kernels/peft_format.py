@@ -461,9 +461,9 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     for path, module, adapter in plan:
         linear = module.get_base_layer()
         rank, alpha, use_rslora = module.r[adapter], module.lora_alpha[adapter], module.use_rslora[adapter]
-        divisor = math.sqrt(rank) if use_rslora else rank
-        if not math.isclose(alpha / divisor, module.scaling[adapter], rel_tol=1e-12):
-            alpha = module.scaling[adapter] * divisor  # PEFT's set_scale / scale_layer changed the scaling
+        if not math.isclose(lora_scaling(rank, alpha, use_rslora), module.scaling[adapter], rel_tol=1e-12):
+            # PEFT's set_scale / scale_layer changed the scaling: the alpha that gives it.
+            alpha = module.scaling[adapter] / lora_scaling(rank, 1.0, use_rslora)
         dropout = module.lora_dropout[adapter]
         # Built around a meta stand-in: no allocation and no draw from the RNG for parameters replaced next.
         stub = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")

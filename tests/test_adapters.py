@@ -445,3 +445,15 @@ def test_two_peft_adapters_match_peft_and_round_trip(tmp_path):
             back.set_adapter(name)
             set_adapter(ours, name)
             assert_close(back(x).logits, ours(x).logits, torch.float32, f"PEFT reading our {name}")
+
+
+def test_param_groups_cover_every_adapter():
+    from lora_kernels import lora_param_groups
+
+    model = two_adapter_model()
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in lora_param_groups(model, lr=1e-3, loraplus_lr_ratio=4)}
+    for _, layer in iter_lora_layers(model):
+        for name in layer.adapter_names:
+            a, b = layer.lora_params(name)
+            assert id(a) in groups["lora_A"] and id(b) in groups["lora_B"]
+    assert "other" not in groups
