@@ -131,7 +131,8 @@ def draw_seed() -> int:
 
 
 class _KernelsWithFallback:
-    """The Triton backend behind the backend protocol (:class:`lora_kernels.backends.LoRABackend`), with a guard for GPU problems nobody could test.
+    """The Triton backend behind the backend protocol (:class:`lora_kernels.backends.LoRABackend`), with a
+    guard for GPU problems nobody could test.
 
     When a kernel fails to compile or launch (out of resources, an unknown arch, a Triton bug) for a
     configuration, ``strict`` (``backend="triton"``) raises a RuntimeError naming the shape, dtype and error;
