@@ -207,14 +207,12 @@ class LoRAConfig:
         return {"rank": self.rank, "alpha": self.lora_alpha, "use_rslora": self.use_rslora, "dropout": self.dropout}
 
     @classmethod
-    def from_layer_settings(cls, settings: Mapping[str, Any], rank: int, **defaults: Any) -> "LoRAConfig":
+    def from_layer_settings(cls, settings: Mapping[str, Any], rank: int) -> "LoRAConfig":
         """The config a file's (already checked) layer settings describe for an adapter of ``rank``; fields
-        the file leaves out take ``defaults`` (else alpha = rank, no dropout, no rsLoRA)."""
-        values = {"alpha": None, "dropout": 0.0, "use_rslora": False, **defaults}
-        values.update({k: settings[k] for k in ("alpha", "dropout", "use_rslora") if k in settings})
-        return cls(rank=int(rank), alpha=None if values["alpha"] is None else float(values["alpha"]),
-                   dropout=float(values["dropout"]), use_rslora=values["use_rslora"],
-                   init=values.get("init", "minimind"))
+        the file leaves out: alpha = rank, no dropout, no rsLoRA."""
+        alpha = settings.get("alpha")
+        return cls(rank=int(rank), alpha=None if alpha is None else float(alpha),
+                   dropout=float(settings.get("dropout", 0.0)), use_rslora=settings.get("use_rslora", False))
 
 
 def is_rank_value(value: Any) -> bool:
