@@ -205,13 +205,12 @@ def _ptxas_numbers(log: str) -> Tuple[int, int, int]:
 
 def _run_ptxas(ptx: str, arch: int) -> str:
     """``ptxas -v`` with Triton's flags, for a kernel that came from Triton's cache (no log kept)."""
-    from triton import knobs
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        done = subprocess.run([knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+        done = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
                                f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
                               capture_output=True, text=True, check=True)
     return done.stderr + done.stdout
@@ -299,7 +298,7 @@ def missing_tools() -> Optional[str]:
     """Why the gate cannot run here (no ptxas / cuobjdump next to Triton), or None."""
     from triton import knobs
 
-    for tool in ("ptxas", "cuobjdump"):
+    for tool in ("ptxas", "ptxas_blackwell", "cuobjdump"):
         try:
             path = getattr(knobs.nvidia, tool).path
         except Exception as err:  # noqa: BLE001 - knobs raise when the binary is absent
@@ -314,8 +313,8 @@ def triton_version() -> str:
     return triton.__version__
 
 
-def ptxas_version() -> str:
-    from triton import knobs
-    out = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
+def ptxas_version(arch: int = 90) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+    out = subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, text=True).stdout
     found = re.search(r"release (\S+),", out)
     return found.group(1) if found else "unknown"

@@ -11,10 +11,12 @@ import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 
 
@@ -210,8 +212,11 @@ def _tuned_gemm(key: tuple, default: KernelConfig, launch: Callable[[KernelConfi
     for cfg in autotune_candidates(default):
         try:
             timings.append((timer(lambda: launch(cfg)), dataclasses.astuple(cfg), cfg))
-        except Exception:  # noqa: BLE001 - a candidate may not fit this GPU's shared memory; skip it
+        except OutOfResources:  # too much shared memory (or registers) for this GPU: not a candidate here
             continue
+        except Exception as err:  # noqa: BLE001 - any other failure is a bug to report, not a slow tile
+            warnings.warn(f"lora_kernels autotune: candidate {cfg} for {key} failed and is skipped: "
+                          f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
     best = min(timings)[2] if timings else default
     _TUNED[key] = best
     return best

@@ -43,8 +43,11 @@ Sizes. Any M >= 0 (M = 0 returns without launching), any K and N (edges masked; 
 operands past an edge are wrapped, not masked, and only the store is masked), any rank (the rank is padded
 to a power of two >= 16 inside the kernels and looped in blocks of at most 64), any strides of x, dY and the
 weights (no ``.contiguous()`` copies), fp32/fp16/bf16. Row offsets are int64, so M·K and M·N may pass 2³¹.
-``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so are M and the
-seed (``do_not_specialize``), so a new sequence length does not compile a new kernel.
+``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so is the seed
+(``do_not_specialize``). M is too in the skinny passes; the GEMM kernel specialises on it as Triton does on
+every size (M = 1, M a multiple of 16, other: at most three variants, never one per sequence length), because
+for dW = dYᵀ·x its M is out_features along dY's contiguous dimension, and without ``M % 16 == 0`` known the
+wrapped row index ``offs_m % M`` hides that contiguity (scalar 2-byte loads instead of 16-byte cp.async).
 
 GPU notes (block sizes and tuning). Block sizes come from :func:`lora_kernels.ops.configs.kernel_configs`, a small cache keyed by
 (device capability, SM count, dtype, TF32 on/off, M bucket = next power of two of M capped at 8192, N and
@@ -200,7 +203,7 @@ def _lora_down_kernel(
     tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
+@triton.jit(do_not_specialize=["seed"])
 def _lora_matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
@@ -245,7 +248,10 @@ def _lora_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
+        # Not software-pipelined (num_stages=1): the rank loop runs once for r <= 64 and a few times above,
+        # so multi-buffering it buys nothing, while num_stages copies of an (BLOCK_M + BLOCK_N) x BLOCK_R
+        # tile overflow shared memory (fp32/TF32, BLOCK_R 64: 294,912 B on sm90 at 3 stages).
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
             r_mask = offs_r < R - r0
             lo = tl.load(l_ptr + rows[:, None] * stride_lm + (r0 + offs_r)[None, :] * stride_lr,
                          mask=r_mask[None, :], other=0.0)
@@ -310,6 +316,10 @@ def _lora_dy_kernel(
     m_mask = offs_m < M  # rows are masked (not wrapped): they are reduced over for dB and db
     r_mask = offs_r < R
     rows = offs_m.to(tl.int64)
+    # Workspace offsets in int64: a partial-sum buffer holds (M-blocks x N x R) or (splits x M x R) values,
+    # which passes 2³¹ at long sequences and wide layers (8192 M-blocks x 4096 x 64, say).
+    block_m64 = pid_m.to(tl.int64)
+    split64 = pid_s.to(tl.int64)
     if COMPUTE_DBB:
         s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
@@ -329,17 +339,17 @@ def _lora_dy_kernel(
             ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
         if COMPUTE_DBB:
             dbb = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling
-            tl.store(dbb_ptr + pid_m * stride_dbbp + cols[:, None] * stride_dbbn + offs_r[None, :] * stride_dbbr,
+            tl.store(dbb_ptr + block_m64 * stride_dbbp + cols[:, None] * stride_dbbn + offs_r[None, :] * stride_dbbr,
                      dbb.to(dbb_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
         if COMPUTE_DBIAS:
             if pid_r == 0:
                 db = tl.sum(dy.to(tl.float32), axis=0)
-                tl.store(db_ptr + pid_m * stride_dbp + cols * stride_dbn, db.to(db_ptr.dtype.element_ty),
+                tl.store(db_ptr + block_m64 * stride_dbp + cols * stride_dbn, db.to(db_ptr.dtype.element_ty),
                          mask=n_mask)
 
     # --- epilogue
     if COMPUTE_DS:
-        ds_ptrs = ds_ptr + pid_s * stride_dsp + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+        ds_ptrs = ds_ptr + split64 * stride_dsp + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
         tl.store(ds_ptrs, (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
@@ -388,7 +398,7 @@ def _lora_da_kernel(
     # --- epilogue
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    da_ptrs = da_ptr + pid_s * stride_dap + offs_r[:, None] * stride_dar + offs_k[None, :].to(tl.int64) * stride_dak
+    da_ptrs = da_ptr + pid_s.to(tl.int64) * stride_dap + offs_r[:, None] * stride_dar + offs_k[None, :].to(tl.int64) * stride_dak
     tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=r_mask[:, None] & (offs_k[None, :] < K))
 
 
