@@ -40,7 +40,10 @@ ARCHS = (90, 80, 86, 89)
 def _sweep_job(arch: int, precision: str, full: bool, quick: bool):
     from lora_kernels.ops import aot
 
+    start = time.time()
     reports, errors = aot.sweep_arch(arch, (precision,), full=full, quick=quick)
+    print(f"check --aot: sm{arch} {precision}: {len(reports)} distinct kernels, {len(errors)} compile errors, "
+          f"{time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return [dataclasses.asdict(r) for r in reports], [dataclasses.asdict(e) for e in errors]
 
 

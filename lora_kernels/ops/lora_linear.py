@@ -55,16 +55,21 @@ K buckets, rank block); a new M only looks up its bucket, it never compiles or t
 
 * Hopper (sm90), fp16/bf16 GEMMs: 128x256x64 tiles, 8 warps, 3 stages, or 128x128x64 / 64x128x64 when
   the tile count gives a badly quantised last wave (a waves x tile-area model picks); GROUP_M = 8.
-* Ampere (sm80/86/89): 128x128x32, 8 warps, 4 stages (48 KB of shared memory, so sm86/89 fit too).
-* fp32: 64x128x32, 8 warps under IEEE (CUDA cores), or the fp16 tiles with K-block 32 under TF32.
-* Small M (decode, M <= 64): BLOCK_M = max(16, next_pow2(M)) and narrower N tiles for more programs.
-* Skinny passes (S, dY, dA) are memory-bound: 64-128 rows x 64-128 columns, 4 warps, 3-4 stages (half
-  that and rank blocks of 32 for IEEE fp32); when a pass has fewer programs than ~4 waves, its reduction
+* Ampere/Ada (sm80/86/89): 128x128x32, 8 warps, 4 stages (64 KB of shared memory, so sm86/89 fit too).
+* fp32: 64x128x32, 8 warps under IEEE (CUDA cores); under TF32 128x128x32 tiles (128x256 spill on sm90).
+* Small M (decode, M <= 64): BLOCK_M = max(16, next_pow2(M)), narrower N tiles for more programs, K blocks
+  of 128 bytes.
+* Skinny passes (S, dY, dA) are memory-bound: 32-128 rows x 128-256 bytes of columns, 4-8 warps, 3-4
+  stages; when a pass has fewer programs than ~4 waves, its reduction
   dimension is split over programs (fp32 partials).
+* Pipeline stages are cut to fit each arch's shared memory (232,448 B sm90, 166,912 B sm80, 101,376 B
+  sm86/89); fp32 (IEEE and TF32) uses rank blocks of 32, fp16/bf16 of 64.
 
-All of these were compiled offline for sm80 and sm90 with Triton 3.9 and checked with ``ptxas -v``: no
-register spills beyond a few bytes, global loads pipelined (cp.async), wgmma on sm90. Their speed has not
-been measured on a GPU yet; the ptxas pass also showed that the dY pass is not software-pipelined on sm80.
+``python -m lora_kernels.check --aot`` compiles every kernel in every configuration the launchers can choose
+for sm80/86/89/90 with the installed Triton, and fails on a compile error, shared memory over the limit,
+a register spill in a default configuration, or an sm90 fp16/bf16 GEMM without wgmma (report in
+benchmarks/results/compile-gate/). Their speed has not been measured on a GPU yet; the dY pass is not
+software-pipelined on sm80 (its dY tile feeds two MMAs and a column sum; loads are 16-byte vectors).
 
 Set ``LORA_KERNELS_AUTOTUNE=1`` to time a few candidate GEMM tiles with ``triton.testing.do_bench`` the first
 time each bucket is seen on a CUDA device and cache the fastest (never under ``TRITON_INTERPRET=1``, never
