@@ -243,15 +243,15 @@ def check_correctness(shape, precision: str, bias: bool, dropout_p: float, devic
     import torch
 
     from lora_kernels import lora_linear, lora_linear_reference
-    from lora_kernels.functional import draw_seed
+    from lora_kernels.functional import draw_seed_tensor
     from lora_kernels.ops import lora_linear as ops
 
     dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     inputs = _inputs(shape, dtype, device, bias)
     names = [n for n in GRADIENTS if inputs[n] is not None]
     grad_out = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(7)).to(device, dtype)
-    torch.manual_seed(1234)  # the seed lora_linear draws, so that the reference gets the kernels' mask
-    mask = ops.dropout_mask(draw_seed(), (shape[0], shape[1]), dropout_p, device) if dropout_p > 0 else None
+    torch.manual_seed(1234)  # the seed lora_linear draws on x's device, so the reference gets the kernels' mask
+    mask = ops.dropout_mask(draw_seed_tensor(device), (shape[0], shape[1]), dropout_p, device) if dropout_p > 0 else None
     ours = {n: (v.detach().clone().requires_grad_(True) if v is not None else None) for n, v in inputs.items()}
     with _precision_context(precision):
         torch.manual_seed(1234)

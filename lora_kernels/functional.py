@@ -9,16 +9,25 @@ Backends:
 * ``"torch"``: the fused pure-PyTorch backend in :mod:`lora_kernels.torch_backend` (every device);
 * ``"eager"``: the reference (:func:`lora_kernels.reference.lora_linear_reference`) differentiated by
   autograd, with the same seeded dropout mask as ``"torch"``, so both agree under one ``torch.manual_seed``;
-* ``"auto"``: ``"triton"`` for CUDA tensors when Triton and the kernels import, else ``"torch"``.
+* ``"auto"``: ``"triton"`` for CUDA tensors in fp32/fp16/bf16 when Triton and the kernels import, else
+  ``"torch"``. A configuration (device, dtype, shape bucket, rank, dropout) whose kernels fail to compile
+  or launch on the user's GPU warns once, naming the shape, dtype and error, and runs on the torch backend
+  (with the kernels' own dropout mask) from then on; ``"triton"`` raises with that message instead.
 
-Dropout never stores a mask: each call draws one integer seed from torch's default (CPU) generator, and
-the backend regenerates the mask from it in forward and again in backward. ``torch.manual_seed`` therefore
-makes a layer reproducible.
+Dropout never stores a mask: each call draws a seed, a one-element int64 tensor on x's device, from that
+device's default generator (``torch.randint``), and the backend regenerates the mask from it in forward and
+again in backward. ``torch.manual_seed`` therefore makes a layer reproducible. Nothing on the host reads the
+seed's value on a GPU (no ``.item()``, no sync): the kernels load it, and the device generator advances per
+call, so a CUDA graph (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graphs``) that captured a
+training step replays new masks. The only host read is on the CPU, where it costs no sync.
+
+Gradients are first order: the fused backends' backward is not itself differentiable. Double backward
+(``create_graph=True``, gradient penalties) raises an error that says to use ``backend="eager"``.
 
 ``torch.compile``: while Dynamo traces, the op is the pair of ``torch.library`` custom ops
 ``lora_kernels::lora_linear_forward`` / ``lora_linear_backward`` around the same backends (Triton kernels on
-CUDA), so models compile with ``fullgraph=True``. The seed is then a tensor drawn by ``torch.randint`` in the
-graph: no graph break, no recompile per call. ``aot_eager`` draws the seed eager mode draws; Inductor uses
+CUDA), so models compile with ``fullgraph=True``. The seed is then a tensor drawn by ``torch.randint`` on x's
+device in the graph: no graph break, no recompile per call, no CPU op. ``aot_eager`` draws the seed eager mode draws; Inductor uses
 its own RNG unless ``torch._inductor.config.fallback_random`` is set. Eager calls keep the
 ``autograd.Function``, which costs less Python per call than custom-op dispatch. The ``"eager"`` backend
 with dropout does not compile with ``fullgraph=True`` (its seed is a Python int).
@@ -29,8 +38,9 @@ import functools
 import importlib
 import math
 import os
+import warnings
 from types import ModuleType
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Set, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -55,39 +65,153 @@ def triton_available() -> bool:
     return _triton_module() is not None
 
 
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_refusal(x: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``x`` here, or None when they can."""
+    if not triton_available():
+        return "backend='triton' needs triton and lora_kernels.ops, which do not import here"
+    if x.dtype not in TRITON_DTYPES:
+        return (f"the Triton kernels support float32, float16 and bfloat16, got {x.dtype}; "
+                "use backend='torch' or 'auto' (which runs the torch backend for it)")
+    if not x.is_cuda:
+        if not _interpreting():
+            return (f"backend='triton' needs CUDA tensors (x is on {x.device}); set TRITON_INTERPRET=1 before "
+                    "importing triton to run the kernels on the CPU interpreter, or use backend='torch'")
+        if x.dtype == torch.bfloat16:
+            return ("Triton's CPU interpreter computes bf16 tl.dot wrongly (a known upstream bug), so bf16 is "
+                    "refused under TRITON_INTERPRET=1; use float16/float32 there, or a GPU")
+    return None
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The concrete backend (``"triton"``, ``"torch"`` or ``"eager"``) that ``backend`` means for ``x``.
 
     Raises:
         ValueError: ``backend`` is not one of :data:`BACKENDS`.
+        TypeError: ``"triton"`` was asked for a dtype the kernels do not support (float64, ...).
         RuntimeError: ``"triton"`` was asked for where it cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        return "triton" if x.is_cuda and triton_refusal(x) is None else "torch"
     if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs triton and lora_kernels.ops; use backend='torch' or 'auto'")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                f"backend='triton' needs CUDA tensors (x is on {x.device}); set TRITON_INTERPRET=1 before "
-                "importing triton to run the kernels on the CPU interpreter, or use backend='torch'"
-            )
+        why = triton_refusal(x)
+        if why is not None:
+            raise (TypeError if x.dtype not in TRITON_DTYPES else RuntimeError)(why)
     return backend
 
 
-def draw_seed_tensor() -> torch.Tensor:
-    """A dropout seed as a one-element int64 CPU tensor from torch's default generator.
+def draw_seed_tensor(device: Optional[torch.device] = None) -> torch.Tensor:
+    """A dropout seed: a one-element int64 tensor on ``device`` (default: CPU) from that device's generator.
 
-    A traceable RNG op: under ``torch.compile`` it neither breaks the graph nor recompiles per call.
+    A traceable RNG op: under ``torch.compile`` it neither breaks the graph nor recompiles per call, and on a
+    GPU it advances the device generator's offset, which CUDA graphs replay correctly.
     """
-    return torch.randint(0, 2**31 - 1, (1,))
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
 def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
+    """A dropout seed from torch's default CPU generator: the value a CPU call draws after the same
+    ``torch.manual_seed``."""
     return int(draw_seed_tensor().item())
+
+
+class _KernelsWithFallback:
+    """The Triton backend behind the backend contract, with a guard for GPU problems nobody could test.
+
+    When a kernel fails to compile or launch (out of resources, an unknown arch, a Triton bug) for a
+    configuration, ``strict`` (``backend="triton"``) raises a RuntimeError naming the shape, dtype and error;
+    otherwise (``"auto"``) it warns once and runs that configuration on the torch backend with the kernels'
+    own dropout mask from then on, so a forward made by the kernels and a backward made by torch agree.
+    """
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.failed: Set[tuple] = set()
+
+    @staticmethod
+    def _key(t: torch.Tensor, m: int, n: int, k: int, rank: int, dropout_p: float) -> tuple:
+        """The configuration of a call, the same for its forward and its backward: device, dtype, M bucket,
+        (N, K), rank, dropout. A failure in either pass sends both to the torch backend."""
+        return t.device, t.dtype, 1 << max(m - 1, 0).bit_length(), (n, k), rank, dropout_p > 0
+
+    def _fail(self, key: tuple, what: str, err: BaseException) -> None:
+        device, dtype, m_bucket, (n, k), rank, has_dropout = key
+        message = (f"lora_kernels: the Triton {what} kernels failed for x (M<={m_bucket}, {k}) -> ({n}), rank "
+                   f"{rank}, {dtype}, dropout={has_dropout} on {device}: "
+                   f"{type(err).__name__}: {err}")
+        if self.strict:
+            raise RuntimeError(message) from err
+        warnings.warn(message + "; this configuration runs on the torch backend from now on", RuntimeWarning,
+                      stacklevel=4)
+        self.failed.add(key)
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        (m, k), (n, rank) = x.shape, lora_B.shape
+        if not (self.failed and self._key(x, m, n, k, rank, dropout_p) in self.failed):
+            try:
+                return _triton_module().forward(*args)
+            except Exception as err:  # noqa: BLE001 - any kernel failure: raise with context, or fall back
+                self._fail(self._key(x, m, n, k, rank, dropout_p), "forward", err)
+        return torch_backend.KERNEL_MASK.forward(*args)
+
+    def backward(self, grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs_grad):
+        args = (grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs_grad)
+        (m, n), (rank, k) = grad_y.shape, lora_A.shape
+        if not (self.failed and self._key(grad_y, m, n, k, rank, dropout_p) in self.failed):
+            try:
+                return _triton_module().backward(*args)
+            except Exception as err:  # noqa: BLE001
+                self._fail(self._key(grad_y, m, n, k, rank, dropout_p), "backward", err)
+        return torch_backend.KERNEL_MASK.backward(*args)
+
+
+_TRITON_STRICT = _KernelsWithFallback(strict=True)
+_TRITON_AUTO = _KernelsWithFallback(strict=False)
+
+
+def _impl(backend: str, name: str) -> Any:
+    """The object that runs the backend contract for a resolved backend ``name``."""
+    if name == "triton":
+        return _TRITON_STRICT if backend == "triton" else _TRITON_AUTO
+    return torch_backend.DEFAULT
+
+
+def _first_order_only(backward):
+    """Like ``once_differentiable``, with an error that says how to get double backward."""
+    DelayedError = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+    if DelayedError is None:  # pragma: no cover - a torch without it: the generic message
+        return once_differentiable(backward)
+    message = (b"lora_linear's fused backends (torch, triton) compute first-order gradients only; for double "
+               b"backward (create_graph=True, gradient penalties) use backend='eager'")
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing to guard
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            return outputs
+
+        def detached(t):
+            if t is None:
+                return t
+            t = t.detach()
+            t.requires_grad_(True)
+            return t
+
+        return DelayedError(message, len(outputs))(*[detached(t) for t in outputs])
+
+    return wrapper
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
@@ -122,11 +246,14 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """Reshapes to 2-D, runs a backend, and saves x, S and the (parameter) weights: no mask, no x̃."""
+    """Runs a backend on 2-D x (M, K) and saves x, S, the seed and the (parameter) weights: no mask, no x̃.
+
+    The output is the backend's own (M, N) tensor; the caller reshapes it outside the Function, so the
+    model may change it in place (``h += residual``) as it may an ``nn.Linear`` output.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, impl):
-        x2d = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, impl):
         y, s = impl.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         need_x, need_w, _, need_a, need_bb = ctx.needs_input_grad[:5]
         # Save only what the requested gradients read: x for dA/dW, W for dX, S for dB.
@@ -136,24 +263,34 @@ class _LoRALinearFunction(torch.autograd.Function):
             lora_A,
             lora_B,
             s if need_bb else None,
+            seed,
         )
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.impl = scaling, dropout_p, seed, impl
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
+        ctx.scaling, ctx.dropout_p, ctx.impl = scaling, dropout_p, impl
+        return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad_y):
-        x2d, weight, lora_A, lora_B, s = ctx.saved_tensors
-        grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
-        with torch.autocast(grad_y.device.type, enabled=False):
-            dx, dw, db, da, dbb = ctx.impl.backward(
-                grad_y2d, x2d, weight, lora_A, lora_B, s,
-                ctx.scaling, ctx.dropout_p, ctx.seed, ctx.needs_input_grad[:5],
-            )
-        if dx is not None:
-            dx = dx.view(ctx.x_shape)
+        x2d, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+        args = (grad_y, x2d, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, ctx.needs_input_grad[:5])
+        if _autocast_enabled(grad_y.device.type):  # backward called inside autocast: compute in saved dtypes
+            with torch.autocast(grad_y.device.type, enabled=False):
+                dx, dw, db, da, dbb = ctx.impl.backward(*args)
+        else:
+            dx, dw, db, da, dbb = ctx.impl.backward(*args)
         return dx, dw, db, da, dbb, None, None, None, None
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast, such as "meta"
+        return False
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x viewed as 2-D (M, K); works for K = 0, where ``reshape(-1, 0)`` cannot infer M."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,9 +300,9 @@ class _LoRALinearFunction(torch.autograd.Function):
 # Eager calls keep _LoRALinearFunction: custom-op dispatch adds Python overhead to every call.
 
 
-def _impl_for(backend: str, x: torch.Tensor) -> ModuleType:
+def _impl_for(backend: str, x: torch.Tensor) -> Any:
     # Resolved at run time, inside the op, so that tracing never imports Triton.
-    return _triton_module() if resolve_backend(backend, x) == "triton" else torch_backend
+    return _impl(backend, resolve_backend(backend, x))
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_forward", mutates_args=())
@@ -183,8 +320,7 @@ def _forward_op(
     """The backend's forward on 2-D x: ``(y (M, N), S (M, r))``."""
     impl = _impl_for(backend, x)
     with torch.autocast(x.device.type, enabled=False):
-        y, s = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                            int(seed.item()) if seed is not None else 0)
+        y, s = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return y.contiguous(), s.contiguous()
 
 
@@ -210,8 +346,7 @@ def _backward_op(
     """The backend's ``(dx, dweight, dbias, dA, dB)``; an empty tensor stands for a gradient not asked for."""
     impl = _impl_for(backend, grad_y)
     with torch.autocast(grad_y.device.type, enabled=False):
-        grads = impl.backward(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p,
-                              int(seed.item()) if seed is not None else 0, tuple(needs_grad))
+        grads = impl.backward(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, tuple(needs_grad))
     return [g.contiguous() if g is not None else grad_y.new_empty(0) for g in grads]
 
 
@@ -244,9 +379,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _lora_linear_custom_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend):
-    seed = draw_seed_tensor() if dropout_p > 0 else None
-    y, _ = _forward_op(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                       backend)
+    seed = draw_seed_tensor(x.device) if dropout_p > 0 else None
+    y, _ = _forward_op(_rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -278,13 +412,14 @@ def lora_linear(
         Tensor of shape (..., out_features) in x's dtype (or the autocast dtype under autocast).
 
     Raises:
-        TypeError: x is not floating point, or weight/bias dtypes differ from x's.
+        TypeError: x is not floating point, weight/bias dtypes differ from x's, or ``backend="triton"`` for a
+            dtype the kernels do not support (float64).
         ValueError: shapes do not fit, dropout_p outside [0, 1), unknown backend.
-        RuntimeError: ``backend="triton"`` where Triton cannot run.
+        RuntimeError: ``backend="triton"`` where Triton cannot run, or its kernels failed.
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         # Mirror autocast's rule for linear layers: compute in the autocast dtype, then run the op with
         # autocast off so that no inner op re-casts (the in-place addmm_ would see mixed dtypes).
         dtype = torch.get_autocast_dtype(device_type)
@@ -298,19 +433,20 @@ def lora_linear(
             f"weight and bias must have x's dtype {x.dtype}, got weight {weight.dtype}"
             + (f", bias {bias.dtype}" if bias is not None else "")
         )
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     p = float(dropout_p) if training else 0.0
     if backend in ("auto", "triton", "torch") and torch.compiler.is_compiling():
         return _lora_linear_custom_op(x, weight, bias, lora_A, lora_B, float(scaling), p, backend)
     name = resolve_backend(backend, x)
-    seed = draw_seed() if p > 0 else 0
+    seed = draw_seed_tensor(x.device) if p > 0 else None
 
     if name == "eager":
         mask = None
         if p > 0:
-            mask = torch_backend.dropout_mask(seed, (x.numel() // x.shape[-1], x.shape[-1]), p, x.device)
-            mask = mask.view(x.shape)
+            mask = torch_backend.dropout_mask(seed, x.shape, p, x.device)
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, float(scaling), mask,
-                                     torch_backend.effective_dropout_p(p))
-    impl = _triton_module() if name == "triton" else torch_backend
-    return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, impl)
+                                     torch_backend.DEFAULT.realised_p(p, x.device))
+    y = _LoRALinearFunction.apply(_rows(x), weight, bias, lora_A, lora_B, float(scaling), p, seed,
+                                  _impl(backend, name))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])

@@ -6,20 +6,37 @@ Tensors are named as in :func:`lora_kernels.lora_state_dict` (``<module path>.lo
 ``{"rank", "alpha", "use_rslora", "dropout"}``). A ``.pth``/``.pt`` file holds the same as the dict
 ``{"tensors": {...}, "metadata": {...}}``; a flat dict of tensors (no metadata) is read too, with
 alpha = rank.
+
+Every reader here checks the whole file (names, shapes, finite values, typed and range-checked metadata)
+before it changes the model, and names the file and the field in its errors.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, lora_state_dict
+
+try:
+    from safetensors import SafetensorError
+
+    SAFETENSORS_ERRORS: Tuple[type, ...] = (SafetensorError,)
+except ImportError:  # older safetensors: its errors then surface as they come
+    SAFETENSORS_ERRORS = ()
+
+# What reading a tensor file raises when the file (not the program) is at fault: unreadable (OSError), a
+# damaged torch zip (RuntimeError), malformed content (ValueError, EOFError), a pickle that weights_only
+# refuses (UnpicklingError), a damaged safetensors file (SafetensorError).
+READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) + SAFETENSORS_ERRORS
 
 FORMAT = "lora_kernels"
 FORMAT_VERSION = "1"
@@ -82,31 +99,147 @@ def save_lora(model: nn.Module, path: PathLike) -> None:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def file_error_reason(err: BaseException) -> str:
+    """One line saying why a tensor file could not be read, from the exception its reader raised.
+
+    ``torch.load`` explains a refused pickle (or a damaged zip) in a paragraph; the line kept is the one
+    that says what was found.
+    """
+    if isinstance(err, pickle.UnpicklingError):
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        found = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
+        detail = found[0] if found else (lines[-1] if lines else type(err).__name__)
+        return f"not a plain tensor file (weights_only loading refused it: {detail})"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    text = text.split(". This is an internal miniz error")[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True for a safetensors file (an 8-byte header length, then the JSON header), whatever its suffix."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def read_tensor_file(path: PathLike) -> Tuple[Any, Dict[str, str]]:
+    """Reads a safetensors file, or a torch file (``.pth``/``.pt``/``.bin``, ...) with
+    ``weights_only=True``, never running pickled code. The format is told by the content.
+
+    Returns:
+        ``(content, metadata)``: a dict of tensors and the safetensors metadata, or whatever the torch
+        file holds and ``{}``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be read (truncated, not a tensor file, a pickle with code in it),
+            naming the file and the reason.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file")
+    try:
+        if _is_safetensors(path):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as err:
+        raise ValueError(f"cannot read {str(path)!r}: {file_error_reason(err)}") from err
+
+
+def read_json_object(path: PathLike) -> Dict[str, Any]:
+    """The JSON object in ``path`` (a config file).
+
+    Raises:
+        ValueError: the file is not UTF-8 JSON or holds something other than an object, naming the file.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def check_tensors(tensors: Any, path: PathLike) -> Dict[str, torch.Tensor]:
+    """``tensors`` if it is a dict of finite floating-point tensors with string keys.
+
+    Raises:
+        ValueError: naming the file and the offending key.
+    """
+    if not isinstance(tensors, dict) or not tensors:
+        raise ValueError(f"{str(path)!r} does not hold a non-empty dict of tensors, got {type(tensors).__name__}")
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{str(path)!r}: entry {key!r} is a {type(value).__name__}, expected a tensor")
+        if not value.is_floating_point():
+            raise ValueError(f"{str(path)!r}: tensor {key!r} has dtype {value.dtype}, expected floating point")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{str(path)!r}: tensor {key!r} has {bad} non-finite values (NaN or inf); "
+                             "the adapter is damaged (a diverged training?)")
+    return tensors
+
+
 def read_lora_file(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Reads an adapter file safely; returns ``(tensors, metadata)``.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not an adapter file this library can read.
+        ValueError: the file is not an adapter file this library can read, or holds non-finite values.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
-    if _is_torch_pickle(path):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "tensors" in obj:
-            tensors, metadata = obj["tensors"], obj.get("metadata", {})
-        else:
-            tensors, metadata = obj, {}
+    obj, metadata = read_tensor_file(path)
+    if isinstance(obj, dict) and "tensors" in obj:
+        tensors, metadata = obj["tensors"], obj.get("metadata", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f"{str(path)!r}: 'metadata' must be a dict of strings, got {metadata!r:.80}")
     else:
-        from safetensors import safe_open
+        tensors = obj
+    return check_tensors(tensors, path), metadata
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise ValueError(f"{str(path)!r} does not hold a dict of tensors")
-    return tensors, metadata
+
+def _layer_metadata(metadata: Dict[str, str], path: PathLike) -> Dict[str, dict]:
+    """The ``layers`` field of a lora_kernels file's metadata, parsed (checked by apply_lora_tensors)."""
+    if metadata.get("format") == FORMAT and metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r}: metadata field 'format_version' is {metadata['format_version']!r}; "
+                         f"this version of lora_kernels reads version {FORMAT_VERSION!r}")
+    try:
+        layers = json.loads(metadata.get("layers", "{}"))
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: metadata field 'layers' is not valid JSON ({err})") from None
+    if not isinstance(layers, dict):
+        raise ValueError(f"{str(path)!r}: metadata field 'layers' must be a JSON object (module path -> settings), "
+                         f"got a {type(layers).__name__}")
+    return layers
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a finite int or float (not a bool, not a numeric string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_layer_settings(settings: Any, rank: int) -> List[str]:
+    """Problems with one layer's ``{"rank", "alpha", "use_rslora", "dropout"}`` (any may be missing),
+    each naming the field and the value; ``rank`` is the rank of the layer's lora_A."""
+    if not isinstance(settings, dict):
+        return [f"settings must be an object with rank/alpha/use_rslora/dropout, got {settings!r:.80}"]
+    problems = []
+    if "rank" in settings and (not is_finite_number(settings["rank"]) or settings["rank"] != rank):
+        problems.append(f"rank must be the integer {rank} (the rank of lora_A), got {settings['rank']!r}")
+    if "alpha" in settings and not (is_finite_number(settings["alpha"]) and settings["alpha"] > 0):
+        problems.append(f"alpha must be a finite number > 0, got {settings['alpha']!r}")
+    if "use_rslora" in settings and not isinstance(settings["use_rslora"], bool):
+        problems.append(f"use_rslora must be true or false, got {settings['use_rslora']!r}")
+    if "dropout" in settings and not (is_finite_number(settings["dropout"]) and 0 <= settings["dropout"] < 1):
+        problems.append(f"dropout must be a number in [0, 1), got {settings['dropout']!r}")
+    return problems
 
 
 def _group_by_module(tensors: Dict[str, torch.Tensor], path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -140,11 +273,11 @@ def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: st
         backend: backend of newly created layers.
 
     Raises:
-        FileNotFoundError, ValueError: unreadable file, or names or shapes that do not fit the model (all
-            of them listed).
+        FileNotFoundError, ValueError: unreadable file, non-finite values, malformed metadata, or names,
+            shapes or settings that do not fit the model (all of them listed, with the file).
     """
     tensors, metadata = read_lora_file(path)
-    layer_meta = json.loads(metadata.get("layers", "{}"))
+    layer_meta = _layer_metadata(metadata, path)
     return apply_lora_tensors(model, tensors, layer_meta, source=path, strict=strict, backend=backend)
 
 
@@ -163,11 +296,15 @@ def apply_lora_tensors(
         layer_meta: module path to ``{"rank", "alpha", "use_rslora", "dropout"}`` (any may be missing).
         source: the file or directory the tensors came from, for error messages.
         strict, backend: as for :func:`load_lora`.
+
+    Raises:
+        ValueError: non-finite or non-float tensors, unpaired or unknown keys, settings of the wrong type
+            or out of range, or modules and shapes that do not fit the model; nothing is changed then.
     """
-    modules = _group_by_module(tensors, source)
+    modules = _group_by_module(check_tensors(tensors, source), source)
     available = dict(model.named_modules())
 
-    problems = []
+    problems, new_layers = [], {}
     for name, pair in sorted(modules.items()):
         a, b = pair["lora_A"], pair["lora_B"]
         module = available.get(name)
@@ -183,29 +320,43 @@ def apply_lora_tensors(
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             problems.append(f"{name}: file has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; "
                             f"the model needs {want_a}, {want_b}")
-        if isinstance(module, FusedLoRALinear) and module.merged:
-            problems.append(f"{name}: the layer is merged; unmerge it before loading an adapter")
+            continue
+        settings = layer_meta.get(name, {})
+        bad_settings = check_layer_settings(settings, rank)
+        if bad_settings:
+            problems += [f"{name}: {problem}" for problem in bad_settings]
+            continue
+        if isinstance(module, FusedLoRALinear):
+            if module.merged:
+                problems.append(f"{name}: the layer is merged; unmerge it before loading an adapter")
+            continue
+        # Built now, attached only once everything checked out: a refused layer (e.g. an nn.Linear
+        # subclass with its own forward) leaves the model untouched.
+        try:
+            new_layers[name] = FusedLoRALinear.from_linear(
+                module, rank=rank, alpha=settings.get("alpha"), dropout=settings.get("dropout", 0.0),
+                use_rslora=settings.get("use_rslora", False), backend=backend)
+        except (TypeError, ValueError) as err:
+            problems.append(f"{name}: {err}")
     if strict:
         for name, _ in iter_lora_layers(model):
             if name not in modules:
                 problems.append(f"{name}: LoRA layer in the model but not in the file (strict=True)")
     if problems:
-        listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"adapter {str(source)!r} does not fit the model:\n  {listed}")
+        listed = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"adapter {str(source)!r} does not fit the model: {listed}")
 
     for name, pair in modules.items():
-        meta = layer_meta.get(name, {})
-        module = available[name]
-        if not isinstance(module, FusedLoRALinear):
-            module = FusedLoRALinear.from_linear(module, rank=pair["lora_A"].shape[0], alpha=meta.get("alpha"),
-                                                 dropout=meta.get("dropout", 0.0),
-                                                 use_rslora=meta.get("use_rslora", False), backend=backend)
+        settings = layer_meta.get(name, {})
+        module = new_layers.get(name)
+        if module is not None:
             _set_submodule(model, name, module)
         else:
-            if "alpha" in meta:
-                module.alpha = float(meta["alpha"])
-            if "use_rslora" in meta:
-                module.use_rslora = bool(meta["use_rslora"])
+            module = available[name]
+            if "alpha" in settings:
+                module.alpha = float(settings["alpha"])
+            if "use_rslora" in settings:
+                module.use_rslora = settings["use_rslora"]
         with torch.no_grad():
             module.lora_A.copy_(pair["lora_A"])
             module.lora_B.copy_(pair["lora_B"])

@@ -11,6 +11,10 @@ Initialisation (B = 0 in both, so a fresh adapter leaves the layer's output unch
 
 * ``"minimind"``: A ~ N(0, 0.02²), as MiniMind's LoRA;
 * ``"kaiming"``: A Kaiming-uniform with a = √5, as HF PEFT and loralib.
+
+State dict: whether merged or not, a layer saves the *unmerged* ``weight`` next to ``lora_A``/``lora_B``,
+so a state dict loaded into a fresh layer counts the adapter once; loading into a merged layer keeps it
+merged with the loaded adapter.
 """
 from __future__ import annotations
 
@@ -93,19 +97,28 @@ class FusedLoRALinear(nn.Module):
         init: str = "minimind",
         backend: str = "auto",
         lora_dtype: Optional[torch.dtype] = None,
+        allow_custom_forward: bool = False,
     ) -> "FusedLoRALinear":
         """Wraps an existing ``nn.Linear``, sharing its weight and bias (no copy).
 
         Args:
             linear: the layer to adapt.
             lora_dtype: dtype of ``lora_A``/``lora_B``; defaults to the linear's weight dtype.
+            allow_custom_forward: also wrap an ``nn.Linear`` subclass that overrides ``forward``; the new
+                layer computes a plain linear, so the subclass's own forward is dropped.
             Others: as for the constructor.
 
         Raises:
-            TypeError: ``linear`` is not an ``nn.Linear``.
+            TypeError: ``linear`` is not an ``nn.Linear``, or is a subclass with its own ``forward``
+                (unless ``allow_custom_forward``).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if type(linear).forward is not nn.Linear.forward and not allow_custom_forward:
+            raise TypeError(
+                f"{type(linear).__name__} is an nn.Linear subclass with its own forward, which FusedLoRALinear "
+                "would replace by a plain linear (changing the model's outputs); pass allow_custom_forward=True "
+                "to wrap it anyway, or leave it out (exclude_modules)")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.weight = linear.weight
@@ -135,6 +148,11 @@ class FusedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty((rank, in_features), **factory))
         self.lora_B = nn.Parameter(torch.empty((out_features, rank), **factory))
         self._merged = False
+        self._merged_adapter = None  # (A, B, scaling) folded in by merge(keep_original=False)
+        self._tied_weight = None  # (shared weight,) while merge_lora gives a tied weight its own copy
+        self._warned_merged_training = False
+        # Names under which state_dict saves the parameters (fuse_peft_model uses PEFT's names).
+        self._state_dict_names = {}
         self.lora_enabled = True  # False: run the base layer alone (see lora_kernels.disable_lora)
         self.register_buffer("_weight_before_merge", None, persistent=False)
         self.reset_lora_parameters()
@@ -166,6 +184,12 @@ class FusedLoRALinear(nn.Module):
         return self._merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged and self.training and torch.is_grad_enabled() and not self._warned_merged_training \
+                and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            self._warned_merged_training = True
+            warnings.warn("training a merged FusedLoRALinear: lora_A and lora_B get no gradient while the adapter "
+                          "is folded into the weight; call unmerge() (lora_kernels.unmerge_lora(model)) first",
+                          stacklevel=2)
         if self._merged or not self.lora_enabled:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
@@ -181,27 +205,76 @@ class FusedLoRALinear(nn.Module):
 
         Args:
             keep_original: keep a copy of the unmerged weight so that :meth:`unmerge` restores it bit for
-                bit (costs one weight's memory while merged). With False, unmerge subtracts the delta
-                again, which is exact only up to rounding.
+                bit (costs one weight's memory while merged). With False, a copy of the (small) adapter
+                is kept instead and unmerge subtracts the delta that was added, exact up to rounding,
+                even if A, B or alpha changed meanwhile.
         """
         if self._merged:
             return
         if keep_original:
             self._weight_before_merge = self.weight.detach().clone()
+        else:
+            self._merged_adapter = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
         self.weight.copy_(self.weight.float() + self.delta_weight())
         self._merged = True
+
+    def _merged_delta(self) -> torch.Tensor:
+        """The delta that merge() added to the weight (fp32)."""
+        a, b, scaling = self._merged_adapter
+        return (b.float() @ a.float()) * scaling
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The weight as it was before merge (a new tensor, or the kept copy)."""
+        if self._tied_weight is not None:
+            return self._tied_weight[0].detach()
+        if self._weight_before_merge is not None:
+            return self._weight_before_merge
+        return (self.weight.detach().float() - self._merged_delta()).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undoes :meth:`merge`; a no-op on an unmerged layer."""
         if not self._merged:
             return
-        if self._weight_before_merge is not None:
-            self.weight.copy_(self._weight_before_merge)
-            self._weight_before_merge = None
+        if self._tied_weight is not None:
+            # merge_lora gave a tied weight (e.g. lm_head = embed_tokens) its own copy; share it again.
+            self.weight = self._tied_weight[0]
         else:
-            self.weight.copy_(self.weight.float() - self.delta_weight())
+            self.weight.copy_(self._unmerged_weight())
+        self._weight_before_merge, self._merged_adapter, self._tied_weight = None, None, None
         self._merged = False
+
+    def _untie_weight(self) -> None:
+        """Gives the layer its own copy of a weight shared with another module, so that merging does not
+        change that module; :meth:`unmerge` shares the original weight again."""
+        if self._merged or self._tied_weight is not None:
+            return
+        self._tied_weight = (self.weight,)  # a tuple: not registered as a parameter of this module
+        self.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.weight.requires_grad)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._merged:
+            destination[prefix + "weight"] = self._unmerged_weight().clone()
+        for name, saved in self._state_dict_names.items():
+            if prefix + name in destination:
+                destination[prefix + saved] = destination.pop(prefix + name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name, saved in self._state_dict_names.items():
+            if prefix + saved in state_dict:
+                state_dict[prefix + name] = state_dict.pop(prefix + saved)
+        was_merged, keep_original = self._merged, self._weight_before_merge is not None
+        was_tied = self._tied_weight is not None
+        if was_merged:
+            self.unmerge()  # the state dict holds the unmerged weight; merge again with the loaded adapter
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if was_tied:
+            self._untie_weight()
+        if was_merged:
+            self.merge(keep_original=keep_original)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

@@ -20,10 +20,12 @@ message naming them. Reading and writing files needs neither ``peft`` nor ``tran
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+import types
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -32,7 +34,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .io import apply_lora_tensors, atomic_write
+from .io import (apply_lora_tensors, atomic_write, check_tensors, is_finite_number, read_json_object,
+                 read_tensor_file)
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, mark_only_lora_as_trainable
 
@@ -69,9 +72,74 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # rank_pattern / alpha_pattern, with PEFT's matching rule
 
 
+try:  # the regex parser, to refuse patterns whose matching time can explode
+    import re._parser as _regex_parser
+except ImportError:  # Python < 3.11
+    import sre_parse as _regex_parser
+
+_REGEX_SPECIALS = set("\\^$*+?{}[]|()")
+MAX_PATTERN_LENGTH = 1000
+# Unbounded repeats in one key; PEFT's wrapper adds one, and the matching time of a failed match grows
+# like len(path) ** (repeats + 1), which stays in the milliseconds for module paths with 3.
+MAX_PATTERN_REPEATS = 2
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_pattern(key: str) -> Optional[str]:
+    """Why ``key`` cannot be used as a rank/alpha pattern (None when it can).
+
+    PEFT reads each key as a regular expression. A backtracking engine can take exponential time on
+    nested repeats (``(.*.*)*X``), repeated alternatives (``(a|ab)*``) or backreferences, so those are
+    refused, as are keys longer than MAX_PATTERN_LENGTH or with more than MAX_PATTERN_REPEATS repeats.
+    """
+    if not isinstance(key, str) or not key:
+        return f"a pattern must be a non-empty string, got {key!r}"
+    if len(key) > MAX_PATTERN_LENGTH:
+        return f"the pattern is {len(key)} characters long, more than {MAX_PATTERN_LENGTH}"
+    if not _REGEX_SPECIALS & set(key):
+        return None
+    try:
+        parsed = _regex_parser.parse(key)
+    except re.error as err:
+        return f"{key!r} is not a valid regular expression ({err})"
+
+    def repeats(items, inside_repeat: bool) -> int:
+        count = 0
+        for op, arg in items:
+            name = str(op)
+            if name.startswith("GROUPREF"):
+                raise ValueError("backreferences are not allowed")
+            if name.endswith("REPEAT") and arg[1] > 1:
+                if inside_repeat:
+                    raise ValueError("nested repeats (like (a*)* or (.*.*)*) are not allowed")
+                count += 1 + repeats(arg[2], True)
+                continue
+            if name == "BRANCH" and inside_repeat:
+                raise ValueError("alternatives inside a repeat (like (a|b)*) are not allowed")
+            for child in arg if isinstance(arg, (tuple, list)) else ():
+                for sub in child if isinstance(child, list) else [child]:
+                    if isinstance(sub, _regex_parser.SubPattern):
+                        count += repeats(sub, inside_repeat)
+        return count
+
+    try:
+        count = repeats(parsed, False)
+    except ValueError as err:
+        return f"{key!r} could make matching take forever: {err}"
+    if count > MAX_PATTERN_REPEATS:
+        return f"{key!r} has {count} repeats (* + {{}}), more than {MAX_PATTERN_REPEATS}"
+    return None
+
+
 def _pattern_value(pattern: Dict[str, Any], module_path: str, default: Any) -> Any:
-    """``pattern[key]`` for the first key whose regex ``(.*\\.)?(key)$`` matches ``module_path``, else default."""
+    """``pattern[key]`` for the first key whose regex ``(.*\\.)?(key)$`` matches ``module_path``, else default.
+
+    Keys are checked by :func:`_check_pattern` first, so a file cannot make this hang.
+    """
     for key, value in pattern.items():
+        why = _check_pattern(key)
+        if why is not None:
+            raise ValueError(f"pattern {key!r}: {why}")
         if re.match(rf"(.*\.)?({key})$", module_path):
             return value
     return default
@@ -220,9 +288,21 @@ def save_peft_adapter(model: nn.Module, directory: PathLike, base_model_name_or_
 # Loading
 
 
-def _check_config(config: Dict[str, Any], directory: Path) -> None:
-    """Refuses anything but plain LoRA on linear layers, naming every unsupported setting."""
-    where = f"PEFT adapter {str(directory)!r}"
+def _read_config(directory: Path) -> Dict[str, Any]:
+    """``adapter_config.json``, parsed and checked: plain LoRA on linear layers only (every unsupported
+    setting named), and ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``rank_pattern`` and
+    ``alpha_pattern`` of the right type, finite and in range.
+
+    Raises:
+        FileNotFoundError: no config.
+        ValueError: naming the file and every bad field.
+    """
+    path = directory / CONFIG_NAME
+    where = f"PEFT adapter config {str(path)!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"PEFT adapter {str(directory)!r} has no {CONFIG_NAME}")
+    config = read_json_object(path)
+
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{where} has peft_type {peft_type!r}; only LoRA adapters (peft_type 'LORA') are supported")
@@ -231,25 +311,48 @@ def _check_config(config: Dict[str, Any], directory: Path) -> None:
     if config.get("bias", "none") != "none":
         problems.append(f"trained base biases (bias={config['bias']!r})")
     init = config.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS:
+    if not any(init is plain or (isinstance(plain, str) and init == plain) for plain in _PLAIN_INITS):
         problems.append(f"init_lora_weights={init!r}, which rewrites the base weights when PEFT loads the adapter "
                         "(convert it to plain LoRA with PEFT's save_pretrained(..., "
                         "path_initial_model_for_weight_conversion=...) first)")
     if problems:
         raise ValueError(f"{where} uses PEFT features that lora_kernels does not support: " + "; ".join(problems))
 
+    def is_rank(v):
+        return is_finite_number(v) and float(v).is_integer() and v >= 1
+
+    def is_alpha(v):
+        return is_finite_number(v) and v > 0
+
+    config.setdefault("r", 8)
+    config.setdefault("lora_alpha", 8)
+    checks = [("r", config["r"], is_rank, "an integer >= 1"),
+              ("lora_alpha", config["lora_alpha"], is_alpha, "a finite number > 0"),
+              ("lora_dropout", config.get("lora_dropout") or 0.0, lambda v: is_finite_number(v) and 0 <= v < 1,
+               "a number in [0, 1)"),
+              ("use_rslora", config.get("use_rslora", False), lambda v: isinstance(v, bool), "true or false")]
+    for field, test, wanted in (("rank_pattern", is_rank, "an integer >= 1"),
+                                ("alpha_pattern", is_alpha, "a finite number > 0")):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            problems.append(f"{field} must be an object (pattern -> value), got {pattern!r:.80}")
+            continue
+        for key, value in pattern.items():
+            why = _check_pattern(key)
+            if why is not None:
+                problems.append(f"{field} key {key!r}: {why}")
+            checks.append((f"{field}[{key!r}]", value, test, wanted))
+    problems += [f"{field} must be {wanted}, got {value!r}" for field, value, test, wanted in checks if not test(value)]
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems[:10]))
+    return config
+
 
 def _read_tensors(directory: Path) -> Dict[str, torch.Tensor]:
     safetensors_path, pickle_path = directory / SAFETENSORS_NAME, directory / PICKLE_NAME
-    if safetensors_path.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors_path))
-    if pickle_path.is_file():
-        tensors = torch.load(pickle_path, map_location="cpu", weights_only=True)
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise ValueError(f"{str(pickle_path)!r} does not hold a dict of tensors")
-        return tensors
+    for path in (safetensors_path, pickle_path):
+        if path.is_file():
+            return check_tensors(read_tensor_file(path)[0], path)
     raise FileNotFoundError(f"PEFT adapter {str(directory)!r} has neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
 
 
@@ -285,14 +388,12 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "aut
     Raises:
         FileNotFoundError: a file is missing.
         ValueError: an unsupported PEFT feature (DoRA, embeddings, convolutions, ``fan_in_fan_out``, ...,
-            all named), or modules and shapes that do not fit the model (all listed).
+            all named), a config field of the wrong type or out of range (``r: "16"``, a NaN alpha, a
+            rank/alpha pattern that could make matching hang, ...), non-finite weights, or modules and
+            shapes that do not fit the model (all listed). Nothing is changed then.
     """
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"PEFT adapter {str(directory)!r} has no {CONFIG_NAME}")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    _check_config(config, directory)
+    config = _read_config(directory)
     raw = _read_tensors(directory)
 
     modules = dict(model.named_modules())
@@ -321,7 +422,7 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "aut
         raise ValueError(f"PEFT adapter {str(directory)!r} has tensors that are not LoRA weights named "
                          f"{PREFIX}<module>.lora_A.weight / .lora_B.weight: {sorted(other)[:5]}")
 
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     layer_meta, mismatched = {}, []
     for key, a in tensors.items():
@@ -332,8 +433,8 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "aut
         if a.shape[0] != rank:
             mismatched.append(f"{name}: lora_A has rank {a.shape[0]}, the config says {rank}")
         layer_meta[name] = {"alpha": float(_pattern_value(alpha_pattern, name, alpha)),
-                            "use_rslora": bool(config.get("use_rslora", False)),
-                            "dropout": float(config.get("lora_dropout", 0.0))}
+                            "use_rslora": config.get("use_rslora", False),
+                            "dropout": float(config.get("lora_dropout") or 0.0)}
     if mismatched:
         raise ValueError(f"PEFT adapter {str(directory)!r} contradicts its config: " + "; ".join(mismatched[:10]))
 
@@ -358,8 +459,12 @@ def _fusable(module: nn.Module, path: str, lora_linear_cls) -> Tuple[Optional[st
         return None, [f"{path}: adapters {adapters} (one adapter per layer is supported)"]
     (adapter,) = adapters
     problems = []
-    if not isinstance(module.get_base_layer(), nn.Linear):
-        problems.append(f"{path}: the base layer is a {type(module.get_base_layer()).__name__}, not nn.Linear")
+    base = module.get_base_layer()
+    if not isinstance(base, nn.Linear):
+        problems.append(f"{path}: the base layer is a {type(base).__name__}, not nn.Linear")
+    elif type(base).forward is not nn.Linear.forward:
+        problems.append(f"{path}: the base layer is a {type(base).__name__}, an nn.Linear subclass with its own "
+                        "forward, which a FusedLoRALinear would drop")
     for flag, label in ((module.use_dora.get(adapter), "DoRA"), (getattr(module, "fan_in_fan_out", False), "fan_in_fan_out"),
                         (getattr(module, "lora_bias", {}).get(adapter), "lora_bias"), (module.merged, "merged adapter"),
                         (module.disable_adapters or adapter not in module.active_adapters, "disabled adapter"),
@@ -374,9 +479,13 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
 
     Each converted layer shares the PEFT layer's parameters (the base weight and bias, and the
     ``lora_A`` / ``lora_B`` weights themselves), so trainability, optimizer state and outputs are kept:
-    an existing PEFT training loop speeds up with one line. Save the result with
-    :func:`save_peft_adapter` (PEFT's own ``save_pretrained`` and ``merge_and_unload`` no longer see the
-    converted layers; use :func:`lora_kernels.merge_lora` or :func:`lora_kernels.merge_and_unload`).
+    an existing PEFT training loop speeds up with one line. The converted layers keep PEFT's names in
+    the state dict (``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight``, ...), so the model's
+    ``state_dict()`` is unchanged and PEFT's own ``save_pretrained`` (what ``transformers.Trainer`` calls
+    at each checkpoint) still writes the trained adapter; :func:`save_peft_adapter` writes the same.
+    PEFT's ``merge_and_unload`` and ``disable_adapter`` do not see the converted layers: use
+    :func:`lora_kernels.merge_lora` / :func:`lora_kernels.merge_and_unload` and
+    :func:`lora_kernels.disable_lora`.
 
     Args:
         peft_model: a ``PeftModel`` (or any module holding PEFT ``lora.Linear`` layers).
@@ -421,6 +530,26 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
                                             dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
         layer.weight, layer.bias = linear.weight, linear.bias
         layer.lora_A, layer.lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        # PEFT's parameter names in the state dict: the model's state_dict() is what it was before the
+        # conversion, so PEFT's own save_pretrained (and Trainer checkpoints) still save the adapter.
+        layer._state_dict_names = {"weight": "base_layer.weight", "bias": "base_layer.bias",
+                                   "lora_A": f"lora_A.{adapter}.weight", "lora_B": f"lora_B.{adapter}.weight"}
         layer.train(module.training)
         _set_submodule(peft_model, path, layer)
+    if callable(getattr(peft_model, "save_pretrained", None)) and isinstance(getattr(peft_model, "peft_config", None), dict):
+        # PEFT's save_pretrained finds adapters by visiting its own layer classes, and would write an adapter
+        # with no tensors: this model saves through save_peft_adapter instead (same files, same loading).
+        peft_model.save_pretrained = types.MethodType(_fused_save_pretrained, peft_model)
     return peft_model
+
+
+def _fused_save_pretrained(self, save_directory: PathLike, safe_serialization: bool = True,
+                           selected_adapters: Optional[List[str]] = None, is_main_process: bool = True,
+                           **kwargs: Any) -> None:
+    """PEFT's ``save_pretrained`` for a model converted by :func:`fuse_peft_model`: writes the adapter with
+    :func:`save_peft_adapter` (safetensors whatever ``safe_serialization``; other PEFT options such as
+    ``state_dict`` are ignored: the weights are read from the layers, as PEFT would)."""
+    if selected_adapters is not None and list(selected_adapters) != list(self.peft_config):
+        raise ValueError(f"this model holds the adapter(s) {list(self.peft_config)}; cannot save {selected_adapters!r}")
+    if is_main_process:
+        save_peft_adapter(self, save_directory)

@@ -139,20 +139,26 @@ def replace_linear_with_fused_lora(
         exclude_modules: modules to leave alone, given as a list of names or a regex, as above.
         freeze_base: set ``requires_grad=False`` on every parameter of the model except the LoRA ones.
         **kwargs: further :meth:`FusedLoRALinear.from_linear` arguments (``use_rslora``, ``init``,
-            ``lora_dtype``).
+            ``lora_dtype``, ``allow_custom_forward``).
 
     Returns:
         ``model``, modified in place.
 
     Raises:
-        ValueError / TypeError: see :func:`find_target_linears` and :class:`FusedLoRALinear`.
+        ValueError / TypeError: see :func:`find_target_linears` and :class:`FusedLoRALinear`; TypeError
+            too, naming every selected ``nn.Linear`` subclass that overrides ``forward`` (wrapping it would
+            change the model's outputs) unless ``allow_custom_forward=True``. Nothing changes then.
     """
     names = find_target_linears(model, target_modules, exclude_modules)
-    layers = {
-        name: FusedLoRALinear.from_linear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=dropout,
-                                          backend=backend, **kwargs)
-        for name in names
-    }
+    layers, refused = {}, []
+    for name in names:  # every layer is built before the first is attached: a refusal changes nothing
+        try:
+            layers[name] = FusedLoRALinear.from_linear(model.get_submodule(name), rank=rank, alpha=alpha,
+                                                       dropout=dropout, backend=backend, **kwargs)
+        except TypeError as err:
+            refused.append(f"{name}: {err}")
+    if refused:
+        raise TypeError("cannot adapt " + "; ".join(refused[:10]))
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     if freeze_base:
@@ -167,9 +173,26 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     return model
 
 
+def _shared_weights(model: nn.Module) -> set:
+    """ids of parameters that more than one module holds (tied weights, e.g. lm_head and embed_tokens)."""
+    seen: Dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
 def merge_lora(model: nn.Module, keep_original: bool = True) -> nn.Module:
-    """Merges every adapter into its base weight (see :meth:`FusedLoRALinear.merge`); returns model."""
+    """Merges every adapter into its base weight (see :meth:`FusedLoRALinear.merge`); returns model.
+
+    A LoRA layer whose weight is tied to another module's (an adapted ``lm_head`` sharing
+    ``embed_tokens.weight``) gets its own merged copy, so the other module is unchanged;
+    :func:`unmerge_lora` ties them again.
+    """
+    shared = _shared_weights(model)
     for _, layer in iter_lora_layers(model):
+        if id(layer.weight) in shared:
+            layer._untie_weight()
         layer.merge(keep_original=keep_original)
     return model
 

@@ -16,109 +16,165 @@ Backward, with dS = s · dY · B (M, r)::
     dA = dSᵀ · x̃                        (r, K)   x̃ rebuilt from x and the regenerated mask
     dW = dYᵀ · x,  db = Σ_rows dY        only when the base is trainable
 
-The dropout mask is never stored: forward and backward regenerate it from the same integer seed with a
-private ``torch.Generator``, so the layer saves exactly what the base linear saves plus S.
+The dropout mask is never stored: forward and backward regenerate it from the same seed, so the layer
+saves exactly what the base linear saves plus S. The seed is a one-element int64 tensor (or an int). Two
+mask generators, one per place the backend runs:
 
-The backend contract shared with ``lora_kernels.ops.lora_linear`` (the Triton backend):
+* on the CPU, 16 random bits per element from a private ``torch.Generator`` seeded with the seed (about
+  three times cheaper than a float draw each; p is rounded to a multiple of 2⁻¹⁶);
+* on every other device (CUDA, ...), the counter-based hash of the Triton kernels, computed with integer
+  tensor ops from the seed tensor: no host sync, nothing that a CUDA graph could not replay, and the very
+  mask the kernels regenerate, so the Triton backend can fall back to this one between forward and backward.
+
+The backend contract (shared with ``lora_kernels.ops.lora_linear``, the Triton backend):
 
 * ``forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, S)``, x 2-D (M, K);
 * ``backward(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs_grad)``
   ``-> (dx, dweight, dbias, dA, dB)``, with ``needs_grad`` five booleans in that order and None for
   every gradient not asked for (and for tensors that were not saved because nothing needed them);
-* ``dropout_mask(seed, shape, dropout_p, device) -> bool tensor`` (True keeps), for tests.
+* ``dropout_mask(seed, shape, dropout_p, device) -> bool tensor`` (True keeps), for tests;
+* ``effective_dropout_p(dropout_p)``: the drop probability the mask realises (1/(1-p) uses it).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
 
-# The mask compares 16 random bits per element with round(p·2¹⁶): four elements per 64-bit draw, about
+# The CPU mask compares 16 random bits per element with round(p·2¹⁶): four elements per 64-bit draw, about
 # three times cheaper on the CPU than one float draw each. p is thereby rounded to a multiple of 2⁻¹⁶
 # (at most 7.6e-6 away), and 1/(1-p) uses that effective p so the LoRA term stays unbiased.
 _P_STEPS = 1 << 16
+_U32 = 0xFFFFFFFF
+
+Seed = Union[int, torch.Tensor]
 
 
 def effective_dropout_p(dropout_p: float) -> float:
-    """The drop probability this backend realises for ``dropout_p``: a multiple of 2⁻¹⁶."""
+    """The drop probability the CPU mask realises for ``dropout_p``: a multiple of 2⁻¹⁶."""
     return min(round(dropout_p * _P_STEPS), _P_STEPS - 1) / _P_STEPS
 
 
-def _drop_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+def _generator_drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
     """True where an element is dropped; a pure function of (seed, shape, p, device)."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(seed if isinstance(seed, int) else int(seed.item()))  # a CPU tensor: no device sync
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
     threshold = round(effective_dropout_p(dropout_p) * _P_STEPS) - _P_STEPS // 2  # int16 values are signed
     return (bits.view(torch.int16)[:n] < threshold).view(tuple(shape))
 
 
-def dropout_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
-    """Keep-mask of this backend for ``seed``: True where an element of x survives dropout."""
-    return ~_drop_mask(seed, shape, dropout_p, device)
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """The kernels' 32-bit avalanche mixer on int64 tensors holding uint32 values (products stay < 2⁶³)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x21F0AAAD) & _U32
+    h = h ^ (h >> 15)
+    h = (h * 0x735A2D97) & _U32
+    return h ^ (h >> 15)
 
 
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``y`` (M, N) and ``S = x̃·Aᵀ`` (M, r); see the module docstring."""
-    if dropout_p > 0:
-        # masked_fill, with 1/(1-p) applied to the small S: one pass over x instead of cast-multiply-scale.
-        s = torch.mm(torch.where(_drop_mask(seed, x.shape, dropout_p, x.device), 0, x), lora_A.t())
-        s.mul_(1.0 / (1.0 - effective_dropout_p(dropout_p)))
-    else:
-        s = torch.mm(x, lora_A.t())
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    y.addmm_(s, lora_B.t(), alpha=scaling)
-    return y, s
+def hash_threshold(dropout_p: float) -> int:
+    """The kernels' drop threshold: p·2³² with p rounded to fp32 (as the kernel argument is), capped."""
+    p32 = struct.unpack("f", struct.pack("f", dropout_p))[0]
+    return int(min(p32 * 4294967296.0, 4294967040.0))
 
 
-def backward(
-    grad_y: torch.Tensor,
-    x: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    lora_A: Optional[torch.Tensor],
-    lora_B: Optional[torch.Tensor],
-    s: Optional[torch.Tensor],
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-    needs_grad: Sequence[bool],
-) -> Grads:
-    """Gradients ``(dx, dweight, dbias, dA, dB)``; see the module docstring."""
-    need_x, need_w, need_b, need_a, need_bb = needs_grad
-    dx = dw = db = da = dbb = None
+def _hash_drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The Triton kernels' mask (see ``lora_kernels.ops.lora_linear``) from integer tensor ops: element
+    (row, col) of the flattened (M, K) is dropped when round(mix(row ^ mix(seed ^ c)) ^ col·φ) < p·2³²."""
+    shape = tuple(int(d) for d in shape)
+    m, k = math.prod(shape[:-1]), shape[-1]
+    if isinstance(seed, int):
+        seed = torch.tensor([seed], dtype=torch.int64)
+    seed_key = _mix32((seed.to(device=device, dtype=torch.int64) & _U32) ^ 0x3C6EF372)
+    row_key = _mix32(torch.arange(m, device=device, dtype=torch.int64) ^ seed_key)
+    col_key = (torch.arange(k, device=device, dtype=torch.int64) * 0x9E3779B1) & _U32
+    h = row_key[:, None] ^ col_key[None, :]
+    h = ((h ^ (h >> 16)) * 0x21F0AAAD) & _U32  # the kernels' one round per element
+    return (h < hash_threshold(dropout_p)).view(shape)
 
-    if need_bb:
-        dbb = torch.mm(grad_y.t(), s).mul_(scaling)
-    if need_x or need_a:
-        ds = torch.mm(grad_y, lora_B).mul_(scaling)
-        drop = None
+
+def _drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """True where an element is dropped: the generator mask on the CPU, the kernels' hash elsewhere."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return torch.empty(tuple(shape), dtype=torch.bool, device=device)
+    if device.type == "cpu":
+        return _generator_drop_mask(seed, shape, dropout_p, device)
+    return _hash_drop_mask(seed, shape, dropout_p, device)
+
+
+def _realised_p(dropout_p: float, device: torch.device) -> float:
+    return effective_dropout_p(dropout_p) if torch.device(device).type == "cpu" else dropout_p
+
+
+@dataclass(frozen=True)
+class TorchBackend:
+    """The fused torch backend with one mask generator (``drop_mask(seed, shape, p, device)``, True drops)
+    and the drop probability it realises (``realised_p(p, device)``)."""
+
+    name: str
+    drop_mask: Callable[..., torch.Tensor]
+    realised_p: Callable[[float, torch.device], float]
+
+    def dropout_mask(self, seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+        """Keep-mask for ``seed``: True where an element of x survives dropout."""
+        return ~self.drop_mask(seed, shape, dropout_p, device)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: Seed) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``y`` (M, N) and ``S = x̃·Aᵀ`` (M, r); see the module docstring."""
         if dropout_p > 0:
-            drop = _drop_mask(seed, (grad_y.shape[0], lora_A.shape[1]), dropout_p, grad_y.device)
-            ds.mul_(1.0 / (1.0 - effective_dropout_p(dropout_p)))  # x̃'s 1/(1-p), on the small (M, r) factor
-        if need_x:
-            if drop is None:
-                dx = torch.mm(grad_y, weight).addmm_(ds, lora_A)
-            else:
-                # (m ⊙ dS·A) first, then the base GEMM accumulates into it: no separate add pass.
-                dx = torch.mm(ds, lora_A).masked_fill_(drop, 0).addmm_(grad_y, weight)
-        if need_a:
-            da = torch.mm(ds.t(), x if drop is None else torch.where(drop, 0, x))
-    if need_w:
-        dw = torch.mm(grad_y.t(), x)
-    if need_b:
-        db = grad_y.sum(0)
-    return dx, dw, db, da, dbb
+            # masked_fill, with 1/(1-p) applied to the small S: one pass over x instead of cast-multiply-scale.
+            s = torch.mm(torch.where(self.drop_mask(seed, x.shape, dropout_p, x.device), 0, x), lora_A.t())
+            s.mul_(1.0 / (1.0 - self.realised_p(dropout_p, x.device)))
+        else:
+            s = torch.mm(x, lora_A.t())
+        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        y.addmm_(s, lora_B.t(), alpha=scaling)
+        return y, s
+
+    def backward(self, grad_y: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                 lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], s: Optional[torch.Tensor],
+                 scaling: float, dropout_p: float, seed: Seed, needs_grad: Sequence[bool]) -> Grads:
+        """Gradients ``(dx, dweight, dbias, dA, dB)``; see the module docstring."""
+        need_x, need_w, need_b, need_a, need_bb = needs_grad
+        dx = dw = db = da = dbb = None
+
+        if need_bb:
+            dbb = torch.mm(grad_y.t(), s).mul_(scaling)
+        if need_x or need_a:
+            ds = torch.mm(grad_y, lora_B).mul_(scaling)
+            drop = None
+            if dropout_p > 0:
+                drop = self.drop_mask(seed, (grad_y.shape[0], lora_A.shape[1]), dropout_p, grad_y.device)
+                ds.mul_(1.0 / (1.0 - self.realised_p(dropout_p, grad_y.device)))  # x̃'s 1/(1-p), on (M, r)
+            if need_x:
+                if drop is None:
+                    dx = torch.mm(grad_y, weight).addmm_(ds, lora_A)
+                else:
+                    # (m ⊙ dS·A) first, then the base GEMM accumulates into it: no separate add pass.
+                    dx = torch.mm(ds, lora_A).masked_fill_(drop, 0).addmm_(grad_y, weight)
+            if need_a:
+                da = torch.mm(ds.t(), x if drop is None else torch.where(drop, 0, x))
+        if need_w:
+            dw = torch.mm(grad_y.t(), x)
+        if need_b:
+            db = grad_y.sum(0)
+        return dx, dw, db, da, dbb
+
+
+DEFAULT = TorchBackend("torch", _drop_mask, _realised_p)
+# The Triton kernels' mask on every device: what the torch backend runs when it stands in for the kernels.
+KERNEL_MASK = TorchBackend("torch-kernel-mask", _hash_drop_mask, lambda dropout_p, device: dropout_p)
+
+forward = DEFAULT.forward
+backward = DEFAULT.backward
+dropout_mask = DEFAULT.dropout_mask

@@ -5,16 +5,18 @@
     python -m minimind.chat --weights MiniMind2.pth --tokenizer minimind/model --prompt "你好"
 
 Interactive commands: ``/reset`` forgets the conversation, ``/exit`` (or Ctrl-D) quits.
+A bad argument or file ends with one line on stderr and exit status 2 (see ``minimind.cli``).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
+from .cli import ArgumentParser, CLIError, number, reading, run_cli
 from .generate import stream_generate, stream_text
 from .lora_io import load_adapter
 from .model import BUNDLED_BASE, MiniMindForCausalLM, load_minimind
@@ -22,41 +24,69 @@ from .tokenizer import MiniMindTokenizer
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m minimind.chat", description=__doc__.split("\n")[0])
     p.add_argument("--weights", type=Path, default=BUNDLED_BASE,
                    help="MiniMind .pth or our .safetensors (default: the bundled base)")
     p.add_argument("--lora", type=Path, default=None, help="adapter to apply: MiniMind .pth, lora_kernels .safetensors, or a PEFT adapter directory")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or its folder (default: bundled)")
     p.add_argument("--prompt", action="append", default=None, help="answer this and exit (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.85)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--history-turns", type=int, default=4, help="earlier exchanges kept in the context")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-new-tokens", type=number(1, integer=True), default=200,
+                   help="at most this many tokens per answer (less than the model's context length)")
+    p.add_argument("--temperature", type=number(0), default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=0.85, help="nucleus mass in (0, 1]")
+    p.add_argument("--top-k", type=number(0, integer=True), default=50, help="0 keeps every token")
+    p.add_argument("--repetition-penalty", type=number(0, low_open=True), default=1.1, help="> 0; 1 disables")
+    p.add_argument("--history-turns", type=number(0, integer=True), default=4,
+                   help="earlier exchanges kept in the context")
+    p.add_argument("--seed", type=number(0, integer=True), default=None)
+    p.add_argument("--threads", type=number(1, integer=True), default=None, help="torch CPU threads")
     return p.parse_args(argv)
 
 
-def build_prompt(tokenizer: MiniMindTokenizer, messages: List[dict], limit: int) -> List[int]:
-    """Prompt ids for ``messages``, dropping the oldest exchanges (then the oldest tokens) to fit ``limit``."""
+def build_prompt(tokenizer: MiniMindTokenizer, messages: List[dict], limit: int, truncate: bool = True) -> List[int]:
+    """Prompt ids for ``messages``, dropping the oldest exchanges (then, with ``truncate``, the oldest
+    tokens) to fit ``limit``."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
     while True:
         ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=True)
         if len(ids) <= limit or len(turns) <= 1:
-            return ids[-limit:]
+            return ids[-limit:] if truncate else ids
         turns = turns[2:]
 
 
+def _text(value: str, where: str) -> str:
+    """``value`` if it is valid Unicode text; Python decodes undecodable input bytes to lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CLIError(f"{where} is not UTF-8 text (byte {value[err.start].encode('utf-8', 'surrogateescape')!r} "
+                       f"at character {err.start}); set the terminal or the input file to UTF-8") from None
+    return value
+
+
 def reply(model: MiniMindForCausalLM, tokenizer: MiniMindTokenizer, messages: List[dict], args: argparse.Namespace) -> str:
-    """Generate the assistant's answer to ``messages``, printing it as it streams; returns it."""
-    limit = max(1, model.config.max_position_embeddings - args.max_new_tokens)
-    ids = torch.tensor([build_prompt(tokenizer, messages, limit)])
+    """Generate the assistant's answer to ``messages``, printing it as it streams; returns it.
+
+    Old exchanges are dropped to leave ``--max-new-tokens`` of room in the model's context; when the
+    last message alone leaves less, the answer is shortened (said on stderr), never the prompt.
+
+    Raises:
+        CLIError: the prompt alone fills the model's context.
+    """
+    context = model.config.max_position_embeddings
+    prompt = build_prompt(tokenizer, messages, context - args.max_new_tokens, truncate=False)
+    max_new_tokens = min(args.max_new_tokens, context - len(prompt))
+    if max_new_tokens < 1:
+        raise CLIError(f"the prompt is {len(prompt)} tokens, which fills the model's context of {context} tokens "
+                       "(max_position_embeddings); shorten it")
+    if max_new_tokens < args.max_new_tokens:
+        print(f"(the prompt takes {len(prompt)} of the model's {context} tokens of context: this answer is limited "
+              f"to {max_new_tokens} new tokens)", file=sys.stderr)
+    ids = torch.tensor([prompt])
     tokens = stream_generate(
-        model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        model, ids, max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
     )
     pieces = []
@@ -67,25 +97,32 @@ def reply(model: MiniMindForCausalLM, tokenizer: MiniMindTokenizer, messages: Li
     return "".join(pieces)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    """Command-line entry point (see the module docstring)."""
+def _main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    tokenizer = MiniMindTokenizer.from_pretrained(args.tokenizer)
-    model = load_minimind(args.weights)
+    with reading(f"--tokenizer {str(args.tokenizer or 'bundled')!r}"):
+        tokenizer = MiniMindTokenizer.from_pretrained(args.tokenizer)
+    with reading(f"--weights {str(args.weights)!r}"):
+        model = load_minimind(args.weights)
     if args.lora is not None:
-        load_adapter(model, args.lora)
+        with reading(f"--lora {str(args.lora)!r}"):
+            load_adapter(model, args.lora)
     model.eval()
     if model.config.vocab_size < tokenizer.vocab_size:
-        sys.exit(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}: "
-                 "pass the tokenizer these weights were trained with (--tokenizer)")
-    head = [{"role": "system", "content": args.system}] if args.system else []
+        raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}: "
+                       "pass the tokenizer these weights were trained with (--tokenizer)")
+    context = model.config.max_position_embeddings
+    if args.max_new_tokens >= context:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt: the model's context is "
+                       f"{context} tokens (max_position_embeddings); use at most {context - 1}")
+    head = [{"role": "system", "content": _text(args.system, "--system")}] if args.system else []
+    prompts = [_text(prompt, "--prompt") for prompt in args.prompt or []]
 
-    if args.prompt:
-        for prompt in args.prompt:
+    if prompts:
+        for prompt in prompts:
             print(f">>> {prompt}")
             reply(model, tokenizer, head + [{"role": "user", "content": prompt}], args)
         return
@@ -94,10 +131,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     history: List[dict] = []
     while True:
         try:
-            text = input(">>> ").strip()
+            text = _text(input(">>> ").strip(), "standard input")
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        except UnicodeDecodeError as err:
+            raise CLIError(f"standard input is not UTF-8 text ({err.reason} at byte {err.start}); "
+                           "set the terminal or the input file to UTF-8") from None
         if text in ("/exit", "/quit"):
             return
         if text == "/reset":
@@ -105,11 +145,19 @@ def main(argv: Optional[List[str]] = None) -> None:
             continue
         if not text:
             continue
-        history.append({"role": "user", "content": text})
-        answer = reply(model, tokenizer, head + history, args)
-        history.append({"role": "assistant", "content": answer})
+        try:
+            answer = reply(model, tokenizer, head + history + [{"role": "user", "content": text}], args)
+        except CLIError as err:  # a message too long for the context: say so and keep the session
+            print(f"chat: {err}", file=sys.stderr)
+            continue
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         history = history[-2 * (args.history_turns + 1):]
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (see the module docstring); returns the exit status."""
+    return run_cli("chat", _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,17 +3,35 @@
 An expected failure (a bad argument value, an unreadable or malformed file, a wrong checkpoint, a device
 that is not there, a full disk) ends with one line on stderr that names the value, file or field, and exit
 status 2; Ctrl-C ends with status 130. Anything else is a bug and keeps its traceback.
+
+Tools: :class:`CLIError` and :func:`run_cli` (the error path), :class:`ArgumentParser` (argument errors
+as a CLIError, without the usage block), :func:`number` (finite, ranged numeric arguments), and the
+context managers :func:`reading` and :func:`writing`, which turn the ways a file can fail to load or to be
+written (missing, truncated, pickled, disk full, ...) into a CLIError naming the file.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
+import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, NoReturn, Optional, Sequence, Union
+
+from lora_kernels.io import READ_ERRORS, SAFETENSORS_ERRORS, file_error_reason
 
 
 class CLIError(Exception):
     """An expected failure, reported as one line (``prog: error: message``) and exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors raise :class:`CLIError`, so that :func:`run_cli` reports a
+    bad argument as one line (naming the argument and the value) with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(message)
 
 
 def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], Optional[int]],
@@ -27,7 +45,9 @@ def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], Optional[int]],
     try:
         status = main(argv)
     except CLIError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        # One line, whatever the message: multi-line reports (lists of keys) are joined.
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"{prog}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
@@ -54,3 +74,43 @@ def number(low: Optional[float] = None, high: Optional[float] = None, *, integer
             raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high:g}, got {text}")
         return value
     return parse
+
+
+@contextlib.contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Turns a failure to read a file inside the block into a :class:`CLIError` ``"{what}: {reason}"``.
+
+    ``what`` names the argument and file, e.g. ``"--lora 'x.pth'"``; the loaders' messages already name the
+    file and the field. Use it around loading only: a RuntimeError there is a damaged file (see
+    ``lora_kernels.io.READ_ERRORS``).
+    """
+    try:
+        yield
+    except CLIError:
+        raise
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"{what}: {err}") from err
+    except READ_ERRORS as err:
+        raise CLIError(f"{what}: {file_error_reason(err)}") from err
+
+
+def write_error_reason(err: BaseException) -> str:
+    """One line saying why a write failed; "no space left on the device" for a full disk, whichever
+    writer noticed it (``OSError`` ENOSPC, ``torch.save``'s RuntimeError, safetensors' SafetensorError)."""
+    text = str(err)
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "file write failed" in text:
+        return "no space left on the device"
+    return file_error_reason(err)
+
+
+@contextlib.contextmanager
+def writing(path: Union[str, os.PathLike]) -> Iterator[None]:
+    """Turns a failed write inside the block (disk full, permissions, a missing folder) into a
+    :class:`CLIError` ``"could not write '<path>': <reason>"``. Writers that go through ``atomic_write``
+    leave the previous file as it was."""
+    try:
+        yield
+    except CLIError:
+        raise
+    except (OSError, RuntimeError) + SAFETENSORS_ERRORS as err:
+        raise CLIError(f"could not write {str(path)!r}: {write_error_reason(err)}") from err

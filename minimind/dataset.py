@@ -24,6 +24,11 @@ ROLES = ("system", "user", "assistant")
 PathLike = Union[str, os.PathLike]
 
 
+class NoTrainableTokensError(ValueError):
+    """No conversation of a data set keeps a trained (assistant) token within ``max_seq_len``: training on
+    it would run at loss 0 and learn nothing."""
+
+
 def iter_jsonl(path: PathLike) -> Iterator[Tuple[int, int, object]]:
     """Yield ``(line_number, byte_offset, parsed_object)`` for each non-blank line of a JSONL file.
 
@@ -148,6 +153,7 @@ class SFTDataset(Dataset):
         FileNotFoundError: no such file.
         ValueError: an empty file, or a malformed line / conversation without an assistant turn,
             named as ``<path>:<line>``.
+        NoTrainableTokensError: every assistant answer lies beyond ``max_seq_len`` tokens.
     """
 
     def __init__(self, path: PathLike, tokenizer: MiniMindTokenizer, max_seq_len: int = 512, pad: bool = True):
@@ -161,6 +167,23 @@ class SFTDataset(Dataset):
             self.line_numbers.append(lineno)
         if not self.offsets:
             raise ValueError(f"{self.path}: no conversations (the file is empty)")
+        self._check_something_is_trained()
+
+    def _check_something_is_trained(self) -> None:
+        # Stops at the first conversation with a trained token (usually the first), so only a data set
+        # that would train on nothing is tokenized whole. Position 0 is never a target (labels shift).
+        shortest = None
+        for index in range(len(self)):
+            ids, labels = encode_conversation(self.tokenizer, self.conversation(index), self.max_seq_len)
+            if any(label != IGNORE_INDEX for label in labels[1:]):
+                return
+            full_ids, full_labels = encode_conversation(self.tokenizer, self.conversation(index), 2**62)
+            first = next((t for t, label in enumerate(full_labels) if label != IGNORE_INDEX), len(full_ids))
+            shortest = first if shortest is None else min(shortest, first)
+        raise NoTrainableTokensError(
+            f"{self.path}: with max_seq_len={self.max_seq_len}, no conversation keeps any assistant token (the "
+            f"earliest answer starts at token {shortest}), so training would learn nothing at loss 0; raise "
+            f"max_seq_len above {shortest} or shorten the prompts")
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lora_kernels import iter_lora_layers
-from lora_kernels.io import apply_lora_tensors, atomic_write
+from lora_kernels.io import apply_lora_tensors, atomic_write, check_tensors, read_tensor_file
 
 from .model import strip_wrapper_prefix
 
@@ -40,19 +40,10 @@ def read_minimind_lora(path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: keys that are not MiniMind LoRA keys, or an A without its B (all listed).
+        ValueError: an unreadable file, non-finite values, keys that are not MiniMind LoRA keys, or an A
+            without its B (all listed).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path), device="cpu")
-    else:
-        tensors = torch.load(str(path), weights_only=True, map_location="cpu")
-    if not isinstance(tensors, dict) or not tensors or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise ValueError(f"{path}: expected a non-empty dict of tensors (MiniMind's save_lora format)")
+    tensors = check_tensors(read_tensor_file(path)[0], path)
     modules: Dict[str, Dict[str, torch.Tensor]] = {}
     bad = []
     for key, value in tensors.items():
@@ -64,7 +55,7 @@ def read_minimind_lora(path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
     unpaired = [name for name, t in modules.items() if len(t) != 2]
     if bad or unpaired:
         raise ValueError(
-            f"{path} is not a MiniMind LoRA file (keys '<module>.lora.A.weight' / '<module>.lora.B.weight', 2-D): "
+            f"{str(path)!r} is not a MiniMind LoRA file (keys '<module>.lora.A.weight' / '<module>.lora.B.weight', 2-D): "
             + "; ".join(p for p in (f"unexpected keys {bad[:8]}" if bad else "",
                                      f"A without B or B without A for {unpaired[:8]}" if unpaired else "") if p)
         )

@@ -7,7 +7,7 @@ names for ``.pth``, or our safetensors with the config in its metadata), which M
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,23 +16,40 @@ import torch
 
 from lora_kernels import merge_and_unload
 
+from .cli import ArgumentParser, reading, run_cli, writing
+
 
 def merge_into_base(base: str, lora: str, arch: Optional[str] = None):
-    """Loads ``base``, applies the adapter ``lora`` and returns the model with plain merged linears.
+    """Loads ``base``, applies the adapter ``lora`` and returns the model with plain merged linears
+    (see :func:`merge_adapter`).
 
     Raises:
-        FileNotFoundError, ValueError: unreadable files or an adapter that does not fit the base.
+        FileNotFoundError, ValueError: unreadable files, non-finite adapter values, or an adapter that
+            does not fit the base.
     """
-    from .lora_io import load_adapter
     from .model import load_minimind
 
-    model = load_minimind(base, **({"arch": arch} if arch else {}))
+    return merge_adapter(load_minimind(base, **({"arch": arch} if arch else {})), lora)
+
+
+def merge_adapter(model, lora: str):
+    """Applies the adapter file ``lora`` to ``model`` and folds it in (plain ``nn.Linear`` layers); returns model.
+
+    An adapted ``lm_head`` that was tied to ``embed_tokens`` gets its own merged weight (the embedding
+    keeps the base's) and the config then says ``tie_word_embeddings=False``, so that every output format
+    keeps the head's delta.
+    """
+    from .lora_io import load_adapter
+
     load_adapter(model, lora)
-    return merge_and_unload(model)
+    merge_and_unload(model)
+    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+    return model
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minimind.merge_lora", description=__doc__.splitlines()[0])
+def _main(argv: Optional[Sequence[str]] = None) -> None:
+    p = ArgumentParser(prog="python -m minimind.merge_lora", description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="MiniMind base checkpoint (.pth or .safetensors)")
     p.add_argument("--lora", required=True, help="adapter: MiniMind .pth, lora_kernels .safetensors/.pth, or a PEFT adapter directory")
     p.add_argument("--out", required=True, help="merged checkpoint (.pth: MiniMind's format; .safetensors)")
@@ -41,16 +58,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--arch", default=None, choices=["minimind2", "minimind3"])
     args = p.parse_args(argv)
 
-    from .model import save_minimind
+    from .model import load_minimind, save_minimind
 
-    try:
-        model = merge_into_base(args.base, args.lora, args.arch)
+    with reading(f"--base {args.base!r}"):
+        model = load_minimind(args.base, **({"arch": args.arch} if args.arch else {}))
+    with reading(f"--lora {args.lora!r}"):
+        merge_adapter(model, args.lora)
+    with writing(args.out):
         save_minimind(model, Path(args.out), dtype=getattr(torch, args.dtype))
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"merge_lora: error: {err}", file=sys.stderr)
-        return 2
     print(f"merged {args.lora} into {args.base} -> {args.out} ({args.dtype})")
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (2 for a bad argument, file or a full disk)."""
+    return run_cli("merge_lora", _main, argv)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,23 @@ SFT conversations, packed into blocks of ``--max-seq-len`` tokens, every token t
 short SFT on ``--sft-data`` with the loss on the assistant replies only, so that the base answers the
 question it is asked in the ChatML format. Reads top to bottom: arguments, ``get_lr``, ``evaluate``,
 ``run_phase`` (one training loop for both phases), ``main``. The checkpoint is safetensors with the
-config in its metadata, saved in fp16.
+config in its metadata, saved in fp16. A bad argument or file ends with one line on stderr and exit
+status 2 (see ``minimind.cli``).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from .cli import ArgumentParser, CLIError, number, reading, run_cli, writing
 from .dataset import PretrainDataset, SFTDataset, pad_batch
 from .generate import generate
 from .model import BUNDLED_BASE, MiniMindConfig, MiniMindForCausalLM, load_minimind, save_minimind
@@ -31,30 +34,30 @@ DEFAULT_DATA = [ASSETS / "corpus.jsonl", ASSETS / "chat_base.jsonl"]
 
 
 def parse_args(argv: List[str] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m minimind.pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, help="JSONL files")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or folder (default: bundled)")
     p.add_argument("--out", type=Path, default=BUNDLED_BASE)
     p.add_argument("--arch", choices=["minimind2", "minimind3"], default="minimind2")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--max-seq-len", type=int, default=256,
+    p.add_argument("--hidden-size", type=number(1, integer=True), default=128)
+    p.add_argument("--layers", type=number(1, integer=True), default=4)
+    p.add_argument("--heads", type=number(1, integer=True), default=8)
+    p.add_argument("--kv-heads", type=number(1, integer=True), default=2)
+    p.add_argument("--max-seq-len", type=number(2, integer=True), default=256,
                    help="training block length, and the model's max_position_embeddings")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=600, help="pretraining steps (0: only SFT, e.g. with --init)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--batch-size", type=number(1, integer=True), default=16)
+    p.add_argument("--steps", type=number(0, integer=True), default=600, help="pretraining steps (0: only SFT, e.g. with --init)")
+    p.add_argument("--lr", type=number(0, low_open=True), default=3e-3)
+    p.add_argument("--min-lr", type=number(0), default=1e-4)
+    p.add_argument("--warmup", type=number(0, integer=True), default=50)
+    p.add_argument("--weight-decay", type=number(0), default=0.05)
     p.add_argument("--sft-data", type=Path, default=ASSETS / "chat_base.jsonl", help="SFT JSONL for the second phase")
-    p.add_argument("--sft-steps", type=int, default=600, help="steps of SFT (loss on replies only) after pretraining")
-    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--sft-steps", type=number(0, integer=True), default=600, help="steps of SFT (loss on replies only) after pretraining")
+    p.add_argument("--sft-lr", type=number(0, low_open=True), default=1e-3)
     p.add_argument("--init", type=Path, default=None, help="start from this checkpoint instead of random weights")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=number(1, integer=True), default=100)
+    p.add_argument("--threads", type=number(1, integer=True), default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=number(0, integer=True), default=0)
     return p.parse_args(argv)
 
 
@@ -119,34 +122,40 @@ def split(dataset, seed: int):
     return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
 
 
-def main(argv: List[str] = None) -> None:
-    """Command-line entry point (see the module docstring)."""
+def _main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    tokenizer = MiniMindTokenizer.from_pretrained(args.tokenizer)
+    with reading(f"--tokenizer {str(args.tokenizer or 'bundled')!r}"):
+        tokenizer = MiniMindTokenizer.from_pretrained(args.tokenizer)
     start = time.time()
 
     if args.init is not None:
-        model = load_minimind(args.init)
+        with reading(f"--init {str(args.init)!r}"):
+            model = load_minimind(args.init)
     else:
-        config = MiniMindConfig(
-            arch=args.arch, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=tokenizer.vocab_size,
-            max_position_embeddings=args.max_seq_len,
-        )
+        try:
+            config = MiniMindConfig(
+                arch=args.arch, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=tokenizer.vocab_size,
+                max_position_embeddings=args.max_seq_len,
+            )
+        except ValueError as err:
+            raise CLIError(f"--hidden-size/--layers/--heads/--kv-heads: {err}") from None
         model = MiniMindForCausalLM(config)
     print(f"model: {model.num_parameters():,} parameters, config {model.config.to_dict()}")
 
     if args.steps > 0:
-        data = PretrainDataset(args.data, tokenizer, max_seq_len=args.max_seq_len)
+        with reading("--data"):
+            data = PretrainDataset(args.data, tokenizer, max_seq_len=args.max_seq_len)
         train_set, val_set = split(data, args.seed)
         print(f"pretraining data: {data.num_tokens:,} tokens in {len(data)} blocks of {args.max_seq_len} "
               f"({len(train_set)} train / {len(val_set)} validation)")
         run_phase(model, train_set, val_set, None, args.steps, args.lr, args, "pretrain")
     if args.sft_steps > 0:
         # Loss on the replies only, so the model learns to answer the question it is asked.
-        data = SFTDataset(args.sft_data, tokenizer, max_seq_len=args.max_seq_len, pad=False)
+        with reading("--sft-data"):
+            data = SFTDataset(args.sft_data, tokenizer, max_seq_len=args.max_seq_len, pad=False)
         train_set, val_set = split(data, args.seed)
         print(f"SFT data: {len(data)} conversations ({len(train_set)} train / {len(val_set)} validation)")
         run_phase(model, train_set, val_set, lambda b: pad_batch(b, tokenizer.pad_token_id), args.sft_steps,
@@ -154,7 +163,8 @@ def main(argv: List[str] = None) -> None:
     minutes = (time.time() - start) / 60
 
     model.eval()
-    save_minimind(model, args.out, dtype=torch.float16)
+    with writing(args.out):
+        save_minimind(model, args.out, dtype=torch.float16)
     size = args.out.stat().st_size / 2**20
     print(f"saved {args.out} ({size:.1f} MiB, fp16) after {args.steps} pretraining + {args.sft_steps} SFT steps "
           f"in {minutes:.1f} min")
@@ -164,5 +174,10 @@ def main(argv: List[str] = None) -> None:
         print(f"> {question}\n{tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)}")
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (see the module docstring); returns the exit status."""
+    return run_cli("pretrain", _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from tokenizers import Tokenizer
 
+from lora_kernels.io import read_json_object
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_TOKENIZER = ASSETS / "tokenizer"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -150,16 +152,27 @@ class MiniMindTokenizer:
 
         Raises:
             FileNotFoundError: no ``tokenizer.json`` at ``path``.
+            ValueError: ``tokenizer.json`` or ``tokenizer_config.json`` cannot be parsed (naming the file),
+                or the special tokens are not where MiniMind puts them.
         """
         path = Path(path) if path is not None else BUNDLED_TOKENIZER
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         config_file = file.parent / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+        config = read_json_object(config_file) if config_file.is_file() else None
         if chat_style is None:
-            chat_style = "minimind3" if config and "<think>" in (config.get("chat_template") or "") else "minimind2"
-        return cls(Tokenizer.from_file(str(file)), chat_style=chat_style, config=config)
+            template = config.get("chat_template") if config else None
+            chat_style = "minimind3" if isinstance(template, str) and "<think>" in template else "minimind2"
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ValueError(f"{str(file)!r} is not a tokenizers tokenizer.json ({reason})") from None
+        try:
+            return cls(tokenizer, chat_style=chat_style, config=config)
+        except ValueError as err:
+            raise ValueError(f"{str(file)!r}: {err}") from None
 
     @property
     def vocab_size(self) -> int:

@@ -4,17 +4,19 @@
     python -m minimind.train_tokenizer --data my.jsonl --out my_tokenizer --vocab-size 6400
 
 Input files are JSONL in MiniMind's pretrain (``{"text": ...}``) or SFT (``{"conversations": ...}``)
-format, read as for pretraining (``minimind.dataset.document_texts``, MiniMind2 chat format).
+format, read as for pretraining (``minimind.dataset.document_texts``, MiniMind2 chat format). A bad
+argument or file ends with one line on stderr and exit status 2 (see ``minimind.cli``).
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .cli import ArgumentParser, number, reading, run_cli, writing
 from .dataset import document_texts
 from .tokenizer import ASSETS, BUNDLED_TOKENIZER, SPECIAL_TOKENS, MiniMindTokenizer
 
@@ -54,21 +56,27 @@ def train_tokenizer(paths: Sequence[Path], vocab_size: int = 6400, max_token_len
     return MiniMindTokenizer(tok, chat_style="minimind2")
 
 
-def main(argv: List[str] = None) -> None:
-    """Command-line entry point (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: Optional[Sequence[str]] = None) -> None:
+    p = ArgumentParser(prog="python -m minimind.train_tokenizer", description=__doc__.split("\n")[0])
     p.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, help="JSONL training files")
     p.add_argument("--out", type=Path, default=BUNDLED_TOKENIZER, help="output folder")
-    p.add_argument("--vocab-size", type=int, default=6400)
+    p.add_argument("--vocab-size", type=number(256 + len(SPECIAL_TOKENS), integer=True), default=6400)
     args = p.parse_args(argv)
     start = time.time()
-    tok = train_tokenizer(args.data, args.vocab_size)
-    tok.save(args.out)
+    with reading("--data"):
+        tok = train_tokenizer(args.data, args.vocab_size)
+    with writing(args.out):
+        tok.save(args.out)
     print(f"trained a {tok.vocab_size}-entry tokenizer in {time.time() - start:.1f}s -> {args.out}")
     sample = "Hello, I am a tiny model. 你好，我是一个很小的模型。"
     ids = tok.encode(sample)
     print(f"{sample!r} -> {len(ids)} tokens: {ids}")
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (see the module docstring); returns the exit status."""
+    return run_cli("train_tokenizer", _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -146,3 +146,30 @@ def test_compiled_layer_runs_our_triton_kernels(monkeypatch):
         monkeypatch.undo()
         assert calls == {"forward": 1, "backward": 1}, compiler
         assert_same(got, expected, [f"{compiler} {name}" for name in ("y", "dx", "dA", "dB")])
+
+
+def test_compiled_training_step_graph_has_no_cpu_rng_and_no_host_sync():
+    """CUDA-graph readiness, as far as a CPU can show it: the graph that torch.compile's AOTAutograd builds
+    for a training step (traced here on the meta device, standing in for CUDA) draws the dropout seed on x's
+    device, feeds that tensor to both LoRA ops, and reads no value on the host (no .item())."""
+    from unittest import mock
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x, weight, bias, lora_A, lora_B):
+        y = functional.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, dropout_p=0.1, backend="auto")
+        return torch.autograd.grad(y.square().sum(), [lora_A, lora_B])
+
+    meta = torch.device("meta")
+    args = [torch.empty(2, 8, 16, device=meta), torch.empty(12, 16, device=meta), torch.empty(12, device=meta),
+            torch.empty(4, 16, device=meta, requires_grad=True), torch.empty(12, 4, device=meta, requires_grad=True)]
+    with mock.patch("torch.compiler.is_compiling", return_value=True):  # the path Dynamo takes
+        graph = make_fx(step, tracing_mode="fake")(*args).graph
+    nodes = list(graph.nodes)
+    targets = [str(n.target) for n in nodes]
+    seeds = [n for n in nodes if "randint" in str(n.target)]
+    assert len(seeds) == 1 and seeds[0].kwargs["device"] == meta  # one draw per call, on x's device
+    lora_ops = [n for n in nodes if "lora_kernels" in str(n.target)]
+    assert len(lora_ops) == 2 and all(seeds[0] in n.args for n in lora_ops)  # forward and backward, one seed
+    assert not any("local_scalar_dense" in t or t.endswith(".item") for t in targets)
+    assert not any(n.kwargs.get("device") == torch.device("cpu") for n in nodes)

@@ -1,5 +1,6 @@
 """lora_linear (torch and eager backends) against the float64 reference, plus its input checks and memory."""
 import math
+import os
 
 import pytest
 import torch
@@ -202,7 +203,8 @@ def test_saves_only_base_activations_plus_s(p):
     trained_w = inputs["weight"].detach().requires_grad_()
     base = saved_bytes(lambda: F.linear(inputs["x"], trained_w, inputs["bias"]), params + [trained_w])
     assert base == m * k * 4
-    assert ours == base + m * r * 4  # ... and we add only S = x̃·Aᵀ, whatever the dropout
+    # ... and we add only S = x̃·Aᵀ, whatever the dropout, plus the 8-byte seed tensor when there is dropout.
+    assert ours == base + m * r * 4 + (8 if p > 0 else 0)
 
 
 def test_saves_less_than_peft_with_dropout():
@@ -216,8 +218,8 @@ def test_saves_less_than_peft_with_dropout():
         lambda: lora_linear(x, linear.weight, linear.bias, layer.lora_A["default"].weight,
                             layer.lora_B["default"].weight, 1.0, dropout_p=0.1, backend="torch"),
         list(layer.parameters()))
-    # PEFT keeps x, the dropout mask and the dropped-out copy of x (plus S); we keep x and S.
-    assert ours == m * k * 4 + m * r * 4
+    # PEFT keeps x, the dropout mask and the dropped-out copy of x (plus S); we keep x, S and the 8-byte seed.
+    assert ours == m * k * 4 + m * r * 4 + 8
     assert peft_bytes >= ours + m * k * 4
 
 
@@ -292,3 +294,104 @@ def test_any_shape_matches_reference(lead, k, n, r, bias, p, scaling):
     assert_close(y, y_ref, torch.float32, "y", magnitude=y_mag)
     for name in grads_ref:
         assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}", magnitude=grads_mag[name])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where nn.Linear works, lora_linear works: in-place changes of the output, empty features, meta tensors.
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+def test_output_may_be_changed_in_place_like_minimind_residual(backend):
+    # MiniMind's block does `hidden_states += residual` on o_proj's output; nn.Linear and PEFT allow it.
+    inputs = make_inputs((2, 5), 12, 12, 3, torch.float32, grads=("x", "lora_A", "lora_B"))
+    residual = torch.randn(2, 5, 12)
+    grad_out = torch.randn(2, 5, 12)
+
+    def block(**kw):
+        h = lora_linear(**kw, scaling=0.5, backend=backend)
+        h += residual
+        return h
+
+    y, grads = run(block, inputs, grad_out)
+    y_ref, grads_ref = reference64(inputs, 0.5, None, 0.0)(grad_out)
+    assert_close(y, y_ref + residual.double(), torch.float32, "y")
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+@pytest.mark.parametrize("k,n", [(0, 6), (7, 0), (0, 0)])
+def test_zero_in_or_out_features_like_nn_linear(backend, k, n):
+    x = torch.randn(3, 4, k, requires_grad=True)
+    linear = torch.nn.Linear(k, n)
+    lora_A = torch.randn(2, k, requires_grad=True)
+    lora_B = torch.randn(n, 2, requires_grad=True)
+    y = lora_linear(x, linear.weight, linear.bias, lora_A, lora_B, 1.0, dropout_p=0.1, backend=backend)
+    expected = linear(x)  # with no input features the output is the bias; with no outputs it is empty
+    assert y.shape == expected.shape == (3, 4, n)
+    assert torch.equal(y, expected)
+    grad_x, grad_a, grad_b = torch.autograd.grad(y.sum(), [x, lora_A, lora_B], allow_unused=True)
+    assert grad_x.shape == x.shape and grad_a.shape == lora_A.shape and grad_b.shape == lora_B.shape
+    # With K = 0 or N = 0 every sum that makes a LoRA gradient is empty.
+    assert not grad_a.any() and not grad_b.any() and not grad_x.any()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_meta_tensors_give_shapes_without_compute(p):
+    from lora_kernels import FusedLoRALinear
+
+    layer = FusedLoRALinear(16, 8, rank=4, dropout=p, device="meta")
+    y = layer(torch.empty(2, 3, 16, device="meta"))
+    assert y.device.type == "meta" and y.shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"), reason="no Triton here"))])
+def test_double_backward_says_to_use_the_eager_backend(backend):
+    inputs = make_inputs((5,), 6, 4, 2, torch.float32, grads=("x", "lora_A", "lora_B"))
+    y = lora_linear(**inputs, scaling=1.0, backend=backend)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), [inputs["x"]], create_graph=True)
+    # The first-order gradient is still right under create_graph=True ...
+    _, grads_ref = reference64(inputs, 1.0, None, 0.0)(2 * y.detach())
+    assert_close(grad_x, grads_ref["x"], torch.float32, "dx")
+    # ... and differentiating it again names the way out.
+    with pytest.raises(RuntimeError, match="backend='eager'"):
+        grad_x.square().sum().backward()
+
+
+def test_double_backward_through_the_eager_backend_matches_the_reference():
+    inputs = make_inputs((5,), 6, 4, 2, torch.float64, grads=("x", "lora_A", "lora_B"))
+    grad_a = {}
+    for name, fn in (("eager", lambda **kw: lora_linear(**kw, scaling=1.5, backend="eager")),
+                     ("reference", lambda **kw: lora_linear_reference(**kw, scaling=1.5))):
+        y = fn(**inputs)
+        (grad_x,) = torch.autograd.grad(y.square().sum(), [inputs["x"]], create_graph=True)
+        (grad_a[name],) = torch.autograd.grad(grad_x.square().sum(), [inputs["lora_A"]])
+    assert grad_a["eager"].abs().max() > 0
+    assert_close(grad_a["eager"], grad_a["reference"], torch.float64, "d²/dA")
+
+
+def test_float64_gets_exact_results_from_auto_and_a_clear_error_from_triton():
+    inputs = make_inputs((7,), 9, 5, 3, torch.float64, grads=("x", "lora_A", "lora_B"))
+    grad_out = torch.randn(7, 5, dtype=torch.float64)
+    y, grads = run(lambda **kw: lora_linear(**kw, scaling=2.0, backend="auto"), inputs, grad_out)
+    y_ref, grads_ref = reference64(inputs, 2.0, None, 0.0)(grad_out)
+    assert_close(y, y_ref, torch.float64, "y")
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], torch.float64, f"d{name}")
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16, got torch.float64"):
+        lora_linear(**inputs, scaling=2.0, backend="triton")
+
+
+def test_dropout_seed_is_a_tensor_on_the_input_device_and_advances_per_call():
+    # The seed is drawn on x's device (the CPU here), from that device's generator: two calls, two seeds,
+    # and the same two again after the same manual_seed.
+    from lora_kernels.functional import draw_seed_tensor
+
+    torch.manual_seed(3)
+    first = [draw_seed_tensor(torch.device("cpu")) for _ in range(2)]
+    torch.manual_seed(3)
+    again = [draw_seed_tensor(torch.device("cpu")) for _ in range(2)]
+    assert all(s.dtype == torch.int64 and s.shape == (1,) and s.device.type == "cpu" for s in first)
+    assert first[0].item() != first[1].item()
+    assert [s.item() for s in first] == [s.item() for s in again]

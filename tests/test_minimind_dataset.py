@@ -85,12 +85,12 @@ def test_sft_dataset_truncates_and_pads(tokenizers, tmp_path):
     n = len(full_ids)
     assert ids[:n].tolist() == full_ids and labels[:n].tolist() == full_labels
     assert (ids[n:] == 0).all() and (labels[n:] == -100).all()
-    short = SFTDataset(path, tok, max_seq_len=20, pad=False)
+    short = SFTDataset(path, tok, max_seq_len=32, pad=False)  # the second conversation's answer starts within 32
     ids, labels = short[0]
-    assert ids.tolist() == full_ids[:20] and labels.tolist() == full_labels[:20]
+    assert len(full_ids) > 32 and ids.tolist() == full_ids[:32] and labels.tolist() == full_labels[:32]
     assert short.conversation(1) == CONV[1:3]
     batch_ids, batch_labels = pad_batch([short[0], short[1]], pad_id=0)
-    assert batch_ids.shape == (2, 20) and batch_labels[1, len(short[1][0]):].eq(-100).all()
+    assert batch_ids.shape == (2, 32) and batch_labels[1, len(short[1][0]):].eq(-100).all()
 
 
 @pytest.mark.parametrize("line,message", [

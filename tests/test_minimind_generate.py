@@ -124,9 +124,9 @@ def test_chat_interactive_keeps_history_and_resets(bundled, capsys, monkeypatch)
     seen = []
     real_build = chat.build_prompt
 
-    def spy(tokenizer, messages, limit):
+    def spy(tokenizer, messages, limit, **kwargs):
         seen.append([m["content"] for m in messages])
-        return real_build(tokenizer, messages, limit)
+        return real_build(tokenizer, messages, limit, **kwargs)
 
     monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
     monkeypatch.setattr(chat, "build_prompt", spy)

@@ -287,6 +287,27 @@ def test_mask_has_no_visible_correlations():
         assert abs(agree - pairs / 2) <= 5 * math.sqrt(pairs / 4), f"{name}: {agree} of {pairs} agree"
 
 
+@pytest.mark.parametrize("p", [0.5, 0.1])
+def test_mask_joint_drop_rates_on_a_large_mask(p):
+    """On a 2048x2048 mask (the torch twin of the kernels' mask: bit-identical, tested above), the joint drop
+    rate of two elements is p² for neighbours and for elements 2^k apart in rows and columns, diagonally,
+    and across seeds: each count is Binomial(pairs, p²), bounded at 6 sigma (a false failure has
+    probability ~1e-9 per count)."""
+    drop = ~torch_backend.KERNEL_MASK.dropout_mask(torch.tensor([2024]), (2048, 2048), p, torch.device("cpu"))
+    other = ~torch_backend.KERNEL_MASK.dropout_mask(torch.tensor([2025]), (2048, 2048), p, torch.device("cpu"))
+    n = drop.numel()
+    assert abs(drop.sum().item() - n * p) <= 6 * math.sqrt(n * p * (1 - p))
+    pairs = {"seeds": (drop, other), "diagonal": (drop[1:, 1:], drop[:-1, :-1]),
+             "anti-diagonal": (drop[1:, :-1], drop[:-1, 1:])}
+    for lag in (1, 2, 3, 16, 64, 1024):
+        pairs[f"columns {lag} apart"] = (drop[:, lag:], drop[:, :-lag])
+        pairs[f"rows {lag} apart"] = (drop[lag:], drop[:-lag])
+    q = p * p
+    for name, (u, v) in pairs.items():
+        both, count = (u & v).sum().item(), u.numel()
+        assert abs(both - count * q) <= 6 * math.sqrt(count * q * (1 - q)), f"{name}: {both} of {count}"
+
+
 def test_mask_prefix_is_stable():
     """Element (row, col) of the mask does not depend on the tensor's shape (it is a function of
     (seed, row, col) only), so any sub-rectangle of a larger mask is the smaller mask."""
@@ -399,6 +420,110 @@ def test_tolerances_are_the_shared_ones():
     """This file states no tolerance of its own."""
     assert set(TOLERANCES) >= {torch.float32, torch.float16, torch.bfloat16}
 
+
+# ---------------------------------------------------------------------------------------------------
+# The torch backend's kernel-mask twin, the bf16 refusal on the interpreter, and the fallback of "auto".
+
+from lora_kernels import functional, torch_backend  # noqa: E402
+
+
+@pytest.mark.parametrize("shape,p,seed", [((37, 53), 0.3, 7), ((5, 4, 19), 0.05, 2**31 - 2), ((64, 8), 0.9, 0)])
+def test_torch_twin_of_the_kernel_mask_is_bit_identical(shape, p, seed):
+    # The torch backend stands in for the kernels (fallback, and every non-CPU device) with this mask: it must
+    # be the kernels' own, element for element, or a forward by the kernels and a backward by torch disagree.
+    kernels = ops.dropout_mask(seed, shape, p, DEVICE)
+    twin = torch_backend.KERNEL_MASK.dropout_mask(torch.tensor([seed]), shape, p, DEVICE)
+    assert torch.equal(kernels, twin)
+    assert 0 < (~kernels).sum() < kernels.numel()
+
+
+@pytest.mark.skipif(CUDA, reason="the refusal is for Triton's CPU interpreter")
+def test_bf16_is_refused_on_the_interpreter_with_the_reason():
+    inputs = make_inputs((4,), 16, 8, 2, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="interpreter computes bf16 tl.dot wrongly"):
+        lora_linear(**inputs, scaling=1.0, backend="triton")
+
+
+@pytest.fixture
+def fresh_plans():
+    """Launch plans hold the kernels they were built with: a patched kernel needs plans built anew."""
+    ops.clear_plans()
+    yield
+    ops.clear_plans()
+
+
+class _FailingLaunch:
+    """Stands in for a @triton.jit kernel whose launch fails as an out-of-resources launch does."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            raise RuntimeError("out of resource: shared memory, Required: 294912, Hardware limit: 232448")
+        return launch
+
+
+@pytest.fixture
+def auto_means_triton(monkeypatch, fresh_plans):
+    """backend='auto' picks the kernels for these (CPU, interpreted) tensors, as it would for CUDA ones, and
+    every configuration starts unfailed."""
+    resolve = functional.resolve_backend
+    monkeypatch.setattr(functional, "resolve_backend", lambda b, x: "triton" if b == "auto" else resolve(b, x))
+    monkeypatch.setattr(functional._TRITON_AUTO, "failed", set())
+
+
+@pytest.mark.parametrize("broken", ["_lora_matmul_kernel", "_lora_da_kernel"])  # forward+dX, or dA alone
+def test_auto_warns_once_and_falls_back_to_torch_when_a_kernel_fails(broken, monkeypatch, auto_means_triton):
+    failing = _FailingLaunch()
+    monkeypatch.setattr(ops, broken, failing)
+    inputs = make_inputs((30,), 24, 16, 4, torch.float32)
+    grad_out = torch.randn(30, 16, device=DEVICE)
+    wanted = ("x", "lora_A", "lora_B")
+    with pytest.warns(RuntimeWarning, match=r"failed for x \(M<=32, 24\) -> \(16\), rank 4, torch.float32") as record:
+        runs = [run_backend_named(inputs, grad_out, 0.7, 0.3, wanted, seed=11, backend="auto") for _ in range(3)]
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1  # once per configuration
+    assert failing.launches == 1  # later calls go straight to the torch backend
+    # The results are the torch backend's, with the kernels' mask: exactly the reference on that mask.
+    mask = ops.dropout_mask(seed_drawn_by_op(11), (30, 24), 0.3, DEVICE)
+    y_ref, grads_ref = reference_grads(inputs, grad_out, 0.7, mask, 0.3, wanted)
+    for y, grads in runs:
+        assert_close(y, y_ref, torch.float32, "y")
+        for name in wanted:
+            assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
+
+
+def test_triton_backend_raises_with_the_configuration_when_a_kernel_fails(monkeypatch, fresh_plans):
+    monkeypatch.setattr(ops, "_lora_matmul_kernel", _FailingLaunch())
+    inputs = make_inputs((5,), 12, 8, 2, torch.float32)
+    with pytest.raises(RuntimeError, match=r"Triton forward kernels failed for x \(M<=8, 12\) -> \(8\), rank 2.*"
+                                            r"out of resource"):
+        lora_linear(**inputs, scaling=1.0, backend="triton")
+
+
+def run_backend_named(inputs, grad_out, scaling, p, wanted, seed, backend):
+    """y and the gradients of `wanted` through ``lora_linear(backend=backend)``, dropout seed `seed`."""
+    t = {n: (v.detach().clone().requires_grad_(n in wanted) if v is not None else None) for n, v in inputs.items()}
+    torch.manual_seed(seed)
+    y = lora_linear(**t, scaling=scaling, dropout_p=p, backend=backend)
+    grads = torch.autograd.grad(y, [t[n] for n in wanted], grad_out)
+    return y, dict(zip(wanted, grads))
+
+
+def test_output_may_be_changed_in_place_with_the_kernels():
+    inputs = make_inputs((3, 4), 16, 16, 4, torch.float32)
+    wanted = ("x", "lora_A", "lora_B")
+    t = {n: (v.detach().clone().requires_grad_(n in wanted) if v is not None else None) for n, v in inputs.items()}
+    residual = torch.randn(3, 4, 16, device=DEVICE)
+    h = lora_linear(**t, scaling=0.5, backend="triton")
+    h += residual  # MiniMind's block does exactly this after o_proj
+    grad_out = torch.randn(3, 4, 16, device=DEVICE)
+    grads = dict(zip(wanted, torch.autograd.grad(h, [t[n] for n in wanted], grad_out)))
+    y_ref, grads_ref = reference_grads(inputs, grad_out, 0.5, None, 0.0, wanted)
+    assert_close(h, y_ref + residual.double(), torch.float32, "y")
+    for name in wanted:
+        assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
 
 def _tf32_legacy_precision():
     torch.set_float32_matmul_precision("high")

@@ -19,11 +19,14 @@ Passes (one kernel launch each; ``[...]`` only when needed)::
 
 Dropout mask. ``keep(seed, row, col)`` is a pure function of the seed and the element's global (row, col)
 in x, so every kernel regenerates the same mask whatever its block sizes. It is a counter-based hash
-(a 32-bit avalanche mixer keyed per row, then per column), not ``tl.rand``: in the sm90 PTX of a mask
-kernel, ``tl.rand`` (Philox-4x32-10, one of its four outputs used) costs ~75 instructions per element and
-this hash ~17. With the mask rebuilt in three passes (S, dX, dA) over an 8192x4096 input, Philox alone
-would cost roughly as much as one of the layer's GEMMs on an H100. The hash passes the statistical tests
-in ``tests/test_ops_lora_linear.py`` (keep rate, row/column/seed independence). The drop threshold is
+(a 32-bit avalanche mixer keyed per row, then one xor-shift-multiply round per element), not ``tl.rand``:
+in the sm90 PTX of a mask kernel, ``tl.rand`` (Philox-4x32-10, one of its four outputs used) costs ~75
+instructions per element, a full mixer per element ~15 and this hash ~6 (``cuobjdump -sass`` of the S pass:
+dropout adds 472 instructions to its body with the full mixer, see ``benchmarks/results/``). With the mask
+rebuilt in three passes (S, dX, dA) over an 8192x4096 input, the integer work decides whether the S and dA
+passes are memory-bound (``benchmarks/cost_model.py``). The hash passes the statistical tests in
+``tests/test_ops_lora_linear.py`` (keep rate, joint drop rates of neighbours and of elements 2^k apart in
+rows and columns, seed independence). The drop threshold is
 p·2³² rounded to fp32 (24 significant bits), so the keep probability is 1 - p to ~6e-8 relative.
 
 Determinism. No float atomics: reductions that are split over programs write fp32 partial sums to a
@@ -43,11 +46,13 @@ Sizes. Any M >= 0 (M = 0 returns without launching), any K and N (edges masked; 
 operands past an edge are wrapped, not masked, and only the store is masked), any rank (the rank is padded
 to a power of two >= 16 inside the kernels and looped in blocks of at most 64), any strides of x, dY and the
 weights (no ``.contiguous()`` copies), fp32/fp16/bf16. Row offsets are int64, so M·K and M·N may pass 2³¹.
-``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so is the seed
-(``do_not_specialize``). M is too in the skinny passes; the GEMM kernel specialises on it as Triton does on
-every size (M = 1, M a multiple of 16, other: at most three variants, never one per sequence length), because
-for dW = dYᵀ·x its M is out_features along dY's contiguous dimension, and without ``M % 16 == 0`` known the
-wrapped row index ``offs_m % M`` hides that contiguity (scalar 2-byte loads instead of 16-byte cp.async).
+``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so is M in the
+skinny passes (``do_not_specialize``). The GEMM kernel specialises on M as Triton does on every size (M = 1,
+M a multiple of 16, other: at most three variants, never one per sequence length), because for dW = dYᵀ·x
+its M is out_features along dY's contiguous dimension, and without ``M % 16 == 0`` known the wrapped row
+index ``offs_m % M`` hides that contiguity (scalar 2-byte loads instead of 16-byte cp.async). The seed is a
+one-element int64 tensor on the device that the kernels read: nothing on the host depends on its value, so a
+CUDA graph that captured a training step replays fresh masks as the seed tensor is redrawn on the device.
 
 GPU notes (block sizes and tuning). Block sizes come from :func:`lora_kernels.ops.configs.kernel_configs`, a small cache keyed by
 (device capability, SM count, dtype, TF32 on/off, M bucket = next power of two of M capped at 8192, N and
@@ -78,11 +83,14 @@ per new M). Under the interpreter all blocks are 32 and nothing is split, to kee
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime.driver import driver
 
 from .configs import (  # noqa: F401 - re-exported: tests and tools reach them through this module
     KernelConfig,
@@ -119,14 +127,21 @@ def _mix32(h):
 def _keep_mask(seed, rows, cols, dropout_p):
     """Keep-mask (len(rows), len(cols)) for global row and column indices: True with probability 1 - p.
 
-    keep = mix(mix(row ^ mix(seed)) ^ col·φ) >= p·2³²: a pure function of (seed, row, col). The per-row key
-    is computed once per row of the tile, so an element costs one xor, one mixer and one compare.
+    keep = round(mix(row ^ mix(seed)) ^ col·φ) >= p·2³², with ``mix`` the full avalanche mixer and ``round``
+    one xor-shift-multiply: a pure function of (seed, row, col). The per-row key is computed once per row of
+    the tile, so an element costs one xor, one round and one compare.
     """
     threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
     seed_key = _mix32(seed.to(tl.uint32) ^ 0x3C6EF372)
     row_key = _mix32(rows.to(tl.uint32) ^ seed_key)
     col_key = cols.to(tl.uint32) * 0x9E3779B1
-    return _mix32(row_key[:, None] ^ col_key[None, :]) >= threshold
+    # Per element, one xor-shift-multiply round is enough: the row key is already a full avalanche of
+    # (seed, row), the column key a Weyl sequence, and the compare reads the product's top bits, which
+    # depend on every input bit (the full mixer here cost ~15 instructions per element, this ~6).
+    h = row_key[:, None] ^ col_key[None, :]
+    h ^= h >> 16
+    h *= 0x21F0AAAD
+    return h >= threshold
 
 
 @triton.jit
@@ -136,7 +151,7 @@ def _split_tiles(pid_s, tiles_per_split, size, BLOCK: tl.constexpr):
     return start, tl.minimum(start + tiles_per_split, tl.cdiv(size, BLOCK))
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
+@triton.jit(do_not_specialize=["M"])
 def _dropout_mask_kernel(
     # pointers
     out_ptr,
@@ -144,12 +159,13 @@ def _dropout_mask_kernel(
     M, K,
     # strides
     stride_om, stride_ok,
-    # run-time scalars
-    seed, dropout_p,
+    # run-time scalars (the seed is read from device memory: a CUDA graph replays a pointer, not a value)
+    seed_ptr, dropout_p,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out (M, K) bool = keep(seed, row, col): the mask every kernel below regenerates, for tests."""
+    seed = tl.load(seed_ptr)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _keep_mask(seed, offs_m, offs_k, dropout_p)
@@ -157,7 +173,7 @@ def _dropout_mask_kernel(
     tl.store(ptrs, keep, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
+@triton.jit(do_not_specialize=["M"])
 def _lora_down_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr,
@@ -166,7 +182,7 @@ def _lora_down_kernel(
     # strides
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     # run-time scalars
-    seed, dropout_p, inv_keep,
+    seed_ptr, dropout_p, inv_keep,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -189,6 +205,9 @@ def _lora_down_kernel(
     step_x = tl.full([], BLOCK_K, tl.int64) * stride_xk
     step_a = tl.full([], BLOCK_K, tl.int64) * stride_ak
 
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+
     # --- stream x once over K
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -208,7 +227,7 @@ def _lora_down_kernel(
     tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
@@ -218,7 +237,7 @@ def _lora_matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_bias,
     stride_lm, stride_lr, stride_rr, stride_rn,
     # run-time scalars
-    lora_scale, seed, dropout_p,
+    lora_scale, seed_ptr, dropout_p,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -265,7 +284,7 @@ def _lora_matmul_kernel(
             acc = tl.dot(lo, ro, acc, input_precision=INPUT_PRECISION)
         acc = acc * lora_scale
         if HAS_DROPOUT:
-            acc = tl.where(_keep_mask(seed, offs_m, offs_n, dropout_p), acc, 0.0)
+            acc = tl.where(_keep_mask(tl.load(seed_ptr), offs_m, offs_n, dropout_p), acc, 0.0)
 
     # --- main loop over K
     ks = offs_k.to(tl.int64)  # for dW the K dimension is the tokens, whose stride times K can pass 2³¹
@@ -358,7 +377,7 @@ def _lora_dy_kernel(
         tl.store(ds_ptrs, (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
+@triton.jit(do_not_specialize=["M"])
 def _lora_da_kernel(
     # pointers
     ds_ptr, x_ptr, da_ptr,
@@ -367,7 +386,7 @@ def _lora_da_kernel(
     # strides
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dap, stride_dar, stride_dak,
     # run-time scalars
-    seed, dropout_p, inv_keep,
+    seed_ptr, dropout_p, inv_keep,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -385,6 +404,9 @@ def _lora_da_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (offs_k % K).to(tl.int64)  # wrapped; the store drops columns >= K
     r_mask = offs_r < R
+
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     # --- stream this split's row tiles of x and dS once
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -441,6 +463,15 @@ def _sum_partials_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
+#
+# A call does little more than its launches. Everything that depends only on a call's shapes, strides,
+# dtypes, pointer alignments, flags and device (configs, grids, splits, workspace shapes, the integer
+# arguments, and the compiled kernel of every launch) is worked out once into a plan, cached under that
+# key, and reused by every later call with the same key. A planned launch calls the compiled kernel's
+# launcher directly: Triton's ``JITFunction.run`` binds and specialises every argument and looks the kernel
+# up again on each launch, which costs more Python than the rest of the call.
+
+_PLAN_CACHE_SIZE = 512
 
 
 def _split(programs: int, num_tiles: int, target_programs: int, min_tiles: int) -> Tuple[int, int]:
@@ -453,70 +484,115 @@ def _split(programs: int, num_tiles: int, target_programs: int, min_tiles: int) 
     return max(1, triton.cdiv(num_tiles, tiles_per_split)), tiles_per_split
 
 
-def _workspace(count: int, shape: Tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
-    """Where ``count`` partial sums of ``out`` go: ``out`` itself (viewed with a leading 1) when there is a
-    single partial, else a fp32 workspace (count, *shape) to be summed by :func:`_sum_partials`."""
-    if count == 1:
-        return out.unsqueeze(0)
-    return torch.empty((count, *shape), device=out.device, dtype=torch.float32)
+class _Launch:
+    """One kernel launch of a plan: its grid and meta-parameters and, after its first launch, the compiled
+    kernel, whose launcher every later launch calls directly with the same positional arguments."""
+
+    __slots__ = ("fn", "grid", "meta", "compiled", "constexprs")
+
+    def __init__(self, fn, grid: Tuple[int, ...], meta: Dict[str, Any]):
+        self.fn, self.meta, self.compiled, self.constexprs = fn, meta, None, ()
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+
+    def __call__(self, *args) -> None:
+        compiled = self.compiled
+        if compiled is None:
+            compiled = self.fn[self.grid](*args, **self.meta)
+            if isinstance(compiled, CompiledKernel):  # None under the interpreter: it keeps this slow path
+                # The launcher takes every parameter in order: the run-time ones given, then the constexprs.
+                self.constexprs = tuple(self.meta[p.name] for p in self.fn.params[len(args):])
+                self.compiled = compiled
+            return
+        device = driver.active.get_current_device()
+        stream = driver.active.get_current_stream(device)
+        enter, exit_ = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+        metadata = None
+        if enter is not None or exit_ is not None:  # a profiler is listening: give it what Triton gives it
+            metadata = compiled.launch_metadata(self.grid, stream, *args, *self.constexprs)
+        compiled.run(self.grid[0], self.grid[1], self.grid[2], stream, compiled.function, compiled.packed_metadata,
+                     metadata, enter, exit_, *args, *self.constexprs)
 
 
-def _sum_partials(*jobs: Tuple[torch.Tensor, torch.Tensor]) -> None:
-    """out = workspace.sum(0) in a fixed order for each (workspace, out) pair whose workspace is not ``out``
-    itself; up to three pairs per launch."""
-    jobs = [(p, o) for p, o in jobs if p.data_ptr() != o.data_ptr() and o.numel() > 0]
-    if not jobs:
-        return
-    assert len(jobs) <= 3, f"at most three workspaces per launch, got {len(jobs)}"
+def _hook(hook):
+    """A launch hook, or None when there is none to call (Triton >= 3.5 keeps an empty chain of hooks)."""
+    return hook if hook is not None and getattr(hook, "calls", True) else None
+
+
+def _matmul_launch(m: int, n: int, k: int, rank: int, *, has_bias: bool, has_lora: bool, has_dropout: bool,
+                   config: KernelConfig, max_block_r: int, precision: str,
+                   tune: Optional[Tuple[tuple, Callable[[KernelConfig], None]]] = None) -> _Launch:
+    """The launch of ``_lora_matmul_kernel`` for C (m, n) over a reduction of k (see its docstring)."""
+    if tune is not None and _configs._OVERRIDE is None:
+        config = _tuned_gemm(tune[0] + (has_lora, has_dropout, has_bias), config, tune[1])
+    return _Launch(_lora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),), dict(
+        HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DROPOUT=has_dropout,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def _sum_launch(numels: Sequence[int]) -> Optional[_Launch]:
+    """The launch that sums up to three (count, numel) fp32 workspaces into their outputs, or None."""
+    numels = [n for n in numels if n > 0]
+    if not numels:
+        return None
+    assert len(numels) <= 3, f"at most three workspaces per launch, got {len(numels)}"
     block = 1024
-    args, programs = [], 0
+    return _Launch(_sum_partials_kernel, (sum(triton.cdiv(n, block) for n in numels),), dict(BLOCK=block))
+
+
+def _sum_args(jobs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> list:
+    """The arguments of a ``_sum_launch`` for (workspace (count, *shape), out) pairs; unused slots are empty."""
+    args = []
     for i in range(3):
         p, o = jobs[i] if i < len(jobs) else jobs[0]
-        n = o.numel() if i < len(jobs) else 0
-        assert o.is_contiguous() and p.is_contiguous()
-        args += [p, o, p.shape[0], n]
-        programs += triton.cdiv(n, block)
-    _sum_partials_kernel[(programs,)](*args, BLOCK=block)
+        args += [p, o, p.shape[0], o.numel() if i < len(jobs) else 0]
+    return args
+
+
+def _key_of(t: Optional[torch.Tensor]) -> tuple:
+    """What a tensor argument contributes to a plan key: what Triton specialises on, and the grids."""
+    if t is None:
+        return ()
+    return t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0
+
+
+def _call_key(kind: str, device: torch.device, dtype: torch.dtype, tensors: Sequence[Optional[torch.Tensor]],
+              flags: tuple) -> tuple:
+    # The device's (capability, SMs), the fp32 precision and an override all change the chosen kernels.
+    return (kind, device, _configs._device_info(device), _input_precision(dtype), id(_configs._OVERRIDE), flags,
+            *map(_key_of, tensors))
+
+
+def _cached(cache: Dict[tuple, Any], key: tuple, build: Callable[[], Any]) -> Any:
+    plan = cache.get(key)
+    if plan is None:
+        plan = build()
+        if len(cache) >= _PLAN_CACHE_SIZE:  # many shapes (variable sequence lengths): start over
+            cache.clear()
+        cache[key] = plan
+    return plan
+
+
+_FORWARD_PLANS: Dict[tuple, "_ForwardPlan"] = {}
+_BACKWARD_PLANS: Dict[tuple, "_BackwardPlan"] = {}
+
+
+def clear_plans() -> None:
+    """Forget every cached launch plan (configs changed under them, or to free their compiled handles)."""
+    _FORWARD_PLANS.clear()
+    _BACKWARD_PLANS.clear()
+
+
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The seed as the one-element int64 device tensor the kernels read (an int is copied there, for tests)."""
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == device else seed.to(device)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _launch_matmul(c, a, strides_a, b, strides_b, k, *, bias=None, lora=None, lora_scale=1.0, seed=0,
-                   dropout_p=0.0, config: KernelConfig, max_block_r: int, tune_key: Optional[tuple] = None) -> None:
-    """c (M, N) = lora_scale · [keep ⊙] (L·R) + a·b [+ bias].
-
-    ``a`` is read as an (M, k) matrix with (row, column) strides ``strides_a``, ``b`` as (k, N) with
-    ``strides_b``; ``lora`` is (L, strides_l, R, strides_r, rank) for L (M, rank) and R (rank, N), or None.
-    """
-    m, n = c.shape
-    if m == 0 or n == 0:
-        return
-    if lora is not None:
-        l_t, strides_l, r_t, strides_r, rank = lora
-    else:
-        l_t, strides_l, r_t, strides_r, rank = c, (0, 0), c, (0, 0), 0
-    block_r = _rank_block(max(rank, 1), max_block_r)
-    bias_t = bias if bias is not None else c
-    stride_bias = bias.stride(0) if bias is not None else 0
-
-    def launch(cfg: KernelConfig) -> None:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _lora_matmul_kernel[grid](
-            a, b, c, bias_t, l_t, r_t,
-            m, n, k, rank,
-            strides_a[0], strides_a[1], strides_b[0], strides_b[1], c.stride(0), c.stride(1), stride_bias,
-            strides_l[0], strides_l[1], strides_r[0], strides_r[1],
-            float(lora_scale), int(seed), float(dropout_p),
-            HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_DROPOUT=dropout_p > 0,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
-            INPUT_PRECISION=_input_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    if tune_key is not None and _configs._OVERRIDE is None and _autotune_enabled(c.device):
-        config = _tuned_gemm(tune_key + (lora is not None, dropout_p > 0, bias is not None), config, launch)
-    launch(config)
 
 
 def _check(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -530,6 +606,60 @@ def _check(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
 
 
+class _ForwardPlan:
+    """The launches of one forward configuration: S = (keep ⊙ x)·Aᵀ/(1-p), then y = s·S·Bᵀ + x·Wᵀ + b."""
+
+    def __init__(self, x, weight, bias, lora_A, lora_B, has_dropout: bool):
+        m, k = x.shape
+        n, rank = weight.shape[0], lora_A.shape[0]
+        self.m, self.n, self.k, self.rank = m, n, k, rank
+        cfgs = kernel_configs(x.device, x.dtype, m, n, k, rank)
+        precision = _input_precision(x.dtype)
+        self.down = None
+        if k > 0:
+            cfg, block_r = cfgs.down, _rank_block(rank, cfgs.max_block_r)
+            self.down = _Launch(_lora_down_kernel, (triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)), dict(
+                HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+                INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            # sizes and strides of x (M, K), A (r, K) and S (M, r), S contiguous
+            self.down_ints = (m, k, rank, *x.stride(), *lora_A.stride(), rank, 1)
+        self.matmul = None
+        if n > 0:
+            # a = x (M, K), b = Wᵀ (K, N), c = y (M, N) contiguous, bias (N,), L = S (M, r), R = Bᵀ (r, N)
+            self.matmul_ints = (m, n, k, rank, x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), n, 1,
+                                bias.stride(0) if bias is not None else 0, rank, 1,
+                                lora_B.stride(1), lora_B.stride(0))
+            tune = None
+            if _autotune_enabled(x.device):
+                tune = (("forward", x.device, x.dtype, _bucket(m), n, k),
+                        lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.max_block_r))
+            self.matmul = _matmul_launch(m, n, k, rank, has_bias=bias is not None, has_lora=True,
+                                         has_dropout=False, config=cfgs.forward, max_block_r=cfgs.max_block_r,
+                                         precision=precision, tune=tune)
+
+    def _launch_with(self, cfg, x, weight, bias, lora_B, max_block_r) -> None:
+        """One forward GEMM with tile ``cfg`` on scratch outputs (autotuning times this)."""
+        y = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
+        s = torch.zeros((self.m, self.rank), device=x.device, dtype=x.dtype)
+        launch = _matmul_launch(self.m, self.n, self.k, self.rank, has_bias=bias is not None, has_lora=True,
+                                has_dropout=False, config=cfg, max_block_r=max_block_r,
+                                precision=_input_precision(x.dtype))
+        launch(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, 1.0, y, 0.0)
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        y = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
+        s = torch.empty((self.m, self.rank), device=x.device, dtype=x.dtype)
+        if self.down is not None:
+            self.down(x, lora_A, s, *self.down_ints, seed if dropout_p > 0 else x, float(dropout_p),
+                      1.0 / (1.0 - dropout_p))
+        else:
+            s.zero_()
+        if self.matmul is not None:
+            self.matmul(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
+                        float(scaling), y, 0.0)
+        return y, s
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -538,7 +668,7 @@ def forward(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: two launches, y written once.
 
@@ -546,7 +676,8 @@ def forward(
         x: (M, K), any strides. weight: (N, K). bias: (N,) or None. lora_A: (r, K). lora_B: (N, r).
             All in one floating dtype.
         scaling: the LoRA scale s (run-time, no recompilation). dropout_p: drop probability in [0, 1).
-        seed: dropout seed; the mask is ``dropout_mask(seed, (M, K), dropout_p, x.device)``.
+        seed: dropout seed, a one-element int64 tensor on x's device (or an int); the mask is
+            ``dropout_mask(seed, (M, K), dropout_p, x.device)``.
 
     Returns:
         ``y`` (M, N) = x·Wᵀ + b + s·S·Bᵀ and ``S`` (M, r) = (keep ⊙ x)·Aᵀ/(1-p), both in x's dtype.
@@ -555,36 +686,166 @@ def forward(
         ValueError / TypeError: shapes or dtypes do not fit.
     """
     _check(x, weight, lora_A, lora_B)
-    m, k = x.shape
-    n, rank = weight.shape[0], lora_A.shape[0]
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    s = torch.empty((m, rank), device=x.device, dtype=x.dtype)
-    if m == 0:
-        return y, s
-    if k == 0:
-        s.zero_()
-    cfgs = kernel_configs(x.device, x.dtype, m, n, k, rank)
-    precision = _input_precision(x.dtype)
+    if x.shape[0] == 0:
+        return (torch.empty((0, weight.shape[0]), device=x.device, dtype=x.dtype),
+                torch.empty((0, lora_A.shape[0]), device=x.device, dtype=x.dtype))
+    has_dropout = dropout_p > 0
+    key = _call_key("forward", x.device, x.dtype, (x, weight, bias, lora_A, lora_B), (has_dropout,))
+    plan = _cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, weight, bias, lora_A, lora_B, has_dropout))
     with _device_guard(x):
-        if k > 0:
-            cfg = cfgs.down
-            block_r = _rank_block(rank, cfgs.max_block_r)
-            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r))
-            _lora_down_kernel[grid](
-                x, lora_A, s,
-                m, k, rank,
-                x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
-                int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p),
-                HAS_DROPOUT=dropout_p > 0, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-                INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-        _launch_matmul(
-            y, x, (x.stride(0), x.stride(1)), weight, (weight.stride(1), weight.stride(0)), k,
-            bias=bias, lora=(s, (s.stride(0), s.stride(1)), lora_B, (lora_B.stride(1), lora_B.stride(0)), rank),
-            lora_scale=scaling, config=cfgs.forward, max_block_r=cfgs.max_block_r,
-            tune_key=("forward", x.device, x.dtype, _bucket(m), n, k),
-        )
-    return y, s
+        return plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                    _seed_tensor(seed, x.device) if has_dropout else None)
+
+
+class _BackwardPlan:
+    """The launches of one backward configuration (see the module docstring): the dY pass, [dS partial sums],
+    the dX GEMM, the dA pass, [dB/db/dA partial sums], [the dW GEMM]."""
+
+    def __init__(self, grad_y, x, weight, lora_A, lora_B, s, needs: Tuple[bool, ...], has_dropout: bool):
+        need_x, need_w, need_b, need_a, need_bb = needs
+        m, n = grad_y.shape
+        rank, k = lora_A.shape
+        device, dtype = grad_y.device, lora_A.dtype
+        self.m, self.n, self.k, self.rank, self.needs = m, n, k, rank, needs
+        cfgs = kernel_configs(device, dtype, m, n, k, rank)
+        precision = _input_precision(dtype)
+        self.need_ds = need_x or need_a
+
+        # --- the dY pass: dS (split over dY's columns), dB and db (partials per row block)
+        self.dy = None
+        if self.need_ds or need_bb or need_b:
+            cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, cfgs.max_block_r)
+            m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
+            splits, tiles_per_split = _split(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n), cfgs.target_programs,
+                                             cfgs.min_split_tiles)
+            self.ds_count, self.dbb_count, self.db_count = splits, m_blocks, m_blocks
+            self.dy = _Launch(_lora_dy_kernel, (m_blocks, splits, r_blocks), dict(
+                COMPUTE_DS=self.need_ds, COMPUTE_DBB=need_bb, COMPUTE_DBIAS=need_b,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, INPUT_PRECISION=precision,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            # sizes, then the strides of dY, B, S, and of the three workspaces: (count, M, r), (count, N, r) and
+            # (count, N), contiguous whether they are fp32 partials or the outputs themselves (count 1)
+            s_strides = s.stride() if need_bb else (0, 0)
+            self.dy_ints = (m, n, rank, tiles_per_split, *grad_y.stride(), *lora_B.stride(), *s_strides,
+                            m * rank, rank, 1, n * rank, rank, 1, n, 1)
+            self.ds_sum = _sum_launch([m * rank]) if self.need_ds and splits > 1 else None
+
+        # --- dX = keep ⊙ (dS·A)/(1-p) + dY·W
+        self.dx = None
+        if need_x and k > 0:
+            tune = None
+            if _autotune_enabled(device):
+                tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
+            self.dx = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
+                                     config=cfgs.grad_input, max_block_r=cfgs.max_block_r, precision=precision,
+                                     tune=tune)
+            self.dx_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+                            k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
+
+        # --- dA = dSᵀ·(keep ⊙ x)/(1-p), rows split over programs
+        self.da = None
+        self.da_count = 1
+        if need_a and k > 0:
+            cfg, block_r = cfgs.grad_a, _rank_block(rank, cfgs.max_block_r)
+            k_blocks, r_blocks = triton.cdiv(k, cfg.block_k), triton.cdiv(rank, block_r)
+            splits, tiles_per_split = _split(k_blocks * r_blocks, triton.cdiv(m, cfg.block_m), cfgs.target_programs,
+                                             cfgs.min_split_tiles)
+            self.da_count = splits
+            self.da = _Launch(_lora_da_kernel, (k_blocks, r_blocks, splits), dict(
+                HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+                INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            self.da_ints = (m, k, rank, tiles_per_split, rank, 1, x.stride(0), x.stride(1), rank * k, k, 1)
+
+        # --- one launch sums the dB, db and dA partials
+        tail = []
+        if self.dy is not None and need_bb and self.dbb_count > 1:
+            tail.append(n * rank)
+        if self.dy is not None and need_b and self.db_count > 1:
+            tail.append(n)
+        if self.da is not None and self.da_count > 1:
+            tail.append(rank * k)
+        self.tail_sum = _sum_launch(tail)
+
+        # --- dW = dYᵀ·x, only for a trainable base
+        self.dw = None
+        if need_w and n > 0 and k > 0:
+            tune = None
+            if _autotune_enabled(device):
+                tune = (("grad_weight", device, dtype, n, k, _bucket(m)), self._scratch_gemm(grad_y, x, k, dw=True))
+            self.dw = _matmul_launch(n, k, m, 0, has_bias=False, has_lora=False, has_dropout=False,
+                                     config=cfgs.grad_weight, max_block_r=cfgs.max_block_r, precision=precision,
+                                     tune=tune)
+            self.dw_ints = (n, k, m, 0, grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1), k, 1, 0,
+                            0, 0, 0, 0)
+
+    @staticmethod
+    def _scratch_gemm(grad_y, other, k, dw=False):
+        """A launcher of a plain GEMM with tile ``cfg`` on a scratch output, for autotuning."""
+        def launch(cfg):
+            if dw:  # dYᵀ (N, M) · x (M, K)
+                m_, n_, red = grad_y.shape[1], k, grad_y.shape[0]
+                strides = (grad_y.stride(1), grad_y.stride(0), other.stride(0), other.stride(1))
+            else:  # dY (M, N) · W (N, K)
+                m_, n_, red = grad_y.shape[0], k, grad_y.shape[1]
+                strides = (grad_y.stride(0), grad_y.stride(1), other.stride(0), other.stride(1))
+            c = torch.empty((m_, n_), device=grad_y.device, dtype=grad_y.dtype)
+            _matmul_launch(m_, n_, red, 0, has_bias=False, has_lora=False, has_dropout=False, config=cfg,
+                           max_block_r=64, precision=_input_precision(grad_y.dtype))(
+                grad_y, other, c, c, c, c, m_, n_, red, 0, *strides, n_, 1, 0, 0, 0, 0, 0, 1.0, c, 0.0)
+        return launch
+
+    def __call__(self, grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
+        need_x, need_w, need_b, need_a, need_bb = self.needs
+        m, n, k, rank = self.m, self.n, self.k, self.rank
+        device, dtype = grad_y.device, lora_A.dtype
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        dx = dw = db = da = dbb = None
+        ds = torch.empty((m, rank), device=device, dtype=dtype) if self.need_ds else None
+        if need_bb:
+            dbb = torch.empty((n, rank), device=device, dtype=dtype)
+        if need_b:
+            db = torch.empty((n,), device=device, dtype=dtype)
+        tail = []
+
+        if self.dy is not None:  # an output the pass does not compute gets dY as a placeholder pointer
+            ds_ws = self._workspace(self.ds_count, (m, rank), ds, []) if self.need_ds else grad_y
+            dbb_ws = self._workspace(self.dbb_count, (n, rank), dbb, tail) if need_bb else grad_y
+            db_ws = self._workspace(self.db_count, (n,), db, tail) if need_b else grad_y
+            self.dy(grad_y, lora_B, s if need_bb else grad_y, ds_ws, dbb_ws, db_ws, *self.dy_ints, float(scaling))
+            if self.ds_sum is not None:
+                self.ds_sum(*_sum_args([(ds_ws, ds)]))
+
+        if need_x:
+            dx = torch.empty((m, k), device=device, dtype=dtype)
+            if self.dx is not None:
+                self.dx(grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
+                        seed if dropout_p > 0 else dx, float(dropout_p))
+
+        if need_a:
+            da = torch.empty((rank, k), device=device, dtype=dtype)
+            if self.da is not None:
+                da_ws = self._workspace(self.da_count, (rank, k), da, tail)
+                self.da(ds, x, da_ws, *self.da_ints, seed if dropout_p > 0 else x, float(dropout_p), inv_keep)
+        if self.tail_sum is not None:
+            self.tail_sum(*_sum_args(tail))
+
+        if need_w:
+            dw = torch.empty((n, k), device=device, dtype=dtype)
+            if self.dw is not None:
+                self.dw(grad_y, x, dw, dw, dw, dw, *self.dw_ints, 1.0, dw, 0.0)
+            else:
+                dw.zero_()
+        return dx, dw, db, da, dbb
+
+    @staticmethod
+    def _workspace(count: int, shape: Tuple[int, ...], out: torch.Tensor, tail: list) -> torch.Tensor:
+        """Where ``count`` partial sums of ``out`` go: ``out`` itself for a single partial (the kernels index
+        it as (1, *shape)), else a fp32 workspace (count, *shape), queued in ``tail`` to be summed into ``out``."""
+        if count == 1:
+            return out
+        ws = torch.empty((count, *shape), device=out.device, dtype=torch.float32)
+        tail.append((ws, out))
+        return ws
 
 
 def backward(
@@ -596,7 +857,7 @@ def backward(
     s: Optional[torch.Tensor],
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed,
     needs_grad: Sequence[bool],
 ) -> Grads:
     """Fused backward: gradients ``(dx, dweight, dbias, dA, dB)``, None where ``needs_grad`` is False.
@@ -611,7 +872,8 @@ def backward(
         dX = dY·W + keep ⊙ (dS·A)/(1-p) with dS = s·dY·B; dW = dYᵀ·x; db = Σ_rows dY; dA = dSᵀ·x̃;
         dB = s·dYᵀ·S. Deterministic (fixed-order partial sums, no atomics).
     """
-    need_x, need_w, need_b, need_a, need_bb = (bool(v) for v in needs_grad)
+    needs = tuple(bool(v) for v in needs_grad)
+    need_x, need_w, need_b, need_a, need_bb = needs
     m, n = grad_y.shape
     rank, k = lora_A.shape
     dtype = lora_A.dtype
@@ -619,107 +881,26 @@ def backward(
         grad_y = grad_y.to(dtype)
     device = grad_y.device
 
-    def new(*shape, zero=False):
-        return (torch.zeros if zero else torch.empty)(shape, device=device, dtype=dtype)
-
     if m == 0:  # nothing to launch: empty dX, zero sums
-        return (new(0, k) if need_x else None, new(n, k, zero=True) if need_w else None,
-                new(n, zero=True) if need_b else None, new(rank, k, zero=True) if need_a else None,
-                new(n, rank, zero=True) if need_bb else None)
+        def zeros(*shape):
+            return torch.zeros(shape, device=device, dtype=dtype)
+        return (zeros(0, k) if need_x else None, zeros(n, k) if need_w else None, zeros(n) if need_b else None,
+                zeros(rank, k) if need_a else None, zeros(n, rank) if need_bb else None)
 
-    cfgs = kernel_configs(device, dtype, m, n, k, rank)
-    precision = _input_precision(dtype)
     has_dropout = dropout_p > 0
-    inv_keep = 1.0 / (1.0 - dropout_p)
-    dx = dw = db = da = dbb = None
-    need_ds = need_x or need_a
-    tail = []  # (workspace, out) pairs summed in one launch at the end
+    key = _call_key("backward", device, dtype, (grad_y, x, weight, lora_A, lora_B, s), (has_dropout, needs))
+    plan = _cached(_BACKWARD_PLANS, key,
+                   lambda: _BackwardPlan(grad_y, x, weight, lora_A, lora_B, s, needs, has_dropout))
     with _device_guard(grad_y):
-        # --- one pass over dY: dS, dB, db
-        ds = new(m, rank) if need_ds else None
-        if need_ds or need_bb or need_b:
-            cfg = cfgs.grad_output_pass
-            block_r = _rank_block(rank, cfgs.max_block_r)
-            m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
-            splits, tiles_per_split = _split(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n), cfgs.target_programs,
-                                             cfgs.min_split_tiles)
-            ds_ws = _workspace(splits, (m, rank), ds) if need_ds else grad_y.unsqueeze(0)
-            if need_bb:
-                dbb = new(n, rank)
-                dbb_ws = _workspace(m_blocks, (n, rank), dbb)
-                tail.append((dbb_ws, dbb))
-            else:
-                dbb_ws = grad_y.unsqueeze(0)
-            if need_b:
-                db = new(n)
-                db_ws = _workspace(m_blocks, (n,), db)
-                tail.append((db_ws, db))
-            else:
-                db_ws = grad_y
-            s_t = s if need_bb else grad_y
-            _lora_dy_kernel[(m_blocks, splits, r_blocks)](
-                grad_y, lora_B, s_t, ds_ws, dbb_ws, db_ws,
-                m, n, rank, tiles_per_split,
-                grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), s_t.stride(0), s_t.stride(1),
-                ds_ws.stride(0), ds_ws.stride(1), ds_ws.stride(2), dbb_ws.stride(0), dbb_ws.stride(1),
-                dbb_ws.stride(2), db_ws.stride(0), db_ws.stride(1),
-                float(scaling),
-                COMPUTE_DS=need_ds, COMPUTE_DBB=need_bb, COMPUTE_DBIAS=need_b,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, INPUT_PRECISION=precision,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-            if need_ds:
-                _sum_partials((ds_ws, ds))
-
-        # --- dX = keep ⊙ (dS·A)/(1-p) + dY·W in one GEMM
-        if need_x:
-            dx = new(m, k)
-            _launch_matmul(
-                dx, grad_y, (grad_y.stride(0), grad_y.stride(1)), weight, (weight.stride(0), weight.stride(1)), n,
-                lora=(ds, (ds.stride(0), ds.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), rank),
-                lora_scale=inv_keep if has_dropout else 1.0, seed=seed, dropout_p=dropout_p,
-                config=cfgs.grad_input, max_block_r=cfgs.max_block_r,
-                tune_key=("grad_input", device, dtype, _bucket(m), k, n),
-            )
-
-        # --- dA = dSᵀ·(keep ⊙ x)/(1-p), mask regenerated
-        if need_a:
-            da = new(rank, k)
-            if k > 0:
-                cfg = cfgs.grad_a
-                block_r = _rank_block(rank, cfgs.max_block_r)
-                k_blocks, r_blocks = triton.cdiv(k, cfg.block_k), triton.cdiv(rank, block_r)
-                splits, tiles_per_split = _split(k_blocks * r_blocks, triton.cdiv(m, cfg.block_m), cfgs.target_programs,
-                                                 cfgs.min_split_tiles)
-                da_ws = _workspace(splits, (rank, k), da)
-                tail.append((da_ws, da))
-                _lora_da_kernel[(k_blocks, r_blocks, splits)](
-                    ds, x, da_ws,
-                    m, k, rank, tiles_per_split,
-                    ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
-                    da_ws.stride(0), da_ws.stride(1), da_ws.stride(2),
-                    int(seed), float(dropout_p), inv_keep,
-                    HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-                    INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                )
-        _sum_partials(*tail)
-
-        # --- dW = dYᵀ·x, only for a trainable base
-        if need_w:
-            dw = new(n, k)
-            _launch_matmul(
-                dw, grad_y, (grad_y.stride(1), grad_y.stride(0)), x, (x.stride(0), x.stride(1)), m,
-                config=cfgs.grad_weight, max_block_r=cfgs.max_block_r,
-                tune_key=("grad_weight", device, dtype, n, k, _bucket(m)),
-            )
-    return dx, dw, db, da, dbb
+        return plan(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p,
+                    _seed_tensor(seed, device) if has_dropout else None)
 
 
-def dropout_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+def dropout_mask(seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
     """The keep-mask the kernels regenerate for ``seed``: True where an element of x survives dropout.
 
     Args:
-        seed: the dropout seed given to ``forward``/``backward``.
+        seed: the dropout seed given to ``forward``/``backward`` (a one-element int64 tensor, or an int).
         shape: (M, K), or any shape whose last dimension is K (rows are the flattened leading dimensions).
         dropout_p: drop probability in [0, 1).
         device: where to build it (a CUDA device, or any device under ``TRITON_INTERPRET=1``).
@@ -740,6 +921,7 @@ def dropout_mask(seed: int, shape: Sequence[int], dropout_p: float, device: torc
     block = 32 if _interpreting() else 64
     with _device_guard(out):
         _dropout_mask_kernel[(triton.cdiv(m, block), triton.cdiv(k, block))](
-            out, m, k, out.stride(0), out.stride(1), int(seed), float(dropout_p), BLOCK_M=block, BLOCK_K=block,
+            out, m, k, out.stride(0), out.stride(1), _seed_tensor(seed, out.device), float(dropout_p),
+            BLOCK_M=block, BLOCK_K=block,
         )
     return out.view(shape)
