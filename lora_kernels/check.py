@@ -103,14 +103,35 @@ def run_aot(args) -> int:
         print(f"check --aot: {missing}", file=sys.stderr)
         return 2
     precisions = args.precision or list(aot.PRECISIONS)
-    jobs = [(arch, p) for arch in args.arch for p in precisions]
+    jobs = [(arch, p) for p in precisions for arch in args.arch]  # every arch of the first precision first
     start = time.time()
     reports, errors = [], []
-    if args.jobs <= 1:
-        results = [_sweep_job(arch, p, args.full, args.quick) for arch, p in jobs]
+    parts = Path(args.out) / "jobs" if args.out else None
+    if parts:  # each finished (arch, precision) is kept, so a long sweep that is stopped still reports
+        parts.mkdir(parents=True, exist_ok=True)
+
+    def done(arch, precision, result):
+        if parts:
+            (parts / f"sm{arch}-{precision}.json").write_text(json.dumps(result, default=str))
+        return result
+
+    if args.from_jobs:  # a report from the per-job results of an earlier (possibly stopped) sweep
+        files = sorted(Path(args.from_jobs).glob("sm*-*.json"))
+        results = [json.loads(f.read_text()) for f in files]
+        args.arch = sorted({int(f.stem[2:].split("-")[0]) for f in files}, key=ARCHS.index)
+    elif parts and args.resume:  # jobs already in jobs/ are not compiled again
+        results = [json.loads((parts / f"sm{a}-{p}.json").read_text()) for a, p in jobs
+                   if (parts / f"sm{a}-{p}.json").exists()]
+        todo = [(a, p) for a, p in jobs if not (parts / f"sm{a}-{p}.json").exists()]
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_sweep_job, arch, p, args.full, args.quick): (arch, p) for arch, p in todo}
+            results += [done(*futures[f], f.result()) for f in concurrent.futures.as_completed(futures)]
+    elif args.jobs <= 1:
+        results = [done(arch, p, _sweep_job(arch, p, args.full, args.quick)) for arch, p in jobs]
     else:
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_sweep_job, *zip(*jobs), [args.full] * len(jobs), [args.quick] * len(jobs)))
+            futures = {pool.submit(_sweep_job, arch, p, args.full, args.quick): (arch, p) for arch, p in jobs}
+            results = [done(*futures[f], f.result()) for f in concurrent.futures.as_completed(futures)]
     for r, e in results:
         reports += r
         errors += e
@@ -151,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true", help="--aot: every (N, K) pair and autotune candidate")
     parser.add_argument("--quick", action="store_true", help="--aot: the representative subset of the tests")
     parser.add_argument("--jobs", type=int, default=1, help="--aot: compile processes (default 1)")
-    parser.add_argument("--out", help="--aot: write report.md and report.json to this directory")
+    parser.add_argument("--out", help="--aot: write report.md and report.json (and jobs/, one file per arch and "
+                                      "precision as each finishes) to this directory")
+    parser.add_argument("--resume", action="store_true", help="--aot: keep the jobs/ results already in --out")
+    parser.add_argument("--from-jobs", metavar="DIR", help="--aot: report from the jobs/ files of an earlier sweep")
     parser.add_argument("--shapes", type=parse_shapes,
                         help="device check: MxKxN:rank[,...] (default: the benchmark shapes)")
     parser.add_argument("--interpret", action="store_true",
