@@ -22,6 +22,15 @@ needs_hf = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared, loaded 2-core machine: with 2 OpenMP threads each one can take 30 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # MiniMind's own code patterns (github jingyaogong/minimind, model/model_lora.py and model_minimind.py)
 
@@ -109,7 +118,7 @@ def test_in_place_residual_add_on_lora_output_trains(dropout):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(1))
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         loss = _lm_loss(model, ids)
         loss.backward()
         opt.step()
@@ -249,9 +258,44 @@ def test_peft_merge_and_unload_after_fuse_gives_a_loadable_model(tmp_path):
         torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_with_lora_dropout_gives_the_same_gradients(use_reentrant):
+    """TrainingArguments(gradient_checkpointing=True) recomputes each layer: the dropout mask must be redrawn
+    identically in the recomputation."""
+    pytest.importorskip("transformers")
+    from peft import LoraConfig, get_peft_model
+
+    fresh = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def grads(checkpointing):
+        base = fresh()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        torch.manual_seed(5)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+        if checkpointing and use_reentrant:
+            model.enable_input_require_grads()
+        lk.fuse_peft_model(model)
+        with torch.no_grad():
+            for _, layer in lk.iter_lora_layers(model):
+                layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        model.train()
+        torch.manual_seed(123)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: (layer.lora_A.grad, layer.lora_B.grad) for name, layer in lk.iter_lora_layers(model)}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 14
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name][0], plain[name][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(checkpointed[name][1], plain[name][1], rtol=1e-5, atol=1e-7)
+
+
 for _test in (test_trainer_style_checkpoint_of_fused_peft_model_reloads_in_peft,
               test_lk_merge_and_unload_of_fused_peft_model_saves_a_plain_model,
-              test_peft_merge_and_unload_after_fuse_gives_a_loadable_model):
+              test_peft_merge_and_unload_after_fuse_gives_a_loadable_model,
+              test_gradient_checkpointing_with_lora_dropout_gives_the_same_gradients):
     for _mark in needs_hf:
         _mark(_test)
 
