@@ -1,8 +1,8 @@
 """lora_kernels inside code this project did not write: MiniMind's own LoRA conventions, transformers +
 PEFT + Trainer checkpoints, torch.compile of a user model, and bad files handed to the library.
 
-Each test is a reproducer from a user trial. Tests marked ``xfail(strict=True)`` are known bugs: they pass
-(and so fail the suite, being strict) once the bug is fixed, and the mark is then removed.
+Each test is a reproducer from a user trial; the ones that found bugs (PEFT's merge_and_unload/unload after
+fuse_peft_model, torch.compile with dynamic=True, a text file given as an adapter) now guard their fixes.
 """
 import copy
 import importlib.util
@@ -236,11 +236,6 @@ def test_lk_merge_and_unload_of_fused_peft_model_saves_a_plain_model(tmp_path):
         torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after fuse_peft_model, PEFT's own merge_and_unload() silently returns the model with FusedLoRALinear "
-    "layers still in (unmerged) whose state_dict keeps PEFT names (q_proj.base_layer.weight); "
-    "save_pretrained of that 'merged' model reloads with q_proj.weight etc. MISSING (random weights). "
-    "Should either merge or raise."))
 def test_peft_merge_and_unload_after_fuse_gives_a_loadable_model(tmp_path):
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -249,18 +244,12 @@ def test_peft_merge_and_unload_after_fuse_gives_a_loadable_model(tmp_path):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-        try:
-            merged = model.merge_and_unload()
-        except (ValueError, RuntimeError, TypeError):
-            return  # refusing, with a message, is an acceptable fix
+        merged = model.merge_and_unload()
         merged.save_pretrained(tmp_path / "merged")
         again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after fuse_peft_model, PEFT's own unload() (documented: the base model without LoRA) silently returns the "
-    "model with the 14 FusedLoRALinear layers still applying the adapter"))
 def test_peft_unload_after_fuse_returns_the_base_model():
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
@@ -269,11 +258,24 @@ def test_peft_unload_after_fuse_returns_the_base_model():
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base_logits = fresh()(input_ids=ids).logits
-        try:
-            unloaded = model.unload()
-        except (ValueError, RuntimeError, TypeError):
-            return  # refusing, with a message, is an acceptable fix
+        unloaded = model.unload()
         torch.testing.assert_close(unloaded(input_ids=ids).logits, base_logits, rtol=0, atol=1e-5)
+
+
+def test_peft_disable_adapter_after_fuse_runs_the_base_model():
+    """TRL's DPO trainer takes its reference model this way."""
+    fresh = _tiny_llama()
+    model = _fused_peft_llama(fresh)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = fresh()(input_ids=ids).logits
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert (adapted - base_logits).abs().max() > 1e-3  # the adapter matters, so the test can fail
+    torch.testing.assert_close(disabled, base_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, adapted, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -314,6 +316,7 @@ for _test in (test_trainer_style_checkpoint_of_fused_peft_model_reloads_in_peft,
               test_lk_merge_and_unload_of_fused_peft_model_saves_a_plain_model,
               test_peft_merge_and_unload_after_fuse_gives_a_loadable_model,
               test_peft_unload_after_fuse_returns_the_base_model,
+              test_peft_disable_adapter_after_fuse_runs_the_base_model,
               test_gradient_checkpointing_with_lora_dropout_gives_the_same_gradients):
     for _mark in needs_hf:
         _mark(_test)
@@ -354,10 +357,6 @@ def test_compiled_user_model_with_dropout_matches_eager_and_compiles_twice_at_mo
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch.compile(FusedLoRALinear, fullgraph=True, dynamic=True) fails: functional._check_args calls "
-    "math.isfinite(scaling) on a symbolic float (Dynamo: 'Unsupported torch.* op returned non-Tensor'); "
-    "train_lora --use_compile 1 compiles with dynamic=True, so it graph-breaks in every LoRA layer"))
 def test_fullgraph_dynamic_true_compiles():
     from torch._dynamo.testing import CompileCounter
 
@@ -374,10 +373,6 @@ def test_fullgraph_dynamic_true_compiles():
 # bad files
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a text file named .pth (not zip, not pickle) makes torch's weights_only unpickler raise KeyError/"
-    "IndexError, which read_tensor_file does not catch: load_lora raises KeyError: 101, and every CLI "
-    "(chat --lora/--weights, merge_lora, plot_lora, train_lora --base) ends with a traceback, not one line"))
 @pytest.mark.parametrize("text", ["hello\nworld\n", "root:x:0:0:root:/root:/bin/bash\n"])
 def test_text_file_as_adapter_is_a_value_error(tmp_path, text):
     path = tmp_path / "adapter.pth"
