@@ -204,16 +204,28 @@ def _ptxas_numbers(log: str) -> Tuple[int, int, int]:
 
 
 def _run_ptxas(ptx: str, arch: int) -> str:
-    """``ptxas -v`` with Triton's flags, for a kernel that came from Triton's cache (no log kept)."""
+    """``ptxas -v`` with Triton's flags, for a kernel that came from Triton's cache (no log kept).
+
+    Triton ships two ptxas (``ptxas`` for sm < 90, ``ptxas-blackwell`` from sm90 on) and writes PTX of the
+    version its compiler targeted; a PTX one of them cannot read is given to the other. When neither reads
+    it, the error says what ptxas printed.
+    """
+    from triton import knobs
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
+    tools = [get_ptxas(arch).path] + [t.path for t in (knobs.nvidia.ptxas, knobs.nvidia.ptxas_blackwell)]
+    errors = []
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        done = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                               f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
-                              capture_output=True, text=True, check=True)
-    return done.stderr + done.stdout
+        for tool in dict.fromkeys(tools):  # in order, without repeats
+            done = subprocess.run([tool, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                   f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                return done.stderr + done.stdout
+            errors.append(f"{Path(tool).name}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    raise RuntimeError(f"ptxas could not read a cached kernel's PTX for sm{arch}: {'; '.join(errors)}")
 
 
 def _sass(cubin: bytes) -> str:

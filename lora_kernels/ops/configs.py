@@ -129,7 +129,7 @@ def _gemm_candidates(capability: Tuple[int, int], dtype: torch.dtype, tf32: bool
     on sm90 (532 B with a rank block of 64), 128x128 do not.
     """
     if dtype == torch.float32 and not tf32:  # IEEE fp32 runs on CUDA cores: smaller K blocks
-        candidates = [(KernelConfig(64, 128, 32, 8, 8, 3), 1.0), (KernelConfig(64, 64, 32, 8, 4, 3), 0.9)]
+        candidates = [(KernelConfig(64, 128, 32, 8, 8, 3), 1.0), (KernelConfig(64, 64, 16, 8, 8, 3), 0.9)]
     elif capability[0] >= 9 and dtype == torch.float32:
         candidates = [(KernelConfig(128, 128, 32, 8, 8, 4), 1.0), (KernelConfig(64, 128, 32, 8, 4, 4), 0.8)]
     elif capability[0] >= 9:
@@ -157,12 +157,15 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
     elem, limit = dtype.itemsize, _shared_limit(capability)
     hopper = capability[0] >= 9
     # fp32 operands (IEEE or TF32) take twice the registers of fp16: rank blocks of 32 (64 spill in TF32)
-    max_block_r = 64 if elem == 2 else 32
+    # and on sm8x for 16-bit too (64 spill 20-296 B in the forward GEMM at ranks that are not multiples of 16)
+    max_block_r = 64 if elem == 2 and hopper else 32
     stages = 4 if hopper else 3
     if m_bucket <= 64:  # decode-like: thin row tiles, narrower column tiles for more programs
         bm = max(16, m_bucket)
         # K blocks of 64 bytes x 2 (64 fp16, 32 fp32): 128 fp16 spilled on sm90 with a rank block of 64
-        gemm = KernelConfig(bm, 64 if bm == 16 else 128, 64 if elem == 2 else 32, 8, 4, stages)
+        # IEEE fp32 (CUDA cores, operands in registers) and sm8x: K blocks of 64 bytes (4-20 B spills at 128)
+        k_bytes = 128 if hopper and wide else 64
+        gemm = KernelConfig(bm, 64 if bm == 16 else 128, k_bytes // elem, 8, 4, stages)
         forward = grad_input = _fit(gemm, (gemm.block_m + gemm.block_n) * gemm.block_k, elem, limit)
     else:
         candidates = _gemm_candidates(capability, dtype, tf32)
@@ -172,6 +175,7 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
     # Memory-bound passes. IEEE fp32 dots run on CUDA cores and keep their operands in registers: smaller
     # tiles and rank blocks of 32 (larger ones spill, per ptxas on sm80/sm90). Column blocks of 256 bytes
     # (128 fp16, 64 fp32) in S and dA, halved with a rank block of 64 (12 B of spills in S on sm90).
+    wide_rank = block_r > 32  # the rank's block before the cap: ranks above 32 loop or split on sm8x
     block_r = min(block_r, max_block_r)
     row_bytes = 256 if block_r <= 32 and elem == 2 else 128  # 256 B of fp32 spill 4 B in S (TF32, sm90)
     # IEEE fp32: 32 rows (64 with a rank block of 32 spill 44 B on sm80)
@@ -179,12 +183,15 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
                         num_warps=4, num_stages=stages)
     down = _fit(down, (down.block_m + block_r) * down.block_k, elem, limit)
     if elem == 2:  # sm8x with a rank block of 64: 64 rows and 4 warps (128 rows and 8 warps spill 40 B with db)
-        rows = 128 if hopper or block_r <= 32 else 64
+        rows = 128 if hopper or not wide_rank else 64
         dy = KernelConfig(min(rows, max(16, m_bucket)), 64, 0,
                           num_warps=4 if block_r <= 32 or not hopper else 8, num_stages=3)
-        da = KernelConfig(64, 0, row_bytes // elem, num_warps=4, num_stages=3)
+        # 128-byte rows (256 spill 20 B on sm90 with r <= 16); 8 warps on sm8x for ranks above 32 (4: 20 B)
+        da = KernelConfig(64, 0, 128 // elem, num_warps=8 if wide_rank and not hopper else 4, num_stages=3)
     else:  # fp32: 64 x 32 tiles of dY, 8 warps with a rank block of 32 (4 spill 80 B on sm90, TF32 on sm80)
-        dy = KernelConfig(min(64, max(16, m_bucket)), 32, 0, num_warps=4 if block_r <= 16 else 8, num_stages=3)
+        # IEEE fp32 (operands in registers): 32 rows (64 spill 8-12 B on sm90 with ds, dB and db)
+        dy = KernelConfig(min(64 if wide else 32, max(16, m_bucket)), 32, 0, num_warps=4 if block_r <= 16 else 8,
+                          num_stages=3)
         da = KernelConfig(64 if wide else 32, 0, 64, num_warps=4, num_stages=3)
     dy = _fit(dy, dy.block_m * dy.block_n + dy.block_n * block_r, elem, limit)
     da = _fit(da, da.block_m * (da.block_k + block_r), elem, limit)
