@@ -157,8 +157,9 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
     elem, limit = dtype.itemsize, _shared_limit(capability)
     hopper = capability[0] >= 9
     # fp32 operands (IEEE or TF32) take twice the registers of fp16: rank blocks of 32 (64 spill in TF32)
-    # and on sm8x for 16-bit too (64 spill 20-296 B in the forward GEMM at ranks that are not multiples of 16)
-    max_block_r = 64 if elem == 2 and hopper else 32
+    # (sm80 16-bit forward GEMMs at ranks that are not multiples of 16, r = 100, still spill 20-296 B with 64;
+    # 32 moves the spill to the decode dX GEMM: see benchmarks/results/compile-gate)
+    max_block_r = 64 if elem == 2 else 32
     stages = 4 if hopper else 3
     if m_bucket <= 64:  # decode-like: thin row tiles, narrower column tiles for more programs
         bm = max(16, m_bucket)
@@ -186,8 +187,7 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
         rows = 128 if hopper or not wide_rank else 64
         dy = KernelConfig(min(rows, max(16, m_bucket)), 64, 0,
                           num_warps=4 if block_r <= 32 or not hopper else 8, num_stages=3)
-        # 128-byte rows (256 spill 20 B on sm90 with r <= 16); 8 warps on sm8x for ranks above 32 (4: 20 B)
-        da = KernelConfig(64, 0, 128 // elem, num_warps=8 if wide_rank and not hopper else 4, num_stages=3)
+        da = KernelConfig(64, 0, 128 // elem, num_warps=4, num_stages=3)  # 128-byte rows (256: 20 B spills, sm90)
     else:  # fp32: 64 x 32 tiles of dY, 8 warps with a rank block of 32 (4 spill 80 B on sm90, TF32 on sm80)
         # IEEE fp32 (operands in registers): 32 rows (64 spill 8-12 B on sm90 with ds, dB and db)
         dy = KernelConfig(min(64 if wide else 32, max(16, m_bucket)), 32, 0, num_warps=4 if block_r <= 16 else 8,
