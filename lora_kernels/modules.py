@@ -15,6 +15,14 @@ Initialisation (B = 0 in both, so a fresh adapter leaves the layer's output unch
 State dict: whether merged or not, a layer saves the *unmerged* ``weight`` next to ``lora_A``/``lora_B``,
 so a state dict loaded into a fresh layer counts the adapter once; loading into a merged layer keeps it
 merged with the loaded adapter.
+
+Quantized base (QLoRA): ``quantize="nf4"`` or ``"int8"`` (constructor, :meth:`FusedLoRALinear.from_linear`,
+:meth:`FusedLoRALinear.quantize_base`) replaces the ``weight`` parameter by buffers holding the packed codes
+and scales of :mod:`lora_kernels.quant` (``weight_data``, ``weight_absmax``, ``weight_code`` and, with double
+quantization, ``weight_absmax2``, ``weight_code2``, ``weight_offset``). They follow ``state_dict``, ``.to()``
+(a device move; a dtype cast leaves the fp32 scales in fp32) and ``deepcopy``; ``weight`` is then None. The
+base is frozen; the kernels dequantize it in the input's dtype. ``merge()`` is refused on such a layer (W
+cannot hold the adapter exactly in 4 bits); :meth:`FusedLoRALinear.to_linear` dequantizes and merges.
 """
 from __future__ import annotations
 
@@ -26,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import BACKENDS, lora_linear
+from . import quant
+from .functional import BACKENDS, _rows, lora_linear
 
 INITS = ("minimind", "kaiming")
 
@@ -56,9 +65,11 @@ class FusedLoRALinear(nn.Module):
         use_rslora: scale by alpha / √rank instead of alpha / rank.
         init: ``"minimind"`` or ``"kaiming"`` initialisation of ``lora_A`` (``lora_B`` starts at zero).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :func:`lora_kernels.lora_linear`).
+        quantize: None, or ``"nf4"`` / ``"int8"``: a frozen quantized base (see the module docstring).
+        double_quant: with ``"nf4"``, quantize the blockwise absmax too (bitsandbytes' compress_statistics).
 
     Raises:
-        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init or backend.
+        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init, backend or quantize.
 
     Warns:
         UserWarning: when rank >= in·out / (in + out), the adapter has at least as many parameters as
@@ -78,6 +89,8 @@ class FusedLoRALinear(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        quantize: Optional[str] = None,
+        double_quant: bool = False,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -85,6 +98,8 @@ class FusedLoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self._setup_lora(in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory)
         self._reset_base_parameters()
+        if quantize is not None:
+            self.quantize_base(quantize, double_quant)
 
     @classmethod
     def from_linear(
@@ -98,8 +113,11 @@ class FusedLoRALinear(nn.Module):
         backend: str = "auto",
         lora_dtype: Optional[torch.dtype] = None,
         allow_custom_forward: bool = False,
+        quantize: Optional[str] = None,
+        double_quant: bool = False,
     ) -> "FusedLoRALinear":
-        """Wraps an existing ``nn.Linear``, sharing its weight and bias (no copy).
+        """Wraps an existing ``nn.Linear``, sharing its weight and bias (no copy; with ``quantize`` the
+        new layer holds a quantized copy of the weight instead, and the linear is left unchanged).
 
         Args:
             linear: the layer to adapt.
@@ -127,6 +145,8 @@ class FusedLoRALinear(nn.Module):
         layer._setup_lora(linear.in_features, linear.out_features, rank, alpha, dropout, use_rslora, init,
                           backend, factory)
         layer.train(linear.training)
+        if quantize is not None:
+            layer.quantize_base(quantize, double_quant)
         return layer
 
     def _setup_lora(self, in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory):
@@ -155,7 +175,60 @@ class FusedLoRALinear(nn.Module):
         self._state_dict_names = {}
         self.lora_enabled = True  # False: run the base layer alone (see lora_kernels.disable_lora)
         self.register_buffer("_weight_before_merge", None, persistent=False)
+        self.quantize, self.base_dtype = None, None  # set by quantize_base
         self.reset_lora_parameters()
+
+    # ------------------------------------------------------------------------------------ quantized base
+    @torch.no_grad()
+    def quantize_base(self, format: str, double_quant: bool = False) -> None:
+        """Replaces the ``weight`` parameter by a frozen quantized copy (``"nf4"`` or ``"int8"``), in place.
+
+        Raises:
+            ValueError: an unknown format, double quantization with int8, or a layer already quantized.
+            RuntimeError: the layer is merged.
+        """
+        if self.quantize is not None:
+            raise ValueError(f"the base is already quantized ({self.quantize!r})")
+        if self._merged:
+            raise RuntimeError("cannot quantize a merged layer; call unmerge() first")
+        self.use_quantized(quant.quantize(self.weight, format, double_quant), self.weight.dtype)
+
+    def use_quantized(self, qweight: "quant.QuantizedWeight", base_dtype: torch.dtype) -> None:
+        """Makes ``qweight`` (already quantized: bitsandbytes' data, say) the layer's frozen base;
+        ``base_dtype`` is the dtype :meth:`to_linear` gives back."""
+        if tuple(qweight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a quantized weight of shape {tuple(qweight.shape)} does not fit a "
+                             f"{self.in_features}->{self.out_features} layer (expected "
+                             f"{(self.out_features, self.in_features)})")
+        del self.weight
+        self.register_parameter("weight", None)
+        for name, t in qweight.tensors().items():
+            self.register_buffer("weight_" + name, t)
+        self.quantize, self.base_dtype, self.quant_blocksize = qweight.format, base_dtype, qweight.blocksize
+
+    @property
+    def qweight(self) -> Optional["quant.QuantizedWeight"]:
+        """The quantized base as a :class:`lora_kernels.quant.QuantizedWeight` over this layer's buffers
+        (None for a dense base)."""
+        if self.quantize is None:
+            return None
+        tensors = {name[len("weight_"):]: t for name, t in self._buffers.items()
+                   if name.startswith("weight_") and t is not None}
+        return quant.QuantizedWeight.from_tensors(self.quantize, (self.out_features, self.in_features), tensors,
+                                                  self.quant_blocksize)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must move a quantized base's fp32 scales and codebooks, never cast them.
+        if self.quantize is None:
+            return super()._apply(fn, recurse)
+        kept = {name: self._buffers.pop(name) for name in list(self._buffers) if name.startswith("weight_")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in kept.items():
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
 
     def _reset_base_parameters(self) -> None:
         # The same initialisation as nn.Linear.reset_parameters.
@@ -190,9 +263,12 @@ class FusedLoRALinear(nn.Module):
             warnings.warn("training a merged FusedLoRALinear: lora_A and lora_B get no gradient while the adapter "
                           "is folded into the weight; call unmerge() (lora_kernels.unmerge_lora(model)) first",
                           stacklevel=2)
+        weight = self.weight if self.quantize is None else self.qweight
         if self._merged or not self.lora_enabled:
-            return F.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            if self.quantize is None:
+                return F.linear(x, weight, self.bias)
+            return weight.linear(_rows(x), self.bias).view(*x.shape[:-1], self.out_features)
+        return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.dropout, training=self.training, backend=self.backend)
 
     def delta_weight(self) -> torch.Tensor:
@@ -211,6 +287,10 @@ class FusedLoRALinear(nn.Module):
         """
         if self._merged:
             return
+        if self.quantize is not None:
+            raise RuntimeError(f"cannot merge into a {self.quantize} base in place (W would have to hold the "
+                               "adapter in its quantized format); to_linear() / merge_and_unload(model) "
+                               "dequantize, merge and return 16-bit linears")
         if keep_original:
             self._weight_before_merge = self.weight.detach().clone()
         else:
@@ -279,11 +359,17 @@ class FusedLoRALinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new plain ``nn.Linear`` holding the merged weight (this layer is left unchanged)."""
+        if self.quantize is not None:  # dequantized in fp32, merged in fp32, rounded once to the base's dtype
+            qweight = self.qweight
+            device, dtype, requires_grad = qweight.device, self.base_dtype, False
+            base = qweight.dequantize(torch.float32)
+        else:
+            device, dtype, requires_grad = self.weight.device, self.weight.dtype, self.weight.requires_grad
+            base = self.weight.float()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        merged = self.weight.float() if self._merged else self.weight.float() + self.delta_weight()
-        linear.weight.copy_(merged)
-        linear.weight.requires_grad_(self.weight.requires_grad)
+                           device=device, dtype=dtype)
+        linear.weight.copy_(base if self._merged else base + self.delta_weight().to(device))
+        linear.weight.requires_grad_(requires_grad)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
             linear.bias.requires_grad_(self.bias.requires_grad)
@@ -295,4 +381,5 @@ class FusedLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
             f"backend={self.backend!r}" + (", merged=True" if self._merged else "")
+            + (f", quantize={self.quantize!r}" if self.quantize is not None else "")
         )

@@ -600,17 +600,22 @@ class _ForwardPlan:
             self.down_ints = (m, k, rank, *x.stride(), *lora_A.stride(), rank, 1)
         self.matmul = None
         if n > 0:
-            # a = x (M, K), b = Wᵀ (K, N), c = y (M, N) contiguous, bias (N,), L = S (M, r), R = Bᵀ (r, N)
-            self.matmul_ints = (m, n, k, rank, x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), n, 1,
-                                bias.stride(0) if bias is not None else 0, rank, 1,
-                                lora_B.stride(1), lora_B.stride(0))
-            tune = None
-            if _autotune_enabled(x.device):
-                tune = (("forward", x.device, x.dtype, _bucket(m), n, k),
-                        lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.max_block_r))
-            self.matmul = _matmul_launch(m, n, k, rank, has_bias=bias is not None, has_lora=True,
-                                         has_dropout=False, config=cfgs.forward, max_block_r=cfgs.max_block_r,
-                                         precision=precision, tune=tune)
+            self._plan_base(x, weight, bias, lora_B, cfgs, precision)
+
+    def _plan_base(self, x, weight, bias, lora_B, cfgs, precision) -> None:
+        """Plans the GEMM y = s·S·Bᵀ + x·Wᵀ + b (a subclass plans another kind of W: ops.quantized)."""
+        m, n, k, rank = self.m, self.n, self.k, self.rank
+        # a = x (M, K), b = Wᵀ (K, N), c = y (M, N) contiguous, bias (N,), L = S (M, r), R = Bᵀ (r, N)
+        self.matmul_ints = (m, n, k, rank, x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), n, 1,
+                            bias.stride(0) if bias is not None else 0, rank, 1,
+                            lora_B.stride(1), lora_B.stride(0))
+        tune = None
+        if _autotune_enabled(x.device):
+            tune = (("forward", x.device, x.dtype, _bucket(m), n, k),
+                    lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.max_block_r))
+        self.matmul = _matmul_launch(m, n, k, rank, has_bias=bias is not None, has_lora=True,
+                                     has_dropout=False, config=cfgs.forward, max_block_r=cfgs.max_block_r,
+                                     precision=precision, tune=tune)
 
     def _launch_with(self, cfg, x, weight, bias, lora_B, max_block_r) -> None:
         """One forward GEMM with tile ``cfg`` on scratch outputs (autotuning times this)."""
@@ -630,9 +635,13 @@ class _ForwardPlan:
         else:
             s.zero_()
         if self.matmul is not None:
-            self.matmul(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
-                        float(scaling), y, 0.0)
+            self._run_base(x, weight, bias, lora_B, y, s, scaling)
         return y, s
+
+    def _run_base(self, x, weight, bias, lora_B, y, s, scaling) -> None:
+        """Launches the planned GEMM y = s·S·Bᵀ + x·Wᵀ + b."""
+        self.matmul(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, float(scaling), y,
+                    0.0)
 
 
 def forward(
@@ -708,14 +717,7 @@ class _BackwardPlan:
         # --- dX = keep ⊙ (dS·A)/(1-p) + dY·W
         self.dx = None
         if need_x and k > 0:
-            tune = None
-            if _autotune_enabled(device):
-                tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
-            self.dx = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
-                                     config=cfgs.grad_input, max_block_r=cfgs.max_block_r, precision=precision,
-                                     tune=tune)
-            self.dx_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-                            k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
+            self._plan_grad_input(grad_y, weight, lora_A, cfgs, precision, has_dropout)
 
         # --- dA = dSᵀ·(keep ⊙ x)/(1-p), rows split over programs
         self.da = None
@@ -752,6 +754,18 @@ class _BackwardPlan:
                                      tune=tune)
             self.dw_ints = (n, k, m, 0, grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1), k, 1, 0,
                             0, 0, 0, 0)
+
+    def _plan_grad_input(self, grad_y, weight, lora_A, cfgs, precision, has_dropout) -> None:
+        """Plans the dX GEMM keep ⊙ (dS·A)/(1-p) + dY·W (a subclass plans another kind of W: ops.quantized)."""
+        m, n, k, rank, device, dtype = self.m, self.n, self.k, self.rank, grad_y.device, lora_A.dtype
+        tune = None
+        if _autotune_enabled(device):
+            tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
+        self.dx = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
+                                 config=cfgs.grad_input, max_block_r=cfgs.max_block_r, precision=precision,
+                                 tune=tune)
+        self.dx_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+                        k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
 
     @staticmethod
     def _scratch_gemm(grad_y, other, k, dw=False):
@@ -793,8 +807,7 @@ class _BackwardPlan:
         if need_x:
             dx = torch.empty((m, k), device=device, dtype=dtype)
             if self.dx is not None:
-                self.dx(grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
-                        seed if dropout_p > 0 else dx, float(dropout_p))
+                self._run_grad_input(grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep)
 
         if need_a:
             da = torch.empty((rank, k), device=device, dtype=dtype)
@@ -811,6 +824,11 @@ class _BackwardPlan:
             else:
                 dw.zero_()
         return dx, dw, db, da, dbb
+
+    def _run_grad_input(self, grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
+        """Launches the planned dX GEMM."""
+        self.dx(grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
+                seed if dropout_p > 0 else dx, float(dropout_p))
 
     @staticmethod
     def _workspace(count: int, shape: Tuple[int, ...], out: torch.Tensor, tail: list) -> torch.Tensor:
