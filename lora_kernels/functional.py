@@ -449,7 +449,7 @@ def lora_linear(
     quantized = _quantized(weight)
     if (not quantized and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(
-            f"weight and bias must have x's dtype {x.dtype}, got weight {getattr(weight, 'dtype', weight.format)}"
+            f"weight and bias must have x's dtype {x.dtype}, got weight {weight.format if quantized else weight.dtype}"
             + (f", bias {bias.dtype}" if bias is not None else "")
         )
     if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:

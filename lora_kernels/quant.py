@@ -177,16 +177,16 @@ class QuantizedWeight:
         w = (values * scales[:, None]).view(-1)[lead:lead + e1 - e0]
         return w.view(end - start, k).to(dtype)
 
-    def row_chunks(self, chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[Tuple[int, int]]:
+    def row_chunks(self, chunk_elements: Optional[int] = None) -> Iterator[Tuple[int, int]]:
         """Row ranges [start, end) of at most ``chunk_elements`` weights (at least one row each)."""
         n, k = self.shape
-        rows = max(1, chunk_elements // max(k, 1))
+        rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(k, 1))
         for start in range(0, n, rows):
             yield start, min(n, start + rows)
 
     # --- the two products the torch backend needs, a row chunk of W at a time
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+               chunk_elements: Optional[int] = None) -> torch.Tensor:
         """``x·Wᵀ (+ bias)`` for x (M, K), in x's dtype, dequantizing at most ``chunk_elements`` at a time."""
         n, k = self.shape
         chunks = list(self.row_chunks(chunk_elements))
@@ -204,7 +204,7 @@ class QuantizedWeight:
         return y
 
     def grad_input(self, grad_y: torch.Tensor, out: Optional[torch.Tensor] = None,
-                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                   chunk_elements: Optional[int] = None) -> torch.Tensor:
         """``dY·W`` for dY (M, N), accumulated into ``out`` (M, K) when given, chunk by chunk of W's rows."""
         n, k = self.shape
         if out is None:

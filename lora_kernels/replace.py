@@ -9,6 +9,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import quant
 from .modules import FusedLoRALinear
 
 Targets = Union[str, Sequence[str]]
@@ -139,7 +140,8 @@ def replace_linear_with_fused_lora(
         exclude_modules: modules to leave alone, given as a list of names or a regex, as above.
         freeze_base: set ``requires_grad=False`` on every parameter of the model except the LoRA ones.
         **kwargs: further :meth:`FusedLoRALinear.from_linear` arguments (``use_rslora``, ``init``,
-            ``lora_dtype``, ``allow_custom_forward``).
+            ``lora_dtype``, ``allow_custom_forward``, ``quantize="nf4"|"int8"``, ``double_quant``: a frozen
+            quantized base, each layer quantized as it is built).
 
     Returns:
         ``model``, modified in place.
@@ -246,11 +248,17 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class LoRASummary:
-    """Parameter counts of a model with adapters."""
+    """Parameter counts of a model with adapters, and the bytes of its base weights.
+
+    ``total`` counts a quantized base weight by its elements (out·in), as the dense layer it stands for;
+    ``weight_bytes`` is what the base weights take (:func:`lora_kernels.quant.weight_bytes`: parameters and
+    buffers other than the adapters, quantized codes and scales at their real size).
+    """
 
     trainable: int
     total: int
     lora_layers: int
+    weight_bytes: int = 0
 
     @property
     def percent(self) -> float:
@@ -259,14 +267,18 @@ class LoRASummary:
 
     def __str__(self) -> str:
         return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                f"trainable: {self.percent:.4f}% || LoRA layers: {self.lora_layers}")
+                f"trainable: {self.percent:.4f}% || LoRA layers: {self.lora_layers} || "
+                f"base weight bytes: {self.weight_bytes:,}")
 
 
 def lora_summary(model: nn.Module) -> LoRASummary:
-    """Counts trainable and total parameters (a shared parameter once) and LoRA layers."""
+    """Counts trainable and total parameters (a shared parameter once), LoRA layers and base weight bytes."""
     params = list(model.parameters())  # parameters() yields a tied parameter once
+    layers = [layer for _, layer in iter_lora_layers(model)]
     return LoRASummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
-        lora_layers=sum(1 for _ in iter_lora_layers(model)),
+        total=sum(p.numel() for p in params)
+        + sum(layer.in_features * layer.out_features for layer in layers if layer.quantize is not None),
+        lora_layers=len(layers),
+        weight_bytes=quant.weight_bytes(model),
     )
