@@ -56,7 +56,11 @@ from .lora_linear import (
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 FORMAT_IDS = {"nf4": 0, "int8": 1}
+# Caps on the 16-bit kernels' tiles (see the module docstring: a dequantized tile lives in registers, and
+# the pipeliner multi-buffers the gathered bytes and scales of every stage).
 _MAX_BLOCK_N = 128
+_MAX_BLOCK_K = 64
+_MAX_STAGES = 2
 
 
 @triton.jit
@@ -99,7 +103,7 @@ def _qlora_matmul_kernel(
     lora_scale, seed_ptr, dropout_p,
     # meta-parameters
     FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-    INV127: tl.constexpr, W_T: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INV127: tl.constexpr, IDX64: tl.constexpr, W_T: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -147,15 +151,17 @@ def _qlora_matmul_kernel(
     ks = offs_k.to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
     step_a = tl.full([], BLOCK_K, tl.int64) * stride_ak
+    # W's element indices in int32 unless W has 2³¹ elements or more: int64 index tiles cost registers
+    w_cols = cols if IDX64 else offs_n % N
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        kk = k0 + ks
+        kk = (k0 + ks) if IDX64 else (k0 + offs_k)
         if W_T:  # B[k, n] = W[n, k]
-            w = _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, cols[None, :], kk[:, None],
+            w = _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, w_cols[None, :], kk[:, None],
                          W_K, k_mask[:, None], FORMAT, DOUBLE_QUANT, QBLOCK, QBLOCK2, INV127)
         else:  # B[k, n] = W[k, n]
-            w = _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, kk[:, None], cols[None, :],
+            w = _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, kk[:, None], w_cols[None, :],
                          W_K, k_mask[:, None], FORMAT, DOUBLE_QUANT, QBLOCK, QBLOCK2, INV127)
         acc = tl.dot(a, w.to(a_ptr.dtype.element_ty), acc, input_precision=INPUT_PRECISION)
         a_ptrs += step_a
@@ -173,14 +179,15 @@ def _qlora_matmul_kernel(
 def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, has_bias: bool, has_dropout: bool,
                     config: KernelConfig, max_block_r: int, precision: str) -> _Launch:
     """The launch of ``_qlora_matmul_kernel`` for C (m, n) over a reduction of k."""
-    block_n = min(config.block_n, _MAX_BLOCK_N)
+    block_n, block_k = min(config.block_n, _MAX_BLOCK_N), min(config.block_k, _MAX_BLOCK_K)
+    numel = qweight.shape[0] * qweight.shape[1]
     return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
         FORMAT=FORMAT_IDS[qweight.format], DOUBLE_QUANT=qweight.double_quant, QBLOCK=qweight.blocksize,
-        QBLOCK2=ABSMAX_BLOCKSIZE, INV127=INT8_SCALE, W_T=w_t,
+        QBLOCK2=ABSMAX_BLOCKSIZE, INV127=INT8_SCALE, IDX64=numel + max(block_n, block_k) >= 2**31, W_T=w_t,
         HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
-        BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
+        BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages))
+        num_warps=config.num_warps, num_stages=min(config.num_stages, _MAX_STAGES)))
 
 
 def _qtensors(qweight) -> tuple:
