@@ -287,6 +287,49 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-__all__ = ["FORMATS", "NF4_CODE", "BLOCKSIZE", "QuantizedWeight", "dynamic_map", "nf4_code", "quantize",
-           "quantize_int8", "quantize_nf4", "weight_bytes"]
+def from_bitsandbytes(layer: torch.nn.Module) -> Optional[Tuple[QuantizedWeight, torch.dtype]]:
+    """The packed data of a bitsandbytes ``Linear4bit`` (NF4) or ``Linear8bitLt`` (int8, frozen) as a
+    :class:`QuantizedWeight` sharing its tensors (no requantization, no copy), with the dtype the layer
+    computes in; None when ``layer`` is not one of them. bitsandbytes is not imported: the layer is read
+    by its attributes.
 
+    Raises:
+        ValueError: a bitsandbytes layer that cannot be converted (FP4, a weight not yet quantized,
+            8-bit weights kept in fp16 for training), with what was found.
+    """
+    kind = type(layer).__name__
+    weight = getattr(layer, "weight", None)
+    if kind == "Linear4bit" and type(weight).__name__ == "Params4bit":
+        state = weight.quant_state
+        if state is None or not getattr(weight, "bnb_quantized", True):
+            raise ValueError(f"the {kind} weight is not quantized yet (move the layer to its device first)")
+        if state.quant_type != "nf4":
+            raise ValueError(f"only NF4 converts without requantizing; this {kind} holds {state.quant_type!r}")
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # its CPU-only layout
+
+            data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        else:
+            data = weight.data
+        q = QuantizedWeight("nf4", tuple(state.shape), data.view(torch.uint8).reshape(-1), state.absmax,
+                            state.code, state.blocksize)
+        if state.nested:
+            if state.state2.blocksize != ABSMAX_BLOCKSIZE:
+                raise ValueError(f"double quantization with absmax blocks of {state.state2.blocksize}; expected "
+                                 f"{ABSMAX_BLOCKSIZE}")
+            q.absmax2, q.code2, q.offset = state.state2.absmax, state.state2.code, state.offset.reshape(1)
+        return q, state.dtype
+    if kind == "Linear8bitLt" and type(weight).__name__ == "Int8Params":
+        data = weight.CB if getattr(weight, "CB", None) is not None else weight.data
+        scb = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(layer.state, "SCB", None)
+        if data.dtype != torch.int8 or scb is None:
+            raise ValueError(f"the {kind} weight is not int8-quantized (dtype {data.dtype}, has_fp16_weights="
+                             f"{getattr(weight, 'has_fp16_weights', None)}); quantize it (move it to its device)")
+        # LLM.int8()'s outlier threshold concerns activations; the weight is CB·SCB/127 either way, which
+        # the kernels use without quantizing activations.
+        return QuantizedWeight("int8", (data.shape[0], data.shape[1]), data.contiguous(), scb.float()), torch.float16
+    return None
+
+
+__all__ = ["FORMATS", "NF4_CODE", "BLOCKSIZE", "QuantizedWeight", "dynamic_map", "from_bitsandbytes", "nf4_code",
+           "quantize", "quantize_int8", "quantize_nf4", "weight_bytes"]

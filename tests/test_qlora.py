@@ -214,3 +214,60 @@ def test_merge_and_unload_dequantizes_and_merges(fmt):
     merge_and_unload(model)
     assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float32
     assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- bitsandbytes interop
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+        bnb.functional.quantize_4bit(torch.ones(64), blocksize=64, quant_type="nf4")
+    except Exception as err:  # noqa: BLE001 - any reason it cannot run here is the skip reason
+        pytest.skip(f"bitsandbytes does not run on the CPU here: {type(err).__name__}: {err}")
+    return bnb
+
+
+def _peft_on_bnb(double_quant):
+    """A PEFT LoRA model whose bases are bitsandbytes' Linear4bit (NF4) and Linear8bitLt, quantized on the CPU."""
+    bnb = _bnb()
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    q, v = nn.Linear(70, 45), nn.Linear(70, 45, bias=False)
+    l4 = bnb.nn.Linear4bit(70, 45, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                           compress_statistics=double_quant)
+    l4.load_state_dict(q.state_dict())
+    l8 = bnb.nn.Linear8bitLt(70, 45, bias=False, has_fp16_weights=False, threshold=0.0)
+    l8.load_state_dict(v.state_dict())
+    model = nn.ModuleDict({"q": l4.to("cpu"), "v": l8.to("cpu")})
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
+    return bnb, peft
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])
+def test_fuse_peft_model_reuses_bitsandbytes_packed_data(double_quant):
+    bnb, peft = _peft_on_bnb(double_quant)
+    from lora_kernels import fuse_peft_model
+
+    inner = peft.base_model.model
+    l4, l8 = inner["q"].base_layer, inner["v"].base_layer
+    x = torch.randn(6, 70)
+    with torch.no_grad():
+        expected_q = inner["q"](x)  # bitsandbytes' fp32 4-bit path: its dequantized W, then a matmul
+    w8 = bnb.functional.int8_vectorwise_dequant(l8.weight.CB, l8.weight.SCB)
+    a8, b8, s8 = inner["v"].lora_A["default"].weight, inner["v"].lora_B["default"].weight, inner["v"].scaling["default"]
+    expected_v = x @ w8.t() + s8 * (x @ a8.t()) @ b8.t()
+
+    fuse_peft_model(peft, backend="torch")
+    fq, fv = inner["q"], inner["v"]
+    assert (fq.quantize, fv.quantize) == ("nf4", "int8")
+    assert fq.weight_data.data_ptr() == l4.weight.data.data_ptr(), "NF4 codes shared, not requantized"
+    assert fv.weight_data.data_ptr() == l8.weight.CB.data_ptr()
+    assert torch.equal(fq.qweight.dequantize(), bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state))
+    with torch.no_grad():
+        assert_close(fq(x), expected_q.double(), torch.float32, "q")
+        assert_close(fv(x), expected_v.double(), torch.float32, "v")
+    # the adapters are PEFT's own parameters, still trainable; the quantized bases have none
+    assert fq.lora_A.requires_grad and fq.lora_A.shape == (4, 70)
+    assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)

@@ -61,6 +61,9 @@ FORMAT_IDS = {"nf4": 0, "int8": 1}
 _MAX_BLOCK_N = 128
 _MAX_BLOCK_K = 64
 _MAX_STAGES = 2
+# Tiles of at least this many outputs take 8 warps: with 4, the accumulator and the dequantized tile
+# together spill on sm80 (64x128 tiles: 255 registers and 68-228 B of spills in ptxas -v).
+_WIDE_TILE = 64 * 128
 
 
 @triton.jit
@@ -187,7 +190,8 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
         HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
         BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
-        num_warps=config.num_warps, num_stages=min(config.num_stages, _MAX_STAGES)))
+        num_warps=max(config.num_warps, 8) if config.block_m * block_n >= _WIDE_TILE else config.num_warps,
+        num_stages=min(config.num_stages, _MAX_STAGES)))
 
 
 def _qtensors(qweight) -> tuple:
