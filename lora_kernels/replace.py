@@ -206,12 +206,28 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, quantize: Optional[str] = None, double_quant: bool = False) -> nn.Module:
     """Replaces every :class:`FusedLoRALinear` by a plain ``nn.Linear`` with the adapter merged into its
     weight (:meth:`FusedLoRALinear.to_linear`), in place; returns model, whose state_dict then has the
-    base's keys only."""
+    base's keys only.
+
+    A quantized base is dequantized, the adapter added in fp32, and the sum rounded once to the base's
+    16-bit dtype. With ``quantize="nf4"`` / ``"int8"`` the merged weight is quantized again instead, into a
+    :class:`FusedLoRALinear` with that base and a fresh adapter (B = 0: it computes the base alone, and a
+    further QLoRA round can start from it). That rounding is new: each merged weight moves to the nearest
+    NF4 value of its block (at most half the widest code gap, 0.152 × the block's absmax) or int8 step
+    (at most absmax / 254 of its row), so the re-quantized model is not the merged model exactly.
+    """
     for name, layer in list(iter_lora_layers(model)):
-        _set_submodule(model, name, layer.to_linear())
+        merged = layer.to_linear()
+        if quantize is not None:
+            merged = FusedLoRALinear.from_linear(merged, rank=layer.rank, alpha=layer.alpha, dropout=layer.dropout,
+                                                 use_rslora=layer.use_rslora, init=layer.init, backend=layer.backend,
+                                                 lora_dtype=layer.lora_A.dtype, quantize=quantize,
+                                                 double_quant=double_quant)
+            merged.lora_A.requires_grad_(layer.lora_A.requires_grad)
+            merged.lora_B.requires_grad_(layer.lora_B.requires_grad)
+        _set_submodule(model, name, merged)
     return model
 
 

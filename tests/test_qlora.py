@@ -271,3 +271,20 @@ def test_fuse_peft_model_reuses_bitsandbytes_packed_data(double_quant):
     # the adapters are PEFT's own parameters, still trainable; the quantized bases have none
     assert fq.lora_A.requires_grad and fq.lora_A.shape == (4, 70)
     assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)
+
+
+def test_merge_and_unload_requantizes_on_request():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(70, 70))
+    replace_linear_with_fused_lora(model, rank=4, quantize="nf4", backend="torch")
+    nn.init.normal_(model[0].lora_B, std=0.1)
+    merged = model[0].to_linear().weight.detach()
+    merge_and_unload(model, quantize="nf4")
+    layer = model[0]
+    assert isinstance(layer, FusedLoRALinear) and layer.quantize == "nf4" and not layer.lora_B.any()
+    assert torch.equal(layer.qweight.dequantize(), quantize(merged, "nf4").dequantize())
+    # the rounding stated in merge_and_unload's docstring: at most 0.152 x the block (half the gap from -1 to -0.696)'s absmax
+    err = (layer.qweight.dequantize() - merged).abs()
+    absmax = quantize(merged, "nf4").absmax
+    f = torch.arange(merged.numel())
+    assert torch.all(err.reshape(-1) <= 0.152 * absmax[f // 64] + 1e-7)
