@@ -21,7 +21,10 @@ Quantized base (QLoRA): ``quantize="nf4"`` or ``"int8"`` (constructor, :meth:`Fu
 and scales of :mod:`lora_kernels.quant` (``weight_data``, ``weight_absmax``, ``weight_code`` and, with double
 quantization, ``weight_absmax2``, ``weight_code2``, ``weight_offset``). They follow ``state_dict``, ``.to()``
 (a device move; a dtype cast leaves the fp32 scales in fp32) and ``deepcopy``; ``weight`` is then None. The
-base is frozen; the kernels dequantize it in the input's dtype. ``merge()`` is refused on such a layer (W
+codes ``weight_data`` (uint8/int8, the bulk of the bytes) are a frozen ``nn.Parameter`` rather than a
+buffer, so that ``torch.distributed.fsdp.fully_shard`` shards them like a 16-bit weight (and all-gathers
+them for the kernels); the scales and codebooks are small buffers, replicated. The base is frozen; the
+kernels dequantize it in the input's dtype. ``merge()`` is refused on such a layer (W
 cannot hold the adapter exactly in 4 bits); :meth:`FusedLoRALinear.to_linear` dequantizes and merges.
 """
 from __future__ import annotations
@@ -203,7 +206,10 @@ class FusedLoRALinear(nn.Module):
         del self.weight
         self.register_parameter("weight", None)
         for name, t in qweight.tensors().items():
-            self.register_buffer("weight_" + name, t)
+            if name == "data":  # the codes: a frozen parameter, so that FSDP2 shards them like any weight
+                self.weight_data = nn.Parameter(t, requires_grad=False)
+            else:
+                self.register_buffer("weight_" + name, t)
         self.quantize, self.base_dtype, self.quant_blocksize = qweight.format, base_dtype, qweight.blocksize
 
     @property
@@ -214,6 +220,7 @@ class FusedLoRALinear(nn.Module):
             return None
         tensors = {name[len("weight_"):]: t for name, t in self._buffers.items()
                    if name.startswith("weight_") and t is not None}
+        tensors["data"] = self.weight_data
         return quant.QuantizedWeight.from_tensors(self.quantize, (self.out_features, self.in_features), tensors,
                                                   self.quant_blocksize)
 

@@ -293,7 +293,8 @@ def lora_summary(model: nn.Module) -> LoRASummary:
     layers = [layer for _, layer in iter_lora_layers(model)]
     return LoRASummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params)
+        # integer parameters are quantized codes: counted as the weights they stand for
+        total=sum(p.numel() for p in params if p.is_floating_point())
         + sum(layer.in_features * layer.out_features for layer in layers if layer.quantize is not None),
         lora_layers=len(layers),
         weight_bytes=quant.weight_bytes(model),

@@ -123,7 +123,9 @@ def test_module_state_dict_to_deepcopy(fmt, dq):
     layer.eval()
     x = torch.randn(3, 70)
     y = layer(x)
-    assert layer.weight is None and not any("weight" in n for n, _ in layer.named_parameters())
+    assert layer.weight is None
+    assert {n for n, _ in layer.named_parameters()} == {"bias", "lora_A", "lora_B", "weight_data"}
+    assert not layer.weight_data.requires_grad and not layer.weight_data.is_floating_point()
     names = {n for n in layer.state_dict()}
     assert {"weight_data", "weight_absmax"} <= names and ("weight_absmax2" in names) == dq
 
