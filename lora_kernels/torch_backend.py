@@ -90,7 +90,7 @@ def hash_threshold(dropout_p: float) -> int:
 
 def _hash_drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
     """The Triton kernels' mask (see ``lora_kernels.ops.lora_linear``) from integer tensor ops: element
-    (row, col) of the flattened (M, K) is dropped when mix(mix(row ^ mix(seed ^ c)) ^ col·φ) < p·2³²."""
+    (row, col) of the flattened (M, K) is dropped when round(mix(row ^ mix(seed ^ c)) ^ col·φ) < p·2³²."""
     shape = tuple(int(d) for d in shape)
     m, k = math.prod(shape[:-1]), shape[-1]
     if isinstance(seed, int):
@@ -98,7 +98,9 @@ def _hash_drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: 
     seed_key = _mix32((seed.to(device=device, dtype=torch.int64) & _U32) ^ 0x3C6EF372)
     row_key = _mix32(torch.arange(m, device=device, dtype=torch.int64) ^ seed_key)
     col_key = (torch.arange(k, device=device, dtype=torch.int64) * 0x9E3779B1) & _U32
-    return (_mix32(row_key[:, None] ^ col_key[None, :]) < hash_threshold(dropout_p)).view(shape)
+    h = row_key[:, None] ^ col_key[None, :]
+    h = ((h ^ (h >> 16)) * 0x21F0AAAD) & _U32  # the kernels' one round per element
+    return (h < hash_threshold(dropout_p)).view(shape)
 
 
 def _drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:

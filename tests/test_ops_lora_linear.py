@@ -287,6 +287,27 @@ def test_mask_has_no_visible_correlations():
         assert abs(agree - pairs / 2) <= 5 * math.sqrt(pairs / 4), f"{name}: {agree} of {pairs} agree"
 
 
+@pytest.mark.parametrize("p", [0.5, 0.1])
+def test_mask_joint_drop_rates_on_a_large_mask(p):
+    """On a 2048x2048 mask (the torch twin of the kernels' mask: bit-identical, tested above), the joint drop
+    rate of two elements is p² for neighbours and for elements 2^k apart in rows and columns, diagonally,
+    and across seeds: each count is Binomial(pairs, p²), bounded at 6 sigma (a false failure has
+    probability ~1e-9 per count)."""
+    drop = ~torch_backend.KERNEL_MASK.dropout_mask(torch.tensor([2024]), (2048, 2048), p, torch.device("cpu"))
+    other = ~torch_backend.KERNEL_MASK.dropout_mask(torch.tensor([2025]), (2048, 2048), p, torch.device("cpu"))
+    n = drop.numel()
+    assert abs(drop.sum().item() - n * p) <= 6 * math.sqrt(n * p * (1 - p))
+    pairs = {"seeds": (drop, other), "diagonal": (drop[1:, 1:], drop[:-1, :-1]),
+             "anti-diagonal": (drop[1:, :-1], drop[:-1, 1:])}
+    for lag in (1, 2, 3, 16, 64, 1024):
+        pairs[f"columns {lag} apart"] = (drop[:, lag:], drop[:, :-lag])
+        pairs[f"rows {lag} apart"] = (drop[lag:], drop[:-lag])
+    q = p * p
+    for name, (u, v) in pairs.items():
+        both, count = (u & v).sum().item(), u.numel()
+        assert abs(both - count * q) <= 6 * math.sqrt(count * q * (1 - q)), f"{name}: {both} of {count}"
+
+
 def test_mask_prefix_is_stable():
     """Element (row, col) of the mask does not depend on the tensor's shape (it is a function of
     (seed, row, col) only), so any sub-rectangle of a larger mask is the smaller mask."""

@@ -19,11 +19,14 @@ Passes (one kernel launch each; ``[...]`` only when needed)::
 
 Dropout mask. ``keep(seed, row, col)`` is a pure function of the seed and the element's global (row, col)
 in x, so every kernel regenerates the same mask whatever its block sizes. It is a counter-based hash
-(a 32-bit avalanche mixer keyed per row, then per column), not ``tl.rand``: in the sm90 PTX of a mask
-kernel, ``tl.rand`` (Philox-4x32-10, one of its four outputs used) costs ~75 instructions per element and
-this hash ~17. With the mask rebuilt in three passes (S, dX, dA) over an 8192x4096 input, Philox alone
-would cost roughly as much as one of the layer's GEMMs on an H100. The hash passes the statistical tests
-in ``tests/test_ops_lora_linear.py`` (keep rate, row/column/seed independence). The drop threshold is
+(a 32-bit avalanche mixer keyed per row, then one xor-shift-multiply round per element), not ``tl.rand``:
+in the sm90 PTX of a mask kernel, ``tl.rand`` (Philox-4x32-10, one of its four outputs used) costs ~75
+instructions per element, a full mixer per element ~15 and this hash ~6 (``cuobjdump -sass`` of the S pass:
+dropout adds 472 instructions to its body with the full mixer, see ``benchmarks/results/``). With the mask
+rebuilt in three passes (S, dX, dA) over an 8192x4096 input, the integer work decides whether the S and dA
+passes are memory-bound (``benchmarks/cost_model.py``). The hash passes the statistical tests in
+``tests/test_ops_lora_linear.py`` (keep rate, joint drop rates of neighbours and of elements 2^k apart in
+rows and columns, seed independence). The drop threshold is
 p·2³² rounded to fp32 (24 significant bits), so the keep probability is 1 - p to ~6e-8 relative.
 
 Determinism. No float atomics: reductions that are split over programs write fp32 partial sums to a
@@ -116,14 +119,21 @@ def _mix32(h):
 def _keep_mask(seed, rows, cols, dropout_p):
     """Keep-mask (len(rows), len(cols)) for global row and column indices: True with probability 1 - p.
 
-    keep = mix(mix(row ^ mix(seed)) ^ col·φ) >= p·2³²: a pure function of (seed, row, col). The per-row key
-    is computed once per row of the tile, so an element costs one xor, one mixer and one compare.
+    keep = round(mix(row ^ mix(seed)) ^ col·φ) >= p·2³², with ``mix`` the full avalanche mixer and ``round``
+    one xor-shift-multiply: a pure function of (seed, row, col). The per-row key is computed once per row of
+    the tile, so an element costs one xor, one round and one compare.
     """
     threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
     seed_key = _mix32(seed.to(tl.uint32) ^ 0x3C6EF372)
     row_key = _mix32(rows.to(tl.uint32) ^ seed_key)
     col_key = cols.to(tl.uint32) * 0x9E3779B1
-    return _mix32(row_key[:, None] ^ col_key[None, :]) >= threshold
+    # Per element, one xor-shift-multiply round is enough: the row key is already a full avalanche of
+    # (seed, row), the column key a Weyl sequence, and the compare reads the product's top bits, which
+    # depend on every input bit (the full mixer here cost ~15 instructions per element, this ~6).
+    h = row_key[:, None] ^ col_key[None, :]
+    h ^= h >> 16
+    h *= 0x21F0AAAD
+    return h >= threshold
 
 
 @triton.jit
