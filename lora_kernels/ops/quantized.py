@@ -47,6 +47,7 @@ from .lora_linear import (
     _call_key,
     _check,
     _device_guard,
+    _input_precision,
     _keep_mask,
     _Launch,
     _rank_block,
@@ -64,6 +65,11 @@ _MAX_STAGES = 2
 # Tiles of at least this many outputs take 8 warps: with 4, the accumulator and the dequantized tile
 # together spill on sm80 (64x128 tiles: 255 registers and 68-228 B of spills in ptxas -v).
 _WIDE_TILE = 64 * 128
+# Decode tiles (BLOCK_M <= 32) take K blocks of 32: at 64 the 4-warp dX GEMM with double quantization
+# spills 196 B on sm90 (and 8 warps spill in the forward).
+_DECODE_MAX_BLOCK_K = 32
+# IEEE fp32 runs tl.dot on CUDA cores, whose operands sit in registers: smaller N and K blocks.
+_IEEE_MAX_BLOCK_NK = (64, 16)
 
 
 @triton.jit
@@ -180,9 +186,14 @@ def _qlora_matmul_kernel(
 
 
 def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, has_bias: bool, has_dropout: bool,
-                    config: KernelConfig, max_block_r: int, precision: str) -> _Launch:
+                    config: KernelConfig, max_block_r: int, dtype: torch.dtype) -> _Launch:
     """The launch of ``_qlora_matmul_kernel`` for C (m, n) over a reduction of k."""
-    block_n, block_k = min(config.block_n, _MAX_BLOCK_N), min(config.block_k, _MAX_BLOCK_K)
+    precision = _input_precision(dtype)
+    ieee_fp32 = dtype == torch.float32 and precision == "ieee"
+    max_n, max_k = _IEEE_MAX_BLOCK_NK if ieee_fp32 else (_MAX_BLOCK_N, _MAX_BLOCK_K)
+    if config.block_m <= 32:
+        max_k = min(max_k, _DECODE_MAX_BLOCK_K)
+    block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
     numel = qweight.shape[0] * qweight.shape[1]
     return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
         FORMAT=FORMAT_IDS[qweight.format], DOUBLE_QUANT=qweight.double_quant, QBLOCK=qweight.blocksize,
@@ -208,7 +219,7 @@ class _ForwardPlan(_base._ForwardPlan):
     def _plan_base(self, x, qweight, bias, lora_B, cfgs, precision) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
         self.matmul = _qmatmul_launch(m, n, k, rank, qweight, w_t=True, has_bias=bias is not None, has_dropout=False,
-                                      config=cfgs.forward, max_block_r=cfgs.max_block_r, precision=precision)
+                                      config=cfgs.forward, max_block_r=cfgs.max_block_r, dtype=x.dtype)
         # x (M, K), y (M, N) contiguous, bias (N,), L = S (M, r) contiguous, R = lora_Bᵀ (r, N)
         self.matmul_ints = (m, n, k, rank, k, *x.stride(), n, 1, bias.stride(0) if bias is not None else 0, rank, 1,
                             lora_B.stride(1), lora_B.stride(0))
@@ -224,7 +235,7 @@ class _BackwardPlan(_base._BackwardPlan):
     def _plan_grad_input(self, grad_y, qweight, lora_A, cfgs, precision, has_dropout) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
         self.dx = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
-                                  config=cfgs.grad_input, max_block_r=cfgs.max_block_r, precision=precision)
+                                  config=cfgs.grad_input, max_block_r=cfgs.max_block_r, dtype=lora_A.dtype)
         # dY (M, N), dX (M, K) contiguous, L = dS (M, r) contiguous, R = A (r, K)
         self.dx_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
 
