@@ -18,6 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["lora_kernels", "lora_kernels.*", "minimind", "minimind.*"]),
+    py_modules=["atomic_io"],  # crash-safe writes, shared by both packages
     include_package_data=True,
     package_data={"minimind": ["assets/*", "assets/**/*"]},
     install_requires=[

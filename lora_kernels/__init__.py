@@ -5,11 +5,13 @@
 Public API: the functional op :func:`lora_linear`, the drop-in module :class:`FusedLoRALinear`, model-level
 helpers (:func:`replace_linear_with_fused_lora` and friends), adapter files (:func:`save_lora`,
 :func:`load_lora`; PEFT's format with :func:`save_peft_adapter`, :func:`load_peft_adapter`, and
-:func:`fuse_peft_model` for a live ``PeftModel``) and the eager reference everything is checked against.
+:func:`fuse_peft_model` for a live ``PeftModel``), optimizer groups with LoRA+ (:func:`lora_param_groups`)
+and the eager reference everything is checked against.
 """
 from .functional import BACKENDS, lora_linear, resolve_backend, triton_available
 from .io import load_lora, save_lora
 from .modules import FusedLoRALinear
+from .optim import lora_param_groups
 from .peft_format import fuse_peft_model, load_peft_adapter, save_peft_adapter
 from .reference import lora_linear_eager, lora_linear_reference
 from .replace import (
@@ -41,6 +43,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_eager",
     "lora_linear_reference",
+    "lora_param_groups",
     "lora_state_dict",
     "lora_summary",
     "mark_only_lora_as_trainable",

@@ -16,12 +16,13 @@ import json
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from atomic_io import atomic_write  # lives in atomic_io; lora_kernels.io.atomic_write stays importable
 
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, lora_state_dict
@@ -45,28 +46,6 @@ PathLike = Union[str, os.PathLike]
 
 def _is_torch_pickle(path: Path) -> bool:
     return path.suffix in (".pth", ".pt", ".bin")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: PathLike, write) -> None:
-    """Calls ``write(tmp_path)`` and renames the result to ``path``: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_lora(model: nn.Module, path: PathLike) -> None:

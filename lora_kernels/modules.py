@@ -70,6 +70,8 @@ class FusedLoRALinear(nn.Module):
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :func:`lora_kernels.lora_linear`).
         quantize: None, or ``"nf4"`` / ``"int8"``: a frozen quantized base (see the module docstring).
         double_quant: with ``"nf4"``, quantize the blockwise absmax too (bitsandbytes' compress_statistics).
+        freeze_base: ``weight`` and ``bias`` start with ``requires_grad=False`` (as in loralib and PEFT), so
+            only ``lora_A``/``lora_B`` train and backward skips the dW GEMM; pass False to train the base too.
 
     Raises:
         ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init, backend or quantize.
@@ -94,6 +96,7 @@ class FusedLoRALinear(nn.Module):
         dtype=None,
         quantize: Optional[str] = None,
         double_quant: bool = False,
+        freeze_base: bool = True,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -103,6 +106,8 @@ class FusedLoRALinear(nn.Module):
         self._reset_base_parameters()
         if quantize is not None:
             self.quantize_base(quantize, double_quant)
+        if freeze_base:
+            self.freeze_base()
 
     @classmethod
     def from_linear(
@@ -115,6 +120,7 @@ class FusedLoRALinear(nn.Module):
         init: str = "minimind",
         backend: str = "auto",
         lora_dtype: Optional[torch.dtype] = None,
+        freeze_base: bool = True,
         allow_custom_forward: bool = False,
         quantize: Optional[str] = None,
         double_quant: bool = False,
@@ -125,6 +131,8 @@ class FusedLoRALinear(nn.Module):
         Args:
             linear: the layer to adapt.
             lora_dtype: dtype of ``lora_A``/``lora_B``; defaults to the linear's weight dtype.
+            freeze_base: set ``requires_grad=False`` on the (shared) weight and bias; False leaves them as
+                they are.
             allow_custom_forward: also wrap an ``nn.Linear`` subclass that overrides ``forward``; the new
                 layer computes a plain linear, so the subclass's own forward is dropped.
             Others: as for the constructor.
@@ -150,7 +158,17 @@ class FusedLoRALinear(nn.Module):
         layer.train(linear.training)
         if quantize is not None:
             layer.quantize_base(quantize, double_quant)
+        if freeze_base:
+            layer.freeze_base()
         return layer
+
+    def freeze_base(self) -> None:
+        """Sets ``requires_grad=False`` on ``weight`` and ``bias``: only the adapter trains (a quantized
+        base is frozen anyway)."""
+        if self.weight is not None:
+            self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
 
     def _setup_lora(self, in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory):
         _validate_lora_args(rank, alpha, dropout, init, backend)

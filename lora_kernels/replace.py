@@ -156,7 +156,8 @@ def replace_linear_with_fused_lora(
     for name in names:  # every layer is built before the first is attached: a refusal changes nothing
         try:
             layers[name] = FusedLoRALinear.from_linear(model.get_submodule(name), rank=rank, alpha=alpha,
-                                                       dropout=dropout, backend=backend, **kwargs)
+                                                       dropout=dropout, backend=backend, freeze_base=freeze_base,
+                                                       **kwargs)
         except TypeError as err:
             refused.append(f"{name}: {err}")
     if refused:

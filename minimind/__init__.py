@@ -10,7 +10,8 @@ needs downloading:
 from .dataset import PretrainDataset, SFTDataset, encode_conversation, pad_batch
 from .generate import generate, stream_generate, stream_text
 from .lora_io import load_minimind_lora, save_minimind_lora
-from .model import MiniMindConfig, MiniMindForCausalLM, load_minimind, save_minimind
+from .checkpoint import load_minimind, save_minimind
+from .model import MiniMindConfig, MiniMindForCausalLM
 from .tokenizer import MiniMindTokenizer
 
 __all__ = [

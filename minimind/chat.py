@@ -19,7 +19,8 @@ import torch
 from .cli import ArgumentParser, CLIError, number, reading, run_cli
 from .generate import stream_generate, stream_text
 from .lora_io import load_adapter
-from .model import BUNDLED_BASE, MiniMindForCausalLM, load_minimind
+from .checkpoint import BUNDLED_BASE, load_minimind
+from .model import MiniMindForCausalLM
 from .tokenizer import MiniMindTokenizer
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from lora_kernels import iter_lora_layers
 from lora_kernels.io import apply_lora_tensors, atomic_write, check_tensors, read_tensor_file
 
-from .model import strip_wrapper_prefix
+from .checkpoint import strip_wrapper_prefix
 
 PathLike = Union[str, os.PathLike]
 _KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<half>[AB])\.weight$")

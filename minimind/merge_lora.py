@@ -27,7 +27,7 @@ def merge_into_base(base: str, lora: str, arch: Optional[str] = None):
         FileNotFoundError, ValueError: unreadable files, non-finite adapter values, or an adapter that
             does not fit the base.
     """
-    from .model import load_minimind
+    from .checkpoint import load_minimind
 
     return merge_adapter(load_minimind(base, **({"arch": arch} if arch else {})), lora)
 
@@ -58,7 +58,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--arch", default=None, choices=["minimind2", "minimind3"])
     args = p.parse_args(argv)
 
-    from .model import load_minimind, save_minimind
+    from .checkpoint import load_minimind, save_minimind
 
     with reading(f"--base {args.base!r}"):
         model = load_minimind(args.base, **({"arch": args.arch} if args.arch else {}))

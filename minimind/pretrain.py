@@ -6,15 +6,14 @@
 Two phases: pretraining on ``--data`` (JSONL in MiniMind's pretrain format ``{"text": ...}`` and/or
 SFT conversations, packed into blocks of ``--max-seq-len`` tokens, every token trained on), then a
 short SFT on ``--sft-data`` with the loss on the assistant replies only, so that the base answers the
-question it is asked in the ChatML format. Reads top to bottom: arguments, ``get_lr``, ``evaluate``,
-``run_phase`` (one training loop for both phases), ``main``. The checkpoint is safetensors with the
-config in its metadata, saved in fp16. A bad argument or file ends with one line on stderr and exit
-status 2 (see ``minimind.cli``).
+question it is asked in the ChatML format. Reads top to bottom: arguments, ``run_phase`` (one training
+loop for both phases; the LR schedule and ``evaluate`` come from ``minimind.training``, shared with the
+LoRA trainer), ``main``. The checkpoint is safetensors with the config in its metadata, saved in fp16. A
+bad argument or file ends with one line on stderr and exit status 2 (see ``minimind.cli``).
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from .checkpoint import BUNDLED_BASE, load_minimind, save_minimind
 from .cli import ArgumentParser, CLIError, number, reading, run_cli, writing
 from .dataset import PretrainDataset, SFTDataset, pad_batch
 from .generate import generate
-from .model import BUNDLED_BASE, MiniMindConfig, MiniMindForCausalLM, load_minimind, save_minimind
+from .model import MiniMindConfig, MiniMindForCausalLM
 from .tokenizer import ASSETS, MiniMindTokenizer
+from .training import cosine_lr, evaluate
 
 DEFAULT_DATA = [ASSETS / "corpus.jsonl", ASSETS / "chat_base.jsonl"]
 
@@ -61,29 +62,14 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def get_lr(step: int, args: argparse.Namespace) -> float:
-    """Linear warmup, then cosine decay from ``lr`` to ``min_lr`` at the last step."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-@torch.no_grad()
-def evaluate(model: MiniMindForCausalLM, loader: DataLoader) -> float:
-    """Mean loss over ``loader``."""
-    model.eval()
-    losses = [model(x, labels=y).loss.item() for x, y in loader]
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def run_phase(model, train_set, val_set, collate, steps: int, lr: float, args, name: str) -> None:
     """Train ``model`` for ``steps`` AdamW steps on ``train_set`` with the cosine schedule peaking at ``lr``.
 
     Logs the train loss every step (progress bar) and the validation loss every ``--eval-every`` steps.
     """
-    schedule = argparse.Namespace(lr=lr, min_lr=args.min_lr, warmup=args.warmup, steps=steps)
+    def get_lr(step: int) -> float:
+        return cosine_lr(step, steps, peak=lr, floor=args.min_lr, warmup=args.warmup)
+
     # No weight decay on norms (1-D parameters), as usual.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -101,7 +87,7 @@ def run_phase(model, train_set, val_set, collate, steps: int, lr: float, args, n
             batches = iter(loader)
             continue
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, schedule)
+            group["lr"] = get_lr(step)
         loss = model(x, labels=y).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,7 +95,7 @@ def run_phase(model, train_set, val_set, collate, steps: int, lr: float, args, n
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{get_lr(step, schedule):.1e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{get_lr(step):.1e}")
         if step % args.eval_every == 0 or step == steps:
             bar.write(f"{name} step {step}: train loss {loss.item():.3f}, validation loss {evaluate(model, val_loader):.3f}")
     bar.close()

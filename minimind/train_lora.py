@@ -1,143 +1,241 @@
 """MiniMind LoRA SFT: ``python -m minimind.train_lora [--fused] [...]``.
 
-MiniMind's LoRA trainer, with the same argument names, on lora_kernels. With no argument it fine-tunes the
-bundled tiny base on the bundled identity data (a couple of minutes on a laptop CPU). Reads top to bottom:
-arguments, setup (device, dtype, distributed), model and data, the learning-rate schedule, evaluation and
-answers, checkpoints, the loop, then the final outputs.
+MiniMind's LoRA trainer on lora_kernels. It takes the arguments of both MiniMind generations with their
+meaning: the 2025 interface of our design documents (``--out_dir --dim --n_layers --ddp --local_rank``)
+and MiniMind's current one (``--save_dir --from_weight --from_resume --use_compile``, DDP switched on by
+itself under torchrun). With no argument it fine-tunes the bundled tiny base on the bundled identity data
+(about 30 s on a 2-core CPU).
 
-Outputs under ``--out_dir``:
+Reads top to bottom: the configuration (``TrainConfig``, built from the command line), ``setup`` (device,
+processes, base, LoRA, data, optimizer, output folder), ``train_step`` (one optimizer step), ``log_step``,
+``save_checkpoint``/``load_checkpoint``, ``finish`` (adapters, curve, pictures, answers), then ``train``,
+the loop itself.
 
-* ``lora/{lora_name}_{hidden_size}[_moe].pth``: the adapter in MiniMind's format (fp16, MiniMind key names,
-  read by MiniMind's own ``load_lora``), and the same adapter as ``.safetensors`` (``lora_kernels.save_lora``);
-* ``metrics.jsonl``: one JSON object per log step (``step``, ``epoch``, ``loss``, ``lr``, ``tokens_per_s``,
-  and ``eval_loss`` when evaluated);
-* ``loss_curve.png`` at the end;
-* ``checkpoint.pt``: the training state every ``--save_interval`` steps, for ``--resume``.
+Where the files go (``run_paths``): with ``--out_dir DIR`` (ours, the default ``out``)
 
-Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+* ``DIR/lora/{lora_name}_{hidden_size}[_moe].pth``: the adapter in MiniMind's format (MiniMind's
+  ``load_lora`` reads it), and the same adapter as ``.safetensors`` (``lora_kernels.load_lora``);
+* ``DIR/checkpoint.pt``: the training state, for ``--resume``; ``DIR/metrics.jsonl``: one JSON object per
+  log step, appended; ``DIR/loss_curve.png``, ``DIR/lora_overview.png`` and ``DIR/lora_stats.json``
+  (``minimind.plot_lora``) at the end;
 
-The loss of one optimizer step is the mean cross-entropy over all assistant tokens of its micro-batches
-(on all processes), plus the MoE auxiliary loss. Normalising by the global token count (rather than
-averaging per-micro-batch means as MiniMind does) makes gradient accumulation and DDP give exactly the
-gradient of one large batch.
+with ``--save_dir DIR`` (MiniMind's layout) the adapter is ``DIR/{lora_name}_{hidden_size}[_moe].pth`` and
+the training state ``DIR/../checkpoints/{lora_name}_{hidden_size}[_moe]_resume.pth``, as MiniMind writes
+them; our extra files sit beside the training state, named after the same stem. The adapter is saved every
+``--save_interval`` steps and at the end, the training state every ``--save_interval`` steps.
+
+The output is owned by one run at a time (a lock file naming the PID); every file is written to a
+temporary name, fsynced and renamed, so a crash never leaves half a file (and the next run removes the
+temporary files a killed one left). The loss of one optimizer step is the mean cross-entropy over all
+assistant tokens of its micro-batches (on all processes), plus the MoE auxiliary loss.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from atomic_io import atomic_write, remove_stale_temporaries
 from lora_kernels import (
     disable_lora,
+    lora_param_groups,
     lora_state_dict,
     lora_summary,
     replace_linear_with_fused_lora,
     save_lora,
     triton_available,
 )
-from lora_kernels.io import atomic_write
+
+from .cli import ArgumentParser, CLIError, number, reading, run_cli, writing
+from .run_dir import OutputLock, RunPaths, append_metrics, check_out_dir, read_metrics, run_paths
+from .training import cosine_lr, evaluate, supervised_tokens, token_loss_sum
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_BASE = ASSETS / "base.safetensors"
 BUNDLED_DATA = ASSETS / "lora_identity.jsonl"
-CHECKPOINT_NAME = "checkpoint.pt"
-IGNORE_INDEX = -100
-
-
-class TrainError(Exception):
-    """A problem with the user's input or environment: reported in one line, without a traceback."""
+MINIMIND_HIDDEN_SIZE, MINIMIND_LAYERS = 768, 8  # MiniMind's defaults, used to resolve --from_weight
 
 
 # ---------------------------------------------------------------------------------------------------
-# Arguments
+# Configuration
 
 
-def _bool(text: str) -> bool:
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; ``parse_args`` builds it from the command line."""
+
+    out_dir: str = "out"
+    layout: str = "ours"               # "ours" (--out_dir) or "minimind" (--save_dir)
+    base: str = str(BUNDLED_BASE)      # resolved from --from_weight under MiniMind's interface
+    random_base: bool = False          # --from_weight none
+    tokenizer: Optional[str] = None
+    data_path: str = str(BUNDLED_DATA)
+    eval_data: Optional[str] = None
+    lora_name: str = "lora_identity"
+    arch: Optional[str] = None
+    hidden_size: Optional[int] = None  # None: read from the base
+    num_hidden_layers: Optional[int] = None
+    use_moe: Optional[bool] = None
+    fused: bool = False
+    rank: int = 16
+    alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    targets: str = "square"
+    epochs: int = 20
+    batch_size: int = 16
+    learning_rate: float = 5e-3
+    lr_schedule: str = "minimind2"
+    warmup_iters: int = 0
+    loraplus_lr_ratio: Optional[float] = None
+    weight_decay: float = 0.01         # AdamW's default, which MiniMind uses
+    accumulation_steps: int = 1
+    grad_clip: float = 1.0
+    max_seq_len: int = 160
+    max_steps: int = 0
+    seed: int = 42
+    device: str = "cuda:0" if torch.cuda.is_available() else "cpu"
+    dtype: str = "auto"
+    ddp: bool = False
+    use_compile: bool = False
+    num_workers: int = 0
+    resume: Optional[str] = None       # None, "auto" (the run's own checkpoint, must exist), "if-present", a path
+    log_interval: int = 10
+    save_interval: int = 100
+    answers: int = 3
+    progress: bool = True
+    use_wandb: bool = False
+    wandb_project: str = "MiniMind-LoRA"
+
+
+# Settings that must not change when resuming (the run would otherwise silently become another run).
+RESUME_KEYS = ("base", "data_path", "rank", "alpha", "lora_dropout", "targets", "batch_size", "accumulation_steps",
+               "epochs", "learning_rate", "lr_schedule", "warmup_iters", "loraplus_lr_ratio", "weight_decay",
+               "max_seq_len", "seed", "max_steps")
+
+
+def _flag(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "y", "on"):
         return True
     if value in ("0", "false", "no", "n", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (0/1, true/false), got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {text!r}")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m minimind.train_lora",
-        description="MiniMind LoRA SFT on lora_kernels (MiniMind's train_lora arguments, plus --fused).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    # MiniMind's arguments, same names and meaning.
-    p.add_argument("--out_dir", default="out", help="where the adapter, metrics, curve and checkpoint go")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=16, help="sequences per step (per process with --ddp)")
-    p.add_argument("--learning_rate", type=float, default=5e-3)
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="autocast dtype; auto = bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU")
-    p.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (needs `pip install wandb`)")
-    p.add_argument("--wandb_project", default="MiniMind-LoRA")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--ddp", action="store_true", help="DistributedDataParallel; launch with torchrun")
-    p.add_argument("--accumulation_steps", type=int, default=1)
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 disables)")
-    p.add_argument("--warmup_iters", type=int, default=0, help="linear warm-up steps before the cosine schedule")
-    p.add_argument("--log_interval", type=int, default=10, help="steps between metrics lines")
-    p.add_argument("--save_interval", type=int, default=100, help="steps between training-state checkpoints")
-    p.add_argument("--hidden_size", "--dim", dest="hidden_size", type=int, default=None,
-                   help="the base's hidden size (default: read from --base); a mismatch is an error")
-    p.add_argument("--num_hidden_layers", "--n_layers", dest="num_hidden_layers", type=int, default=None,
-                   help="the base's layer count (default: read from --base)")
-    p.add_argument("--max_seq_len", type=int, default=160, help="truncate conversations to this many tokens")
-    p.add_argument("--use_moe", type=_bool, default=None, help="the base is MoE (default: read from --base)")
-    p.add_argument("--data_path", default=str(BUNDLED_DATA), help="MiniMind SFT JSONL")
-    p.add_argument("--lora_name", default="lora_identity", help="adapter file name stem")
-    # Ours.
-    p.add_argument("--fused", action="store_true", help="lora_kernels' fused LoRA (Triton on CUDA, fused torch on CPU)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, MiniMind's unscaled LoRA)")
-    p.add_argument("--lora_dropout", type=float, default=0.0)
-    p.add_argument("--targets", default="square",
-                   help="'square' (MiniMind), 'all-linear', or comma-separated module names (q_proj,v_proj)")
-    p.add_argument("--base", default=str(BUNDLED_BASE), help="MiniMind checkpoint (.pth or .safetensors)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json or its folder (default: the bundled one)")
-    p.add_argument("--arch", default=None, choices=["minimind2", "minimind3"], help="default: read from --base")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a training-state checkpoint (default path: OUT_DIR/checkpoint.pt)")
-    p.add_argument("--eval_data", default=None, help="SFT JSONL for an evaluation loss at each save and at the end")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
-    p.add_argument("--answers", type=int, default=3, help="prompts answered before/after (0 disables)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines instead)")
-    args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "rank"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_seq_len < 8:
-        p.error(f"--max_seq_len must be >= 8, got {args.max_seq_len}")
-    if args.learning_rate <= 0:
-        p.error(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.max_steps < 0 or args.warmup_iters < 0 or args.grad_clip < 0:
-        p.error("--max_steps, --warmup_iters and --grad_clip must be >= 0")
-    return args
+def build_parser() -> ArgumentParser:
+    count, positive = number(1, integer=True), number(0, low_open=True)
+    p = ArgumentParser(prog="python -m minimind.train_lora",
+                       description="MiniMind LoRA SFT on lora_kernels (both MiniMind generations' arguments).")
+    g = p.add_argument_group("where things are (MiniMind-3: --save_dir/--from_weight; 2025: --out_dir)")
+    g.add_argument("--out_dir", default=None, help="our layout: DIR/lora/, DIR/checkpoint.pt, ... (default: out)")
+    g.add_argument("--save_dir", default=None, help="MiniMind's layout: the adapter in DIR, the training state in "
+                   "DIR/../checkpoints; --from_weight reads DIR/{name}_{hidden_size}[_moe].pth")
+    g.add_argument("--from_weight", default=None, help="base = {save_dir}/{NAME}_{hidden_size}[_moe].pth, as "
+                   "MiniMind (hidden_size defaults to MiniMind's 768 there); 'none': a random base")
+    g.add_argument("--base", default=None, help="a MiniMind checkpoint file (.pth or .safetensors; default: bundled)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer.json or its folder (default: bundled; with "
+                   "--from_weight: {save_dir}/../model when it has one, as MiniMind)")
+    g.add_argument("--data_path", default=str(BUNDLED_DATA), help="MiniMind SFT JSONL")
+    g.add_argument("--eval_data", default=None, help="SFT JSONL for an evaluation loss at each save and at the end")
+    g.add_argument("--lora_name", default="lora_identity", help="adapter file name stem")
+    g.add_argument("--from_resume", type=int, choices=[0, 1], default=0,
+                   help="1: continue from this run's training state when there is one (MiniMind-3)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from this run's training state (or PATH); it must exist")
+    m = p.add_argument_group("the base model (read from the weights; given values must match)")
+    m.add_argument("--hidden_size", "--dim", dest="hidden_size", type=count, default=None)
+    m.add_argument("--num_hidden_layers", "--n_layers", dest="num_hidden_layers", type=count, default=None)
+    m.add_argument("--use_moe", type=_flag, default=None, help="0/1")
+    m.add_argument("--arch", default=None, choices=["minimind2", "minimind3"])
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--fused", action="store_true", help="lora_kernels' fused LoRA (Triton on CUDA, fused torch on "
+                    "CPU); without it, MiniMind's unfused LoRA semantics")
+    lo.add_argument("--rank", type=count, default=16)
+    lo.add_argument("--alpha", type=positive, default=None, help="default: = rank (scaling 1, MiniMind's LoRA)")
+    lo.add_argument("--lora_dropout", type=number(0, 1, high_open=True), default=0.0)
+    lo.add_argument("--targets", default="square",
+                    help="'square' (MiniMind), 'all-linear', or comma-separated module names (q_proj,v_proj)")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--epochs", type=count, default=20)
+    o.add_argument("--batch_size", type=count, default=16, help="sequences per step and process")
+    o.add_argument("--learning_rate", type=positive, default=5e-3)
+    o.add_argument("--lr_schedule", choices=["minimind2", "minimind3"], default="minimind2",
+                   help="minimind2: lr/10 + 0.5·lr·(1+cos(π·t/T)), t from 0; "
+                        "minimind3: lr·(0.1 + 0.45·(1+cos(π·t/T))), t from 1")
+    o.add_argument("--warmup_iters", type=number(0, integer=True), default=0)
+    o.add_argument("--loraplus_lr_ratio", type=positive, default=None, help="LoRA+: lora_B learns R times faster")
+    o.add_argument("--weight_decay", type=number(0), default=0.01)
+    o.add_argument("--accumulation_steps", type=count, default=1)
+    o.add_argument("--grad_clip", type=number(0), default=1.0, help="max gradient norm (0: off)")
+    o.add_argument("--max_seq_len", type=number(8, integer=True), default=160)
+    o.add_argument("--max_steps", type=number(0, integer=True), default=0, help="stop after this many steps (0: all)")
+    o.add_argument("--seed", type=number(integer=True), default=42)
+    r = p.add_argument_group("running")
+    r.add_argument("--device", default=TrainConfig.device)
+    r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="autocast dtype; auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU")
+    r.add_argument("--ddp", action="store_true", help="DistributedDataParallel (also on by itself under torchrun)")
+    r.add_argument("--local_rank", type=int, default=-1, help="accepted for old launchers; LOCAL_RANK wins")
+    r.add_argument("--use_compile", type=int, choices=[0, 1], default=0, help="1: torch.compile the model")
+    r.add_argument("--num_workers", type=number(0, integer=True), default=0, help="DataLoader worker processes")
+    r.add_argument("--log_interval", type=count, default=10)
+    r.add_argument("--save_interval", type=count, default=100, help="steps between adapter and state saves")
+    r.add_argument("--answers", type=number(0, integer=True), default=3, help="prompts answered before/after")
+    r.add_argument("--no_progress", action="store_true", help="log lines instead of a progress bar")
+    r.add_argument("--use_wandb", action="store_true")
+    r.add_argument("--wandb_project", default="MiniMind-LoRA")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The run's configuration from the command line (both generations' arguments, resolved).
+
+    Raises:
+        CLIError: a bad value (named) or arguments that contradict each other.
+    """
+    ns = build_parser().parse_args(argv)
+    if ns.out_dir is not None and ns.save_dir is not None:
+        raise CLIError("give --out_dir (our layout) or --save_dir (MiniMind's), not both")
+    if ns.base is not None and ns.from_weight is not None:
+        raise CLIError(f"give --base or --from_weight, not both (--base {ns.base!r}, --from_weight {ns.from_weight!r})")
+    if ns.resume is not None and ns.from_resume:
+        raise CLIError("give --resume or --from_resume 1, not both")
+    cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
+    # MiniMind's layout with --save_dir, or with --from_weight alone (MiniMind's save_dir defaults to ../out).
+    minimind_layout = ns.save_dir is not None or (ns.from_weight is not None and ns.out_dir is None)
+    cfg.layout = "minimind" if minimind_layout else "ours"
+    cfg.out_dir = ns.save_dir or ns.out_dir or ("../out" if minimind_layout else "out")
+    cfg.use_compile, cfg.progress = bool(ns.use_compile), not ns.no_progress
+    cfg.resume = "if-present" if ns.from_resume else ns.resume
+    if ns.from_weight is not None:  # MiniMind's init_model: {save_dir}/{name}_{hidden}[_moe].pth
+        hidden = ns.hidden_size or MINIMIND_HIDDEN_SIZE
+        cfg.random_base = ns.from_weight == "none"
+        cfg.base = str(Path(cfg.out_dir) / f"{ns.from_weight}_{hidden}{'_moe' if ns.use_moe else ''}.pth")
+        if cfg.random_base:
+            cfg.hidden_size, cfg.num_hidden_layers = hidden, ns.num_hidden_layers or MINIMIND_LAYERS
+        if ns.tokenizer is None and (Path(cfg.out_dir).parent / "model" / "tokenizer.json").is_file():
+            cfg.tokenizer = str(Path(cfg.out_dir).parent / "model")
+    else:
+        cfg.base = ns.base or str(BUNDLED_BASE)
+    cfg.ddp = ns.ddp or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)  # on under torchrun, as MiniMind
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------
-# Setup: processes, device, dtype
+# Setup: processes, device, dtype, the output folder
 
 
 @dataclass
@@ -145,11 +243,17 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    autocast_dtype: Optional[torch.dtype] = None  # None: run in fp32
+    autocast_dtype: Optional[torch.dtype] = None  # None: fp32
+    notes: List[str] = field(default_factory=list)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
 def cpu_supports_bf16() -> bool:
@@ -158,117 +262,109 @@ def cpu_supports_bf16() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
-    words = set(flags.split())
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(set(flags.split()) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def setup_runtime(args) -> Runtime:
-    if args.ddp:
+def _checked_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: there are {torch.cuda.device_count()} GPUs (cuda:0 ...)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception:  # each backend (mps, xpu, ...) says "not available" in its own way
+            raise CLIError(f"--device {name}: no such device on this machine; use --device cpu")
+    return device
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    if cfg.ddp:
         if "RANK" not in os.environ:
-            raise TrainError("--ddp needs torchrun: torchrun --nproc_per_node N -m minimind.train_lora --ddp ...")
-        use_cuda = torch.cuda.is_available() and not args.device.startswith("cpu")
+            raise CLIError("--ddp needs torchrun: torchrun --nproc_per_node N -m minimind.train_lora ...")
+        use_cuda = torch.cuda.is_available() and not cfg.device.startswith("cpu")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
+        rt = Runtime(device, dist.get_rank(), dist.get_world_size())
     else:
-        rank, world = 0, 1
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as err:
-            raise TrainError(f"--device {args.device!r} is not a device: {err}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"--device {args.device} asked for CUDA, but torch sees no GPU; use --device cpu")
-
-    if args.dtype == "auto":
-        dtype = None
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif args.dtype == "float32":
-        dtype = None
-    else:
-        dtype = getattr(torch, args.dtype)
-        if device.type == "cpu" and dtype == torch.float16:
-            raise TrainError("--dtype float16 needs CUDA; on the CPU use --dtype float32 or bfloat16")
-        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_supports_bf16():
-            raise TrainError("--dtype bfloat16: this CPU has no native bfloat16 (no avx512_bf16/amx_bf16/bf16 "
-                             "flag); use --dtype float32")
-        if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            raise TrainError("--dtype bfloat16: this GPU does not support bfloat16; use --dtype float16")
-    return Runtime(device=device, rank=rank, world_size=world, autocast_dtype=dtype)
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Fails early, in words, when the output folder cannot be written."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise TrainError(f"--out_dir {str(out_dir)!r} is not writable: {err.strerror or err}")
-
-
-@contextlib.contextmanager
-def writing(what: str) -> Iterator[None]:
-    """Turns a failed write (disk full, permissions) into a one-line TrainError naming the file."""
-    try:
-        yield
-    except OSError as err:
-        reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise TrainError(f"could not write {what}: {reason}")
+        rt = Runtime(_checked_device(cfg.device))
+    if cfg.dtype == "auto" and rt.device.type == "cuda":
+        rt.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif cfg.dtype in ("bfloat16", "float16"):
+        wanted = getattr(torch, cfg.dtype)
+        if rt.device.type == "cpu" and (wanted == torch.float16 or not cpu_supports_bf16()):
+            rt.notes.append(f"--dtype {cfg.dtype}: not native on this CPU; running in float32 (as MiniMind does)")
+        elif rt.device.type == "cuda" and wanted == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise CLIError("--dtype bfloat16: this GPU does not support bfloat16; use --dtype float16")
+        else:
+            rt.autocast_dtype = wanted
+    return rt
 
 
 # ---------------------------------------------------------------------------------------------------
 # Model, tokenizer, data
 
 
-def load_base(args, rt: Runtime):
-    """The base model (all parameters frozen) and its tokenizer, checked against the arguments."""
-    from .model import load_minimind
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """torch.load warns about pickle protocols on stderr; the trainer says what went wrong itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+        yield
+
+
+def load_base(cfg: TrainConfig, rt: Runtime):
+    """The base model (all parameters frozen) and its tokenizer, checked against the configuration."""
+    from .checkpoint import load_minimind
+    from .model import MiniMindConfig, MiniMindForCausalLM
     from .tokenizer import MiniMindTokenizer
 
-    base = Path(args.base)
-    if not base.is_file():
-        hint = " (the bundled base is missing: reinstall the package)" if base == BUNDLED_BASE else ""
-        raise TrainError(f"--base {str(base)!r}: no such file{hint}")
-    overrides = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.num_hidden_layers),
-                                   ("use_moe", args.use_moe), ("arch", args.arch)) if v is not None}
     try:
-        model = load_minimind(base, **overrides)
-    except (ValueError, KeyError, TypeError) as err:
-        given = ", ".join(f"--{k} {v}" for k, v in overrides.items()) or "the defaults"
-        raise TrainError(f"--base {str(base)!r} does not fit {given}: {err}")
-    for name, value in overrides.items():
-        if getattr(model.config, name) != value:
-            raise TrainError(f"--base {str(base)!r} has {name}={getattr(model.config, name)}, not --{name} {value}")
-
-    try:
-        tokenizer = MiniMindTokenizer.from_pretrained(args.tokenizer)
-    except (FileNotFoundError, ValueError) as err:
-        raise TrainError(f"--tokenizer {args.tokenizer!r}: {err}")
+        tokenizer = MiniMindTokenizer.from_pretrained(cfg.tokenizer)
+    except Exception as err:  # tokenizers reports a malformed file as a bare Exception
+        raise CLIError(f"--tokenizer {cfg.tokenizer or 'bundled'!r} is not a readable tokenizer.json: {err}")
+    given = {k: v for k, v in (("hidden_size", cfg.hidden_size), ("num_hidden_layers", cfg.num_hidden_layers),
+                               ("use_moe", cfg.use_moe), ("arch", cfg.arch)) if v is not None}
+    if cfg.random_base:
+        torch.manual_seed(cfg.seed)
+        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=tokenizer.vocab_size, **given))
+    else:
+        base = Path(cfg.base)
+        if not base.is_file():
+            near = sorted(p.name for p in base.parent.glob(base.name.split("_")[0] + "_*.pth"))[:5] if \
+                base.parent.is_dir() else []
+            raise CLIError(f"base {str(base)!r}: no such file" + (f" (there: {', '.join(near)})" if near else ""))
+        fit = f" (with {', '.join(f'--{k} {v}' for k, v in given.items())})" if given else ""
+        with reading(f"base {str(base)!r}{fit}"), quiet_loading():
+            model = load_minimind(base, **given)
+        for name, value in given.items():
+            if getattr(model.config, name) != value:
+                raise CLIError(f"base {str(base)!r} has {name}={getattr(model.config, name)}, not --{name} {value}")
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise TrainError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                         f"{model.config.vocab_size}: they do not belong together (see --tokenizer)")
+        raise CLIError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                       f"{model.config.vocab_size}: they do not belong together (see --tokenizer)")
     model.requires_grad_(False)
     return model.to(rt.device), tokenizer
 
 
-def add_lora(model, args, rt: Runtime) -> str:
+def add_lora(model, cfg: TrainConfig, rt: Runtime) -> str:
     """Adds the adapters in place; returns a description of the backend."""
-    targets = args.targets
-    if targets not in ("square", "all-linear"):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    backend = "auto" if args.fused else "eager"
-    torch.manual_seed(args.seed)  # the same A on every process and in fused and eager runs
+    targets = cfg.targets if cfg.targets in ("square", "all-linear") else \
+        [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    torch.manual_seed(cfg.seed)  # the same A on every process and in fused and eager runs
     try:
-        replace_linear_with_fused_lora(model, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
-                                       target_modules=targets, backend=backend)
+        replace_linear_with_fused_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                       target_modules=targets, backend="auto" if cfg.fused else "eager")
     except (ValueError, TypeError) as err:
-        raise TrainError(f"--targets {args.targets!r}: {err}")
-    if not args.fused:
+        raise CLIError(f"--targets {cfg.targets!r}: {err}")
+    if not cfg.fused:
         return "eager (MiniMind's unfused LoRA; add --fused for lora_kernels)"
     if rt.device.type == "cuda" and triton_available():
         return "fused: Triton kernels"
@@ -276,83 +372,424 @@ def add_lora(model, args, rt: Runtime) -> str:
             if rt.device.type != "cuda" else "fused: torch backend (Triton is not importable)")
 
 
-def load_sft(path: Optional[str], tokenizer, max_seq_len: int, flag: str):
+def load_sft(path: str, tokenizer, max_seq_len: int, flag: str):
     from .dataset import SFTDataset
 
     try:
         return SFTDataset(path, tokenizer, max_seq_len=max_seq_len, pad=False)
-    except (FileNotFoundError, ValueError) as err:
-        raise TrainError(f"{flag} {path!r}: {err}")
+    except (OSError, ValueError) as err:
+        raise CLIError(f"{flag} {path!r}: {err}")
 
 
 def collate(batch, pad_id: int):
-    """(input_ids, labels) padded on the right, and the number of real tokens."""
+    """(input_ids, labels), padded on the right to the longest item."""
     from .dataset import pad_batch
 
-    ids, labels = pad_batch(batch, pad_id)
-    return ids, labels, sum(len(item[0]) for item in batch)
+    return pad_batch(batch, pad_id)
 
 
-def epoch_micro_batches(n: int, epoch: int, args, rt: Runtime) -> List[List[int]]:
+def epoch_micro_batches(n: int, epoch: int, cfg: TrainConfig, rt: Runtime) -> List[List[int]]:
     """This process's micro-batches for one epoch, as dataset indices.
 
     One permutation per (seed, epoch), cut into global batches of ``batch_size × world_size`` (an
     incomplete last batch is dropped); process r takes positions r, r + W, ... of each global batch, so a
     run on W processes sees exactly the batches of a single process with W times its batch size.
     """
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    global_batch = args.batch_size * rt.world_size
-    batches = []
-    for start in range(0, n - global_batch + 1, global_batch):
-        chunk = order[start:start + global_batch]
-        batches.append(chunk[rt.rank::rt.world_size])
-    return batches
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
+    size = cfg.batch_size * rt.world_size
+    return [order[start:start + size][rt.rank::rt.world_size] for start in range(0, n - size + 1, size)]
+
+
+def data_loader(dataset, batches: List[List[int]], pad_id: int, num_workers: int) -> DataLoader:
+    """A DataLoader over the given index batches; workers tokenize and pad ahead of the training step."""
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_id=pad_id),
+                      num_workers=num_workers, persistent_workers=False)
+
+
+def windows(loader, size: int) -> Iterator[list]:
+    """Groups consecutive micro-batches into optimizer steps of ``size`` (the last one may be shorter)."""
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 # ---------------------------------------------------------------------------------------------------
-# Learning rate, loss, evaluation, answers
+# Everything a run holds
 
 
-def get_lr(step: int, total: int, lr: float, warmup: int = 0) -> float:
-    """Linear warm-up over ``warmup`` steps, then MiniMind's ``lr/10 + 0.5·lr·(1 + cos(π·t/T))``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t, span = step - warmup, max(1, total - warmup)
-    return lr / 10 + 0.5 * lr * (1 + math.cos(math.pi * t / span))
+@dataclass
+class Run:
+    cfg: TrainConfig
+    rt: Runtime
+    model: torch.nn.Module          # the model (adapters inside); saved, evaluated, answers
+    train_model: torch.nn.Module    # what the step calls: model, DDP(model), and/or torch.compile'd
+    tokenizer: object
+    train_set: object
+    eval_set: object
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    paths: RunPaths
+    lock: Optional[OutputLock]
+    backend: str
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    rows: List[dict] = field(default_factory=list)
+    prompts: List[list] = field(default_factory=list)
+    before: List[str] = field(default_factory=list)
+    wandb: object = None
+    tokens_since: int = 0
+    time_since: float = field(default_factory=time.perf_counter)
+    bar: object = None
+
+    def log(self, text: str) -> None:
+        if self.rt.main:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+    def lr_at(self, step: int) -> float:
+        lr, total, warmup = self.cfg.learning_rate, self.total_steps, self.cfg.warmup_iters
+        if self.cfg.lr_schedule == "minimind3":  # MiniMind-3 counts steps from 1: the last step gets lr/10
+            return cosine_lr(step + 1, total, peak=lr, floor=lr / 10, warmup=warmup)
+        return cosine_lr(step, total, peak=1.1 * lr, floor=lr / 10, warmup=warmup)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.lock is not None:
+            self.lock.release()
+        if self.wandb:
+            self.wandb.finish()
+        if self.rt.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor):
-    """Summed cross-entropy over the assistant tokens, and the MoE auxiliary loss."""
-    out = model(ids)
-    logits = out.logits[:, :-1].float()
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, out.aux_loss
+def _agree(rt: Runtime, error: Optional[CLIError]) -> None:
+    """Under DDP, every process stops when one of them failed during setup (instead of waiting forever)."""
+    if rt.world_size > 1:
+        flag = torch.tensor([1.0 if error else 0.0])
+        dist.all_reduce(flag)
+        if flag.item() and error is None:
+            raise CLIError("another process failed during setup (its message is above)")
+    if error is not None:
+        raise error
 
 
-@torch.no_grad()
-def evaluate(model, dataset, args, rt: Runtime) -> float:
-    """Mean cross-entropy per assistant token over ``dataset`` (on this process)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), args.batch_size):
-        ids, labels, _ = collate([dataset[i] for i in range(start, min(start + args.batch_size, len(dataset)))],
-                                 dataset.tokenizer.pad_token_id)
+def setup(cfg: TrainConfig) -> Run:
+    """Validates everything, then takes the output folder: nothing is written before the checks pass."""
+    from tqdm import tqdm
+
+    rt = setup_runtime(cfg)
+    error, lock, note = None, None, None
+    try:
+        if rt.main:
+            check_out_dir(Path(cfg.out_dir))
+        model, tokenizer = load_base(cfg, rt)
+        backend = add_lora(model, cfg, rt)
+        train_set = load_sft(cfg.data_path, tokenizer, cfg.max_seq_len, "--data_path")
+        eval_set = load_sft(cfg.eval_data, tokenizer, cfg.max_seq_len, "--eval_data") if cfg.eval_data else None
+        if len(train_set) < cfg.batch_size * rt.world_size:
+            raise CLIError(f"--data_path has {len(train_set)} conversations, fewer than one batch of "
+                           f"{cfg.batch_size * rt.world_size}; lower --batch_size")
+        paths = run_paths(cfg.layout, cfg.out_dir, cfg.lora_name, model.config.hidden_size, model.config.use_moe)
+        if rt.main:
+            paths.lock.parent.mkdir(parents=True, exist_ok=True)
+            lock = OutputLock(paths.lock)
+            note = lock.acquire()
+    except CLIError as err:
+        error = err
+    _agree(rt, error)
+
+    run = None
+    try:  # from here on the lock is held: give it back whatever fails
+        per_epoch = math.ceil(len(epoch_micro_batches(len(train_set), 0, cfg, rt)) / cfg.accumulation_steps)
+        total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+        groups = lora_param_groups(model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay)
+        train_model = model
+        if rt.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                  else None, find_unused_parameters=bool(model.config.use_moe))
+        if cfg.use_compile:
+            train_model = torch.compile(train_model, dynamic=True)  # padded lengths vary: one graph for all
+        run = Run(cfg, rt, model, train_model, tokenizer, train_set, eval_set, torch.optim.AdamW(groups),
+                  torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16), paths, lock,
+                  backend, per_epoch, total)
+        if rt.main:
+            stale = [p for path in paths.outputs() for p in remove_stale_temporaries(path)]
+            rt.notes += [note] if note else []
+            if stale:
+                rt.notes.append(f"removed {len(stale)} temporary file(s) a killed run left: {stale[0].name}...")
+        if cfg.resume:
+            run.step = load_checkpoint(run)
+        if rt.main:
+            run.rows = start_metrics(run)
+        run.prompts = sample_prompts(train_set, cfg.answers) if rt.main else []
+        if run.prompts:
+            with disable_lora(model):
+                run.before = answer(run, run.prompts)
+        run.log(describe(run))
+        if cfg.use_wandb and rt.main:
+            run.wandb = start_wandb(run)
+        run.bar = tqdm(total=total, initial=run.step, disable=not rt.main or not cfg.progress, unit="step",
+                       dynamic_ncols=True)
+    except BaseException:
+        if run is not None:
+            run.close()
+        elif lock is not None:
+            lock.release()
+        raise
+    return run
+
+
+def describe(run: Run) -> str:
+    cfg, rt, c = run.cfg, run.rt, run.model.config
+    summary = lora_summary(run.model)
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    return "\n".join([
+        "MiniMind LoRA SFT",
+        f"  base       {'random (--from_weight none)' if cfg.random_base else cfg.base}  ({c.arch}, hidden "
+        f"{c.hidden_size}, {c.num_hidden_layers} layers{', MoE' if c.use_moe else ''}, "
+        f"{summary.total - summary.trainable:,} base parameters)",
+        f"  LoRA       rank {cfg.rank}, alpha {alpha:g}, dropout {cfg.lora_dropout:g}, targets {cfg.targets!r}: "
+        f"{summary.lora_layers} layers" + (f", LoRA+ ratio {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""),
+        f"  trainable  {summary.trainable:,} parameters ({summary.percent:.2f}% of {summary.total:,})",
+        f"  backend    {run.backend}" + (", torch.compile" if cfg.use_compile else ""),
+        f"  device     {rt.device}" + (f" x {rt.world_size} processes" if rt.world_size > 1 else "")
+        + f", dtype {str(rt.autocast_dtype or torch.float32).replace('torch.', '')}",
+        f"  data       {cfg.data_path}: {len(run.train_set)} conversations, batch {cfg.batch_size * rt.world_size}"
+        f" x {cfg.accumulation_steps} accumulation, {cfg.epochs} epochs = {run.total_steps} steps"
+        + (f" (resuming after step {run.step})" if run.step else ""),
+        f"  output     {run.paths.adapter.parent} (adapter), {run.paths.checkpoint} (training state)",
+        *[f"  note       {n}" for n in rt.notes],
+    ])
+
+
+def start_wandb(run: Run):
+    try:
+        import wandb
+    except ImportError:
+        run.log("--use_wandb: wandb is not installed (pip install wandb); continuing without it")
+        return None
+    wandb.init(project=run.cfg.wandb_project, config=asdict(run.cfg))
+    return wandb
+
+
+# ---------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def train_step(run: Run, micro_batches: list) -> float:
+    """Forward and backward over the step's micro-batches, clip, step; returns the step's loss.
+
+    Raises:
+        CLIError: the loss is not finite (nothing is written; the last saved files stay as they were), or
+            the step has no assistant token (every answer truncated away by --max_seq_len).
+    """
+    cfg, rt = run.cfg, run.rt
+    n_tokens = torch.tensor([float(sum(supervised_tokens(labels) for _, labels in micro_batches))])
+    if rt.world_size > 1:
+        dist.all_reduce(n_tokens)
+    if n_tokens.item() == 0:
+        raise CLIError(f"step {run.step + 1}: no assistant token left after truncating to --max_seq_len "
+                       f"{cfg.max_seq_len} in {cfg.data_path}; raise --max_seq_len")
+    lr = run.lr_at(run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    loss_sum, aux_sum = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
+    for j, (ids, labels) in enumerate(micro_batches):
         ids, labels = ids.to(rt.device), labels.to(rt.device)
-        with autocast(rt):
-            loss_sum, _ = token_loss_sum(model, ids, labels)
-        total += loss_sum.item()
-        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+        sync = j == len(micro_batches) - 1 or rt.world_size == 1
+        with (contextlib.nullcontext() if sync else run.train_model.no_sync()), rt.autocast():
+            ce_sum, aux = token_loss_sum(run.train_model, ids, labels)
+            loss = ce_sum * rt.world_size / n_tokens.to(rt.device) + aux / len(micro_batches)
+        run.scaler.scale(loss).backward()
+        loss_sum += ce_sum.detach()
+        aux_sum += aux.detach() / len(micro_batches)
+        run.tokens_since += int((ids != run.tokenizer.pad_token_id).sum())  # real tokens, not padding
+    if rt.world_size > 1:
+        dist.all_reduce(loss_sum)
+    step_loss = loss_sum.item() / n_tokens.item() + aux_sum.item()
+    if not math.isfinite(step_loss):
+        raise CLIError(f"the loss is {step_loss} at step {run.step + 1} (learning rate {lr:.3g}): stopped before "
+                       "updating or writing anything; lower --learning_rate (the last saved files are intact)")
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if not all(bool(torch.isfinite(p).all()) for g in run.optimizer.param_groups for p in g["params"]):
+        raise CLIError(f"the update of step {run.step} (learning rate {lr:.3g}) made the adapter non-finite: "
+                       "stopped before writing it; lower --learning_rate (the last saved files are intact)")
+    return step_loss
 
 
-def autocast(rt: Runtime):
-    if rt.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(rt.device.type, dtype=rt.autocast_dtype)
+# ---------------------------------------------------------------------------------------------------
+# Log, evaluate, checkpoint
+
+
+def eval_loss(run: Run) -> float:
+    batches = [list(range(i, min(i + run.cfg.batch_size, len(run.eval_set))))
+               for i in range(0, len(run.eval_set), run.cfg.batch_size)]
+    loader = data_loader(run.eval_set, batches, run.tokenizer.pad_token_id, 0)
+    return evaluate(run.model, loader, run.rt.device, run.rt.autocast)
+
+
+def log_step(run: Run, epoch: int, loss: float, first: bool) -> None:
+    """Progress bar, and every --log_interval steps a metrics line (appended to the metrics file)."""
+    cfg, rt, step = run.cfg, run.rt, run.step
+    elapsed = max(time.perf_counter() - run.time_since, 1e-9)
+    tok_s = run.tokens_since * rt.world_size / elapsed
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr_at(step - 1):.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+    if not rt.main or not (step % cfg.log_interval == 0 or step == run.total_steps or first):
+        return
+    row = {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": run.lr_at(step - 1),
+           "tokens_per_s": round(tok_s, 1)}
+    if run.eval_set is not None and is_save_step(run):
+        row["eval_loss"] = round(eval_loss(run), 6)
+    run.rows.append(row)
+    append_metrics(run.paths.metrics, row)
+    if run.wandb:
+        run.wandb.log(row, step=step)
+    if not cfg.progress:
+        run.log(json.dumps(row))
+    run.tokens_since, run.time_since = 0, time.perf_counter()
+
+
+def start_metrics(run: Run) -> List[dict]:
+    """The metrics rows this run continues: on resume the earlier rows up to the checkpoint's step; in a
+    fresh run none, and an earlier run's file is kept under a new name instead of being overwritten."""
+    path = run.paths.metrics
+    if not path.is_file():
+        return []
+    if not run.cfg.resume or run.step == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        for n in range(2, 1000):  # never replace an earlier archive
+            if not kept.exists():
+                break
+            kept = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        with writing(kept):
+            os.replace(path, kept)
+        run.rt.notes.append(f"an earlier run's {path.name} is kept as {kept.name}")
+        return []
+    rows = read_metrics(path)
+    kept = [r for r in rows if r["step"] <= run.step]
+    if len(kept) != len(rows):  # rows logged after the checkpoint are logged again
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        with writing(path):
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return kept
+
+
+def is_save_step(run: Run) -> bool:
+    return run.step % run.cfg.save_interval == 0 or run.step == run.total_steps
+
+
+def save_checkpoint(run: Run) -> None:
+    """The training state (adapter, optimizer, scaler, RNG, step, the settings it depends on), atomically."""
+    state = {
+        "format": "minimind.train_lora",
+        "lora": {k: v.cpu() for k, v in lora_state_dict(run.model).items()},
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "step": run.step,
+        "world_size": run.rt.world_size,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config": {k: getattr(run.cfg, k) for k in RESUME_KEYS},
+    }
+    with writing(run.paths.checkpoint):
+        atomic_write(run.paths.checkpoint, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(run: Run) -> int:
+    """Checks a training state against this run, then restores it; returns the steps already done.
+
+    Raises:
+        CLIError: no such file (except with --from_resume 1, which then starts afresh), an unreadable file,
+            missing fields, other settings, or LoRA tensors that do not fit (all named).
+    """
+    cfg = run.cfg
+    path = Path(cfg.resume) if cfg.resume not in ("auto", "if-present") else run.paths.checkpoint
+    flag = "--from_resume 1" if cfg.resume == "if-present" else "--resume"
+    if not path.is_file():
+        if cfg.resume == "if-present":
+            run.rt.notes.append(f"--from_resume 1: no training state at {path}; starting afresh")
+            return 0
+        raise CLIError(f"{flag}: no training state at {str(path)!r}")
+    with reading(f"{flag}: training state {str(path)!r}"), quiet_loading():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    needed = ("lora", "optimizer", "scaler", "step", "rng_cpu", "config")
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CLIError(f"{flag}: {str(path)!r} is not a training state of this trainer (missing {', '.join(missing)})")
+    if not isinstance(state["config"], dict) or not isinstance(state["lora"], dict) or \
+            not isinstance(state["step"], int) or state["step"] < 0:
+        raise CLIError(f"{flag}: {str(path)!r} has a malformed 'config', 'lora' or 'step' field")
+    changed = [f"--{k} {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
+               if state["config"].get(k) != getattr(cfg, k)]
+    if state.get("world_size", 1) != run.rt.world_size:  # the global batch is batch_size x processes
+        changed.append(f"{state.get('world_size', 1)} -> {run.rt.world_size} processes")
+    if changed:
+        raise CLIError(f"{flag}: {path} was made with other settings: " + "; ".join(changed))
+    params = lora_state_dict(run.model)
+    problems = [f"unknown tensor {k}" for k in state["lora"] if k not in params]
+    problems += [f"missing tensor {k}" for k in params if k not in state["lora"]]
+    problems += [f"{k} has shape {tuple(v.shape)}, the model needs {tuple(params[k].shape)}"
+                 for k, v in state["lora"].items() if k in params and (not isinstance(v, torch.Tensor)
+                                                                        or v.shape != params[k].shape)]
+    if problems:
+        raise CLIError(f"{flag}: {path} does not fit this model: {'; '.join(problems[:4])}"
+                       + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        rng_cpu = state["rng_cpu"]
+        torch.get_rng_state().copy_(rng_cpu)  # a wrong size or dtype raises here, before anything is set
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
+        raise CLIError(f"{flag}: {path} has an optimizer or RNG state that does not fit: {err}")
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+    torch.set_rng_state(rng_cpu)
+    if state.get("rng_cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"]
+
+
+def save_adapters(run: Run) -> None:
+    """The adapter in MiniMind's format and as safetensors."""
+    from .lora_io import save_minimind_lora
+
+    with writing(run.paths.adapter):
+        save_minimind_lora(run.model, run.paths.adapter)
+    with writing(run.paths.adapter_safetensors):
+        save_lora(run.model, run.paths.adapter_safetensors)
+
+
+def checkpoint(run: Run) -> None:
+    """At every save step: the training state first, then the adapters (MiniMind saves its adapter here too)."""
+    if not run.rt.main:
+        return
+    save_checkpoint(run)
+    save_adapters(run)
+    if not run.cfg.progress:
+        run.log(f"checkpoint: step {run.step} -> {run.paths.checkpoint}, {run.paths.adapter}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answers and the end of the run
 
 
 def sample_prompts(dataset, k: int) -> List[List[dict]]:
@@ -372,302 +809,118 @@ def sample_prompts(dataset, k: int) -> List[List[dict]]:
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: List[List[dict]], rt: Runtime, max_new_tokens: int = 48) -> List[str]:
-    """Greedy answers, one per prompt."""
+def answer(run: Run, prompts: List[List[dict]], max_new_tokens: int = 48) -> List[str]:
+    """Greedy answers, one per prompt (the uncompiled model: generation has other shapes than training)."""
     from .generate import generate
 
+    model, tok = run.model, run.tokenizer
     was_training = model.training
     model.eval()
     answers = []
     for messages in prompts:
-        ids = torch.tensor([tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)],
-                           device=rt.device)
-        with autocast(rt):
+        ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)],
+                           device=run.rt.device)
+        with run.rt.autocast():
             out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     model.train(was_training)
     return answers
 
 
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints and outputs
-
-
-def adapter_paths(out_dir: Path, args, config) -> Dict[str, Path]:
-    stem = f"{args.lora_name}_{config.hidden_size}" + ("_moe" if config.use_moe else "")
-    return {"minimind": out_dir / "lora" / f"{stem}.pth", "safetensors": out_dir / "lora" / f"{stem}.safetensors"}
-
-
-# Settings that must not change when resuming (the run would otherwise silently become another run).
-RESUME_KEYS = ("base", "data_path", "rank", "alpha", "lora_dropout", "targets", "batch_size", "accumulation_steps",
-               "epochs", "learning_rate", "warmup_iters", "max_seq_len", "seed", "max_steps")
-
-
-def save_checkpoint(path: Path, model, optimizer, scaler, step: int, args) -> None:
-    state = {
-        "lora": {k: v.cpu() for k, v in lora_state_dict(model).items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "step": step,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "args": {k: getattr(args, k) for k in RESUME_KEYS},
-    }
-    with writing(str(path)):
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path, model, optimizer, scaler, args) -> int:
-    """Restores the training state; returns the number of optimizer steps already done."""
-    if not path.is_file():
-        raise TrainError(f"--resume: no checkpoint at {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a foreign or damaged file
-        raise TrainError(f"--resume: {str(path)!r} is not a readable training checkpoint: {err}")
-    changed = [f"--{k} {state['args'].get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
-               if state["args"].get(k) != getattr(args, k)]
-    if changed:
-        raise TrainError("--resume: the checkpoint was made with other settings: " + "; ".join(changed))
-    with torch.no_grad():
-        params = lora_state_dict(model)
-        for name, value in state["lora"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["step"])
-
-
-def write_metrics(path: Path, rows: List[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    with writing(str(path)):
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def read_metrics(path: Path, up_to_step: int) -> List[dict]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= up_to_step]
-
-
 def plot_loss(rows: List[dict], path: Path, title: str) -> None:
-    import matplotlib
+    from .plot_lora import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
     evals = [r for r in rows if "eval_loss" in r]
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per assistant token")
-    ax.set_title(title)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy per assistant token", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with writing(str(path)):
+    with writing(path):
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
+def finish(run: Run) -> Dict[str, object]:
+    """The final adapters, the loss curve, the overview of what LoRA learned, the answers after; a summary."""
+    from .plot_lora import OVERVIEW_NAME, model_layers, plot_adapter
+
+    result: Dict[str, object] = {"steps": run.step, "paths": run.paths}
+    if not run.rt.main:
+        return result
+    cfg, paths = run.cfg, run.paths
+    lines = []
+    if run.rows:
+        plot_loss(run.rows, paths.loss_curve, f"{cfg.lora_name}: rank {cfg.rank}, {run.backend.split(':')[0]}")
+        result.update(first_loss=run.rows[0]["loss"], last_loss=run.rows[-1]["loss"])
+        lines.append(f"loss {run.rows[0]['loss']:.4f} (step {run.rows[0]['step']}) -> {run.rows[-1]['loss']:.4f} "
+                     f"(step {run.rows[-1]['step']})")
+    with writing(paths.plots / OVERVIEW_NAME):
+        stats = plot_adapter(model_layers(run.model), paths.plots, str(paths.adapter), per_layer=False,
+                             title=f"what {cfg.lora_name} learned: ΔW = s·B·A per layer")
+    result["lora_stats"] = stats
+    lines += [f"saved {paths.adapter} (MiniMind format) and {paths.adapter_safetensors.name}",
+              f"metrics {paths.metrics}, curve {paths.loss_curve}, LoRA overview {paths.plots / OVERVIEW_NAME} "
+              f"(per layer: python -m minimind.plot_lora {paths.adapter_safetensors} --out DIR)"]
+    if run.prompts:
+        after = answer(run, run.prompts)
+        result["answers"] = list(zip([p[-1]["content"] for p in run.prompts], run.before, after))
+        lines.append("before -> after (adapter off / on):")
+        for question, old, new in result["answers"]:
+            lines += [f"  Q: {question}", f"     off: {old}", f"     on:  {new}"]
+    run.log("\n".join(lines))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------
-# Training
+# The loop
 
 
-def log(rt: Runtime, text: str) -> None:
-    if rt.main:
-        from tqdm import tqdm
+def train(cfg: TrainConfig) -> Dict[str, object]:
+    """Runs the whole job; returns a summary (steps, paths, first and last loss, answers).
 
-        tqdm.write(text)
-
-
-def train(args) -> Dict[str, object]:
-    """Runs the whole job; returns a summary (paths, first and last loss). Raises TrainError on bad input."""
-    from tqdm import tqdm
-
-    from .lora_io import save_minimind_lora
-
-    rt = setup_runtime(args)
-    out_dir = Path(args.out_dir)
-    if rt.main:
-        check_out_dir(out_dir)
-    model, tokenizer = load_base(args, rt)
-    backend = add_lora(model, args, rt)
-    train_set = load_sft(args.data_path, tokenizer, args.max_seq_len, "--data_path")
-    eval_set = load_sft(args.eval_data, tokenizer, args.max_seq_len, "--eval_data") if args.eval_data else None
-    if len(train_set) < args.batch_size * rt.world_size:
-        raise TrainError(f"--data_path has {len(train_set)} conversations, fewer than one batch of "
-                         f"{args.batch_size * rt.world_size}; lower --batch_size")
-
-    batches_per_epoch = len(epoch_micro_batches(len(train_set), 0, args, rt))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-
-    lora_params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
-    paths = adapter_paths(out_dir, args, model.config)
-    ckpt_path = out_dir / CHECKPOINT_NAME if args.resume in (None, "auto") else Path(args.resume)
-    metrics_path = out_dir / "metrics.jsonl"
-    done = load_checkpoint(ckpt_path, model, optimizer, scaler, args) if args.resume else 0
-    rows = read_metrics(metrics_path, done) if (args.resume and rt.main) else []
-
-    summary = lora_summary(model)
-    cfg = model.config
-    prompts = sample_prompts(train_set, args.answers) if rt.main else []
-    before = []
-    if prompts:
-        with disable_lora(model):
-            before = answer(model, tokenizer, prompts, rt)
-    log(rt, "\n".join([
-        "MiniMind LoRA SFT",
-        f"  base       {args.base}  ({cfg.arch}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers"
-        f"{', MoE' if cfg.use_moe else ''}, {summary.total - summary.trainable:,} base parameters)",
-        f"  LoRA       rank {args.rank}, alpha {args.alpha if args.alpha is not None else args.rank:g}, dropout "
-        f"{args.lora_dropout:g}, targets {args.targets!r}: {summary.lora_layers} layers",
-        f"  trainable  {summary.trainable:,} parameters ({summary.percent:.2f}% of {summary.total:,})",
-        f"  backend    {backend}",
-        f"  device     {rt.device}" + (f" x {rt.world_size} processes" if rt.world_size > 1 else "")
-        + f", dtype {rt.autocast_dtype or torch.float32}".replace("torch.", ""),
-        f"  data       {args.data_path}: {len(train_set)} conversations, batch {args.batch_size * rt.world_size}"
-        f" x {args.accumulation_steps} accumulation, {args.epochs} epochs = {total_steps} steps"
-        + (f" (resuming after step {done})" if done else ""),
-        f"  output     {out_dir}",
-    ]))
-
-    wandb = None
-    if args.use_wandb and rt.main:
-        try:
-            import wandb as wandb_module
-
-            wandb = wandb_module
-            wandb.init(project=args.wandb_project, config=vars(args))
-        except ImportError:
-            log(rt, "--use_wandb: wandb is not installed (pip install wandb); continuing without it")
-
-    ddp_model = model
-    if rt.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                            find_unused_parameters=bool(cfg.use_moe))
-
-    model.train()
-    step = done
-    bar = tqdm(total=total_steps, initial=done, disable=not rt.main or args.no_progress, unit="step",
-               dynamic_ncols=True)
-    tokens_since, time_since = 0, time.perf_counter()
-    pad_id = tokenizer.pad_token_id
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        micro = epoch_micro_batches(len(train_set), epoch, args, rt)
-        windows = [micro[i:i + args.accumulation_steps] for i in range(0, len(micro), args.accumulation_steps)]
-        for window in windows[step - epoch * steps_per_epoch:]:
-            batches = [collate([train_set[i] for i in idx], pad_id) for idx in window]
-            n_tokens = torch.tensor([float(sum(int((b[1][:, 1:] != IGNORE_INDEX).sum()) for b in batches))])
-            if rt.world_size > 1:
-                dist.all_reduce(n_tokens)
-            lr = get_lr(step, total_steps, args.learning_rate, args.warmup_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            loss_sum, aux_sum = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
-            for j, (ids, labels, real_tokens) in enumerate(batches):
-                ids, labels = ids.to(rt.device), labels.to(rt.device)
-                sync = j == len(batches) - 1 or rt.world_size == 1
-                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(rt):
-                    ce_sum, aux = token_loss_sum(ddp_model, ids, labels)
-                    loss = ce_sum * rt.world_size / n_tokens.to(rt.device).clamp(min=1) + aux / len(batches)
-                scaler.scale(loss).backward()
-                loss_sum += ce_sum.detach()
-                aux_sum += aux.detach() / len(batches)
-                tokens_since += real_tokens
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            if rt.world_size > 1:
-                dist.all_reduce(loss_sum)
-            step_loss = loss_sum.item() / max(n_tokens.item(), 1) + aux_sum.item()
-            elapsed = time.perf_counter() - time_since
-            tok_s = tokens_since * rt.world_size / max(elapsed, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-
-            is_save = step % args.save_interval == 0 or step == total_steps
-            if rt.main and (step % args.log_interval == 0 or step == total_steps or step == done + 1):
-                row = {"step": step, "epoch": epoch + 1, "loss": round(step_loss, 6), "lr": lr,
-                       "tokens_per_s": round(tok_s, 1)}
-                if eval_set is not None and is_save:
-                    row["eval_loss"] = round(evaluate(model, eval_set, args, rt), 6)
-                rows.append(row)
-                write_metrics(metrics_path, rows)
-                if wandb:
-                    wandb.log(row, step=step)
-                if args.no_progress:
-                    log(rt, json.dumps(row))
-                tokens_since, time_since = 0, time.perf_counter()
-            if rt.main and is_save:
-                save_checkpoint(ckpt_path, model, optimizer, scaler, step, args)
-                if args.no_progress:
-                    log(rt, f"checkpoint: step {step} -> {ckpt_path}")
-            if step >= total_steps:
-                break
-    bar.close()
-
-    result: Dict[str, object] = {"steps": step, "paths": paths, "metrics": metrics_path}
-    if rt.main:
-        with writing(str(paths["minimind"])):
-            save_minimind_lora(model, paths["minimind"])
-        with writing(str(paths["safetensors"])):
-            save_lora(model, paths["safetensors"])
-        if rows:
-            plot_loss(rows, out_dir / "loss_curve.png", f"{args.lora_name}: rank {args.rank}, {backend.split(':')[0]}")
-            result.update(first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"])
-        lines = [f"saved {paths['minimind']} (MiniMind format) and {paths['safetensors'].name}",
-                 f"metrics {metrics_path}, curve {out_dir / 'loss_curve.png'}"]
-        if rows:
-            lines.insert(0, f"loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> {rows[-1]['loss']:.4f} "
-                            f"(step {rows[-1]['step']})")
-        if prompts:
-            after = answer(model, tokenizer, prompts, rt)
-            result["answers"] = list(zip([p[-1]["content"] for p in prompts], before, after))
-            lines.append("before -> after (adapter off / on):")
-            for question, old, new in result["answers"]:
-                lines += [f"  Q: {question}", f"     off: {old}", f"     on:  {new}"]
-        log(rt, "\n".join(lines))
-    if wandb:
-        wandb.finish()
-    if rt.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    Raises:
+        CLIError: bad input, a busy output folder, a full disk, a non-finite loss (one line each).
+    """
+    run = setup(cfg)
+    try:
+        first = True
+        while run.step < run.total_steps:
+            epoch = run.step // run.steps_per_epoch
+            batches = epoch_micro_batches(len(run.train_set), epoch, cfg, run.rt)
+            done_in_epoch = run.step - epoch * run.steps_per_epoch
+            loader = data_loader(run.train_set, batches[done_in_epoch * cfg.accumulation_steps:],
+                                 run.tokenizer.pad_token_id, cfg.num_workers)
+            for micro_batches in windows(loader, cfg.accumulation_steps):
+                loss = train_step(run, micro_batches)
+                log_step(run, epoch, loss, first)
+                first = False
+                if is_save_step(run):
+                    checkpoint(run)
+                if run.step >= run.total_steps:
+                    break
+        run.bar.close()  # the summary comes below the finished bar
+        result = finish(run)
+        if run.rt.world_size > 1:
+            dist.barrier()
+    finally:
+        run.close()
     return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        train(args)
-    except TrainError as err:
-        print(f"train_lora: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train_lora: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
-        return 130
-    return 0
+    """Command-line entry point: exit status 0, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
+    return run_cli("train_lora", _main, argv,
+                   interrupted="interrupted; the files saved so far are intact (continue with --resume)")
+
+
+def _main(argv: Optional[Sequence[str]]) -> None:
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":

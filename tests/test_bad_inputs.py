@@ -658,7 +658,7 @@ def test_unmerge_after_changing_b_restores_the_weight():
 
 
 def test_training_a_merged_layer_warns_once():
-    layer = FusedLoRALinear(8, 6, rank=2)
+    layer = FusedLoRALinear(8, 6, rank=2, freeze_base=False)  # a trained W: backward runs, LoRA gets nothing
     layer.merge()
     layer.train()
     with pytest.warns(UserWarning, match="no gradient.*unmerge"):

@@ -53,7 +53,7 @@ def assert_same(got, expected, names):
 
 def test_inductor_matches_eager_with_dropout_and_compiles_once():
     layer = adapted_layer()
-    layer.weight.requires_grad_(False)  # the usual LoRA setup: frozen base
+    layer.bias.requires_grad_(True)  # W frozen (the default), the bias trained so that its gradient is checked too
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(layer, fullgraph=True, backend=counter)
     params = [layer.lora_A, layer.lora_B, layer.bias]

@@ -76,7 +76,7 @@ def test_matches_peft_lora_linear(bias, rslora):
     peft_layer = make_peft_linear(linear, r=r, alpha=alpha, use_rslora=rslora)
     with torch.no_grad():
         peft_layer.lora_B["default"].weight.normal_()
-    ours = FusedLoRALinear.from_linear(linear, rank=r, alpha=alpha, use_rslora=rslora)
+    ours = FusedLoRALinear.from_linear(linear, rank=r, alpha=alpha, use_rslora=rslora, freeze_base=False)
     with torch.no_grad():
         ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
         ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
@@ -95,13 +95,23 @@ def test_matches_peft_lora_linear(bias, rslora):
         assert_close(g, e, torch.float32, name)
 
 
-def test_frozen_base_gets_no_grad():
-    layer = adapted_layer()
-    layer.weight.requires_grad_(False)
-    layer.bias.requires_grad_(False)
-    layer(torch.randn(4, 24, requires_grad=True)).sum().backward()
-    assert layer.weight.grad is None and layer.bias.grad is None
-    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+def test_base_is_frozen_by_default_and_gets_no_grad():
+    linear = nn.Linear(24, 16)
+    for layer in (adapted_layer(), FusedLoRALinear.from_linear(linear, rank=4)):
+        assert not layer.weight.requires_grad and not layer.bias.requires_grad
+        layer(torch.randn(4, 24, requires_grad=True)).sum().backward()
+        assert layer.weight.grad is None and layer.bias.grad is None
+        assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    assert not linear.weight.requires_grad  # the same Parameter, shared with the wrapped linear
+
+
+def test_freeze_base_false_trains_the_base():
+    built = FusedLoRALinear(24, 16, rank=4, freeze_base=False)
+    wrapped = FusedLoRALinear.from_linear(nn.Linear(24, 16), rank=4, freeze_base=False)
+    for layer in (built, wrapped):
+        assert layer.weight.requires_grad and layer.bias.requires_grad
+        layer(torch.randn(4, 24)).sum().backward()
+        assert layer.weight.grad is not None and layer.bias.grad is not None
 
 
 def test_merge_unmerge_round_trip_is_exact():

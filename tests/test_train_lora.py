@@ -1,6 +1,13 @@
-"""The LoRA SFT trainer: fused = eager, resume after SIGKILL, DDP = one process, and clear errors."""
+"""The LoRA SFT trainer: fused = eager = compiled, LoRA+, resume after SIGKILL, DDP under torchrun = one
+process, MiniMind's current interface and file layout, and the output folder's lock.
+
+Every run is a few steps of a tiny random base (hidden 32, 1 layer): the assertions compare runs with each
+other, so they need no trained model. Bad input: tests/test_train_lora_errors.py.
+"""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,91 +17,128 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TOLERANCES
+from minimind.checkpoint import save_minimind
+from minimind.model import MiniMindConfig, MiniMindForCausalLM
 from minimind import train_lora
-from minimind.model import MiniMindConfig, MiniMindForCausalLM, save_minimind
-from minimind.train_lora import get_lr, main, parse_args, train
+from minimind.run_dir import OutputLock
+from minimind.train_lora import main, parse_args, train
+from minimind.training import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared/fixtures/minimind"
 QUESTIONS = ["Who are you?", "你是谁？", "What is your name?", "介绍一下你自己。", "Tell me about yourself.",
              "What can you do?", "Where do you come from?", "Hello!"]
 
 
+def write_data(path, n=24):
+    rows = [{"conversations": [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"},
+                               {"role": "assistant", "content": f"I am Lumen number {i}, fine-tuned with LoRA."}]}
+            for i in range(n)]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A random tiny base (hidden 64, 2 layers) and a small identity data set."""
+    """A random tiny base and a small identity data set."""
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    # MiniMind's head layout (8 query heads, 2 kv heads), so that a .pth without a stored config is read back
-    # with the same heads.
-    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                            max_position_embeddings=128)
+    # MiniMind's head layout (8 query heads, 2 kv heads), so that a .pth without a stored config reads back.
+    config = MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
+                            max_position_embeddings=64)
     save_minimind(MiniMindForCausalLM(config), root / "base.safetensors")
-    rows = [{"conversations": [{"role": "user", "content": f"{q} ({i})"},
-                               {"role": "assistant", "content": f"I am Lumen number {i}, fine-tuned with LoRA."}]}
-            for i, q in enumerate(QUESTIONS * 3)]
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    write_data(root / "data.jsonl")
     return root
 
 
 def args_for(tiny, out, *extra):
     return ["--base", str(tiny / "base.safetensors"), "--data_path", str(tiny / "data.jsonl"),
-            "--out_dir", str(out), "--batch_size", "4", "--max_seq_len", "48", "--log_interval", "1",
-            "--learning_rate", "1e-2", "--answers", "0", "--no_progress", "--device", "cpu", *extra]
+            "--out_dir", str(out), "--batch_size", "4", "--max_seq_len", "40", "--log_interval", "1",
+            "--learning_rate", "2e-2", "--rank", "4", "--answers", "0", "--no_progress", "--device", "cpu", *extra]
 
 
 def adapter(out):
     return load_file(str(next((Path(out) / "lora").glob("*.safetensors"))))
 
 
-def losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+def losses(metrics_file):
+    return [json.loads(line)["loss"] for line in Path(metrics_file).read_text().splitlines()]
 
 
-def test_lr_schedule():
-    lr = 1e-3
-    assert get_lr(0, 100, lr) == pytest.approx(lr / 10 + lr)  # MiniMind's schedule starts at 1.1·lr
-    assert get_lr(50, 100, lr) == pytest.approx(lr / 10 + 0.5 * lr)
-    assert get_lr(100, 100, lr) == pytest.approx(lr / 10)
-    assert [get_lr(s, 100, lr, warmup=4) for s in range(4)] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr])
-    assert get_lr(4, 100, lr, warmup=4) == pytest.approx(1.1 * lr)
+def assert_same_losses(got, expected, tol):
+    assert len(got) == len(expected) > 0
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, expected))
+    assert worst <= tol, f"per-step losses differ by {worst:.3g} (relative) > {tol}: {got} vs {expected}"
 
 
-def test_fused_and_eager_training_agree(tiny, tmp_path):
+def test_lr_schedules_of_both_generations():
+    lr, total = 1e-3, 100
+    minimind2 = [lr / 10 + 0.5 * lr * (1 + math.cos(math.pi * s / total)) for s in (0, 50, 100)]
+    minimind3 = [lr * (0.1 + 0.45 * (1 + math.cos(math.pi * s / total))) for s in (0, 50, 100)]
+    assert [cosine_lr(s, total, 1.1 * lr, lr / 10) for s in (0, 50, 100)] == pytest.approx(minimind2)
+    assert [cosine_lr(s, total, lr, lr / 10) for s in (0, 50, 100)] == pytest.approx(minimind3)
+    assert [cosine_lr(s, total, lr, 0.0, warmup=4) for s in range(4)] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr])
+    assert cosine_lr(150, total, lr, 1e-5) == pytest.approx(1e-5)  # the floor after the last step
+
+
+def test_fused_and_eager_train_alike(tiny, tmp_path):
+    """Per-step losses (fp32, 1e-5) and the adapters agree between MiniMind's unfused LoRA and --fused."""
     runs = {}
-    for name, extra in (("fused", ["--fused"]), ("eager", [])):
-        train(parse_args(args_for(tiny, tmp_path / name, "--max_steps", "50", "--epochs", "20",
-                                  "--targets", "all-linear", "--rank", "8", *extra)))
-        runs[name] = (losses(tmp_path / name), adapter(tmp_path / name))
-    (fused_loss, fused_w), (eager_loss, eager_w) = runs["fused"], runs["eager"]
-    assert len(fused_loss) == 50
-    assert max(abs(a - b) for a, b in zip(fused_loss, eager_loss)) < 1e-4
-    assert fused_loss[-1] < fused_loss[0] - 0.5  # it learns (a random base: ~8.8 -> ~7.6 in 50 steps)
-    for key in fused_w:
-        assert (fused_w[key] - eager_w[key]).abs().max() < 1e-4, key
+    for name, extra in (("eager", []), ("fused", ["--fused"])):
+        train(parse_args(args_for(tiny, tmp_path / name, "--max_steps", "8", "--targets", "all-linear", *extra)))
+        runs[name] = (losses(tmp_path / name / "metrics.jsonl"), adapter(tmp_path / name))
+    (eager_loss, eager_w), (fused_loss, fused_w) = runs["eager"], runs["fused"]
+    assert eager_loss[-1] < eager_loss[0] - 0.1  # it learns
+    assert_same_losses(fused_loss, eager_loss, TOLERANCES[torch.float32])
+    for key in eager_w:
+        assert (fused_w[key] - eager_w[key]).abs().max() <= 1e-4 * eager_w[key].abs().max(), key
 
 
-def test_outputs(tiny, tmp_path):
+def test_num_workers_feed_the_same_batches(tiny, tmp_path):
+    """--num_workers N: a DataLoader with N worker processes gives the losses of the in-process one."""
+    for workers in ("0", "2"):
+        train(parse_args(args_for(tiny, tmp_path / workers, "--max_steps", "3", "--num_workers", workers)))
+    assert losses(tmp_path / "2" / "metrics.jsonl") == losses(tmp_path / "0" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_use_compile_gives_the_losses_of_eager_mode(tiny, tmp_path, fused):
+    """--use_compile 1 compiles the model with our LoRA layers (Inductor on the CPU): the same per-step losses."""
+    extra = ["--max_steps", "3", *(["--fused"] if fused else [])]
+    train(parse_args(args_for(tiny, tmp_path / "plain", *extra)))
+    train(parse_args(args_for(tiny, tmp_path / "compiled", *extra, "--use_compile", "1")))
+    assert_same_losses(losses(tmp_path / "compiled" / "metrics.jsonl"), losses(tmp_path / "plain" / "metrics.jsonl"),
+                       TOLERANCES[torch.float32])
+
+
+def test_outputs_and_loraplus(tiny, tmp_path):
     result = train(parse_args(args_for(tiny, tmp_path, "--fused", "--max_steps", "6", "--save_interval", "3",
-                                       "--eval_data", str(tiny / "data.jsonl"), "--lora_name", "lora_test")))
-    out = tmp_path
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                                       "--eval_data", str(tiny / "data.jsonl"), "--lora_name", "lora_test",
+                                       "--loraplus_lr_ratio", "4")))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"step", "epoch", "loss", "lr", "tokens_per_s"} <= set(rows[0])
     assert "eval_loss" in rows[2] and "eval_loss" in rows[5] and "eval_loss" not in rows[0]
-    minimind_file = out / "lora" / "lora_test_64.pth"
-    state = torch.load(minimind_file, weights_only=True)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # LoRA+ trains
+    state = torch.load(tmp_path / "lora" / "lora_test_32.pth", weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values())
     assert "model.layers.0.self_attn.q_proj.lora.A.weight" in state
-    assert (out / "lora" / "lora_test_64.safetensors").is_file()
-    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
-    assert not [p for p in out.rglob("*.tmp")]
+    assert (tmp_path / "lora" / "lora_test_32.safetensors").is_file()
+    for png in ("loss_curve.png", "lora_overview.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stats = json.loads((tmp_path / "lora_stats.json").read_text())
+    assert len(stats["layers"]) == len(state) // 2
+    opt_groups = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert opt_groups[1]["lr"] == pytest.approx(4 * opt_groups[0]["lr"])  # LoRA+: B at 4x A's rate
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "train_lora.lock").exists()
     assert result["steps"] == 6
 
 
 def test_resume_after_sigkill_loses_nothing(tiny, tmp_path):
-    # The kill comes at the first checkpoint (step 10), 90 steps before the end.
-    common = ["--fused", "--max_steps", "100", "--epochs", "100", "--save_interval", "10", "--lora_dropout", "0.1"]
+    # The kill comes at the first checkpoint (step 4); the resumed run must equal one uninterrupted run.
+    common = ["--fused", "--max_steps", "12", "--epochs", "10", "--save_interval", "4", "--lora_dropout", "0.1"]
     train(parse_args(args_for(tiny, tmp_path / "whole", *common)))
 
     crashed = tmp_path / "crashed"
@@ -108,111 +152,135 @@ def test_resume_after_sigkill_loses_nothing(tiny, tmp_path):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)  # the run was cut off mid-training
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert (crashed / "train_lora.lock").exists()  # the killed run's lock: stale, taken over below
+    (crashed / ".checkpoint.pt.killed.tmp").write_bytes(b"half a file")  # as a kill inside a save leaves
 
     train(parse_args(args_for(tiny, crashed, *common, "--resume")))
     whole, resumed = adapter(tmp_path / "whole"), adapter(crashed)
     for key in whole:
         assert (whole[key] - resumed[key]).abs().max() < 1e-6, key
-    assert losses(crashed) == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
+    assert losses(crashed / "metrics.jsonl") == pytest.approx(losses(tmp_path / "whole" / "metrics.jsonl"), abs=1e-6)
+    assert not list(crashed.rglob("*.tmp"))
 
 
-def test_ddp_matches_one_process(tiny, tmp_path):
-    common = ["--fused", "--max_steps", "8", "--epochs", "10"]
+def test_torchrun_turns_ddp_on_and_matches_one_process(tiny, tmp_path):
+    """Under torchrun without --ddp (as MiniMind): two processes of batch 2 train as one process of batch 4."""
+    common = ["--fused", "--max_steps", "3", "--epochs", "10"]
     train(parse_args(args_for(tiny, tmp_path / "one", *common)))
-    two = args_for(tiny, tmp_path / "two", *common, "--ddp")
-    two[two.index("--batch_size") + 1] = "2"  # half the per-process batch: the same global batch
+    two = args_for(tiny, tmp_path / "two", *common)
+    two[two.index("--batch_size") + 1] = "2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "minimind.train_lora", *two]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "x 2 processes" in done.stdout
     one, ddp = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     for key in one:
         assert (one[key] - ddp[key]).abs().max() < 1e-5, key
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert losses(tmp_path / "two" / "metrics.jsonl") == pytest.approx(losses(tmp_path / "one" / "metrics.jsonl"),
+                                                                       abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Bad input: one line on stderr, exit status 2, no traceback
+# MiniMind's current interface (trainer/train_lora.py at jingyaogong/minimind d65ef2c, 2026-08-21)
 
 
-def fails(capsys, argv, words):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert words in err, err
-    return err
+def test_minimind_current_arguments_parse_with_their_meaning(tmp_path):
+    cfg = parse_args([
+        "--save_dir", str(tmp_path / "out"), "--lora_name", "lora_medical", "--epochs", "10", "--batch_size", "32",
+        "--learning_rate", "1e-4", "--device", "cpu", "--dtype", "bfloat16", "--num_workers", "8",
+        "--accumulation_steps", "2", "--grad_clip", "1.0", "--log_interval", "10", "--save_interval", "1000",
+        "--hidden_size", "768", "--num_hidden_layers", "8", "--max_seq_len", "340", "--use_moe", "1",
+        "--data_path", "../dataset/lora_medical.jsonl", "--from_weight", "full_sft", "--from_resume", "1",
+        "--use_wandb", "--wandb_project", "MiniMind-LoRA", "--use_compile", "1",
+    ])
+    assert cfg.layout == "minimind" and cfg.out_dir == str(tmp_path / "out")
+    assert cfg.base == str(tmp_path / "out" / "full_sft_768_moe.pth")  # {save_dir}/{name}_{hidden}[_moe].pth
+    assert (cfg.lora_name, cfg.epochs, cfg.batch_size, cfg.learning_rate) == ("lora_medical", 10, 32, 1e-4)
+    assert (cfg.device, cfg.dtype, cfg.num_workers, cfg.accumulation_steps) == ("cpu", "bfloat16", 8, 2)
+    assert (cfg.grad_clip, cfg.log_interval, cfg.save_interval, cfg.max_seq_len) == (1.0, 10, 1000, 340)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (768, 8, True)
+    assert cfg.data_path == "../dataset/lora_medical.jsonl"
+    assert cfg.resume == "if-present"  # --from_resume 1: continue when a training state exists
+    assert cfg.use_wandb and cfg.wandb_project == "MiniMind-LoRA" and cfg.use_compile
+    # MiniMind's defaults where only the name is given: hidden 768, no MoE.
+    assert parse_args(["--save_dir", "d", "--from_weight", "pretrain"]).base == str(Path("d") / "pretrain_768.pth")
 
 
-def test_missing_data_file(tiny, tmp_path, capsys):
-    argv = args_for(tiny, tmp_path)
-    argv[argv.index("--data_path") + 1] = str(tmp_path / "nope.jsonl")
-    fails(capsys, argv, "nope.jsonl")
+def test_the_2025_names_still_parse():
+    cfg = parse_args(["--out_dir", "o", "--dim", "512", "--n_layers", "8", "--ddp", "--local_rank", "0",
+                      "--use_moe", "false", "--warmup_iters", "5"])
+    assert (cfg.layout, cfg.out_dir, cfg.hidden_size, cfg.num_hidden_layers) == ("ours", "o", 512, 8)
+    assert cfg.ddp and cfg.use_moe is False and cfg.warmup_iters == 5
 
 
-def test_malformed_data_names_the_line(tiny, tmp_path, capsys):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text((tiny / "data.jsonl").read_text().splitlines()[0] + "\n{not json\n")
-    argv = args_for(tiny, tmp_path / "out")
-    argv[argv.index("--data_path") + 1] = str(bad)
-    fails(capsys, argv, "bad.jsonl:2")
+@pytest.mark.skipif(not (FIXTURES / "minimind3_tiny_dense.pth").is_file(),
+                    reason=f"MiniMind fixtures not found under {FIXTURES} (needs the shared fixtures checkout)")
+def test_from_weight_and_save_dir_use_minimind_paths(tiny, tmp_path, monkeypatch, capsys):
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    shutil.copy(FIXTURES / "minimind3_tiny_dense.pth", save_dir / "full_sft_64.pth")
+    argv = ["--save_dir", str(save_dir), "--from_weight", "full_sft", "--hidden_size", "64", "--lora_name",
+            "lora_x", "--tokenizer", str(FIXTURES / "tokenizer_minimind3"), "--data_path", str(tiny / "data.jsonl"),
+            "--batch_size", "4", "--max_seq_len", "40", "--save_interval", "2", "--max_steps", "4", "--log_interval", "1",
+            "--answers", "0", "--no_progress", "--device", "cpu"]
+    original_log_step = train_lora.log_step
+
+    def interrupt_at_step_3(run, *args):
+        if run.step == 3:
+            raise KeyboardInterrupt  # Ctrl-C after the save at step 2
+        original_log_step(run, *args)
+
+    monkeypatch.setattr(train_lora, "log_step", interrupt_at_step_3)
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.undo()
+    lora = torch.load(save_dir / "lora_x_64.pth", weights_only=True)  # where MiniMind's save_lora writes it
+    assert set(lora) == {f"model.layers.{i}.self_attn.{m}.lora.{h}.weight"
+                         for i in (0, 1) for m in ("q_proj", "o_proj") for h in "AB"}  # MiniMind's square linears
+    state_dir = tmp_path / "checkpoints"  # MiniMind's ../checkpoints beside ../out
+    assert torch.load(state_dir / "lora_x_64_resume.pth", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in save_dir.iterdir()) == ["full_sft_64.pth", "lora_x_64.pth"]
+    # --from_resume 1 continues from that state (and would start afresh without one).
+    assert main([*argv, "--from_resume", "1"]) == 0
+    assert [r["step"] for r in map(json.loads, (state_dir / "lora_x_64_metrics.jsonl").read_text().splitlines())] \
+        == [1, 2, 3, 4]
 
 
-def test_base_that_does_not_fit_the_sizes(tiny, tmp_path, capsys):
-    fails(capsys, args_for(tiny, tmp_path, "--hidden_size", "512"), "does not fit")
-    fails(capsys, args_for(tiny, tmp_path, "--num_hidden_layers", "3"), "does not fit")
+# ---------------------------------------------------------------------------------------------------
+# One run per output folder
 
 
-def test_tokenizer_larger_than_the_vocabulary(tmp_path, tiny, capsys):
-    config = MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                            vocab_size=300, max_position_embeddings=64)
-    save_minimind(MiniMindForCausalLM(config), tmp_path / "small_vocab.safetensors")
-    argv = args_for(tiny, tmp_path / "out")
-    argv[argv.index("--base") + 1] = str(tmp_path / "small_vocab.safetensors")
-    fails(capsys, argv, "vocabulary is 300")
+def test_a_second_run_in_a_busy_output_folder_is_refused(tiny, tmp_path, capsys):
+    lock = OutputLock(tmp_path / "train_lora.lock")
+    tmp_path.mkdir(exist_ok=True)
+    lock.acquire()  # this test process is the live owner
+    try:
+        assert main(args_for(tiny, tmp_path, "--max_steps", "1")) == 2
+        err = capsys.readouterr().err
+        assert f"PID {os.getpid()}" in err and "in use by another training run" in err
+        assert not (tmp_path / "metrics.jsonl").exists()  # nothing written
+    finally:
+        lock.release()
 
 
-def test_bf16_on_a_cpu_without_it(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_lora, "cpu_supports_bf16", lambda: False)
-    fails(capsys, args_for(tiny, tmp_path, "--dtype", "bfloat16"), "no native bfloat16")
+def test_a_stale_lock_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer runs
+    (tmp_path / "x.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    lock = OutputLock(tmp_path / "x.lock")
+    assert f"PID {dead.pid}" in lock.acquire()
+    assert json.loads((tmp_path / "x.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "x.lock").exists()
 
 
-def test_unwritable_out_dir(tiny, tmp_path, capsys):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    fails(capsys, args_for(tiny, blocker / "out"), "is not writable")
-
-
-def test_disk_full_while_saving(tiny, tmp_path, capsys, monkeypatch):
-    import errno
-
-    def full(path, write):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(train_lora, "atomic_write", full)
-    err = fails(capsys, args_for(tiny, tmp_path, "--max_steps", "2"), "no space left on the device")
-    assert "metrics.jsonl" in err
-
-
-def test_resume_with_other_settings_is_refused(tiny, tmp_path, capsys):
-    train(parse_args(args_for(tiny, tmp_path, "--max_steps", "2", "--save_interval", "1")))
-    fails(capsys, args_for(tiny, tmp_path, "--max_steps", "2", "--rank", "8", "--resume"), "--rank 16 -> 8")
-
-
-def test_merge_lora_cli(tiny, tmp_path):
-    from minimind.merge_lora import main as merge_main
-    from minimind.model import load_minimind
-    from minimind.lora_io import load_minimind_lora
-
-    train(parse_args(args_for(tiny, tmp_path, "--fused", "--max_steps", "5")))
-    lora = next((tmp_path / "lora").glob("*.pth"))
-    assert merge_main(["--base", str(tiny / "base.safetensors"), "--lora", str(lora),
-                       "--out", str(tmp_path / "merged.pth"), "--dtype", "float32"]) == 0
-    merged = load_minimind(tmp_path / "merged.pth")
-    assert not any("lora" in k for k in merged.state_dict())
-    adapted = load_minimind_lora(load_minimind(tiny / "base.safetensors"), lora)
-    ids = torch.arange(20).view(2, 10)
-    with torch.no_grad():
-        a, b = merged(ids).logits, adapted(ids).logits
-    assert (a - b).abs().max() / b.abs().max() < 1e-5
+def test_new_runs_keep_the_old_metrics(tiny, tmp_path):
+    texts = []
+    for steps in ("3", "2", "1"):  # three runs within the same second: three files, none replaced
+        train(parse_args(args_for(tiny, tmp_path, "--max_steps", steps)))
+        texts.append((tmp_path / "metrics.jsonl").read_text())
+    kept = sorted(p.read_text() for p in tmp_path.glob("metrics.*.jsonl"))
+    assert kept == sorted(texts[:2]) and [len(t.splitlines()) for t in texts] == [3, 2, 1]

@@ -1,0 +1,64 @@
+"""lora_param_groups: LoRA+ gives lora_B R times lora_A's learning rate, in groups any optimizer takes."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora_kernels import lora_param_groups, replace_linear_with_fused_lora
+
+
+def small_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+    return replace_linear_with_fused_lora(model, rank=2, target_modules="all-linear")
+
+
+def test_loraplus_groups_give_b_ratio_times_a_lr():
+    model = small_model()
+    groups = {g["name"]: g for g in lora_param_groups(model, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)}
+    assert set(groups) == {"lora_A", "lora_B"}  # the base is frozen: nothing else trains
+    assert groups["lora_A"]["lr"] == pytest.approx(1e-3) and groups["lora_B"]["lr"] == pytest.approx(16e-3)
+    assert {id(p) for p in groups["lora_A"]["params"]} == {id(model[0].lora_A), id(model[2].lora_A)}
+    assert {id(p) for p in groups["lora_B"]["params"]} == {id(model[0].lora_B), id(model[2].lora_B)}
+    opt = torch.optim.AdamW(list(groups.values()))  # any optimizer takes the groups as they are
+    assert [g["lr"] / g["lr_scale"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3])
+
+
+def test_plain_lora_and_other_trainable_parameters():
+    model = small_model()
+    model[1].requires_grad_(True)  # a trained norm: its own group, no weight decay
+    groups = {g["name"]: g for g in lora_param_groups(model, lr=2e-4, weight_decay=0.05)}
+    assert groups["lora_B"]["lr"] == groups["lora_A"]["lr"] == pytest.approx(2e-4)
+    assert groups["other_no_decay"]["weight_decay"] == 0.0 and groups["lora_A"]["weight_decay"] == 0.05
+    assert len(groups["other_no_decay"]["params"]) == 2  # LayerNorm weight and bias
+
+
+def test_b_moves_ratio_times_further_in_the_first_adam_step():
+    # Adam's first step is lr·sign(grad) (up to eps), so |ΔB| / |ΔA| per entry is the lr ratio.
+    model = small_model()
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    opt = torch.optim.Adam(lora_param_groups(model, lr=1e-3, loraplus_lr_ratio=4))
+    a0, b0 = model[0].lora_A.detach().clone(), model[0].lora_B.detach().clone()
+    model(torch.randn(5, 8)).square().sum().backward()
+    opt.step()
+    step_a = (model[0].lora_A.detach() - a0).abs().max().item()
+    step_b = (model[0].lora_B.detach() - b0).abs().max().item()
+    assert step_a == pytest.approx(1e-3, rel=1e-3) and step_b == pytest.approx(4e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(lr=0.0), "lr must be"), (dict(lr=math.nan), "lr must be"),
+    (dict(lr=1e-3, loraplus_lr_ratio=-2), "loraplus_lr_ratio must be"),
+    (dict(lr=1e-3, loraplus_lr_ratio=math.inf), "loraplus_lr_ratio must be"),
+    (dict(lr=1e-3, weight_decay=-1), "weight_decay must be"),
+])
+def test_bad_values_are_named(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        lora_param_groups(small_model(), **kwargs)
+
+
+def test_a_model_without_lora_is_refused():
+    with pytest.raises(ValueError, match="no trainable lora_A"):
+        lora_param_groups(nn.Linear(4, 4), lr=1e-3)
