@@ -219,6 +219,40 @@ def _lora_down_kernel(
     tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & r_mask[None, :])
 
 
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program over cdiv(M, BLOCK_M) x cdiv(N, BLOCK_N) output tiles, ordered in groups
+    of GROUP_M rows of tiles so that programs running together share operand tiles in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % num_pid_in_group) % group_size_m, (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
+def _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr, stride_rr, stride_rn, lora_scale,
+               seed_ptr, dropout_p, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """lora_scale · [keep ⊙] L[rows]·R[:, cols] as a (BLOCK_M, BLOCK_N) fp32 tile: the accumulator a LoRA GEMM
+    starts from. L (M, R), R (R, N); keep(seed, offs_m, offs_n) over the output's (row, col)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_mask = offs_r < R - r0
+        lo = tl.load(l_ptr + rows[:, None] * stride_lm + (r0 + offs_r)[None, :] * stride_lr,
+                     mask=r_mask[None, :], other=0.0)
+        ro = tl.load(r_ptr + (r0 + offs_r)[:, None] * stride_rr + cols[None, :] * stride_rn,
+                     mask=r_mask[:, None], other=0.0)
+        acc = tl.dot(lo, ro, acc, input_precision=INPUT_PRECISION)
+    acc = acc * lora_scale
+    if HAS_DROPOUT:
+        acc = tl.where(_keep_mask(tl.load(seed_ptr), offs_m, offs_n, dropout_p), acc, 0.0)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _lora_matmul_kernel(
     # pointers
@@ -244,14 +278,7 @@ def _lora_matmul_kernel(
     of tiles for L2 reuse.
     """
     # --- tile coordinates, grouped ordering
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,19 +288,11 @@ def _lora_matmul_kernel(
     cols = (offs_n % N).to(tl.int64)
 
     # --- LoRA term: the accumulator starts at lora_scale · [keep ⊙] L·R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            r_mask = offs_r < R - r0
-            lo = tl.load(l_ptr + rows[:, None] * stride_lm + (r0 + offs_r)[None, :] * stride_lr,
-                         mask=r_mask[None, :], other=0.0)
-            ro = tl.load(r_ptr + (r0 + offs_r)[:, None] * stride_rr + cols[None, :] * stride_rn,
-                         mask=r_mask[:, None], other=0.0)
-            acc = tl.dot(lo, ro, acc, input_precision=INPUT_PRECISION)
-        acc = acc * lora_scale
-        if HAS_DROPOUT:
-            acc = tl.where(_keep_mask(tl.load(seed_ptr), offs_m, offs_n, dropout_p), acc, 0.0)
+        acc = _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                         lora_scale, seed_ptr, dropout_p, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, INPUT_PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # --- main loop over K
     ks = offs_k.to(tl.int64)  # for dW the K dimension is the tokens, whose stride times K can pass 2³¹

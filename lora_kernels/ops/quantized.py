@@ -47,9 +47,10 @@ from .lora_linear import (
     _call_key,
     _check,
     _device_guard,
+    _grouped_tile,
     _input_precision,
-    _keep_mask,
     _Launch,
+    _lora_term,
     _rank_block,
     _seed_tensor,
     dropout_mask,  # noqa: F401 - the backend contract: the mask is the 16-bit kernels' own
@@ -122,36 +123,15 @@ def _qlora_matmul_kernel(
     B = W with W (K, N) (dX = keep ⊙ (dS·A)/(1-p) + dY·W; L = dS (M, r), R = lora_A (r, N), keep over C's
     (row, col)). Grid: cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N), grouped by GROUP_M rows of tiles.
     """
-    # --- tile coordinates, grouped ordering (as _lora_matmul_kernel)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    # --- tile coordinates (grouped), and the LoRA term the accumulator starts from: as _lora_matmul_kernel
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     rows = (offs_m % M).to(tl.int64)  # wrapped: in-bounds loads; the store drops them
     cols = (offs_n % N).to(tl.int64)
-
-    # --- LoRA term first: the accumulator starts at lora_scale · [keep ⊙] L·R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    # Not software-pipelined: the rank loop runs once for r <= 64, and staged copies only cost shared memory.
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        r_mask = offs_r < R - r0
-        lo = tl.load(l_ptr + rows[:, None] * stride_lm + (r0 + offs_r)[None, :] * stride_lr,
-                     mask=r_mask[None, :], other=0.0)
-        ro = tl.load(r_ptr + (r0 + offs_r)[:, None] * stride_rr + cols[None, :] * stride_rn,
-                     mask=r_mask[:, None], other=0.0)
-        acc = tl.dot(lo, ro, acc, input_precision=INPUT_PRECISION)
-    acc = acc * lora_scale
-    if HAS_DROPOUT:
-        acc = tl.where(_keep_mask(tl.load(seed_ptr), offs_m, offs_n, dropout_p), acc, 0.0)
+    acc = _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                     lora_scale, seed_ptr, dropout_p, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, INPUT_PRECISION)
 
     # --- main loop over K: A tile loaded as usual, the W tile dequantized from its packed bytes
     offset = 0.0
