@@ -6,8 +6,8 @@ Each configuration runs in a fresh Python process (so that one's freed memory ca
 that builds the model in bf16, swaps every projection for a ``FusedLoRALinear`` (``quantize`` None, "nf4"
 with double quantization, or "int8"; torch backend), then runs one forward + backward + AdamW step on the
 LoRA parameters. It reports the process's resident memory (Linux ``/proc/self/status``) after the imports,
-after the model is built (the weights), and its peak during the step (``VmHWM``, reset after the build, so
-the transients of quantizing do not count), with the bytes of the base weights
+after the model is built (the weights; freed heap returned with glibc's ``malloc_trim``), and its peak
+during the step (``VmHWM``, reset after the build, so the transients of quantizing do not count), with the bytes of the base weights
 (:func:`lora_kernels.quant.weight_bytes`). The last line is JSON.
 """
 from __future__ import annotations
@@ -26,6 +26,16 @@ def _status_mib(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _trim() -> None:
+    """Returns freed heap to the OS (glibc ``malloc_trim``), so that resident memory shows what is live."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: resident memory then includes freed heap
+        pass
 
 
 def _reset_peak() -> None:
@@ -65,6 +75,7 @@ def _child(args: argparse.Namespace) -> dict:
         return h
 
     gc.collect()
+    _trim()  # the bf16 weights quantized away, and quantization's temporaries, are freed: give them back
     built = _status_mib("VmRSS")
     _reset_peak()  # the step's peak, not the quantization's transients while building
     trainable = [p for p in layers.parameters() if p.requires_grad]

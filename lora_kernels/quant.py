@@ -166,10 +166,11 @@ class QuantizedWeight:
         e0, e1 = start * k, end * k
         if e1 == e0:
             return torch.empty((end - start, k), dtype=dtype, device=self.device)
-        # Bytes covering elements [e0, e1), unpacked high nibble first; trim to the range.
+        # Bytes covering elements [e0, e1), each looked up in a 256-entry table of its two values (high nibble
+        # first): no per-element index tensor, just one int32 index per byte; trimmed to the range.
         packed = self.data.view(-1)[e0 // 2:(e1 + 1) // 2]
-        codes = torch.stack((packed >> 4, packed & 15), dim=1).view(-1)[e0 % 2:e0 % 2 + e1 - e0]
-        values = self.code[codes.long()]
+        pairs = torch.stack((self.code.repeat_interleave(16), self.code.repeat(16)), dim=1)  # byte -> (hi, lo)
+        values = pairs.index_select(0, packed.int()).view(-1)[e0 % 2:e0 % 2 + e1 - e0]
         # Blocks covering the range: pad the front to the first block's start so rows of blocksize line up.
         b0, lead = e0 // self.blocksize, e0 % self.blocksize
         values = torch.nn.functional.pad(values, (lead, -(lead + e1 - e0) % self.blocksize)).view(-1, self.blocksize)
