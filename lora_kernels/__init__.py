@@ -2,12 +2,17 @@
 
     y = x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ,   scaling = alpha / rank
 
-Public API: the functional op :func:`lora_linear`, the drop-in module :class:`FusedLoRALinear`, model-level
+Public API: the functional op :func:`lora_linear`, the drop-in module :class:`FusedLoRALinear`, an
+adapter's settings :class:`LoRAConfig`, named adapters (:func:`add_adapter`, :func:`set_adapter`,
+:func:`delete_adapter`, :func:`adapter_names`, :func:`active_adapters`), model-level
 helpers (:func:`replace_linear_with_fused_lora` and friends), adapter files (:func:`save_lora`,
 :func:`load_lora`; PEFT's format with :func:`save_peft_adapter`, :func:`load_peft_adapter`, and
 :func:`fuse_peft_model` for a live ``PeftModel``), optimizer groups with LoRA+ (:func:`lora_param_groups`)
 and the eager reference everything is checked against.
 """
+from .adapters import active_adapters, adapter_names, add_adapter, delete_adapter, set_adapter
+from .backends import LoRABackend, get_backend, register_backend
+from .config import LoRAConfig
 from .functional import BACKENDS, lora_linear, resolve_backend, triton_available
 from .io import load_lora, save_lora
 from .modules import FusedLoRALinear
@@ -33,6 +38,15 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "FusedLoRALinear",
+    "LoRABackend",
+    "LoRAConfig",
+    "active_adapters",
+    "adapter_names",
+    "add_adapter",
+    "delete_adapter",
+    "get_backend",
+    "register_backend",
+    "set_adapter",
     "disable_lora",
     "LoRASummary",
     "find_target_linears",

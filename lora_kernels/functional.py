@@ -46,9 +46,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import torch_backend
+from .backends import get_backend, register_backend, registered_backends
 from .reference import lora_linear_reference
 
 BACKENDS = ("auto", "triton", "torch", "eager")
+
+
+def backend_names() -> Tuple[str, ...]:
+    """Every name ``backend=`` accepts: :data:`BACKENDS` and any backend registered since
+    (:func:`lora_kernels.backends.register_backend`)."""
+    return BACKENDS + tuple(name for name in registered_backends() if name not in BACKENDS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,8 +110,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
         TypeError: ``"triton"`` was asked for a dtype the kernels do not support (float64, ...).
         RuntimeError: ``"triton"`` was asked for where it cannot run.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backend_names():
+        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
     if backend == "auto":
         return "triton" if x.is_cuda and triton_refusal(x) is None else "torch"
     if backend == "triton":
@@ -130,7 +137,8 @@ def draw_seed() -> int:
 
 
 class _KernelsWithFallback:
-    """The Triton backend behind the backend contract, with a guard for GPU problems nobody could test.
+    """The Triton backend behind the backend protocol (:class:`lora_kernels.backends.LoRABackend`), with a
+    guard for GPU problems nobody could test.
 
     When a kernel fails to compile or launch (out of resources, an unknown arch, a Triton bug) for a
     configuration, ``strict`` (``backend="triton"``) raises a RuntimeError naming the shape, dtype and error;
@@ -179,21 +187,31 @@ class _KernelsWithFallback:
                 self._fail(self._key(grad_y, m, n, k, rank, dropout_p), "backward", err)
         return torch_backend.KERNEL_MASK.backward(*args)
 
+    @staticmethod
+    def dropout_mask(seed, shape, dropout_p, device):
+        """The kernels' keep-mask (the torch backend's copy of it where the kernels cannot run)."""
+        module = _triton_module()
+        if module is None or not (torch.device(device).type == "cuda" or _interpreting()):
+            return torch_backend.KERNEL_MASK.dropout_mask(seed, shape, dropout_p, device)
+        return module.dropout_mask(seed, shape, dropout_p, device)
+
 
 _TRITON_STRICT = _KernelsWithFallback(strict=True)
 _TRITON_AUTO = _KernelsWithFallback(strict=False)
 # A quantized base: the kernels that dequantize W tiles in their main loops (lora_kernels.ops.quantized).
 _QUANTIZED_STRICT = _KernelsWithFallback(strict=True, module="quantized")
 _QUANTIZED_AUTO = _KernelsWithFallback(strict=False, module="quantized")
+register_backend("torch", lambda strict: torch_backend.DEFAULT)
+register_backend("triton", lambda strict: _TRITON_STRICT if strict else _TRITON_AUTO)
 
 
 def _impl(backend: str, name: str, quantized: bool = False) -> Any:
-    """The object that runs the backend contract for a resolved backend ``name`` (and a quantized base)."""
-    if name == "triton":
-        if quantized:
-            return _QUANTIZED_STRICT if backend == "triton" else _QUANTIZED_AUTO
-        return _TRITON_STRICT if backend == "triton" else _TRITON_AUTO
-    return torch_backend.DEFAULT
+    """The backend object (:class:`lora_kernels.backends.LoRABackend`) for a resolved backend ``name``:
+    strict when the user named it, so Triton raises instead of falling back. A quantized base on Triton
+    runs the quantized kernels; the torch backend takes either kind of W."""
+    if quantized and name == "triton":
+        return _QUANTIZED_STRICT if backend == name else _QUANTIZED_AUTO
+    return get_backend(name, strict=backend == name)
 
 
 def _first_order_only(backward):

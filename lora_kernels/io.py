@@ -3,7 +3,8 @@
 Tensors are named as in :func:`lora_kernels.lora_state_dict` (``<module path>.lora_A`` (rank, in) and
 ``<module path>.lora_B`` (out, rank)). The safetensors metadata holds ``format = "lora_kernels"``,
 ``format_version``, ``targets`` (JSON list of module paths) and ``layers`` (JSON object: module path to
-``{"rank", "alpha", "use_rslora", "dropout"}``). A ``.pth``/``.pt`` file holds the same as the dict
+``{"rank", "alpha", "use_rslora", "dropout"}``, :meth:`LoRAConfig.layer_settings`). One file holds one
+adapter (``adapter_name`` chooses which, on saving and loading). A ``.pth``/``.pt`` file holds the same as the dict
 ``{"tensors": {...}, "metadata": {...}}``; a flat dict of tensors (no metadata) is read too, with
 alpha = rank.
 
@@ -13,17 +14,18 @@ before it changes the model, and names the file and the field in its errors.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from atomic_io import atomic_write  # lives in atomic_io; lora_kernels.io.atomic_write stays importable
 
+from .adapters import active_adapters, adapter_names, resolve_adapter_name, set_adapter
+from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_finite_number
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, lora_state_dict
 
@@ -48,27 +50,29 @@ def _is_torch_pickle(path: Path) -> bool:
     return path.suffix in (".pth", ".pt", ".bin")
 
 
-def save_lora(model: nn.Module, path: PathLike) -> None:
-    """Writes every :class:`FusedLoRALinear` adapter of ``model`` to ``path``.
+def save_lora(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None) -> None:
+    """Writes one adapter of ``model``'s :class:`FusedLoRALinear` layers to ``path``.
 
     ``.safetensors`` (recommended) or ``.pth``/``.pt``; tensors keep their dtype. Written atomically.
 
+    Args:
+        adapter_name: which adapter; None: ``"default"``, or the model's only adapter.
+
     Raises:
-        ValueError: the model has no LoRA layers.
+        ValueError: the model has no LoRA layers, no adapter of that name, or several and no name given.
     """
     path = Path(path)
-    layers = dict(iter_lora_layers(model))
-    if not layers:
+    if not any(True for _ in iter_lora_layers(model)):
         raise ValueError("the model has no FusedLoRALinear layers to save")
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    adapter_name = resolve_adapter_name(model, adapter_name)
+    layers = {name: layer for name, layer in iter_lora_layers(model) if adapter_name in layer.lora_configs}
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter_name).items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "targets": json.dumps(sorted(layers)),
-        "layers": json.dumps({
-            name: {"rank": l.rank, "alpha": l.alpha, "use_rslora": l.use_rslora, "dropout": l.dropout}
-            for name, l in layers.items()
-        }),
+        "layers": json.dumps({name: layer.lora_configs[adapter_name].layer_settings()
+                              for name, layer in layers.items()}),
     }
     if _is_torch_pickle(path):
         atomic_write(path, lambda tmp: torch.save({"tensors": tensors, "metadata": metadata}, tmp))
@@ -199,11 +203,6 @@ def _layer_metadata(metadata: Dict[str, str], path: PathLike) -> Dict[str, dict]
     return layers
 
 
-def is_finite_number(value: Any) -> bool:
-    """True for a finite int or float (not a bool, not a numeric string)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_layer_settings(settings: Any, rank: int) -> List[str]:
     """Problems with one layer's ``{"rank", "alpha", "use_rslora", "dropout"}`` (any may be missing),
     each naming the field and the value; ``rank`` is the rank of the layer's lora_A."""
@@ -238,26 +237,32 @@ def _group_by_module(tensors: Dict[str, torch.Tensor], path: PathLike) -> Dict[s
     return modules
 
 
-def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: str = "auto") -> nn.Module:
-    """Loads an adapter file into ``model``, in place; returns ``model``.
+def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: str = "auto",
+              adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Loads an adapter file into ``model`` as adapter ``adapter_name``, in place; returns ``model``.
 
-    Modules named in the file that are already :class:`FusedLoRALinear` get the file's A and B, and its
-    alpha and rsLoRA setting when the file records them; plain ``nn.Linear`` modules are first wrapped (with ``backend``). Everything is checked
-    before anything changes, so a failed load leaves the model as it was.
+    Modules named in the file that already have that adapter get the file's A and B, and its alpha and
+    rsLoRA setting when the file records them; other :class:`FusedLoRALinear` layers get it as a new
+    adapter (of the file's rank), and plain ``nn.Linear`` modules are first wrapped (with ``backend``).
+    A new adapter is inactive (:func:`lora_kernels.set_adapter`) unless the model had no adapter yet.
+    Everything is checked before anything changes, so a failed load leaves the model as it was.
 
     Args:
         model: the model to adapt.
         path: a file written by :func:`save_lora`.
-        strict: also fail when the model has LoRA layers that the file does not name.
+        strict: also fail when the model has layers with this adapter that the file does not name.
         backend: backend of newly created layers.
+        adapter_name: the name to load it under.
 
     Raises:
         FileNotFoundError, ValueError: unreadable file, non-finite values, malformed metadata, or names,
             shapes or settings that do not fit the model (all of them listed, with the file).
     """
+    check_adapter_name(adapter_name)
     tensors, metadata = read_lora_file(path)
     layer_meta = _layer_metadata(metadata, path)
-    return apply_lora_tensors(model, tensors, layer_meta, source=path, strict=strict, backend=backend)
+    return apply_lora_tensors(model, tensors, layer_meta, source=path, strict=strict, backend=backend,
+                              adapter_name=adapter_name)
 
 
 def apply_lora_tensors(
@@ -267,6 +272,7 @@ def apply_lora_tensors(
     source: PathLike,
     strict: bool = True,
     backend: str = "auto",
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """The checks and the in-place load behind :func:`load_lora` (also used for PEFT adapters).
 
@@ -274,7 +280,7 @@ def apply_lora_tensors(
         tensors: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``.
         layer_meta: module path to ``{"rank", "alpha", "use_rslora", "dropout"}`` (any may be missing).
         source: the file or directory the tensors came from, for error messages.
-        strict, backend: as for :func:`load_lora`.
+        strict, backend, adapter_name: as for :func:`load_lora`.
 
     Raises:
         ValueError: non-finite or non-float tensors, unpaired or unknown keys, settings of the wrong type
@@ -282,8 +288,9 @@ def apply_lora_tensors(
     """
     modules = _group_by_module(check_tensors(tensors, source), source)
     available = dict(model.named_modules())
+    adapter = adapter_name
 
-    problems, new_layers = [], {}
+    problems, new_layers, configs = [], {}, {}
     for name, pair in sorted(modules.items()):
         a, b = pair["lora_A"], pair["lora_B"]
         module = available.get(name)
@@ -294,11 +301,12 @@ def apply_lora_tensors(
             problems.append(f"{name}: is a {type(module).__name__}, not a linear layer")
             continue
         rank = a.shape[0] if a.dim() == 2 else -1
-        want_a = (module.rank if isinstance(module, FusedLoRALinear) else rank, module.in_features)
+        has_it = isinstance(module, FusedLoRALinear) and adapter in module.lora_configs
+        want_a = (module.lora_configs[adapter].rank if has_it else rank, module.in_features)
         want_b = (module.out_features, want_a[0])
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             problems.append(f"{name}: file has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; "
-                            f"the model needs {want_a}, {want_b}")
+                            f"the model needs {want_a}, {want_b} for adapter {adapter!r}")
             continue
         settings = layer_meta.get(name, {})
         bad_settings = check_layer_settings(settings, rank)
@@ -308,35 +316,45 @@ def apply_lora_tensors(
         if isinstance(module, FusedLoRALinear):
             if module.merged:
                 problems.append(f"{name}: the layer is merged; unmerge it before loading an adapter")
+            elif has_it:
+                configs[name] = module.lora_configs[adapter].replace(
+                    **{k: settings[k] for k in ("alpha", "use_rslora") if k in settings})
+            else:
+                configs[name] = LoRAConfig.from_layer_settings(settings, rank)
             continue
         # Built now, attached only once everything checked out: a refused layer (e.g. an nn.Linear
         # subclass with its own forward) leaves the model untouched.
         try:
             new_layers[name] = FusedLoRALinear.from_linear(
-                module, rank=rank, alpha=settings.get("alpha"), dropout=settings.get("dropout", 0.0),
-                use_rslora=settings.get("use_rslora", False), backend=backend)
+                module, config=LoRAConfig.from_layer_settings(settings, rank), backend=backend,
+                adapter_name=adapter)
         except (TypeError, ValueError) as err:
             problems.append(f"{name}: {err}")
     if strict:
-        for name, _ in iter_lora_layers(model):
-            if name not in modules:
+        for name, layer in iter_lora_layers(model):
+            if name not in modules and adapter in layer.lora_configs:
                 problems.append(f"{name}: LoRA layer in the model but not in the file (strict=True)")
     if problems:
         listed = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise ValueError(f"adapter {str(source)!r} does not fit the model: {listed}")
 
+    had_adapters = adapter_names(model)
+    active = active_adapters(model) if had_adapters else [adapter]
     for name, pair in modules.items():
-        settings = layer_meta.get(name, {})
         module = new_layers.get(name)
         if module is not None:
+            module.set_adapter(active, strict=False)
             _set_submodule(model, name, module)
         else:
             module = available[name]
-            if "alpha" in settings:
-                module.alpha = float(settings["alpha"])
-            if "use_rslora" in settings:
-                module.use_rslora = settings["use_rslora"]
+            if adapter in module.lora_configs:
+                module.lora_configs[adapter] = configs[name]
+            else:
+                module.add_adapter(adapter, configs[name])
+        lora_A, lora_B = module.lora_params(adapter)
         with torch.no_grad():
-            module.lora_A.copy_(pair["lora_A"])
-            module.lora_B.copy_(pair["lora_B"])
+            lora_A.copy_(pair["lora_A"])
+            lora_B.copy_(pair["lora_B"])
+    if not had_adapters:
+        set_adapter(model, adapter)
     return model

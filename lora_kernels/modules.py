@@ -16,6 +16,15 @@ State dict: whether merged or not, a layer saves the *unmerged* ``weight`` next 
 so a state dict loaded into a fresh layer counts the adapter once; loading into a merged layer keeps it
 merged with the loaded adapter.
 
+Named adapters: a layer holds any number of adapters, each with its own :class:`LoRAConfig` (rank, alpha,
+dropout, ...). The adapter named ``"default"`` lives in ``lora_A`` / ``lora_B`` (so code and files that
+know one adapter per layer keep working, with the same state_dict keys); the others in
+``lora_adapters.<name>.lora_A`` / ``.lora_B``. ``rank``, ``alpha``, ``dropout``, ``use_rslora``, ``init``
+and ``scaling`` are the default adapter's. :meth:`set_adapter` chooses the active adapters, whose LoRA
+terms add up; switching allocates nothing and moves no weights. One active adapter runs one fused
+:func:`lora_kernels.lora_linear` call; with several, the first runs fused and the others' terms are added
+in eager PyTorch (correct, not yet fused).
+
 Quantized base (QLoRA): ``quantize="nf4"`` or ``"int8"`` (constructor, :meth:`FusedLoRALinear.from_linear`,
 :meth:`FusedLoRALinear.quantize_base`) replaces the ``weight`` parameter by buffers holding the packed codes
 and scales of :mod:`lora_kernels.quant` (``weight_data``, ``weight_absmax``, ``weight_code`` and, with double
@@ -31,30 +40,39 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quant
-from .functional import BACKENDS, _rows, lora_linear
+from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
+from .functional import _rows, backend_names, lora_linear
 
-INITS = ("minimind", "kaiming")
+
+def _check_backend(backend) -> None:
+    if backend not in backend_names():
+        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
 
 
-def _validate_lora_args(rank, alpha, dropout, init, backend) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
-                              or not math.isfinite(alpha)):
-        raise ValueError(f"alpha must be a finite number > 0 (or None for alpha = rank), got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _make_config(config: Optional[LoRAConfig], rank, alpha, dropout, use_rslora, init) -> LoRAConfig:
+    """``config``, or a LoRAConfig of the separate arguments (both at once is refused)."""
+    if config is None:
+        return LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a lora_kernels.LoRAConfig, got {type(config).__name__}")
+    if (rank, alpha, dropout, use_rslora, init) != (16, None, 0.0, False, "minimind"):
+        raise TypeError("give either config=LoRAConfig(...) or rank/alpha/dropout/use_rslora/init, not both")
+    return config
+
+
+class LoRAAdapter(nn.Module):
+    """The parameters of one named (non-default) adapter of a :class:`FusedLoRALinear`."""
+
+    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter) -> None:
+        super().__init__()
+        self.lora_A, self.lora_B = lora_A, lora_B
 
 
 class FusedLoRALinear(nn.Module):
@@ -72,6 +90,8 @@ class FusedLoRALinear(nn.Module):
         double_quant: with ``"nf4"``, quantize the blockwise absmax too (bitsandbytes' compress_statistics).
         freeze_base: ``weight`` and ``bias`` start with ``requires_grad=False`` (as in loralib and PEFT), so
             only ``lora_A``/``lora_B`` train and backward skips the dW GEMM; pass False to train the base too.
+        config: a :class:`LoRAConfig` instead of rank/alpha/dropout/use_rslora/init (not both).
+        adapter_name: the name of the layer's first adapter (``"default"``: ``lora_A`` / ``lora_B``).
 
     Raises:
         ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init, backend or quantize.
@@ -97,12 +117,15 @@ class FusedLoRALinear(nn.Module):
         quantize: Optional[str] = None,
         double_quant: bool = False,
         freeze_base: bool = True,
+        config: Optional[LoRAConfig] = None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
+        config = _make_config(config, rank, alpha, dropout, use_rslora, init)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self._setup_lora(in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory)
+        self._setup_lora(in_features, out_features, config, backend, factory, adapter_name)
         self._reset_base_parameters()
         if quantize is not None:
             self.quantize_base(quantize, double_quant)
@@ -122,6 +145,8 @@ class FusedLoRALinear(nn.Module):
         lora_dtype: Optional[torch.dtype] = None,
         freeze_base: bool = True,
         allow_custom_forward: bool = False,
+        config: Optional[LoRAConfig] = None,
+        adapter_name: str = DEFAULT_ADAPTER,
         quantize: Optional[str] = None,
         double_quant: bool = False,
     ) -> "FusedLoRALinear":
@@ -148,13 +173,13 @@ class FusedLoRALinear(nn.Module):
                 f"{type(linear).__name__} is an nn.Linear subclass with its own forward, which FusedLoRALinear "
                 "would replace by a plain linear (changing the model's outputs); pass allow_custom_forward=True "
                 "to wrap it anyway, or leave it out (exclude_modules)")
+        config = _make_config(config, rank, alpha, dropout, use_rslora, init)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.weight = linear.weight
         layer.bias = linear.bias
         factory = {"device": linear.weight.device, "dtype": lora_dtype or linear.weight.dtype}
-        layer._setup_lora(linear.in_features, linear.out_features, rank, alpha, dropout, use_rslora, init,
-                          backend, factory)
+        layer._setup_lora(linear.in_features, linear.out_features, config, backend, factory, adapter_name)
         layer.train(linear.training)
         if quantize is not None:
             layer.quantize_base(quantize, double_quant)
@@ -170,26 +195,18 @@ class FusedLoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
-    def _setup_lora(self, in_features, out_features, rank, alpha, dropout, use_rslora, init, backend, factory):
-        _validate_lora_args(rank, alpha, dropout, init, backend)
-        if rank >= in_features * out_features / (in_features + out_features):
-            warnings.warn(
-                f"rank {rank} >= in*out/(in+out) = {in_features * out_features / (in_features + out_features):.1f} "
-                f"for a {in_features}->{out_features} layer: the adapter has at least as many parameters as "
-                "the layer itself",
-                stacklevel=3,
-            )
+    def _setup_lora(self, in_features, out_features, config: LoRAConfig, backend, factory, adapter_name):
+        _check_backend(backend)
+        check_adapter_name(adapter_name)
         self.in_features, self.out_features = in_features, out_features
-        self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
-        self.dropout = float(dropout)
-        self.use_rslora = bool(use_rslora)
-        self.init = init
         self.backend = backend
-        self.lora_A = nn.Parameter(torch.empty((rank, in_features), **factory))
-        self.lora_B = nn.Parameter(torch.empty((out_features, rank), **factory))
+        self.lora_configs: Dict[str, LoRAConfig] = {}  # adapter name -> its settings, in the order added
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
+        self._active: Tuple[str, ...] = (adapter_name,)  # the adapters asked for (set_adapter)
+        self._running: Tuple[str, ...] = ()  # those of them this layer has: what forward computes
         self._merged = False
-        self._merged_adapter = None  # (A, B, scaling) folded in by merge(keep_original=False)
+        self._merged_adapter = None  # [(A, B, scaling), ...] folded in by merge(keep_original=False)
         self._tied_weight = None  # (shared weight,) while merge_lora gives a tied weight its own copy
         self._warned_merged_training = False
         # Names under which state_dict saves the parameters (fuse_peft_model uses PEFT's names).
@@ -197,7 +214,144 @@ class FusedLoRALinear(nn.Module):
         self.lora_enabled = True  # False: run the base layer alone (see lora_kernels.disable_lora)
         self.register_buffer("_weight_before_merge", None, persistent=False)
         self.quantize, self.base_dtype = None, None  # set by quantize_base
-        self.reset_lora_parameters()
+        self.add_adapter(adapter_name, config, dtype=factory["dtype"], _stacklevel=4)
+
+    # -----------------------------------------------------------------------------------------------
+    # Named adapters
+
+    def _warn_large_rank(self, rank: int, stacklevel: int) -> None:
+        in_features, out_features = self.in_features, self.out_features
+        if rank >= in_features * out_features / (in_features + out_features):
+            warnings.warn(
+                f"rank {rank} >= in*out/(in+out) = {in_features * out_features / (in_features + out_features):.1f} "
+                f"for a {in_features}->{out_features} layer: the adapter has at least as many parameters as "
+                "the layer itself",
+                stacklevel=stacklevel,
+            )
+
+    def _unknown(self, name: str) -> ValueError:
+        return ValueError(f"no adapter named {name!r} in this layer (it has {list(self.lora_configs)})")
+
+    def add_adapter(self, name: str, config: LoRAConfig, dtype: Optional[torch.dtype] = None,
+                    _stacklevel: int = 2) -> None:
+        """Adds a new adapter ``name`` with ``config`` (A initialised by ``config.init``, B = 0), inactive
+        unless :meth:`set_adapter` already asked for ``name``.
+
+        Args:
+            dtype: of the new A and B; defaults to the dtype of the layer's other adapters, else the weight's.
+
+        Raises:
+            ValueError: a bad or duplicate name, naming it.
+        """
+        check_adapter_name(name)
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a lora_kernels.LoRAConfig, got {type(config).__name__}")
+        if name in self.lora_configs:
+            raise ValueError(f"the layer already has an adapter named {name!r}")
+        if self._merged:
+            raise RuntimeError(f"cannot add adapter {name!r} to a merged layer; unmerge it first")
+        self._warn_large_rank(config.rank, _stacklevel + 1)
+        if dtype is None:
+            dtype = next((a.dtype for a, _ in map(self.lora_params, self.lora_configs)),
+                         self.weight.dtype if self.weight is not None else self.base_dtype)
+        factory = {"device": self._base_device, "dtype": dtype}
+        lora_A = nn.Parameter(torch.empty((config.rank, self.in_features), **factory))
+        lora_B = nn.Parameter(torch.empty((self.out_features, config.rank), **factory))
+        if name == DEFAULT_ADAPTER:
+            self.lora_A, self.lora_B = lora_A, lora_B
+        else:
+            if "lora_adapters" not in self._modules:
+                self.lora_adapters = nn.ModuleDict()
+            self.lora_adapters[name] = LoRAAdapter(lora_A, lora_B)
+        self.lora_configs[name] = config
+        self.reset_lora_parameters(name)
+        self._update_running()
+
+    def delete_adapter(self, name: str) -> None:
+        """Removes adapter ``name`` and its parameters (also from the active ones).
+
+        Raises:
+            ValueError: no such adapter. RuntimeError: the layer is merged.
+        """
+        if name not in self.lora_configs:
+            raise self._unknown(name)
+        if self._merged:
+            raise RuntimeError(f"cannot delete adapter {name!r} from a merged layer; unmerge it first")
+        del self.lora_configs[name]
+        if name == DEFAULT_ADAPTER:
+            self.lora_A, self.lora_B = None, None
+        else:
+            del self.lora_adapters[name]
+        self._active = tuple(n for n in self._active if n != name)
+        self._update_running()
+
+    def set_adapter(self, names: Union[str, Sequence[str]], strict: bool = True) -> None:
+        """Makes ``names`` (one name or a list) the active adapters; their LoRA terms add up. An empty list
+        runs the base alone. Allocates nothing, moves no weights.
+
+        Args:
+            strict: every name must be an adapter of this layer (``lora_kernels.set_adapter`` passes False:
+                a layer without one of the model's adapters skips it).
+
+        Raises:
+            ValueError: (strict) a name the layer does not have. RuntimeError: the layer is merged.
+        """
+        names = (names,) if isinstance(names, str) else tuple(names)
+        if strict:
+            for name in names:
+                if name not in self.lora_configs:
+                    raise self._unknown(name)
+        if self._merged and names != self._active:
+            raise RuntimeError("cannot switch adapters on a merged layer; unmerge it first")
+        self._active = tuple(dict.fromkeys(names))
+        self._update_running()
+
+    def _update_running(self) -> None:
+        self._running = tuple(n for n in self._active if n in self.lora_configs)
+
+    @property
+    def adapter_names(self) -> List[str]:
+        """The names of this layer's adapters, in the order they were added."""
+        return list(self.lora_configs)
+
+    @property
+    def active_adapters(self) -> List[str]:
+        """The adapters this layer computes (the active ones it has), in order."""
+        return list(self._running)
+
+    def lora_params(self, name: str = DEFAULT_ADAPTER) -> Tuple[nn.Parameter, nn.Parameter]:
+        """``(lora_A, lora_B)`` of adapter ``name``.
+
+        Raises:
+            ValueError: no such adapter.
+        """
+        if name not in self.lora_configs:
+            raise self._unknown(name)
+        if name == DEFAULT_ADAPTER:
+            return self.lora_A, self.lora_B
+        adapter = self.lora_adapters[name]
+        return adapter.lora_A, adapter.lora_B
+
+    def _default_config(self) -> LoRAConfig:
+        config = self.lora_configs.get(DEFAULT_ADAPTER)
+        if config is None:
+            raise AttributeError(f"the layer has no {DEFAULT_ADAPTER!r} adapter (it has {list(self.lora_configs)}); "
+                                 "use layer.lora_configs[name]")
+        return config
+
+    def _set_default(self, **changes) -> None:
+        self.lora_configs[DEFAULT_ADAPTER] = self._default_config().replace(**changes)
+
+    rank = property(lambda self: self._default_config().rank, doc="The default adapter's rank.")
+    alpha = property(lambda self: self._default_config().lora_alpha,
+                     lambda self, value: self._set_default(alpha=value), doc="The default adapter's alpha.")
+    dropout = property(lambda self: self._default_config().dropout,
+                       lambda self, value: self._set_default(dropout=value), doc="The default adapter's dropout.")
+    use_rslora = property(lambda self: self._default_config().use_rslora,
+                          lambda self, value: self._set_default(use_rslora=value),
+                          doc="The default adapter's rsLoRA setting.")
+    init = property(lambda self: self._default_config().init, lambda self, value: self._set_default(init=value),
+                    doc="The default adapter's initialisation.")
 
     # ------------------------------------------------------------------------------------ quantized base
     @torch.no_grad()
@@ -231,6 +385,11 @@ class FusedLoRALinear(nn.Module):
         self.quantize, self.base_dtype, self.quant_blocksize = qweight.format, base_dtype, qweight.blocksize
 
     @property
+    def _base_device(self) -> torch.device:
+        """Where the base lives (its weight, or its quantized codes)."""
+        return self.weight.device if self.weight is not None else self.weight_data.device
+
+    @property
     def qweight(self) -> Optional["quant.QuantizedWeight"]:
         """The quantized base as a :class:`lora_kernels.quant.QuantizedWeight` over this layer's buffers
         (None for a dense base)."""
@@ -262,19 +421,20 @@ class FusedLoRALinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def reset_lora_parameters(self) -> None:
-        """Re-initialises ``lora_A`` by ``self.init`` and zeroes ``lora_B``."""
+    def reset_lora_parameters(self, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        """Re-initialises the adapter's A by its config's ``init`` and zeroes its B."""
+        lora_A, lora_B = self.lora_params(adapter_name)
         with torch.no_grad():
-            if self.init == "minimind":
-                nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+            if self.lora_configs[adapter_name].init == "minimind":
+                nn.init.normal_(lora_A, mean=0.0, std=0.02)
             else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            nn.init.zeros_(lora_B)
 
     @property
     def scaling(self) -> float:
-        """alpha / rank, or alpha / √rank with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        """The default adapter's alpha / rank, or alpha / √rank with rsLoRA (see :class:`LoRAConfig`)."""
+        return self._default_config().scaling
 
     @property
     def merged(self) -> bool:
@@ -283,26 +443,47 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged and self.training and torch.is_grad_enabled() and not self._warned_merged_training \
-                and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                and any(p.requires_grad for name in self._running for p in self.lora_params(name)):
             self._warned_merged_training = True
             warnings.warn("training a merged FusedLoRALinear: lora_A and lora_B get no gradient while the adapter "
                           "is folded into the weight; call unmerge() (lora_kernels.unmerge_lora(model)) first",
                           stacklevel=2)
+        running = self._running
         weight = self.weight if self.quantize is None else self.qweight
-        if self._merged or not self.lora_enabled:
+        if self._merged or not self.lora_enabled or not running:
             if self.quantize is None:
                 return F.linear(x, weight, self.bias)
             return weight.linear(_rows(x), self.bias).view(*x.shape[:-1], self.out_features)
-        return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                           dropout_p=self.dropout, training=self.training, backend=self.backend)
+        first = running[0]
+        lora_A, lora_B = (self.lora_A, self.lora_B) if first == DEFAULT_ADAPTER else self.lora_params(first)
+        config = self.lora_configs[first]
+        y = lora_linear(x, weight, self.bias, lora_A, lora_B, config.scaling,
+                        dropout_p=config.dropout, training=self.training, backend=self.backend)
+        for name in running[1:]:  # further active adapters: their terms added in eager PyTorch (not fused yet)
+            y = y + self._lora_term(x, name)
+        return y
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling · B·A`` (out_features, in_features), computed in fp32, returned in fp32."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+    def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``scaling · (dropout(x)·Aᵀ)·Bᵀ`` of adapter ``name``, differentiable by autograd."""
+        lora_A, lora_B = self.lora_params(name)
+        config = self.lora_configs[name]
+        if self.training and config.dropout > 0:
+            x = F.dropout(x, config.dropout, True)
+        return F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype)) * config.scaling
+
+    def delta_weight(self, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """``Σ scaling · B·A`` (out_features, in_features) over ``adapter_names`` (default: the active
+        adapters this layer has), computed in fp32, returned in fp32."""
+        names = self._running if adapter_names is None else adapter_names
+        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=self._base_device)
+        for name in names:
+            lora_A, lora_B = self.lora_params(name)
+            delta.addmm_(lora_B.detach().float(), lora_A.detach().float(), alpha=self.lora_configs[name].scaling)
+        return delta
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
-        """Folds the adapter into ``weight`` in place: ``W ← W + scaling·B·A`` (summed in fp32).
+        """Folds the active adapters into ``weight`` in place: ``W ← W + Σ scaling·B·A`` (summed in fp32).
 
         Args:
             keep_original: keep a copy of the unmerged weight so that :meth:`unmerge` restores it bit for
@@ -319,14 +500,17 @@ class FusedLoRALinear(nn.Module):
         if keep_original:
             self._weight_before_merge = self.weight.detach().clone()
         else:
-            self._merged_adapter = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
+            self._merged_adapter = [tuple(p.detach().clone() for p in self.lora_params(name))
+                                    + (self.lora_configs[name].scaling,) for name in self._running]
         self.weight.copy_(self.weight.float() + self.delta_weight())
         self._merged = True
 
     def _merged_delta(self) -> torch.Tensor:
         """The delta that merge() added to the weight (fp32)."""
-        a, b, scaling = self._merged_adapter
-        return (b.float() @ a.float()) * scaling
+        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=self._base_device)
+        for a, b, scaling in self._merged_adapter:
+            delta.addmm_(b.float(), a.float(), alpha=scaling)
+        return delta
 
     def _unmerged_weight(self) -> torch.Tensor:
         """The weight as it was before merge (a new tensor, or the kept copy)."""
@@ -402,9 +586,12 @@ class FusedLoRALinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
-            f"backend={self.backend!r}" + (", merged=True" if self._merged else "")
-            + (f", quantize={self.quantize!r}" if self.quantize is not None else "")
-        )
+        head = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+        if list(self.lora_configs) == [DEFAULT_ADAPTER] and self._running == (DEFAULT_ADAPTER,):
+            head += (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, ")
+        else:
+            head += "adapters={" + ", ".join(f"{name!r}: rank {c.rank} alpha {c.lora_alpha:g} dropout {c.dropout:g}"
+                                             for name, c in self.lora_configs.items()) + "}, "
+            head += f"active={list(self._running)}, "
+        return (head + f"backend={self.backend!r}" + (", merged=True" if self._merged else "")
+                + (f", quantize={self.quantize!r}" if self.quantize is not None else ""))

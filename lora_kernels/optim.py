@@ -46,8 +46,10 @@ def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: Optional[f
 
     lora_a, lora_b = [], []
     for _, layer in iter_lora_layers(model):
-        lora_a += [layer.lora_A] if layer.lora_A.requires_grad else []
-        lora_b += [layer.lora_B] if layer.lora_B.requires_grad else []
+        for adapter in layer.adapter_names:  # every named adapter, each A with the A's and each B with the B's
+            a, b = layer.lora_params(adapter)
+            lora_a += [a] if a.requires_grad else []
+            lora_b += [b] if b.requires_grad else []
     if not lora_a and not lora_b:
         raise ValueError("the model has no trainable lora_A/lora_B parameter (no FusedLoRALinear layer, or all "
                          "frozen)")

@@ -20,7 +20,6 @@ message naming them. Reading and writing files needs neither ``peft`` nor ``tran
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -34,6 +33,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .adapters import adapter_names as _adapter_names
+from .config import (DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_alpha_value, is_rank_value, lora_scaling,
+                     pattern_problems)
+from .config import pattern_value as _pattern_value
 from .io import (apply_lora_tensors, atomic_write, check_tensors, is_finite_number, read_json_object,
                  read_tensor_file)
 from . import quant
@@ -70,80 +73,7 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 # ---------------------------------------------------------------------------------------------------
-# rank_pattern / alpha_pattern, with PEFT's matching rule
-
-
-try:  # the regex parser, to refuse patterns whose matching time can explode
-    import re._parser as _regex_parser
-except ImportError:  # Python < 3.11
-    import sre_parse as _regex_parser
-
-_REGEX_SPECIALS = set("\\^$*+?{}[]|()")
-MAX_PATTERN_LENGTH = 1000
-# Unbounded repeats in one key; PEFT's wrapper adds one, and the matching time of a failed match grows
-# like len(path) ** (repeats + 1), which stays in the milliseconds for module paths with 3.
-MAX_PATTERN_REPEATS = 2
-
-
-@functools.lru_cache(maxsize=1024)
-def _check_pattern(key: str) -> Optional[str]:
-    """Why ``key`` cannot be used as a rank/alpha pattern (None when it can).
-
-    PEFT reads each key as a regular expression. A backtracking engine can take exponential time on
-    nested repeats (``(.*.*)*X``), repeated alternatives (``(a|ab)*``) or backreferences, so those are
-    refused, as are keys longer than MAX_PATTERN_LENGTH or with more than MAX_PATTERN_REPEATS repeats.
-    """
-    if not isinstance(key, str) or not key:
-        return f"a pattern must be a non-empty string, got {key!r}"
-    if len(key) > MAX_PATTERN_LENGTH:
-        return f"the pattern is {len(key)} characters long, more than {MAX_PATTERN_LENGTH}"
-    if not _REGEX_SPECIALS & set(key):
-        return None
-    try:
-        parsed = _regex_parser.parse(key)
-    except re.error as err:
-        return f"{key!r} is not a valid regular expression ({err})"
-
-    def repeats(items, inside_repeat: bool) -> int:
-        count = 0
-        for op, arg in items:
-            name = str(op)
-            if name.startswith("GROUPREF"):
-                raise ValueError("backreferences are not allowed")
-            if name.endswith("REPEAT") and arg[1] > 1:
-                if inside_repeat:
-                    raise ValueError("nested repeats (like (a*)* or (.*.*)*) are not allowed")
-                count += 1 + repeats(arg[2], True)
-                continue
-            if name == "BRANCH" and inside_repeat:
-                raise ValueError("alternatives inside a repeat (like (a|b)*) are not allowed")
-            for child in arg if isinstance(arg, (tuple, list)) else ():
-                for sub in child if isinstance(child, list) else [child]:
-                    if isinstance(sub, _regex_parser.SubPattern):
-                        count += repeats(sub, inside_repeat)
-        return count
-
-    try:
-        count = repeats(parsed, False)
-    except ValueError as err:
-        return f"{key!r} could make matching take forever: {err}"
-    if count > MAX_PATTERN_REPEATS:
-        return f"{key!r} has {count} repeats (* + {{}}), more than {MAX_PATTERN_REPEATS}"
-    return None
-
-
-def _pattern_value(pattern: Dict[str, Any], module_path: str, default: Any) -> Any:
-    """``pattern[key]`` for the first key whose regex ``(.*\\.)?(key)$`` matches ``module_path``, else default.
-
-    Keys are checked by :func:`_check_pattern` first, so a file cannot make this hang.
-    """
-    for key, value in pattern.items():
-        why = _check_pattern(key)
-        if why is not None:
-            raise ValueError(f"pattern {key!r}: {why}")
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
+# rank_pattern / alpha_pattern, with PEFT's matching rule (lora_kernels.config.pattern_value)
 
 
 def _exceptions(values: Dict[str, Any], default: Any) -> Dict[str, Any]:
@@ -211,44 +141,61 @@ def _unwrap_peft_model(model: nn.Module) -> Tuple[nn.Module, Dict[str, Any]]:
     return model, {}
 
 
-def save_peft_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None) -> None:
-    """Writes the :class:`FusedLoRALinear` adapters of ``model`` as a PEFT LoRA adapter directory.
+def save_peft_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None,
+                      adapter_names: Optional[List[str]] = None) -> None:
+    """Writes the :class:`FusedLoRALinear` adapters of ``model`` as PEFT LoRA adapter directories, in PEFT's
+    layout: the adapter ``"default"`` in ``directory`` itself, every other adapter ``NAME`` in
+    ``directory/NAME`` (as ``PeftModel.save_pretrained`` writes them).
 
-    ``peft.PeftModel.from_pretrained(base, directory)`` then gives the same outputs as ``model``. The most
-    common rank and alpha become ``r`` and ``lora_alpha``; layers that differ go to ``rank_pattern`` /
-    ``alpha_pattern``. Layers whose rsLoRA setting differs from the most common one are written with the
-    alpha that gives the same scaling. PEFT has one ``lora_dropout``: the most common dropout is written
-    (with a warning when layers differ; dropout does not change inference). Base weights are not saved,
-    even when they were trained.
+    ``peft.PeftModel.from_pretrained(base, directory)`` (then ``load_adapter(directory/NAME, NAME)`` for the
+    others) gives the same outputs as ``model``. Per adapter, the most common rank and alpha become ``r``
+    and ``lora_alpha``; layers that differ go to ``rank_pattern`` / ``alpha_pattern``. Layers whose rsLoRA
+    setting differs from the most common one are written with the alpha that gives the same scaling. PEFT
+    has one ``lora_dropout``: the most common dropout is written (with a warning when layers differ;
+    dropout does not change inference). Base weights are not saved, even when they were trained.
 
     Args:
         model: a model with :class:`FusedLoRALinear` layers, or a ``PeftModel`` converted by
             :func:`fuse_peft_model` (its task type and base model name are kept).
-        directory: created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are
-            written atomically, each replacing any previous file.
+        directory: created if needed; each ``adapter_config.json`` and ``adapter_model.safetensors`` is
+            written atomically, replacing any previous file.
         base_model_name_or_path: recorded in the config; defaults to the model's ``name_or_path`` (as set
             by ``transformers``' ``from_pretrained``), else null.
+        adapter_names: the adapters to write; None: all of them.
 
     Raises:
-        ValueError: the model has no LoRA layers, or is a ``PeftModel`` with several adapters or with
-            ``modules_to_save``.
+        ValueError: the model has no LoRA layers, an unknown adapter name, or the model is a ``PeftModel``
+            with several adapters or with ``modules_to_save``.
     """
+    base, peft_info = _unwrap_peft_model(model)
+    if not any(True for _ in iter_lora_layers(base)):
+        raise ValueError("the model has no FusedLoRALinear layers to save")
+    known = _adapter_names(base)
+    names = known if adapter_names is None else list(adapter_names)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"no adapter named {name!r} in the model (it has {known})")
+    directory = Path(directory)
+    for name in names:
+        _save_one_peft_adapter(base, name, directory if name == DEFAULT_ADAPTER else directory / name, peft_info,
+                               base_model_name_or_path)
+
+
+def _save_one_peft_adapter(base: nn.Module, adapter: str, directory: Path, peft_info: Dict[str, Any],
+                           base_model_name_or_path: Optional[str]) -> None:
     from safetensors.torch import save_file
 
-    base, peft_info = _unwrap_peft_model(model)
-    layers = dict(iter_lora_layers(base))
-    if not layers:
-        raise ValueError("the model has no FusedLoRALinear layers to save")
-
-    use_rslora = _most_common([layer.use_rslora for layer in layers.values()])
-    ranks = {name: layer.rank for name, layer in layers.items()}
+    layers = {name: layer for name, layer in iter_lora_layers(base) if adapter in layer.lora_configs}
+    configs = {name: layer.lora_configs[adapter] for name, layer in layers.items()}
+    use_rslora = _most_common([c.use_rslora for c in configs.values()])
+    ranks = {name: c.rank for name, c in configs.items()}
     # alpha such that PEFT's scaling (alpha / r, or alpha / √r with the file's use_rslora) is the layer's.
-    alphas = {name: _number(layer.scaling * (math.sqrt(layer.rank) if use_rslora else layer.rank))
-              if layer.use_rslora != use_rslora else _number(layer.alpha) for name, layer in layers.items()}
-    dropouts = [layer.dropout for layer in layers.values()]
+    alphas = {name: _number(c.scaling / lora_scaling(c.rank, 1.0, use_rslora)) if c.use_rslora != use_rslora
+              else _number(c.lora_alpha) for name, c in configs.items()}
+    dropouts = [c.dropout for c in configs.values()]
     if len(set(dropouts)) > 1:
-        warnings.warn(f"layers have different dropouts {sorted(set(dropouts))}; PEFT has one lora_dropout, "
-                      f"{_most_common(dropouts):g} is saved", stacklevel=2)
+        warnings.warn(f"adapter {adapter!r}: layers have different dropouts {sorted(set(dropouts))}; PEFT has one "
+                      f"lora_dropout, {_most_common(dropouts):g} is saved", stacklevel=3)
     r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
 
     task_type = peft_info.get("task_type")
@@ -276,10 +223,10 @@ def save_peft_adapter(model: nn.Module, directory: PathLike, base_model_name_or_
     }
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+        lora_A, lora_B = layer.lora_params(adapter)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_B.detach().contiguous().cpu()
 
-    directory = Path(directory)
     atomic_write(directory / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -319,34 +266,26 @@ def _read_config(directory: Path) -> Dict[str, Any]:
     if problems:
         raise ValueError(f"{where} uses PEFT features that lora_kernels does not support: " + "; ".join(problems))
 
-    def is_rank(v):
-        return is_finite_number(v) and float(v).is_integer() and v >= 1
-
-    def is_alpha(v):
-        return is_finite_number(v) and v > 0
-
     config.setdefault("r", 8)
     config.setdefault("lora_alpha", 8)
-    checks = [("r", config["r"], is_rank, "an integer >= 1"),
-              ("lora_alpha", config["lora_alpha"], is_alpha, "a finite number > 0"),
+    checks = [("r", config["r"], is_rank_value, "an integer >= 1"),
+              ("lora_alpha", config["lora_alpha"], is_alpha_value, "a finite number > 0"),
               ("lora_dropout", config.get("lora_dropout") or 0.0, lambda v: is_finite_number(v) and 0 <= v < 1,
                "a number in [0, 1)"),
               ("use_rslora", config.get("use_rslora", False), lambda v: isinstance(v, bool), "true or false")]
-    for field, test, wanted in (("rank_pattern", is_rank, "an integer >= 1"),
-                                ("alpha_pattern", is_alpha, "a finite number > 0")):
-        pattern = config.get(field) or {}
-        if not isinstance(pattern, dict):
-            problems.append(f"{field} must be an object (pattern -> value), got {pattern!r:.80}")
-            continue
-        for key, value in pattern.items():
-            why = _check_pattern(key)
-            if why is not None:
-                problems.append(f"{field} key {key!r}: {why}")
-            checks.append((f"{field}[{key!r}]", value, test, wanted))
     problems += [f"{field} must be {wanted}, got {value!r}" for field, value, test, wanted in checks if not test(value)]
+    problems += pattern_problems(config.get("rank_pattern") or {}, config.get("alpha_pattern") or {})
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems[:10]))
     return config
+
+
+def peft_lora_config(config: Dict[str, Any]) -> LoRAConfig:
+    """Our :class:`LoRAConfig` for a (checked) PEFT ``adapter_config.json``, patterns included."""
+    return LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                      dropout=float(config.get("lora_dropout") or 0.0), use_rslora=config.get("use_rslora", False),
+                      rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+                      alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()})
 
 
 def _read_tensors(directory: Path) -> Dict[str, torch.Tensor]:
@@ -367,7 +306,7 @@ def _kind_of_module(module: Optional[nn.Module]) -> Optional[str]:
 
 
 def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "auto",
-                      freeze_base: bool = True) -> nn.Module:
+                      freeze_base: bool = True, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Applies a LoRA adapter saved by PEFT to a plain model, as :class:`FusedLoRALinear` layers; in place.
 
     Gives the outputs of ``peft.PeftModel.from_pretrained(model, directory)``: each adapted ``nn.Linear``
@@ -382,6 +321,9 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "aut
             ``adapter_model.bin``, the latter read with ``weights_only=True``).
         backend: backend of the new layers (see :func:`lora_kernels.lora_linear`).
         freeze_base: leave only the LoRA parameters trainable, as PEFT does.
+        adapter_name: the name to load it under (see :func:`lora_kernels.load_lora`): as PEFT's
+            ``load_adapter(directory, adapter_name)``, a new adapter is inactive until
+            :func:`lora_kernels.set_adapter`, unless the model had none.
 
     Returns:
         ``model``.
@@ -393,6 +335,7 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "aut
             rank/alpha pattern that could make matching hang, ...), non-finite weights, or modules and
             shapes that do not fit the model (all listed). Nothing is changed then.
     """
+    check_adapter_name(adapter_name)
     directory = Path(directory)
     config = _read_config(directory)
     raw = _read_tensors(directory)
@@ -423,23 +366,21 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "aut
         raise ValueError(f"PEFT adapter {str(directory)!r} has tensors that are not LoRA weights named "
                          f"{PREFIX}<module>.lora_A.weight / .lora_B.weight: {sorted(other)[:5]}")
 
-    r, alpha = config["r"], config["lora_alpha"]
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    lora_config = peft_lora_config(config)
     layer_meta, mismatched = {}, []
     for key, a in tensors.items():
         name, _, leaf = key.rpartition(".")
         if leaf != "lora_A":
             continue
-        rank = _pattern_value(rank_pattern, name, r)
-        if a.shape[0] != rank:
-            mismatched.append(f"{name}: lora_A has rank {a.shape[0]}, the config says {rank}")
-        layer_meta[name] = {"alpha": float(_pattern_value(alpha_pattern, name, alpha)),
-                            "use_rslora": config.get("use_rslora", False),
-                            "dropout": float(config.get("lora_dropout") or 0.0)}
+        layer_config = lora_config.for_module(name)
+        if a.shape[0] != layer_config.rank:
+            mismatched.append(f"{name}: lora_A has rank {a.shape[0]}, the config says {layer_config.rank}")
+        layer_meta[name] = layer_config.layer_settings()
     if mismatched:
         raise ValueError(f"PEFT adapter {str(directory)!r} contradicts its config: " + "; ".join(mismatched[:10]))
 
-    apply_lora_tensors(model, tensors, layer_meta, source=directory, strict=True, backend=backend)
+    apply_lora_tensors(model, tensors, layer_meta, source=directory, strict=True, backend=backend,
+                       adapter_name=adapter_name)
     if freeze_base:
         mark_only_lora_as_trainable(model)
     return model
@@ -533,9 +474,9 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     for path, module, adapter in plan:
         linear = module.get_base_layer()
         rank, alpha, use_rslora = module.r[adapter], module.lora_alpha[adapter], module.use_rslora[adapter]
-        divisor = math.sqrt(rank) if use_rslora else rank
-        if not math.isclose(alpha / divisor, module.scaling[adapter], rel_tol=1e-12):
-            alpha = module.scaling[adapter] * divisor  # PEFT's set_scale / scale_layer changed the scaling
+        if not math.isclose(lora_scaling(rank, alpha, use_rslora), module.scaling[adapter], rel_tol=1e-12):
+            # PEFT's set_scale / scale_layer changed the scaling: the alpha that gives it.
+            alpha = module.scaling[adapter] / lora_scaling(rank, 1.0, use_rslora)
         dropout = module.lora_dropout[adapter]
         # Built around a meta stand-in: no allocation and no draw from the RNG for parameters replaced next.
         stub = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")

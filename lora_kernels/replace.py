@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from . import quant
-from .modules import FusedLoRALinear
+from .config import DEFAULT_ADAPTER, LoRAConfig
+from .modules import FusedLoRALinear, _make_config
 
 Targets = Union[str, Sequence[str]]
 LORA_PARAM_NAMES = ("lora_A", "lora_B")
@@ -47,10 +48,12 @@ _CONV1D_HINT = (" (transformers' Conv1D, as in GPT-2, stores its weight transpos
 
 
 def find_target_linears(
-    model: nn.Module, target_modules: Targets = "square", exclude_modules: Optional[Targets] = None
+    model: nn.Module, target_modules: Targets = "square", exclude_modules: Optional[Targets] = None,
+    include_lora: bool = False,
 ) -> List[str]:
     """Paths of the ``nn.Linear`` modules that ``target_modules`` selects (see
-    :func:`replace_linear_with_fused_lora`).
+    :func:`replace_linear_with_fused_lora`); with ``include_lora``, :class:`FusedLoRALinear` layers count
+    as linears too (to add another adapter to them).
 
     Raises:
         ValueError: a bad ``target_modules`` value, or nothing matched.
@@ -82,7 +85,7 @@ def find_target_linears(
     for name, module in model.named_modules():
         if not name or (exclude_modules is not None and _name_matches(name, exclude_modules)):
             continue
-        is_linear = isinstance(module, nn.Linear)  # FusedLoRALinear is not a subclass
+        is_linear = isinstance(module, nn.Linear) or (include_lora and isinstance(module, FusedLoRALinear))
         if rule == "square":
             chosen = is_linear and module.in_features == module.out_features
         elif rule == "all-linear":
@@ -123,6 +126,10 @@ def replace_linear_with_fused_lora(
     exclude_modules: Optional[Targets] = None,
     freeze_base: bool = True,
     backend: str = "auto",
+    config: Optional[LoRAConfig] = None,
+    rank_pattern: Optional[Dict[str, int]] = None,
+    alpha_pattern: Optional[Dict[str, float]] = None,
+    adapter_name: str = DEFAULT_ADAPTER,
     **kwargs,
 ) -> nn.Module:
     """Swaps the selected ``nn.Linear`` children of ``model`` for :class:`FusedLoRALinear`, in place.
@@ -132,7 +139,13 @@ def replace_linear_with_fused_lora(
 
     Args:
         model: any ``nn.Module``.
-        rank, alpha, dropout, backend: passed to :meth:`FusedLoRALinear.from_linear`.
+        rank, alpha, dropout, backend: passed to :meth:`FusedLoRALinear.from_linear` (or all settings as
+            one ``config=LoRAConfig(...)``).
+        rank_pattern, alpha_pattern: per-layer ranks / alphas, PEFT's rule: a key applies to the module
+            paths it matches as ``(.*\\.)?(key)$`` (the path, a suffix after a dot, or a regex), first
+            match wins; e.g. ``rank=4, rank_pattern={".*attn.*": 8, ".*mlp.*": 16}``. Added to
+            ``config``'s own patterns.
+        adapter_name: the name of the new adapters (``"default"``: ``lora_A`` / ``lora_B``).
         target_modules: ``"square"`` (in_features == out_features, MiniMind's rule), ``"all-linear"``
             (every linear except the output head, PEFT's meaning), a list of names (a module's full path,
             or a suffix of it after a dot, e.g. ``["q_proj", "v_proj"]``), or a regular expression string
@@ -151,13 +164,18 @@ def replace_linear_with_fused_lora(
             too, naming every selected ``nn.Linear`` subclass that overrides ``forward`` (wrapping it would
             change the model's outputs) unless ``allow_custom_forward=True``. Nothing changes then.
     """
+    config = _make_config(config, rank, alpha, dropout, kwargs.pop("use_rslora", False),
+                          kwargs.pop("init", "minimind"))
+    if rank_pattern or alpha_pattern:
+        config = config.replace(rank_pattern={**config.rank_pattern, **(rank_pattern or {})},
+                                alpha_pattern={**config.alpha_pattern, **(alpha_pattern or {})})
     names = find_target_linears(model, target_modules, exclude_modules)
     layers, refused = {}, []
     for name in names:  # every layer is built before the first is attached: a refusal changes nothing
         try:
-            layers[name] = FusedLoRALinear.from_linear(model.get_submodule(name), rank=rank, alpha=alpha,
-                                                       dropout=dropout, backend=backend, freeze_base=freeze_base,
-                                                       **kwargs)
+            layers[name] = FusedLoRALinear.from_linear(model.get_submodule(name), config=config.for_module(name),
+                                                       backend=backend, freeze_base=freeze_base,
+                                                       adapter_name=adapter_name, **kwargs)
         except TypeError as err:
             refused.append(f"{name}: {err}")
     if refused:
@@ -253,13 +271,22 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
             layer.lora_enabled = enabled
 
 
-def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The adapter weights only: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``, detached."""
+def lora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """One adapter's weights: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``, detached, for
+    every layer that has it. ``adapter_name=None``: ``"default"``, or the model's only adapter (see
+    :func:`lora_kernels.adapters.resolve_adapter_name`)."""
+    from .adapters import resolve_adapter_name
+
     state = {}
+    if not any(True for _ in iter_lora_layers(model)):
+        return state
+    adapter_name = resolve_adapter_name(model, adapter_name)
     for name, layer in iter_lora_layers(model):
-        prefix = f"{name}." if name else ""
-        state[prefix + "lora_A"] = layer.lora_A.detach()
-        state[prefix + "lora_B"] = layer.lora_B.detach()
+        if adapter_name in layer.lora_configs:
+            prefix = f"{name}." if name else ""
+            lora_A, lora_B = layer.lora_params(adapter_name)
+            state[prefix + "lora_A"] = lora_A.detach()
+            state[prefix + "lora_B"] = lora_B.detach()
     return state
 
 

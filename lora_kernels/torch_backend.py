@@ -26,16 +26,11 @@ mask generators, one per place the backend runs:
   tensor ops from the seed tensor: no host sync, nothing that a CUDA graph could not replay, and the very
   mask the kernels regenerate, so the Triton backend can fall back to this one between forward and backward.
 
-The backend contract (shared with ``lora_kernels.ops.lora_linear``, the Triton backend):
-
-* ``forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, S)``, x 2-D (M, K); ``weight``
-  is a tensor, or a frozen quantized base (:class:`lora_kernels.quant.QuantizedWeight`, no dW) that the
-  backend dequantizes in x's dtype (here a chunk of rows at a time);
-* ``backward(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs_grad)``
-  ``-> (dx, dweight, dbias, dA, dB)``, with ``needs_grad`` five booleans in that order and None for
-  every gradient not asked for (and for tensors that were not saved because nothing needed them);
-* ``dropout_mask(seed, shape, dropout_p, device) -> bool tensor`` (True keeps), for tests;
-* ``effective_dropout_p(dropout_p)``: the drop probability the mask realises (1/(1-p) uses it).
+The backend contract (``forward``, ``backward``, ``dropout_mask``) is the ``Protocol`` class
+:class:`lora_kernels.backends.LoRABackend`; this backend is registered there as ``"torch"``.
+:func:`effective_dropout_p` gives the drop probability the CPU mask realises (1/(1-p) uses it).
+Here ``weight`` is a tensor, or a frozen quantized base (:class:`lora_kernels.quant.QuantizedWeight`, no dW)
+that the backend dequantizes in x's dtype a chunk of rows at a time.
 """
 from __future__ import annotations
 

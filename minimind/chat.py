@@ -3,8 +3,12 @@
     python -m minimind.chat                                   # the bundled base model, interactive
     python -m minimind.chat --lora out/lora_identity.pth --prompt "Who are you?"
     python -m minimind.chat --weights MiniMind2.pth --tokenizer minimind/model --prompt "你好"
+    python -m minimind.chat --lora qa=lora_qa_768.pth --lora tr=lora_translation_768.pth   # then /adapter tr
 
-Interactive commands: ``/reset`` forgets the conversation, ``/exit`` (or Ctrl-D) quits.
+Interactive commands: ``/reset`` forgets the conversation, ``/adapter NAME`` switches to another loaded
+adapter (``/adapter none``: the base alone; ``/adapter a,b``: both, their terms added; ``/adapter`` alone
+lists them), ``/exit`` (or Ctrl-D) quits. The first ``--lora`` is active at the start; switching keeps the
+conversation and moves no weights.
 A bad argument or file ends with one line on stderr and exit status 2 (see ``minimind.cli``).
 """
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from lora_kernels import active_adapters, adapter_names, set_adapter
+from lora_kernels.config import DEFAULT_ADAPTER, check_adapter_name
 
 from .cli import ArgumentParser, CLIError, number, reading, run_cli
 from .generate import stream_generate, stream_text
@@ -28,7 +35,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m minimind.chat", description=__doc__.split("\n")[0])
     p.add_argument("--weights", type=Path, default=BUNDLED_BASE,
                    help="MiniMind .pth or our .safetensors (default: the bundled base)")
-    p.add_argument("--lora", type=Path, default=None, help="adapter to apply: MiniMind .pth, lora_kernels .safetensors, or a PEFT adapter directory")
+    p.add_argument("--lora", action="append", default=None, metavar="[NAME=]PATH",
+                   help="adapter to apply: MiniMind .pth, lora_kernels .safetensors, or a PEFT adapter directory; "
+                        "repeat with NAME=PATH to load several and switch with /adapter NAME")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or its folder (default: bundled)")
     p.add_argument("--prompt", action="append", default=None, help="answer this and exit (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
@@ -54,13 +63,50 @@ def quantize_base(model, fmt: str) -> None:
     from lora_kernels import FusedLoRALinear, find_target_linears, replace_linear_with_fused_lora
 
     plain = set(find_target_linears(model, "all-linear"))
-    replace_linear_with_fused_lora(model, rank=1, target_modules=sorted(plain), quantize=fmt)
+    if plain:
+        replace_linear_with_fused_lora(model, rank=1, target_modules=sorted(plain), quantize=fmt)
     for name, module in model.named_modules():
         if isinstance(module, FusedLoRALinear):
             if name in plain:
                 module.lora_enabled = False  # no adapter here: the quantized base alone
             elif module.quantize is None:
                 module.quantize_base(fmt)
+
+
+def parse_loras(values: Sequence[str]) -> List[Tuple[str, Path, str]]:
+    """``(name, path, argument)`` for each ``--lora [NAME=]PATH``; an unnamed one is ``"default"``.
+
+    Raises:
+        CLIError: a bad or repeated name, naming it.
+    """
+    loras, names = [], set()
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or Path(value).exists():  # a path that itself contains '=' stays a path
+            name, path = DEFAULT_ADAPTER, value
+        try:
+            check_adapter_name(name)
+        except ValueError as err:
+            raise CLIError(f"--lora {value!r}: {err}") from None
+        if name in names:
+            raise CLIError(f"--lora {value!r}: the adapter name {name!r} is given twice (name them: --lora NAME=PATH)")
+        names.add(name)
+        loras.append((name, Path(path), value))
+    return loras
+
+
+def switch_adapter(model, text: str) -> str:
+    """Runs ``/adapter [NAME[,NAME...]|none]``; returns the line to show."""
+    arg = text[len("/adapter"):].strip()
+    names = adapter_names(model)
+    if not arg:
+        return f"adapters: {', '.join(names) or '(none loaded)'}; active: {', '.join(active_adapters(model)) or 'none'}"
+    wanted = [] if arg == "none" else [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        return f"no adapter named {unknown[0]!r}; loaded: {', '.join(names) or '(none)'} (or none)"
+    set_adapter(model, wanted)
+    return f"active: {', '.join(wanted) or 'none (the base model)'}"
 
 
 def build_prompt(tokenizer: MiniMindTokenizer, messages: List[dict], limit: int, truncate: bool = True) -> List[int]:
@@ -126,9 +172,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
         tokenizer = MiniMindTokenizer.from_pretrained(args.tokenizer)
     with reading(f"--weights {str(args.weights)!r}"):
         model = load_minimind(args.weights)
-    if args.lora is not None:
-        with reading(f"--lora {str(args.lora)!r}"):
-            load_adapter(model, args.lora)
+    loras = parse_loras(args.lora or [])
+    for name, path, value in loras:
+        with reading(f"--lora {value!r}"):
+            load_adapter(model, path, adapter_name=name)
     if args.quantize is not None:
         quantize_base(model, args.quantize)
     model.eval()
@@ -148,7 +195,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
             reply(model, tokenizer, head + [{"role": "user", "content": prompt}], args)
         return
 
-    print(f"MiniMind chat ({args.weights.name}{' + ' + args.lora.name if args.lora else ''}); /reset, /exit")
+    adapters = ", ".join(f"{name}={path.name}" for name, path, _ in loras)
+    print(f"MiniMind chat ({args.weights.name}{' + ' + adapters if adapters else ''}); /reset, "
+          f"{'/adapter NAME|none, ' if loras else ''}/exit")
     history: List[dict] = []
     while True:
         try:
@@ -163,6 +212,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
             return
         if text == "/reset":
             history = []
+            continue
+        if text == "/adapter" or text.startswith("/adapter "):
+            print(switch_adapter(model, text))
             continue
         if not text:
             continue

@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from lora_kernels import iter_lora_layers
+from lora_kernels import LoRAConfig, iter_lora_layers
+from lora_kernels.adapters import resolve_adapter_name
+from lora_kernels.config import DEFAULT_ADAPTER
 from lora_kernels.io import apply_lora_tensors, atomic_write, check_tensors, read_tensor_file
 
 from .checkpoint import strip_wrapper_prefix
@@ -62,8 +64,8 @@ def read_minimind_lora(path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
     return modules
 
 
-def load_minimind_lora(model: nn.Module, path: PathLike) -> nn.Module:
-    """Put the adapters of a MiniMind LoRA file on ``model``, in place.
+def load_minimind_lora(model: nn.Module, path: PathLike, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Put the adapters of a MiniMind LoRA file on ``model`` as adapter ``adapter_name``, in place.
 
     Each module the file names must be a linear layer. A plain ``nn.Linear`` is replaced by
     ``FusedLoRALinear.from_linear(linear, rank=r)`` sharing its weight; an existing ``FusedLoRALinear``
@@ -75,6 +77,7 @@ def load_minimind_lora(model: nn.Module, path: PathLike) -> nn.Module:
     Args:
         model: e.g. a ``MiniMindForCausalLM``.
         path: a file written by MiniMind's ``save_lora`` or by ``save_minimind_lora``.
+        adapter_name: the name to load it under (see ``lora_kernels.load_lora``).
 
     Returns:
         ``model``.
@@ -86,12 +89,14 @@ def load_minimind_lora(model: nn.Module, path: PathLike) -> nn.Module:
     """
     modules = read_minimind_lora(path)
     tensors = {f"{name}.lora_{half}": pair[half] for name, pair in modules.items() for half in ("A", "B")}
-    meta = {name: {"alpha": float(pair["A"].shape[0]), "use_rslora": False} for name, pair in modules.items()}
-    return apply_lora_tensors(model, tensors, meta, source=path, strict=False)
+    # MiniMind's LoRA is unscaled: alpha = rank. Dropout is left out: a loaded layer keeps its own.
+    meta = {name: {k: v for k, v in LoRAConfig(rank=pair["A"].shape[0]).layer_settings().items() if k != "dropout"}
+            for name, pair in modules.items()}
+    return apply_lora_tensors(model, tensors, meta, source=path, strict=False, adapter_name=adapter_name)
 
 
-def save_minimind_lora(model: nn.Module, path: PathLike) -> None:
-    """Write every ``FusedLoRALinear`` adapter of ``model`` in MiniMind's LoRA format, in fp16.
+def save_minimind_lora(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None) -> None:
+    """Write one adapter of ``model``'s ``FusedLoRALinear`` layers in MiniMind's LoRA format, in fp16.
 
     Keys are ``<module path>.lora.A.weight`` / ``.lora.B.weight``; B is multiplied by the layer's
     scaling when it is not 1, since MiniMind's LoRA is unscaled. MiniMind's own ``load_lora`` reads
@@ -101,19 +106,27 @@ def save_minimind_lora(model: nn.Module, path: PathLike) -> None:
     Args:
         model: a model with ``FusedLoRALinear`` layers.
         path: destination file.
+        adapter_name: which adapter; None: ``"default"``, or the model's only adapter.
 
     Raises:
-        ValueError: the model has no ``FusedLoRALinear`` layer, or one is merged into its weight.
+        ValueError: the model has no ``FusedLoRALinear`` layer or no such adapter, or one is merged into its
+            weight.
     """
     tensors: Dict[str, torch.Tensor] = {}
+    if any(True for _ in iter_lora_layers(model)):
+        adapter_name = resolve_adapter_name(model, adapter_name)
     for name, layer in iter_lora_layers(model):
+        if adapter_name not in layer.lora_configs:
+            continue
         if layer.merged:
             raise ValueError(f"{name}: the adapter is merged into the weight; unmerge it before saving")
         name = strip_wrapper_prefix(name)
-        b = layer.lora_B.detach().float()
-        if layer.scaling != 1.0:
-            b = b * layer.scaling
-        tensors[f"{name}.lora.A.weight"] = layer.lora_A.detach().to("cpu", torch.float16).contiguous()
+        lora_A, lora_B = layer.lora_params(adapter_name)
+        scaling = layer.lora_configs[adapter_name].scaling
+        b = lora_B.detach().float()
+        if scaling != 1.0:
+            b = b * scaling
+        tensors[f"{name}.lora.A.weight"] = lora_A.detach().to("cpu", torch.float16).contiguous()
         tensors[f"{name}.lora.B.weight"] = b.to("cpu", torch.float16).contiguous()
     if not tensors:
         raise ValueError("the model has no FusedLoRALinear layers to save")
@@ -125,8 +138,8 @@ def save_minimind_lora(model: nn.Module, path: PathLike) -> None:
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
-def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
-    """Applies an adapter in any format this project reads, told apart by its content.
+def load_adapter(model: nn.Module, path: PathLike, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Applies an adapter in any format this project reads, told apart by its content, as ``adapter_name``.
 
     * a directory with ``adapter_config.json``: a HF PEFT adapter (``lora_kernels.load_peft_adapter``);
     * a file whose metadata says ``format: lora_kernels``: ``lora_kernels.load_lora``;
@@ -140,8 +153,8 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
 
     path = Path(path)
     if path.is_dir():
-        return load_peft_adapter(model, path, freeze_base=False)
+        return load_peft_adapter(model, path, freeze_base=False, adapter_name=adapter_name)
     _, metadata = read_lora_file(path)
     if metadata.get("format") == "lora_kernels":
-        return load_lora(model, path)
-    return load_minimind_lora(model, path)
+        return load_lora(model, path, adapter_name=adapter_name)
+    return load_minimind_lora(model, path, adapter_name=adapter_name)

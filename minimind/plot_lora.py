@@ -91,7 +91,7 @@ def read_adapter_layers(adapter: Path, base: Optional[Path] = None):
     Raises:
         CLIError: a missing or unreadable file, or an adapter that does not fit ``base``.
     """
-    from lora_kernels import FusedLoRALinear
+    from lora_kernels import LoRAConfig
     from lora_kernels.io import read_lora_file
 
     from .lora_io import load_adapter, read_minimind_lora
@@ -116,11 +116,11 @@ def read_adapter_layers(adapter: Path, base: Optional[Path] = None):
         layers = []
         for name, (a, b) in pairs.items():
             info = meta.get(name, {}) if isinstance(meta, dict) else {}
-            # A stand-in layer on the meta device: the scaling rule (and its checks) are FusedLoRALinear's own.
-            stand_in = FusedLoRALinear(a.shape[1], b.shape[0], bias=False, rank=a.shape[0], alpha=info.get("alpha"),
-                                       use_rslora=info.get("use_rslora", False) is True, device="meta")
-            delta = (b.float() @ a.float()) * stand_in.scaling
-            layers.append((name, delta, a.shape[0], stand_in.scaling, None))
+            # The scaling rule (and its checks) are LoRAConfig's own.
+            scaling = LoRAConfig(rank=a.shape[0], alpha=info.get("alpha"),
+                                 use_rslora=info.get("use_rslora", False) is True).scaling
+            delta = (b.float() @ a.float()) * scaling
+            layers.append((name, delta, a.shape[0], scaling, None))
     return sorted(layers, key=lambda item: _natural_key(item[0]))
 
 

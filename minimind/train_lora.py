@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 
 from atomic_io import atomic_write, remove_stale_temporaries
 from lora_kernels import (
+    LoRAConfig,
     disable_lora,
     lora_param_groups,
     lora_state_dict,
@@ -193,7 +194,8 @@ def build_parser() -> ArgumentParser:
                    help="autocast dtype; auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU")
     r.add_argument("--ddp", action="store_true", help="DistributedDataParallel (also on by itself under torchrun)")
     r.add_argument("--local_rank", type=int, default=-1, help="accepted for old launchers; LOCAL_RANK wins")
-    r.add_argument("--use_compile", type=int, choices=[0, 1], default=0, help="1: torch.compile the model")
+    r.add_argument("--use_compile", type=int, choices=[0, 1], default=0,
+                   help="1: torch.compile the model (with CUDA graphs on CUDA: mode reduce-overhead)")
     r.add_argument("--num_workers", type=number(0, integer=True), default=0, help="DataLoader worker processes")
     r.add_argument("--log_interval", type=count, default=10)
     r.add_argument("--save_interval", type=count, default=100, help="steps between adapter and state saves")
@@ -360,15 +362,19 @@ def load_base(cfg: TrainConfig, rt: Runtime):
     return model.to(rt.device), tokenizer
 
 
+def lora_config(cfg: TrainConfig) -> LoRAConfig:
+    """The adapter's settings (``--rank``, ``--alpha``, ``--lora_dropout``)."""
+    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
+
+
 def add_lora(model, cfg: TrainConfig, rt: Runtime) -> str:
     """Adds the adapters in place; returns a description of the backend."""
     targets = cfg.targets if cfg.targets in ("square", "all-linear") else \
         [t.strip() for t in cfg.targets.split(",") if t.strip()]
     torch.manual_seed(cfg.seed)  # the same A on every process and in fused and eager runs
     try:
-        replace_linear_with_fused_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                       target_modules=targets, backend="auto" if cfg.fused else "eager",
-                                       quantize=cfg.quantize)
+        replace_linear_with_fused_lora(model, config=lora_config(cfg), target_modules=targets,
+                                       backend="auto" if cfg.fused else "eager", quantize=cfg.quantize)
     except (ValueError, TypeError) as err:
         raise CLIError(f"--targets {cfg.targets!r}: {err}")
     if not cfg.fused:
@@ -526,7 +532,11 @@ def setup(cfg: TrainConfig) -> Run:
             train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                                   else None, find_unused_parameters=bool(model.config.use_moe))
         if cfg.use_compile:
-            train_model = torch.compile(train_model, dynamic=True)  # padded lengths vary: one graph for all
+            # Padded lengths vary: one dynamic graph for all. On CUDA, CUDA graphs as well ("reduce-overhead"):
+            # the fused LoRA path draws its dropout seed on the GPU and reads nothing back, so a captured step
+            # replays with fresh masks and no per-launch host cost.
+            mode = "reduce-overhead" if rt.device.type == "cuda" else None
+            train_model = torch.compile(train_model, dynamic=True, mode=mode)
         run = Run(cfg, rt, model, train_model, tokenizer, train_set, eval_set, torch.optim.AdamW(groups),
                   torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16), paths, lock,
                   backend, per_epoch, total)
@@ -560,7 +570,7 @@ def setup(cfg: TrainConfig) -> Run:
 def describe(run: Run) -> str:
     cfg, rt, c = run.cfg, run.rt, run.model.config
     summary = lora_summary(run.model)
-    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    alpha = lora_config(cfg).lora_alpha
     return "\n".join([
         "MiniMind LoRA SFT",
         f"  base       {'random (--from_weight none)' if cfg.random_base else cfg.base}  ({c.arch}, hidden "

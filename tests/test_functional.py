@@ -395,3 +395,54 @@ def test_dropout_seed_is_a_tensor_on_the_input_device_and_advances_per_call():
     assert all(s.dtype == torch.int64 and s.shape == (1,) and s.device.type == "cpu" for s in first)
     assert first[0].item() != first[1].item()
     assert [s.item() for s in first] == [s.item() for s in again]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backend protocol and registry
+
+
+def test_builtin_backends_follow_the_protocol():
+    from lora_kernels.backends import LoRABackend, get_backend, registered_backends
+    from lora_kernels import functional
+
+    assert {"torch", "triton"} <= set(registered_backends())
+    assert get_backend("torch") is torch_backend.DEFAULT
+    assert get_backend("triton", strict=True) is functional._TRITON_STRICT
+    assert get_backend("triton", strict=False) is functional._TRITON_AUTO
+    for backend in (torch_backend.DEFAULT, torch_backend.KERNEL_MASK, functional._TRITON_STRICT):
+        assert isinstance(backend, LoRABackend)
+    # The Triton wrapper's mask is the kernels' (the torch copy of it where the kernels cannot run).
+    seed = torch.tensor([5])
+    assert torch.equal(functional._TRITON_AUTO.dropout_mask(seed, (6, 10), 0.3, "cpu"),
+                       torch_backend.KERNEL_MASK.dropout_mask(seed, (6, 10), 0.3, "cpu"))
+    with pytest.raises(ValueError, match="no backend named 'nope'"):
+        get_backend("nope")
+
+
+def test_a_registered_backend_is_used_by_name(monkeypatch):
+    from lora_kernels import backends
+
+    calls = []
+
+    class Recording:
+        def forward(self, *args):
+            calls.append("forward")
+            return torch_backend.DEFAULT.forward(*args)
+
+        def backward(self, *args):
+            calls.append("backward")
+            return torch_backend.DEFAULT.backward(*args)
+
+        dropout_mask = staticmethod(torch_backend.DEFAULT.dropout_mask)
+
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    backends.register_backend("recording", lambda strict: Recording())
+    assert resolve_backend("recording", torch.randn(2, 3)) == "recording"
+    x, w, a, b = torch.randn(4, 6, requires_grad=True), torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
+    y = lora_linear(x, w, None, a, b, 0.5, backend="recording")
+    y.sum().backward()
+    assert calls == ["forward", "backward"]
+    assert_close(y, lora_linear_reference(x.double(), w.double(), None, a.double(), b.double(), 0.5), torch.float32)
+    for name in ("auto", "eager", ""):
+        with pytest.raises(ValueError, match="backend name"):
+            backends.register_backend(name, lambda strict: Recording())

@@ -164,3 +164,23 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_load_under_a_name_adds_an_adapter_of_the_files_rank(tmp_path):
+    from lora_kernels import adapter_names, set_adapter
+
+    torch.manual_seed(0)
+    source = replace_linear_with_fused_lora(TinyLM(), rank=2, alpha=4)
+    with torch.no_grad():
+        for _, layer in source.named_modules():
+            if isinstance(layer, FusedLoRALinear):
+                layer.lora_B.normal_()
+    save_lora(source, tmp_path / "a.safetensors")
+    model = replace_linear_with_fused_lora(TinyLM(), rank=8)  # other ranks: "default" stays as it is
+    load_lora(model, tmp_path / "a.safetensors", adapter_name="qa")
+    q = model.layers[0].q_proj
+    assert adapter_names(model) == ["default", "qa"] and (q.rank, q.lora_configs["qa"].rank) == (8, 2)
+    assert q.lora_configs["qa"].lora_alpha == 4.0
+    assert torch.equal(q.lora_params("qa")[1], source.layers[0].q_proj.lora_B)
+    set_adapter(model, "qa")
+    assert q.active_adapters == ["qa"]

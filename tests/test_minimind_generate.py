@@ -148,3 +148,30 @@ def test_build_prompt_drops_oldest_turns_to_fit(bundled):
     assert len(ids) < len(full) and text.startswith("<|im_start|>system\nBe brief.")
     assert "question number 0" not in text and "last question" in text and text.endswith("<|im_start|>assistant\n")
     assert len(chat.build_prompt(tok, turns[-1:], limit=3)) == 3  # a single over-long turn keeps its tail
+
+
+def test_chat_switches_between_named_adapters(bundled, tmp_path, capsys, monkeypatch):
+    from lora_kernels import active_adapters, replace_linear_with_fused_lora
+    from minimind.lora_io import save_minimind_lora
+
+    for i, name in enumerate(("qa", "tr")):
+        torch.manual_seed(i)
+        adapted = replace_linear_with_fused_lora(load_minimind(), rank=2)
+        save_minimind_lora(adapted, tmp_path / f"{name}.pth")
+    typed = iter(["Hi", "/adapter", "/adapter tr", "Hi", "/adapter nope", "/adapter none", "Hi", "/adapter qa,tr",
+                  "Hi", "/exit"])
+    active = []
+    real_reply = chat.reply
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    monkeypatch.setattr(chat, "reply", lambda model, *a: active.append(active_adapters(model)) or real_reply(model, *a))
+    chat.main(["--lora", f"qa={tmp_path / 'qa.pth'}", "--lora", f"tr={tmp_path / 'tr.pth'}", "--temperature", "0",
+               "--max-new-tokens", "4"])
+    assert active == [["qa"], ["tr"], [], ["qa", "tr"]]
+    out = capsys.readouterr().out
+    assert "adapters: qa, tr; active: qa" in out and "no adapter named 'nope'" in out
+    assert "active: none (the base model)" in out
+
+
+def test_chat_refuses_a_repeated_adapter_name(tmp_path, capsys):
+    assert chat.main(["--lora", "a=x.pth", "--lora", "a=y.pth", "--prompt", "hi"]) == 2
+    assert "'a' is given twice" in capsys.readouterr().err

@@ -190,3 +190,39 @@ def test_integer_input():
 def test_repr_names_the_adapter():
     text = repr(FusedLoRALinear(8, 16, rank=2, alpha=4))
     assert "rank=2" in text and "alpha=4" in text and "scaling=2" in text
+
+
+def test_named_adapters_on_one_layer():
+    from lora_kernels import LoRAConfig
+
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(24, 16, rank=4, alpha=8)
+    assert "rank=4, alpha=8, scaling=2" in repr(layer)  # one default adapter: the repr it always had
+    layer.add_adapter("qa", LoRAConfig(rank=8, alpha=4, init="kaiming"))
+    a, b = layer.lora_params("qa")
+    assert a.shape == (8, 24) and b.shape == (16, 8) and not b.any()  # B = 0: a fresh adapter adds nothing
+    assert layer.adapter_names == ["default", "qa"] and layer.active_adapters == ["default"]
+    assert layer.rank == 4 and layer.lora_configs["qa"].scaling == 0.5
+    with pytest.raises(ValueError, match="already has an adapter named 'qa'"):
+        layer.add_adapter("qa", LoRAConfig(rank=2))
+    layer.set_adapter(["default", "qa"])
+    assert "'qa': rank 8 alpha 4" in repr(layer) and "active=['default', 'qa']" in repr(layer)
+    layer.delete_adapter("default")
+    assert layer.lora_A is None and layer.adapter_names == ["qa"] and layer.active_adapters == ["qa"]
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_adapters.qa.lora_A", "lora_adapters.qa.lora_B"}
+    with pytest.raises(AttributeError):
+        layer.rank  # noqa: B018 - the default adapter's rank: there is none now
+
+
+def test_layer_built_for_a_named_adapter():
+    from lora_kernels import LoRAConfig
+
+    layer = FusedLoRALinear.from_linear(nn.Linear(8, 6), config=LoRAConfig(rank=2, alpha=4), adapter_name="tr")
+    assert layer.lora_A is None and layer.active_adapters == ["tr"] and layer.lora_params("tr")[0].shape == (2, 8)
+    with torch.no_grad():
+        layer.lora_params("tr")[1].normal_()
+    x = torch.randn(3, 8)
+    a, b = layer.lora_params("tr")
+    assert_close(layer(x), F.linear(x, layer.weight, layer.bias) + 2.0 * (x @ a.t()) @ b.t(), torch.float32)
+    with pytest.raises(ValueError, match="adapter name must be .* got 'a/b'"):
+        FusedLoRALinear(8, 8, adapter_name="a/b")

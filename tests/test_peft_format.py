@@ -308,3 +308,13 @@ def test_fused_peft_model_with_modules_to_save_is_not_saved_half(tmp_path):
     model = fuse_peft_model(peft_model(dict(r=2, target_modules=["q_proj"], modules_to_save=["layers.0.norm"])))
     with pytest.raises(ValueError, match="modules_to_save"):
         save_peft_adapter(model, tmp_path)
+
+
+def test_peft_config_becomes_one_lora_config():
+    from lora_kernels import LoRAConfig
+    from lora_kernels.peft_format import peft_lora_config
+
+    config = peft_lora_config({"r": 8, "lora_alpha": 16.0, "lora_dropout": None, "use_rslora": True,
+                               "rank_pattern": {"up_proj": 4}, "alpha_pattern": {}})
+    assert config == LoRAConfig(rank=8, alpha=16.0, use_rslora=True, rank_pattern={"up_proj": 4})
+    assert config.for_module("layers.0.up_proj").scaling == 16.0 / 2.0  # rsLoRA: alpha / √4

@@ -223,3 +223,17 @@ def test_merge_and_unload():
     assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
     assert set(model.state_dict()) == set(TinyLM().state_dict())
     assert torch.allclose(model(ids), adapted, atol=1e-5)
+
+
+def test_rank_and_alpha_patterns_and_config():
+    from lora_kernels import LoRAConfig
+
+    model = replace_linear_with_fused_lora(TinyLM(), config=LoRAConfig(rank=4, alpha=8, rank_pattern={"o_proj": 2}),
+                                           alpha_pattern={r"layers\.1\..*": 1})
+    got = {n: (l.rank, l.alpha) for n, l in model.named_modules() if isinstance(l, FusedLoRALinear)}
+    assert got == {"layers.0.q_proj": (4, 8.0), "layers.0.o_proj": (2, 8.0),
+                   "layers.1.q_proj": (4, 1.0), "layers.1.o_proj": (2, 1.0)}
+    with pytest.raises(TypeError, match="either config"):
+        replace_linear_with_fused_lora(TinyLM(), rank=8, config=LoRAConfig(rank=4))
+    with pytest.raises(ValueError, match=r"rank_pattern key '\(a\|ab\)\*'"):
+        replace_linear_with_fused_lora(TinyLM(), rank_pattern={"(a|ab)*": 2})

@@ -1,0 +1,72 @@
+"""The backend contract of :func:`lora_kernels.lora_linear`, as a ``Protocol``, and the registry of backends.
+
+Notation: x (M, K) 2-D, W (N, K), A (r, K), B (N, r), s = scaling, p = dropout probability; the seed is a
+one-element int64 tensor (or an int) from which forward and backward regenerate the same dropout mask, so
+no mask is ever stored. The maths of each pass is in :mod:`lora_kernels.torch_backend`'s docstring.
+
+A backend is registered under a name with a factory ``get(strict) -> LoRABackend``; ``strict`` is True when
+the user asked for that backend by name (``backend="triton"``) and False when ``"auto"`` picked it, so a
+backend may fall back quietly under ``"auto"`` and raise under its own name (as the Triton one does).
+:func:`lora_kernels.lora_linear` resolves every name through :func:`get_backend`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+import torch
+
+Seed = Union[int, torch.Tensor]
+Grads = Tuple[Optional[torch.Tensor], ...]
+
+
+@runtime_checkable
+class LoRABackend(Protocol):
+    """What :func:`lora_kernels.lora_linear` needs from a backend."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, dropout_p: float,
+                seed: Optional[Seed]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, S)``: y = x·Wᵀ + b + s·S·Bᵀ (M, N) and S = dropout(x)·Aᵀ (M, r), kept for backward."""
+
+    def backward(self, grad_y: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                 lora_A: torch.Tensor, lora_B: torch.Tensor, s: Optional[torch.Tensor], scaling: float,
+                 dropout_p: float, seed: Optional[Seed], needs_grad: Sequence[bool]) -> Grads:
+        """``(dx, dweight, dbias, dA, dB)``; ``needs_grad`` is five booleans in that order, and a gradient not
+        asked for is None (as is a tensor that was not saved because nothing needed it)."""
+
+    def dropout_mask(self, seed: Seed, shape: Sequence[int], dropout_p: float,
+                     device: torch.device) -> torch.Tensor:
+        """The keep-mask (bool, True keeps) that forward and backward regenerate from ``seed``."""
+
+
+_REGISTRY: Dict[str, Callable[[bool], LoRABackend]] = {}
+RESERVED = ("auto", "eager")  # names lora_linear handles itself: a choice, and the autograd reference
+
+
+def register_backend(name: str, get: Callable[[bool], LoRABackend]) -> None:
+    """Registers ``get(strict) -> backend`` under ``name`` (replacing an earlier registration).
+
+    Raises:
+        ValueError: ``name`` is empty or reserved (``"auto"``, ``"eager"``).
+    """
+    if not isinstance(name, str) or not name or name in RESERVED:
+        raise ValueError(f"a backend name must be a non-empty string other than {RESERVED}, got {name!r}")
+    _REGISTRY[name] = get
+
+
+def registered_backends() -> Tuple[str, ...]:
+    """The registered backend names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str, strict: bool = True) -> LoRABackend:
+    """The backend object registered as ``name``.
+
+    Raises:
+        ValueError: no backend of that name, naming it and the registered ones.
+    """
+    try:
+        get = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"no backend named {name!r}; registered: {registered_backends()}") from None
+    return get(strict)
