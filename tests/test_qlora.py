@@ -285,7 +285,7 @@ def test_merge_and_unload_requantizes_on_request():
     layer = model[0]
     assert isinstance(layer, FusedLoRALinear) and layer.quantize == "nf4" and not layer.lora_B.any()
     assert torch.equal(layer.qweight.dequantize(), quantize(merged, "nf4").dequantize())
-    # the rounding stated in merge_and_unload's docstring: at most 0.152 x the block (half the gap from -1 to -0.696)'s absmax
+    # the rounding stated in merge_and_unload's docstring: at most 0.152 x the block's absmax (half the gap -1 to -0.696)
     err = (layer.qweight.dequantize() - merged).abs()
     absmax = quantize(merged, "nf4").absmax
     f = torch.arange(merged.numel())
