@@ -290,3 +290,13 @@ def test_merge_and_unload_requantizes_on_request():
     absmax = quantize(merged, "nf4").absmax
     f = torch.arange(merged.numel())
     assert torch.all(err.reshape(-1) <= 0.152 * absmax[f // 64] + 1e-7)
+
+
+def test_trainer_quantize_flag():
+    from minimind.cli import CLIError
+    from minimind.train_lora import parse_args
+
+    assert parse_args(["--fused", "--quantize", "nf4"]).quantize == "nf4"
+    assert parse_args([]).quantize is None
+    with pytest.raises(CLIError, match="--quantize int8 needs --fused"):
+        parse_args(["--quantize", "int8"])
