@@ -6,7 +6,7 @@
 # Writes under benchmarks/results/<device>-<date>/ (or --out DIR):
 #   results.json  pytest-benchmark JSON of `pytest benchmarks/ --benchmark-only`
 #   report.md     tables (python -m benchmarks.report), report.png  the chart
-#   tests.log, bench.log, environment.txt
+#   tests.log, check.log (python -m lora_kernels.check), bench.log, environment.txt
 #
 # Needs no network and no install: it runs from this checkout (PYTHONPATH=repo root) with the torch, triton,
 # peft, pytest and pytest-benchmark already on the machine; it says what is missing and goes on where it can.
@@ -110,6 +110,11 @@ if [ "$RUN_TESTS" = 1 ]; then
     run_step tests "$OUT/tests.log" "$PYTHON" -m pytest tests -x -q
 else
     STATUS+=("tests      skipped (--no-tests)")
+fi
+
+if [ "$RUN_TESTS" = 1 ]; then
+    # Every kernel against the float64 reference at the benchmark shapes, then ours vs F.linear/eager/PEFT.
+    run_step check "$OUT/check.log" "$PYTHON" -m lora_kernels.check
 fi
 
 if [ "$RUN_BENCH" = 1 ]; then

@@ -40,7 +40,10 @@ ARCHS = (90, 80, 86, 89)
 def _sweep_job(arch: int, precision: str, full: bool, quick: bool):
     from lora_kernels.ops import aot
 
+    start = time.time()
     reports, errors = aot.sweep_arch(arch, (precision,), full=full, quick=quick)
+    print(f"check --aot: sm{arch} {precision}: {len(reports)} distinct kernels, {len(errors)} compile errors, "
+          f"{time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return [dataclasses.asdict(r) for r in reports], [dataclasses.asdict(e) for e in errors]
 
 
@@ -100,14 +103,35 @@ def run_aot(args) -> int:
         print(f"check --aot: {missing}", file=sys.stderr)
         return 2
     precisions = args.precision or list(aot.PRECISIONS)
-    jobs = [(arch, p) for arch in args.arch for p in precisions]
+    jobs = [(arch, p) for p in precisions for arch in args.arch]  # every arch of the first precision first
     start = time.time()
     reports, errors = [], []
-    if args.jobs <= 1:
-        results = [_sweep_job(arch, p, args.full, args.quick) for arch, p in jobs]
+    parts = Path(args.out) / "jobs" if args.out else None
+    if parts:  # each finished (arch, precision) is kept, so a long sweep that is stopped still reports
+        parts.mkdir(parents=True, exist_ok=True)
+
+    def done(arch, precision, result):
+        if parts:
+            (parts / f"sm{arch}-{precision}.json").write_text(json.dumps(result, default=str))
+        return result
+
+    if args.from_jobs:  # a report from the per-job results of an earlier (possibly stopped) sweep
+        files = sorted(Path(args.from_jobs).glob("sm*-*.json"))
+        results = [json.loads(f.read_text()) for f in files]
+        args.arch = sorted({int(f.stem[2:].split("-")[0]) for f in files}, key=ARCHS.index)
+    elif parts and args.resume:  # jobs already in jobs/ are not compiled again
+        results = [json.loads((parts / f"sm{a}-{p}.json").read_text()) for a, p in jobs
+                   if (parts / f"sm{a}-{p}.json").exists()]
+        todo = [(a, p) for a, p in jobs if not (parts / f"sm{a}-{p}.json").exists()]
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_sweep_job, arch, p, args.full, args.quick): (arch, p) for arch, p in todo}
+            results += [done(*futures[f], f.result()) for f in concurrent.futures.as_completed(futures)]
+    elif args.jobs <= 1:
+        results = [done(arch, p, _sweep_job(arch, p, args.full, args.quick)) for arch, p in jobs]
     else:
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_sweep_job, *zip(*jobs), [args.full] * len(jobs), [args.quick] * len(jobs)))
+            futures = {pool.submit(_sweep_job, arch, p, args.full, args.quick): (arch, p) for arch, p in jobs}
+            results = [done(*futures[f], f.result()) for f in concurrent.futures.as_completed(futures)]
     for r, e in results:
         reports += r
         errors += e
@@ -144,11 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS,
                         help="--aot: compute capabilities to compile for (default: all)")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "tf32", "fp16", "bf16"),
-                        help="--aot: precisions to sweep (default: all)")
+                        help="precisions to sweep / check (default: all; --interpret: fp32 fp16)")
     parser.add_argument("--full", action="store_true", help="--aot: every (N, K) pair and autotune candidate")
     parser.add_argument("--quick", action="store_true", help="--aot: the representative subset of the tests")
     parser.add_argument("--jobs", type=int, default=1, help="--aot: compile processes (default 1)")
-    parser.add_argument("--out", help="--aot: write report.md and report.json to this directory")
+    parser.add_argument("--out", help="--aot: write report.md and report.json (and jobs/, one file per arch and "
+                                      "precision as each finishes) to this directory")
+    parser.add_argument("--resume", action="store_true", help="--aot: keep the jobs/ results already in --out")
+    parser.add_argument("--from-jobs", metavar="DIR", help="--aot: report from the jobs/ files of an earlier sweep")
+    parser.add_argument("--shapes", type=parse_shapes,
+                        help="device check: MxKxN:rank[,...] (default: the benchmark shapes)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="device check on Triton's CPU interpreter at tiny shapes (no timing)")
+    parser.add_argument("--no-timing", action="store_true", help="device check: correctness only")
     return parser
 
 
@@ -156,13 +188,203 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = [a for a in argv if a != "--aot"]
+    if args.interpret and "triton" not in sys.modules:  # must precede the first import of triton
+        os.environ["TRITON_INTERPRET"] = "1"
     if args.aot:
         return run_aot(args)
     return run_device(args)
 
 
+# ------------------------------------------------------------------------------------------ on a device
+
+# The benchmark shapes (benchmarks/conftest.py, CUDA): (M, K, N, rank). 8192 tokens at MiniMind widths, a
+# LLaMA-7B attention projection and its FFN up-projection.
+BENCH_SHAPES = ((8192, 512, 512, 8), (8192, 512, 512, 16), (8192, 768, 768, 8), (8192, 768, 768, 16),
+                (8192, 4096, 4096, 16), (8192, 4096, 11008, 16))
+# --interpret: odd sizes (tile edges, rank padding) small enough for the CPU interpreter.
+INTERPRET_SHAPES = ((37, 40, 24, 5), (70, 64, 48, 16))
+# Relative error bars, as tests/helpers.py states and justifies them (a test keeps the two equal); errors
+# are max|ours - ref| / max|ref| against the float64 reference on the same rounded inputs.
+TOLERANCES = {"fp32": 1e-5, "tf32": 4e-3, "fp16": 4e-3, "bf16": 3.2e-2}
+GRADIENTS = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+def parse_shapes(text: str) -> List[tuple]:
+    """``"8192x768x768:16,1x4096x4096:64"`` (M x K x N : rank) -> [(8192, 768, 768, 16), ...]."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            dims, rank = item.strip().split(":")
+            m, k, n = (int(v) for v in dims.lower().split("x"))
+            shape = (m, k, n, int(rank))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not MxKxN:rank (e.g. 8192x768x768:16)")
+        if min(shape) < 1:
+            raise argparse.ArgumentTypeError(f"shape {item!r}: every size must be >= 1")
+        shapes.append(shape)
+    return shapes
+
+
+def _precision_context(precision: str):
+    """fp32 matmuls in TF32 for ``"tf32"``, IEEE otherwise (torch's new API where it has it)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def scope():
+        matmul = torch.backends.cuda.matmul
+        if hasattr(torch.backends, "fp32_precision"):
+            previous = matmul.fp32_precision
+            matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+        else:
+            previous = matmul.allow_tf32
+            matmul.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            if hasattr(torch.backends, "fp32_precision"):
+                matmul.fp32_precision = previous
+            else:
+                matmul.allow_tf32 = previous
+    return scope()
+
+
+def _inputs(shape, dtype, device, bias: bool, seed: int = 0):
+    import torch
+
+    m, k, n, r = shape
+    g = torch.Generator().manual_seed(seed)
+    t = {"x": torch.randn(m, k, generator=g), "weight": torch.randn(n, k, generator=g) / k ** 0.5,
+         "bias": torch.randn(n, generator=g) if bias else None,
+         "lora_A": torch.randn(r, k, generator=g) / k ** 0.5, "lora_B": torch.randn(n, r, generator=g) / r ** 0.5}
+    return {name: (v.to(device, dtype) if v is not None else None) for name, v in t.items()}
+
+
+def check_correctness(shape, precision: str, bias: bool, dropout_p: float, device) -> dict:
+    """Ours (``lora_linear(backend="triton")``, forward and every gradient) vs the float64 reference on the
+    same inputs and the same dropout mask; returns the relative error of y and each gradient."""
+    import torch
+
+    from lora_kernels import lora_linear, lora_linear_reference
+    from lora_kernels.functional import draw_seed_tensor
+    from lora_kernels.ops import lora_linear as ops
+
+    dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    inputs = _inputs(shape, dtype, device, bias)
+    names = [n for n in GRADIENTS if inputs[n] is not None]
+    grad_out = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    torch.manual_seed(1234)  # the seed lora_linear draws on x's device, so the reference gets the kernels' mask
+    mask = ops.dropout_mask(draw_seed_tensor(device), (shape[0], shape[1]), dropout_p, device) if dropout_p > 0 else None
+    ours = {n: (v.detach().clone().requires_grad_(True) if v is not None else None) for n, v in inputs.items()}
+    with _precision_context(precision):
+        torch.manual_seed(1234)
+        y = lora_linear(**ours, scaling=2.0, dropout_p=dropout_p, backend="triton")
+        grads = torch.autograd.grad(y, [ours[n] for n in names], grad_out)
+    ref = {n: (v.detach().double().requires_grad_(True) if v is not None else None) for n, v in inputs.items()}
+    y_ref = lora_linear_reference(**ref, scaling=2.0, dropout_mask=mask, dropout_p=dropout_p)
+    grads_ref = torch.autograd.grad(y_ref, [ref[n] for n in names], grad_out.double())
+
+    def error(a, b):
+        scale = b.abs().max().item() or 1.0
+        return (a.double() - b).abs().max().item() / scale
+
+    errors = {"y": error(y, y_ref)}
+    errors.update({f"d{n}": error(g, gr) for n, g, gr in zip(names, grads, grads_ref)})
+    return errors
+
+
+def time_providers(shape, precision: str, device) -> dict:
+    """Median ms of forward+backward (x, A, B requiring grad, W frozen, dropout 0.1 where the provider has
+    it): ours, the frozen ``F.linear`` alone, eager LoRA, PEFT's ``lora.Linear`` (None without peft)."""
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from lora_kernels import lora_linear, lora_linear_eager
+
+    dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    t = _inputs(shape, dtype, device, bias=False)
+    x = t["x"].requires_grad_(True)
+    a, b = t["lora_A"].requires_grad_(True), t["lora_B"].requires_grad_(True)
+    grad = torch.randn(shape[0], shape[2], device=device, dtype=dtype)
+    steps = {
+        "ours": lambda: lora_linear(x, t["weight"], None, a, b, 2.0, 0.1, backend="triton"),
+        "linear": lambda: F.linear(x, t["weight"]),
+        "eager": lambda: lora_linear_eager(x, t["weight"], None, a, b, 2.0, 0.1),
+    }
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+
+        base = torch.nn.Linear(shape[1], shape[2], bias=False, device=device, dtype=dtype).requires_grad_(False)
+        kwargs = dict(r=shape[3], lora_alpha=2 * shape[3], lora_dropout=0.1)
+        try:
+            peft = PeftLinear(base, "default", config=LoraConfig(**kwargs), r=shape[3], lora_alpha=2 * shape[3])
+        except TypeError:  # PEFT < 0.18 takes keywords
+            peft = PeftLinear(base, "default", **kwargs)
+        peft.to(device=device, dtype=dtype)
+        steps["peft"] = lambda: peft(x)
+    except ImportError:
+        pass
+    times = {"peft": None}
+    with _precision_context(precision):
+        for name, step in steps.items():
+            times[name] = do_bench(lambda: step().backward(grad), warmup=10, rep=50, return_mode="median",
+                                   grad_to_none=[x, a, b])
+    return times
+
+
 def run_device(args) -> int:
-    raise NotImplementedError
+    import torch
+
+    if args.interpret:
+        device = torch.device("cpu")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("check --interpret: set TRITON_INTERPRET=1 before Python starts (python -m lora_kernels.check "
+                  "sets it itself when run as a command)", file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
+        print("check: torch sees no CUDA device, so there is nothing to run the kernels on. Use --interpret "
+              "(correctness on Triton's CPU interpreter at tiny shapes) or --aot (compile for GPU targets).",
+              file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda")
+    shapes = args.shapes or (INTERPRET_SHAPES if args.interpret else BENCH_SHAPES)
+    precisions = args.precision or (["fp32", "fp16"] if args.interpret else ["bf16", "fp16", "tf32", "fp32"])
+    if args.interpret and "bf16" in precisions:
+        print("check --interpret: Triton's interpreter computes bf16 tl.dot wrongly; bf16 skipped", file=sys.stderr)
+        precisions = [p for p in precisions if p != "bf16"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "Triton CPU interpreter"
+    print(f"# lora_kernels check on {name}\n")
+    print("| shape (MxKxN:r) | precision | bias | dropout | worst output | rel. error | tolerance | result |")
+    print("|---|---|---|---|---|---|---|---|")
+    failed = 0
+    for shape in shapes:
+        for precision in precisions:
+            for bias in (False, True):
+                for p in (0.0, 0.1):
+                    errors = check_correctness(shape, precision, bias, p, device)
+                    worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
+                    ok = all(e <= TOLERANCES[precision] for e in errors.values())  # NaN fails
+                    failed += not ok
+                    print(f"| {shape[0]}x{shape[1]}x{shape[2]}:{shape[3]} | {precision} | {bias} | {p} | {worst} | "
+                          f"{errors[worst]:.2e} | {TOLERANCES[precision]:g} | {'ok' if ok else 'MISMATCH'} |")
+    if device.type == "cuda" and not args.no_timing:
+        print("\n| shape (MxKxN:r) | precision | ours ms | F.linear ms | eager ms | PEFT ms | ours / linear "
+              "| eager / ours | PEFT / ours |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for shape in shapes:
+            for precision in precisions[:1]:
+                t = time_providers(shape, precision, device)
+                peft = f"{t['peft']:.3f}" if t["peft"] else "n/a"
+                peft_ratio = f"{t['peft'] / t['ours']:.2f}" if t["peft"] else "n/a"
+                print(f"| {shape[0]}x{shape[1]}x{shape[2]}:{shape[3]} | {precision} | {t['ours']:.3f} | "
+                      f"{t['linear']:.3f} | {t['eager']:.3f} | {peft} | {t['ours'] / t['linear']:.2f} | "
+                      f"{t['eager'] / t['ours']:.2f} | {peft_ratio} |")
+    print(f"\n{failed} mismatch(es)" if failed else "\nall kernels match the float64 reference")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

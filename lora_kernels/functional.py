@@ -268,6 +268,10 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if torch.compiler.is_compiling():
+        # Under torch.compile(dynamic=True) the two numbers may be symbolic floats, on which Python's checks
+        # would break the graph; they were checked when eager mode (or the layer's constructor) saw them.
+        return
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if not (isinstance(scaling, (int, float)) and math.isfinite(scaling)):

@@ -39,7 +39,10 @@ except ImportError:  # older safetensors: its errors then surface as they come
 # What reading a tensor file raises when the file (not the program) is at fault: unreadable (OSError), a
 # damaged torch zip (RuntimeError), malformed content (ValueError, EOFError), a pickle that weights_only
 # refuses (UnpicklingError), a damaged safetensors file (SafetensorError).
-READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) + SAFETENSORS_ERRORS
+# torch.load's weights-only unpickler meets a text or other non-tensor file with KeyError or IndexError (an
+# opcode byte it has no entry for), not with UnpicklingError.
+READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError,
+               pickle.UnpicklingError) + SAFETENSORS_ERRORS
 
 FORMAT = "lora_kernels"
 FORMAT_VERSION = "1"
@@ -95,6 +98,8 @@ def file_error_reason(err: BaseException) -> str:
         return f"not a plain tensor file (weights_only loading refused it: {detail})"
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
+    if isinstance(err, (KeyError, IndexError)):
+        return "not a torch or safetensors file (its bytes are not a pickle torch can read)"
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
     text = text.split(". This is an internal miniz error")[0]
     return text if len(text) <= 300 else text[:297] + "..."

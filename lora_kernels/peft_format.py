@@ -499,7 +499,43 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
         # PEFT's save_pretrained finds adapters by visiting its own layer classes, and would write an adapter
         # with no tensors: this model saves through save_peft_adapter instead (same files, same loading).
         peft_model.save_pretrained = types.MethodType(_fused_save_pretrained, peft_model)
+    if callable(getattr(peft_model, "get_base_model", None)):
+        _route_peft_methods(peft_model)
     return peft_model
+
+
+def _route_peft_methods(peft_model: nn.Module) -> None:
+    """PEFT's model-level LoRA methods look for PEFT's own layer classes and, finding none after
+    :func:`fuse_peft_model`, would silently return the model unmerged (``merge_and_unload``) or still adapted
+    (``unload``). On this model (and its ``base_model``) they run on our layers instead."""
+    from .replace import disable_lora, merge_and_unload, merge_lora, unmerge_lora
+
+    def merged_and_unloaded(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """The base model with every adapter merged into plain ``nn.Linear`` layers (PEFT's names)."""
+        return merge_and_unload(peft_model.get_base_model())
+
+    def unloaded(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """The base model with the adapters removed: plain ``nn.Linear`` layers sharing the base weights."""
+        base = peft_model.get_base_model()
+        for name, layer in list(iter_lora_layers(base)):
+            if layer._merged:
+                layer.unmerge()
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device="meta")
+            linear.weight, linear.bias = layer.weight, layer.bias
+            _set_submodule(base, name, linear)
+        return base
+
+    routes = {"merge_and_unload": merged_and_unloaded, "unload": unloaded,
+              "merge_adapter": lambda self, *a, **k: merge_lora(peft_model),
+              "unmerge_adapter": lambda self, *a, **k: unmerge_lora(peft_model),
+              "disable_adapter": lambda self: disable_lora(peft_model)}
+    for owner in (peft_model, getattr(peft_model, "base_model", None)):
+        if owner is None:
+            continue
+        for name, fn in routes.items():
+            if callable(getattr(owner, name, None)):
+                setattr(owner, name, types.MethodType(fn, owner))
 
 
 def _fused_save_pretrained(self, save_directory: PathLike, safe_serialization: bool = True,

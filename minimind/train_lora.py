@@ -583,7 +583,8 @@ def describe(run: Run) -> str:
         f"  device     {rt.device}" + (f" x {rt.world_size} processes" if rt.world_size > 1 else "")
         + f", dtype {str(rt.autocast_dtype or torch.float32).replace('torch.', '')}",
         f"  data       {cfg.data_path}: {len(run.train_set)} conversations, batch {cfg.batch_size * rt.world_size}"
-        f" x {cfg.accumulation_steps} accumulation, {cfg.epochs} epochs = {run.total_steps} steps"
+        f" x {cfg.accumulation_steps} accumulation, {cfg.epochs} epochs = {run.steps_per_epoch * cfg.epochs} steps"
+        + (f", stopped at --max_steps {run.total_steps}" if run.total_steps < run.steps_per_epoch * cfg.epochs else "")
         + (f" (resuming after step {run.step})" if run.step else ""),
         f"  output     {run.paths.adapter.parent} (adapter), {run.paths.checkpoint} (training state)",
         *[f"  note       {n}" for n in rt.notes],

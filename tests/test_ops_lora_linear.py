@@ -562,3 +562,28 @@ def test_tf32_through_every_torch_api(set_tf32, dtype):
                             tolerance="tf32" if dtype == torch.float32 else dtype)
     _ieee_fp32_matmuls()
     assert ops._input_precision(torch.float32) == "ieee"
+
+
+def test_autotune_skips_only_out_of_resources():
+    """A candidate that does not fit the GPU is skipped silently; any other failure is skipped with a
+    warning naming the candidate, never swallowed."""
+    from triton.runtime.errors import OutOfResources
+
+    default = ops.KernelConfig(128, 128, 64)
+    candidates = ops._configs.autotune_candidates(default)
+    too_big, broken = candidates[0], candidates[1]
+
+    def timer(fn):
+        cfg = fn()
+        if cfg == too_big:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        if cfg == broken:
+            raise ValueError("a real bug")
+        return float(cfg.block_n)  # the narrowest healthy tile wins
+
+    with pytest.warns(RuntimeWarning) as record:
+        chosen = ops._tuned_gemm(("skip-test", object()), default, lambda cfg: cfg, timer)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and str(broken) in messages[0] and "a real bug" in messages[0]
+    healthy = [c for c in candidates if c not in (too_big, broken)]
+    assert chosen in healthy and chosen.block_n == min(c.block_n for c in healthy)

@@ -5,9 +5,10 @@ rank) case also runs the launchers of :mod:`lora_kernels.ops.quantized` (W froze
 
 :func:`sweep` calls the public launchers (``forward``, ``backward``, ``dropout_mask``) under
 :func:`~lora_kernels.ops.standin.stand_in_gpu` (compile-only) over a grid of cases: precision (IEEE fp32,
-TF32, fp16, bf16) x M (decode 1/17/64, prefill 512/2048, training 8192) x (N, K) in {512, 768, 4096} x
-rank (1, 8, 16, 32, 64, 100, 256: every rank-block bucket and both sides of the divisible-by-16
-specialisation) x bias x dropout x trainable W, plus (``full``) every candidate tile of the GEMM autotuner
+TF32, fp16, bf16) x M (decode 1/17/64, prefill 512, training 8192) x N = K in {512, 768, 4096} (``full``:
+every (N, K) pair) x rank (1, 8, 16, 32, 64, 100: every rank-block bucket and both sides of the
+divisible-by-16 specialisation) x bias x dropout x trainable W, plus (``full``) every candidate tile of the
+GEMM autotuner
 (:func:`lora_kernels.ops.configs.autotune_candidates`). Triton keys its compiled kernels by specialisation,
 so the thousands of cases compile a few hundred distinct kernels per arch; each is then read once:
 
@@ -39,9 +40,9 @@ from .standin import GPUS, stand_in_gpu
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-M_SIZES = (1, 17, 64, 512, 2048, 8192)
+M_SIZES = (1, 17, 64, 512, 8192)
 WIDTHS = (512, 768, 4096)
-RANKS = (1, 8, 16, 32, 64, 100, 256)
+RANKS = (1, 8, 16, 32, 64, 100)  # 128 and 256 compile the kernels of 64 (same rank block and specialisation)
 GEMM_ROLES = ("forward", "dX", "dY")  # the sm90 fp16/bf16 kernels that must use wgmma
 
 
@@ -72,13 +73,12 @@ QUANTIZED = ("nf4", "nf4-dq", "int8")  # a frozen quantized base: NF4, NF4 with 
 
 def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: bool = False) -> Iterator[Case]:
     """The sweep's cases. ``quick``: a representative subset (decode and training M, N = K = 768, ranks
-    16 and 100, every flag) for the test suite. ``full``: every (N, K) pair and the autotune candidates."""
+    16 and 96, every flag) for the test suite. ``full``: every (N, K) pair and the autotune candidates."""
     if quick:
-        ms, widths, ranks = (17, 8192), ((768, 768),), (16, 100)
+        ms, widths, ranks = (17, 8192), ((768, 768),), (16, 96)
     else:
         ms, ranks = M_SIZES, RANKS
-        widths = (list(itertools.product(WIDTHS, WIDTHS)) if full
-                  else [(512, 512), (768, 768), (4096, 4096), (4096, 768)])
+        widths = list(itertools.product(WIDTHS, WIDTHS)) if full else [(w, w) for w in WIDTHS]
     for precision, m, (n, k), rank in itertools.product(precisions, ms, widths, ranks):
         for bias, dropout, train_w in itertools.product((False, True), repeat=3):
             yield Case(precision, m, n, k, rank, bias, dropout, train_w)
@@ -231,17 +231,39 @@ def _ptxas_numbers(log: str) -> Tuple[int, int, int]:
 
 
 def _run_ptxas(ptx: str, arch: int) -> str:
-    """``ptxas -v`` with Triton's flags, for a kernel that came from Triton's cache (no log kept)."""
-    from triton import knobs
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    """``ptxas -v`` with Triton's flags, for a kernel that came from Triton's cache (no log kept).
 
+    Triton ships two ptxas (``ptxas`` for sm < 90, ``ptxas-blackwell`` from sm90 on) and writes PTX of the
+    version its compiler targeted; a PTX one of them cannot read is given to the other. When neither reads
+    it, the error says what ptxas printed.
+    """
+    from triton import knobs
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    tools = [get_ptxas(arch).path] + [t.path for t in (knobs.nvidia.ptxas, knobs.nvidia.ptxas_blackwell)]
+    errors = []
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        done = subprocess.run([knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                               f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
-                              capture_output=True, text=True, check=True)
-    return done.stderr + done.stdout
+        for tool in dict.fromkeys(tools):  # in order, without repeats
+            done = subprocess.run([tool, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                   f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                return done.stderr + done.stdout
+            errors.append(f"{Path(tool).name}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    raise RuntimeError(f"ptxas could not read a cached kernel's PTX for sm{arch}: {'; '.join(errors)}")
+
+
+def _sass(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin (Triton's ``asm["sass"]`` lets cuobjdump's warnings reach stderr)."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
 
 
 def _read_binary(report: KernelReport, compiled, log: Optional[str]) -> None:
@@ -249,7 +271,7 @@ def _read_binary(report: KernelReport, compiled, log: Optional[str]) -> None:
     report.shared = int(compiled.metadata.shared)
     report.registers, report.spill_stores, report.spill_loads = _ptxas_numbers(
         log if log and "registers" in log else _run_ptxas(compiled.asm["ptx"], report.arch))
-    sass = compiled.asm["sass"]
+    sass = _sass(compiled.asm["cubin"])
     report.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
     report.ldgsts = len(re.findall(r"\bLDGSTS\b", sass))
     widths = [int(w) for w in re.findall(r"\bLDG\.E\.(?:[A-Z.]*?)(\d+)\b", sass) if w in ("64", "128")]
@@ -326,7 +348,7 @@ def missing_tools() -> Optional[str]:
     """Why the gate cannot run here (no ptxas / cuobjdump next to Triton), or None."""
     from triton import knobs
 
-    for tool in ("ptxas", "cuobjdump"):
+    for tool in ("ptxas", "ptxas_blackwell", "cuobjdump"):
         try:
             path = getattr(knobs.nvidia, tool).path
         except Exception as err:  # noqa: BLE001 - knobs raise when the binary is absent
@@ -341,8 +363,8 @@ def triton_version() -> str:
     return triton.__version__
 
 
-def ptxas_version() -> str:
-    from triton import knobs
-    out = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
+def ptxas_version(arch: int = 90) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+    out = subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, text=True).stdout
     found = re.search(r"release (\S+),", out)
     return found.group(1) if found else "unknown"

@@ -11,10 +11,12 @@ import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 
 
@@ -97,48 +99,103 @@ def _pick_gemm_tile(m: int, n: int, candidates: Sequence[Tuple[KernelConfig, flo
     return min(candidates, key=cost)[0]
 
 
+# Opt-in shared memory per block (bytes) by compute capability: what one program may ask for at launch.
+_SHARED_MEMORY = {(9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448, (8, 0): 166_912, (8, 7): 166_912}
+
+
+def _shared_limit(capability: Tuple[int, int]) -> int:
+    """The opt-in shared memory of this capability; 101,376 B (sm86/sm89/sm12x) for the others >= sm86, and
+    65,536 B (sm75) below: a config that fits there fits every GPU Triton supports."""
+    if capability in _SHARED_MEMORY:
+        return _SHARED_MEMORY[capability]
+    return 101_376 if capability >= (8, 6) else 65_536
+
+
+def _fit(cfg: KernelConfig, tile_elements: int, elem_bytes: int, limit: int) -> KernelConfig:
+    """``cfg`` with as many pipeline stages as fit ``limit`` (at least 2): Triton keeps up to num_stages
+    copies of the operand tiles of a pipelined loop (``tile_elements`` per stage) in shared memory, plus
+    its epilogue scratch, for which a quarter of the limit is kept free."""
+    stages = cfg.num_stages
+    while stages > 2 and stages * tile_elements * elem_bytes > 0.75 * limit:
+        stages -= 1
+    return dataclasses.replace(cfg, num_stages=stages)
+
+
 def _gemm_candidates(capability: Tuple[int, int], dtype: torch.dtype, tf32: bool):
-    """(config, relative tile efficiency) pairs for the big GEMMs on this architecture."""
+    """(config, relative tile efficiency) pairs for the big GEMMs on this architecture, stages fitted to
+    its shared memory. Each was compiled for sm80/86/89/90 by the compile gate (``check --aot``): no spills.
+
+    TF32 tiles hold fp32 operands (twice the bytes of fp16) and fp32 wgmma operands: 128x256 tiles spill
+    on sm90 (532 B with a rank block of 64), 128x128 do not.
+    """
     if dtype == torch.float32 and not tf32:  # IEEE fp32 runs on CUDA cores: smaller K blocks
-        return [(KernelConfig(64, 128, 32, 8, 8, 3), 1.0), (KernelConfig(64, 64, 32, 8, 4, 3), 0.9)]
-    bk = 32 if dtype == torch.float32 else 64
-    if capability[0] >= 9:
-        return [(KernelConfig(128, 256, bk, 8, 8, 3), 1.0), (KernelConfig(128, 128, bk, 8, 8, 4), 0.9),
-                (KernelConfig(64, 128, bk, 8, 4, 4), 0.75)]
-    if capability[0] == 8:  # 8 warps: with 4, the dropout variant of 128x128 spills on sm80
-        return [(KernelConfig(128, 128, 32, 8, 8, 4), 1.0), (KernelConfig(64, 128, 32, 8, 4, 4), 0.85)]
-    return [(KernelConfig(64, 64, 32, 8, 4, 2), 1.0)]
+        candidates = [(KernelConfig(64, 128, 32, 8, 8, 3), 1.0), (KernelConfig(64, 64, 16, 8, 8, 3), 0.9)]
+    elif capability[0] >= 9 and dtype == torch.float32:
+        candidates = [(KernelConfig(128, 128, 32, 8, 8, 4), 1.0), (KernelConfig(64, 128, 32, 8, 4, 4), 0.8)]
+    elif capability[0] >= 9:
+        candidates = [(KernelConfig(128, 256, 64, 8, 8, 3), 1.0), (KernelConfig(128, 128, 64, 8, 8, 4), 0.9),
+                      (KernelConfig(64, 128, 64, 8, 4, 4), 0.75)]
+    elif capability[0] == 8:  # 8 warps: with 4, the dropout variant of 128x128 spills on sm80
+        candidates = [(KernelConfig(128, 128, 32, 8, 8, 4), 1.0), (KernelConfig(64, 128, 32, 8, 4, 4), 0.85)]
+    else:
+        candidates = [(KernelConfig(64, 64, 32, 8, 4, 2), 1.0)]
+    elem, limit = dtype.itemsize, _shared_limit(capability)
+    return [(_fit(c, (c.block_m + c.block_n) * c.block_k, elem, limit), e) for c, e in candidates]
 
 
 @functools.lru_cache(maxsize=1024)
 def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket, block_r, tf32) -> LoRAKernelConfigs:
-    """The config cache: one entry per (device, dtype, shape bucket); no tuning, no compilation."""
+    """The config cache: one entry per (device, dtype, shape bucket); no tuning, no compilation.
+
+    Every choice below was checked by the compile gate (``python -m lora_kernels.check --aot``) on
+    sm80/86/89/90: shared memory within the arch's limit, no register spills.
+    """
     if capability is None:  # interpreter: 32-blocks (tl.dot needs >= 16), nothing split
         small = KernelConfig(32, 32, 32, group_m=4)
         return LoRAKernelConfigs(small, small, small, small, small, small, max_block_r=64, target_programs=1)
-    wide = dtype != torch.float32 or tf32
+    wide = dtype != torch.float32 or tf32  # tensor cores
+    elem, limit = dtype.itemsize, _shared_limit(capability)
     hopper = capability[0] >= 9
+    # fp32 operands (IEEE or TF32) take twice the registers of fp16: rank blocks of 32 (64 spill in TF32)
+    # and on sm8x for 16-bit too (64 spill 20-296 B in the forward GEMM at ranks that are not multiples of 16)
+    max_block_r = 64 if elem == 2 and hopper else 32
     stages = 4 if hopper else 3
     if m_bucket <= 64:  # decode-like: thin row tiles, narrower column tiles for more programs
         bm = max(16, m_bucket)
-        gemm = KernelConfig(bm, 64 if bm == 16 else 128, 128 if wide else 32, 8, 4, stages)
-        forward, grad_input = gemm, gemm
+        # K blocks of 64 bytes x 2 (64 fp16, 32 fp32): 128 fp16 spilled on sm90 with a rank block of 64
+        # IEEE fp32 (CUDA cores, operands in registers) and sm8x: K blocks of 64 bytes (4-20 B spills at 128)
+        k_bytes = 128 if hopper and wide else 64
+        gemm = KernelConfig(bm, 64 if bm == 16 else 128, k_bytes // elem, 8, 4, stages)
+        forward = grad_input = _fit(gemm, (gemm.block_m + gemm.block_n) * gemm.block_k, elem, limit)
     else:
         candidates = _gemm_candidates(capability, dtype, tf32)
         forward = _pick_gemm_tile(m_bucket, n_bucket, candidates, num_sms)
         grad_input = _pick_gemm_tile(m_bucket, k_bucket, candidates, num_sms)
     grad_weight = _pick_gemm_tile(n_bucket, k_bucket, _gemm_candidates(capability, dtype, tf32), num_sms)
     # Memory-bound passes. IEEE fp32 dots run on CUDA cores and keep their operands in registers: smaller
-    # tiles and rank blocks of 32 (larger ones spill, per ptxas on sm80/sm90).
-    down = KernelConfig(64 if triton.cdiv(m_bucket, 64) >= num_sms else 32, 0, 128 if wide else 64,
+    # tiles and rank blocks of 32 (larger ones spill, per ptxas on sm80/sm90). Column blocks of 256 bytes
+    # (128 fp16, 64 fp32) in S and dA, halved with a rank block of 64 (12 B of spills in S on sm90).
+    wide_rank = block_r > 32  # the rank's block before the cap: ranks above 32 loop or split on sm8x
+    block_r = min(block_r, max_block_r)
+    row_bytes = 256 if block_r <= 32 and elem == 2 else 128  # 256 B of fp32 spill 4 B in S (TF32, sm90)
+    # IEEE fp32: 32 rows (64 with a rank block of 32 spill 44 B on sm80)
+    down = KernelConfig(64 if wide and triton.cdiv(m_bucket, 64) >= num_sms else 32, 0, row_bytes // elem,
                         num_warps=4, num_stages=stages)
-    if wide:
-        dy = KernelConfig(min(128, max(16, m_bucket)), 64, 0, num_warps=4 if block_r <= 32 else 8, num_stages=3)
-        da = KernelConfig(64, 0, 128, num_warps=4, num_stages=3)
-    else:
-        dy = KernelConfig(min(64, max(16, m_bucket)), 32, 0, num_warps=4, num_stages=3)
-        da = KernelConfig(32, 0, 64, num_warps=4, num_stages=3)
-    return LoRAKernelConfigs(forward, grad_input, grad_weight, down, dy, da, max_block_r=64 if wide else 32,
+    down = _fit(down, (down.block_m + block_r) * down.block_k, elem, limit)
+    if elem == 2:  # sm8x with a rank block of 64: 64 rows and 4 warps (128 rows and 8 warps spill 40 B with db)
+        rows = 128 if hopper or not wide_rank else 64
+        dy = KernelConfig(min(rows, max(16, m_bucket)), 64, 0,
+                          num_warps=4 if block_r <= 32 or not hopper else 8, num_stages=3)
+        # 128-byte rows (256 spill 20 B on sm90 with r <= 16); 8 warps on sm8x for ranks above 32 (4: 20 B)
+        da = KernelConfig(64, 0, 128 // elem, num_warps=8 if wide_rank and not hopper else 4, num_stages=3)
+    else:  # fp32: 64 x 32 tiles of dY, 8 warps with a rank block of 32 (4 spill 80 B on sm90, TF32 on sm80)
+        # IEEE fp32 (operands in registers): 32 rows (64 spill 8-12 B on sm90 with ds, dB and db)
+        dy = KernelConfig(min(64 if wide else 32, max(16, m_bucket)), 32, 0, num_warps=4 if block_r <= 16 else 8,
+                          num_stages=3)
+        da = KernelConfig(64 if wide else 32, 0, 64, num_warps=4, num_stages=3)
+    dy = _fit(dy, dy.block_m * dy.block_n + dy.block_n * block_r, elem, limit)
+    da = _fit(da, da.block_m * (da.block_k + block_r), elem, limit)
+    return LoRAKernelConfigs(forward, grad_input, grad_weight, down, dy, da, max_block_r=max_block_r,
                              target_programs=4 * num_sms)
 
 
@@ -210,8 +267,11 @@ def _tuned_gemm(key: tuple, default: KernelConfig, launch: Callable[[KernelConfi
     for cfg in autotune_candidates(default):
         try:
             timings.append((timer(lambda: launch(cfg)), dataclasses.astuple(cfg), cfg))
-        except Exception:  # noqa: BLE001 - a candidate may not fit this GPU's shared memory; skip it
+        except OutOfResources:  # too much shared memory (or registers) for this GPU: not a candidate here
             continue
+        except Exception as err:  # noqa: BLE001 - any other failure is a bug to report, not a slow tile
+            warnings.warn(f"lora_kernels autotune: candidate {cfg} for {key} failed and is skipped: "
+                          f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
     best = min(timings)[2] if timings else default
     _TUNED[key] = best
     return best

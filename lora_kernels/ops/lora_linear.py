@@ -46,10 +46,13 @@ Sizes. Any M >= 0 (M = 0 returns without launching), any K and N (edges masked; 
 operands past an edge are wrapped, not masked, and only the store is masked), any rank (the rank is padded
 to a power of two >= 16 inside the kernels and looped in blocks of at most 64), any strides of x, dY and the
 weights (no ``.contiguous()`` copies), fp32/fp16/bf16. Row offsets are int64, so M·K and M·N may pass 2³¹.
-``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so is M
-(``do_not_specialize``), so a new sequence length does not compile a new kernel. The seed is a one-element
-int64 tensor on the device that the kernels read: nothing on the host depends on its value, so a CUDA graph
-that captured a training step replays fresh masks as the seed tensor is redrawn on the device.
+``scaling`` and ``dropout_p`` are run-time arguments (no recompilation per alpha or p); so is M in the
+skinny passes (``do_not_specialize``). The GEMM kernel specialises on M as Triton does on every size (M = 1,
+M a multiple of 16, other: at most three variants, never one per sequence length), because for dW = dYᵀ·x
+its M is out_features along dY's contiguous dimension, and without ``M % 16 == 0`` known the wrapped row
+index ``offs_m % M`` hides that contiguity (scalar 2-byte loads instead of 16-byte cp.async). The seed is a
+one-element int64 tensor on the device that the kernels read: nothing on the host depends on its value, so a
+CUDA graph that captured a training step replays fresh masks as the seed tensor is redrawn on the device.
 
 GPU notes (block sizes and tuning). Block sizes come from :func:`lora_kernels.ops.configs.kernel_configs`, a small cache keyed by
 (device capability, SM count, dtype, TF32 on/off, M bucket = next power of two of M capped at 8192, N and
@@ -57,16 +60,21 @@ K buckets, rank block); a new M only looks up its bucket, it never compiles or t
 
 * Hopper (sm90), fp16/bf16 GEMMs: 128x256x64 tiles, 8 warps, 3 stages, or 128x128x64 / 64x128x64 when
   the tile count gives a badly quantised last wave (a waves x tile-area model picks); GROUP_M = 8.
-* Ampere (sm80/86/89): 128x128x32, 8 warps, 4 stages (48 KB of shared memory, so sm86/89 fit too).
-* fp32: 64x128x32, 8 warps under IEEE (CUDA cores), or the fp16 tiles with K-block 32 under TF32.
-* Small M (decode, M <= 64): BLOCK_M = max(16, next_pow2(M)) and narrower N tiles for more programs.
-* Skinny passes (S, dY, dA) are memory-bound: 64-128 rows x 64-128 columns, 4 warps, 3-4 stages (half
-  that and rank blocks of 32 for IEEE fp32); when a pass has fewer programs than ~4 waves, its reduction
+* Ampere/Ada (sm80/86/89): 128x128x32, 8 warps, 4 stages (64 KB of shared memory, so sm86/89 fit too).
+* fp32: 64x128x32, 8 warps under IEEE (CUDA cores); under TF32 128x128x32 tiles (128x256 spill on sm90).
+* Small M (decode, M <= 64): BLOCK_M = max(16, next_pow2(M)), narrower N tiles for more programs, K blocks
+  of 128 bytes.
+* Skinny passes (S, dY, dA) are memory-bound: 32-128 rows x 128-256 bytes of columns, 4-8 warps, 3-4
+  stages; when a pass has fewer programs than ~4 waves, its reduction
   dimension is split over programs (fp32 partials).
+* Pipeline stages are cut to fit each arch's shared memory (232,448 B sm90, 166,912 B sm80, 101,376 B
+  sm86/89); fp32 (IEEE and TF32) uses rank blocks of 32, fp16/bf16 of 64.
 
-All of these were compiled offline for sm80 and sm90 with Triton 3.9 and checked with ``ptxas -v``: no
-register spills beyond a few bytes, global loads pipelined (cp.async), wgmma on sm90. Their speed has not
-been measured on a GPU yet; the ptxas pass also showed that the dY pass is not software-pipelined on sm80.
+``python -m lora_kernels.check --aot`` compiles every kernel in every configuration the launchers can choose
+for sm80/86/89/90 with the installed Triton, and fails on a compile error, shared memory over the limit,
+a register spill in a default configuration, or an sm90 fp16/bf16 GEMM without wgmma (report in
+benchmarks/results/compile-gate/). Their speed has not been measured on a GPU yet; the dY pass is not
+software-pipelined on sm80 (its dY tile feeds two MMAs and a column sum; loads are 16-byte vectors).
 
 Set ``LORA_KERNELS_AUTOTUNE=1`` to time a few candidate GEMM tiles with ``triton.testing.do_bench`` the first
 time each bucket is seen on a CUDA device and cache the fastest (never under ``TRITON_INTERPRET=1``, never
@@ -240,7 +248,10 @@ def _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr
     starts from. L (M, R), R (R, N); keep(seed, offs_m, offs_n) over the output's (row, col)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
+    # Not software-pipelined (num_stages=1): the rank loop runs once for r <= 64 and a few times above,
+    # so multi-buffering it buys nothing, while num_stages copies of an (BLOCK_M + BLOCK_N) x BLOCK_R
+    # tile overflow shared memory (fp32/TF32, BLOCK_R 64: 294,912 B on sm90 at 3 stages).
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         r_mask = offs_r < R - r0
         lo = tl.load(l_ptr + rows[:, None] * stride_lm + (r0 + offs_r)[None, :] * stride_lr,
                      mask=r_mask[None, :], other=0.0)
@@ -253,7 +264,7 @@ def _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr
     return acc
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def _lora_matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
@@ -348,6 +359,10 @@ def _lora_dy_kernel(
     m_mask = offs_m < M  # rows are masked (not wrapped): they are reduced over for dB and db
     r_mask = offs_r < R
     rows = offs_m.to(tl.int64)
+    # Workspace offsets in int64: a partial-sum buffer holds (M-blocks x N x R) or (splits x M x R) values,
+    # which passes 2³¹ at long sequences and wide layers (8192 M-blocks x 4096 x 64, say).
+    block_m64 = pid_m.to(tl.int64)
+    split64 = pid_s.to(tl.int64)
     if COMPUTE_DBB:
         s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
@@ -367,17 +382,17 @@ def _lora_dy_kernel(
             ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
         if COMPUTE_DBB:
             dbb = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling
-            tl.store(dbb_ptr + pid_m * stride_dbbp + cols[:, None] * stride_dbbn + offs_r[None, :] * stride_dbbr,
+            tl.store(dbb_ptr + block_m64 * stride_dbbp + cols[:, None] * stride_dbbn + offs_r[None, :] * stride_dbbr,
                      dbb.to(dbb_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
         if COMPUTE_DBIAS:
             if pid_r == 0:
                 db = tl.sum(dy.to(tl.float32), axis=0)
-                tl.store(db_ptr + pid_m * stride_dbp + cols * stride_dbn, db.to(db_ptr.dtype.element_ty),
+                tl.store(db_ptr + block_m64 * stride_dbp + cols * stride_dbn, db.to(db_ptr.dtype.element_ty),
                          mask=n_mask)
 
     # --- epilogue
     if COMPUTE_DS:
-        ds_ptrs = ds_ptr + pid_s * stride_dsp + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+        ds_ptrs = ds_ptr + split64 * stride_dsp + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
         tl.store(ds_ptrs, (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
@@ -429,7 +444,7 @@ def _lora_da_kernel(
     # --- epilogue
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    da_ptrs = da_ptr + pid_s * stride_dap + offs_r[:, None] * stride_dar + offs_k[None, :].to(tl.int64) * stride_dak
+    da_ptrs = da_ptr + pid_s.to(tl.int64) * stride_dap + offs_r[:, None] * stride_dar + offs_k[None, :].to(tl.int64) * stride_dak
     tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=r_mask[:, None] & (offs_k[None, :] < K))
 
 

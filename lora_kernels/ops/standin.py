@@ -31,7 +31,10 @@ What is patched while the context is open (and restored on exit):
   launcher that does nothing;
 * ``JITFunction.run``: to force ``warmup=True`` (compile mode) and to record every kernel (both modes);
 * :func:`lora_kernels.ops.configs._device_info`: the (capability, SM count) of the stand-in GPU, so the
-  heuristics choose the tiles a real device of that arch would get.
+  heuristics choose the tiles a real device of that arch would get;
+* the launchers' cached launch plans are cleared on entry and on exit: each plan's first launch goes
+  through ``JITFunction.run`` (recorded here), later ones call the compiled kernel's launcher directly
+  (the stand-in's no-op launcher in both modes).
 
 The launchers need no patch for CPU tensors: they allocate with ``device=x.device`` and enter
 ``torch.cuda.device`` only for CUDA tensors. The tensors' contents are never read or written (nothing
@@ -242,12 +245,14 @@ def stand_in_gpu(arch: int = 90, launch: str = "compile", spec: Optional[GPUSpec
     _driver.set_active(stand_in)
     JITFunction.run = run
     _configs._device_info = device_info
+    _clear_launch_plans()  # every launch of the block goes through JITFunction.run once (and is recorded)
     try:
         yield state
     finally:
         JITFunction.run = original_run
         _configs._device_info = original_device_info
         _driver._active = previous_driver
+        _clear_launch_plans()  # no plan holding a stand-in's kernel survives it
         for fn in touched:  # leave no entry for the private device id in the kernels' caches
             fn.device_caches.pop(stand_in.device, None)
 
@@ -260,6 +265,15 @@ def _knob(scope, name: str, value) -> Iterator[None]:
         yield
     finally:
         setattr(scope, name, previous)
+
+
+def _clear_launch_plans() -> None:
+    """The launchers cache plans that call compiled kernels directly (see ``lora_linear.clear_plans``)."""
+    from . import lora_linear
+
+    clear = getattr(lora_linear, "clear_plans", None)
+    if clear is not None:
+        clear()
 
 
 def _lora_kernel():
