@@ -173,6 +173,8 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
     max_n, max_k = _IEEE_MAX_BLOCK_NK if ieee_fp32 else (_MAX_BLOCK_N, _MAX_BLOCK_K)
     if config.block_m <= 32:
         max_k = min(max_k, _DECODE_MAX_BLOCK_K)
+        if rank > 32:  # rank blocks of 64 beside a 128-wide tile: 4 B spilled on sm90 (bf16 forward, M = 17)
+            max_n = min(max_n, 64)
     block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
     numel = qweight.shape[0] * qweight.shape[1]
     return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
