@@ -7,6 +7,7 @@ TEST_REQUIRES = [
     "hypothesis>=6",
     "peft>=0.10",
     "safetensors>=0.4",
+    "bitsandbytes>=0.49",  # NF4/int8 bit-for-bit tests (its CPU backend); tests skip where it does not run
 ]
 
 setup(
@@ -25,6 +26,7 @@ setup(
         # Triton ships Linux wheels only; elsewhere the fused torch backend is used.
         'triton>=3.0; platform_system == "Linux"',
         "safetensors>=0.4",
+    "bitsandbytes>=0.49",  # NF4/int8 bit-for-bit tests (its CPU backend); tests skip where it does not run
         "tokenizers>=0.15",
         "tqdm>=4.60",
         "matplotlib>=3.5",

@@ -17,6 +17,18 @@ Providers, all with a frozen base (W gets no gradient) and x requiring grad (a l
   backward: one dY pass, one dX GEMM with the LoRA term in its accumulator, one dA pass, one partial-sum
   launch).
 
+Quantized base (QLoRA, ``--quantized``), the same W in NF4 (4 bits + a fp32 absmax per 64) or int8 (+ a fp32
+scale per row):
+
+* ``ours-nf4`` / ``ours-int8``: ``lora_kernels/ops/quantized.py``: the forward and dX GEMMs read the packed
+  W and dequantize each W tile in their main loop. Every M-tile of BLOCK_M = 128 rows dequantizes the whole
+  W again (``DEQUANT_OPS`` instructions per element, an estimate: shift/mask/select for the nibble, two
+  L1 gathers (codebook, absmax), a multiply and a convert for NF4; convert and two multiplies for int8), so
+  at large M that integer work, not the bytes, bounds the GEMM;
+* ``dequant+ours-nf4``: what Unsloth and torchtune do, dequantize W into a 16-bit buffer (a kernel that
+  reads the packed W and writes 16-bit W, before the forward GEMM and again before dX) and run the 16-bit
+  kernels.
+
 GPU figures (dense, no sparsity): H100 SXM 989 TFLOP/s bf16, 3.35 TB/s HBM3, 132 SMs; A100 SXM 312 TFLOP/s
 bf16, 2.04 TB/s, 108 SMs. INT32 throughput: 64 lanes per SM per clock (1.98 GHz H100, 1.41 GHz A100).
 Launch cost: 3 µs of GPU time per kernel (the host side is measured separately by
@@ -34,6 +46,8 @@ from typing import Dict, List, Optional, Sequence
 
 HASH_OPS = 10  # integer instructions per element to regenerate one keep/drop bit (sm90 SASS)
 LAUNCH_US = 3.0
+DEQUANT_OPS = {"nf4": 8, "int8": 3}  # instructions per W element per dequantization (estimate, see above)
+QUANT_BLOCK_M = 128  # rows per M-tile of the quantized GEMMs at training M (each tile dequantizes all of W)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +135,40 @@ def ours(s: Shape, num_sms: int = 132) -> List[Kernel]:
     ]
 
 
+def quantized_weight_bytes(fmt: str, n: int, k: int) -> float:
+    """Bytes of an (n, k) weight in NF4 (codes + fp32 absmax per 64) or int8 (codes + fp32 scale per row)."""
+    if fmt == "nf4":
+        return n * k / 2 + n * k / 64 * 4
+    if fmt == "int8":
+        return n * k + n * 4
+    raise ValueError(f"format must be 'nf4' or 'int8', got {fmt!r}")
+
+
+def ours_quantized(s: Shape, fmt: str) -> List[Kernel]:
+    """``ours`` with the two GEMMs reading the packed W and dequantizing it per M-tile in their main loop."""
+    e, m, k, n = s.element, s.m, s.k, s.n
+    dequant = DEQUANT_OPS[fmt] * n * k * max(1, -(-m // QUANT_BLOCK_M))
+    out = []
+    for kernel in ours(s):
+        if kernel.name.startswith(("y = ", "dX = ")):  # the two GEMMs that read W
+            kernel = Kernel(kernel.name + f" [{fmt} W]", kernel.bytes - n * k * e + quantized_weight_bytes(fmt, n, k),
+                            kernel.flops, kernel.int_ops + dequant)
+        out.append(kernel)
+    return out
+
+
+def dequant_then_ours(s: Shape, fmt: str = "nf4") -> List[Kernel]:
+    """Dequantize W to 16 bits before each GEMM that reads it (forward, dX), then the 16-bit kernels."""
+    e, n, k = s.element, s.n, s.k
+    dequant = Kernel(f"dequantize {fmt} W -> 16-bit", quantized_weight_bytes(fmt, n, k) + n * k * e, 0.0,
+                     DEQUANT_OPS[fmt] * n * k)
+    kernels = ours(s)
+    return [dequant, *kernels[:2], dequant, *kernels[2:]]
+
+
 PROVIDERS = {"frozen": frozen, "eager": eager, "ours": ours}
+QUANTIZED_PROVIDERS = {"ours": ours, "ours-nf4": lambda s: ours_quantized(s, "nf4"),
+                       "ours-int8": lambda s: ours_quantized(s, "int8"), "dequant+ours-nf4": dequant_then_ours}
 
 
 def predict_us(kernels: Sequence[Kernel], gpu: GPU) -> float:
@@ -142,6 +189,20 @@ def table(shapes: Sequence[Shape], gpus: Sequence[GPU]) -> str:
     return "\n".join(lines)
 
 
+def quantized_table(shapes: Sequence[Shape], gpus: Sequence[GPU]) -> str:
+    """A markdown table of predicted µs per training step with a 16-bit, NF4 and int8 base."""
+    names = list(QUANTIZED_PROVIDERS)
+    lines = ["| GPU | M×K→N, r, p | " + " | ".join(f"{name} µs" for name in names) + " | W bytes nf4 / 16-bit |",
+             "| --- | --- | " + " | ".join("---:" for _ in names) + " | ---: |"]
+    for gpu in gpus:
+        for s in shapes:
+            t = [predict_us(QUANTIZED_PROVIDERS[name](s), gpu) for name in names]
+            ratio = quantized_weight_bytes("nf4", s.n, s.k) / (s.n * s.k * s.element)
+            lines.append(f"| {gpu.name} | {s.m}×{s.k}→{s.n}, {s.r}, {s.dropout:g} | "
+                         + " | ".join(f"{v:.1f}" for v in t) + f" | {ratio:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cost_model", description=__doc__.splitlines()[0])
     p.add_argument("--gpu", nargs="+", default=["h100", "a100"], choices=sorted(GPUS))
@@ -155,6 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shapes = [Shape(args.m, w, w, args.rank, args.dropout) for w in args.widths]
     print("Predicted (roofline model, not measured) µs per LoRA-linear training step, bf16, frozen base:")
     print(table(shapes, [GPUS[g] for g in args.gpu]))
+    print()
+    print("Predicted µs per training step with a quantized base (QLoRA), same shapes:")
+    print(quantized_table(shapes, [GPUS[g] for g in args.gpu]))
     return 0
 
 

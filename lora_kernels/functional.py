@@ -59,12 +59,18 @@ def backend_names() -> Tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_module() -> Optional[ModuleType]:
-    """The Triton backend module, or None when Triton or the kernels cannot be imported here."""
+def _triton_module(name: str = "lora_linear") -> Optional[ModuleType]:
+    """The Triton backend module ``lora_kernels.ops.<name>`` (``"quantized"``: the kernels for a quantized
+    base), or None when Triton or the kernels cannot be imported here."""
     try:
-        return importlib.import_module("lora_kernels.ops.lora_linear")
+        return importlib.import_module(f"lora_kernels.ops.{name}")
     except ImportError:
         return None
+
+
+def _quantized(weight) -> bool:
+    """True for a frozen quantized base (:class:`lora_kernels.quant.QuantizedWeight`) instead of a tensor."""
+    return not isinstance(weight, torch.Tensor)
 
 
 def triton_available() -> bool:
@@ -140,8 +146,8 @@ class _KernelsWithFallback:
     own dropout mask from then on, so a forward made by the kernels and a backward made by torch agree.
     """
 
-    def __init__(self, strict: bool):
-        self.strict = strict
+    def __init__(self, strict: bool, module: str = "lora_linear"):
+        self.strict, self.module = strict, module
         self.failed: Set[tuple] = set()
 
     @staticmethod
@@ -166,7 +172,7 @@ class _KernelsWithFallback:
         (m, k), (n, rank) = x.shape, lora_B.shape
         if not (self.failed and self._key(x, m, n, k, rank, dropout_p) in self.failed):
             try:
-                return _triton_module().forward(*args)
+                return _triton_module(self.module).forward(*args)
             except Exception as err:  # noqa: BLE001 - any kernel failure: raise with context, or fall back
                 self._fail(self._key(x, m, n, k, rank, dropout_p), "forward", err)
         return torch_backend.KERNEL_MASK.forward(*args)
@@ -176,7 +182,7 @@ class _KernelsWithFallback:
         (m, n), (rank, k) = grad_y.shape, lora_A.shape
         if not (self.failed and self._key(grad_y, m, n, k, rank, dropout_p) in self.failed):
             try:
-                return _triton_module().backward(*args)
+                return _triton_module(self.module).backward(*args)
             except Exception as err:  # noqa: BLE001
                 self._fail(self._key(grad_y, m, n, k, rank, dropout_p), "backward", err)
         return torch_backend.KERNEL_MASK.backward(*args)
@@ -192,13 +198,19 @@ class _KernelsWithFallback:
 
 _TRITON_STRICT = _KernelsWithFallback(strict=True)
 _TRITON_AUTO = _KernelsWithFallback(strict=False)
+# A quantized base: the kernels that dequantize W tiles in their main loops (lora_kernels.ops.quantized).
+_QUANTIZED_STRICT = _KernelsWithFallback(strict=True, module="quantized")
+_QUANTIZED_AUTO = _KernelsWithFallback(strict=False, module="quantized")
 register_backend("torch", lambda strict: torch_backend.DEFAULT)
 register_backend("triton", lambda strict: _TRITON_STRICT if strict else _TRITON_AUTO)
 
 
-def _impl(backend: str, name: str) -> Any:
+def _impl(backend: str, name: str, quantized: bool = False) -> Any:
     """The backend object (:class:`lora_kernels.backends.LoRABackend`) for a resolved backend ``name``:
-    strict when the user named it, so Triton raises instead of falling back."""
+    strict when the user named it, so Triton raises instead of falling back. A quantized base on Triton
+    runs the quantized kernels; the torch backend takes either kind of W."""
+    if quantized and name == "triton":
+        return _QUANTIZED_STRICT if backend == name else _QUANTIZED_AUTO
     return get_backend(name, strict=backend == name)
 
 
@@ -277,10 +289,12 @@ class _LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, impl):
         y, s = impl.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         need_x, need_w, _, need_a, need_bb = ctx.needs_input_grad[:5]
-        # Save only what the requested gradients read: x for dA/dW, W for dX, S for dB.
+        # Save only what the requested gradients read: x for dA/dW, W for dX, S for dB. A quantized base is
+        # not a tensor: the context keeps the view (its tensors are the module's buffers, never copied).
+        ctx.qweight = weight if _quantized(weight) and need_x else None
         ctx.save_for_backward(
             x2d if (need_w or need_a) else None,
-            weight if need_x else None,
+            weight if need_x and ctx.qweight is None else None,
             lora_A,
             lora_B,
             s if need_bb else None,
@@ -293,6 +307,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     @_first_order_only
     def backward(ctx, grad_y):
         x2d, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+        weight = ctx.qweight if ctx.qweight is not None else weight
         args = (grad_y, x2d, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, ctx.needs_input_grad[:5])
         if _autocast_enabled(grad_y.device.type):  # backward called inside autocast: compute in saved dtypes
             with torch.autocast(grad_y.device.type, enabled=False):
@@ -420,7 +435,10 @@ def lora_linear(
 
     Args:
         x: input of shape (..., in_features), any number of leading dimensions, any strides.
-        weight: base weight (out_features, in_features), in x's dtype (as for ``F.linear``).
+        weight: base weight (out_features, in_features), in x's dtype (as for ``F.linear``), or a frozen
+            quantized base (:class:`lora_kernels.quant.QuantizedWeight`, NF4 or int8), dequantized in x's
+            dtype inside the kernels (Triton: W tiles in the GEMMs' main loops; torch: a chunk of rows at a
+            time). With a quantized base, ``torch.compile`` runs the op through the autograd Function.
         bias: base bias (out_features,) or None.
         lora_A: (rank, in_features). lora_B: (out_features, rank). Cast to x's dtype when they differ
             (for example fp32 adapters on a bf16 model); their gradients come back in their own dtype.
@@ -444,20 +462,22 @@ def lora_linear(
         # Mirror autocast's rule for linear layers: compute in the autocast dtype, then run the op with
         # autocast off so that no inner op re-casts (the in-place addmm_ would see mixed dtypes).
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        x, lora_A, lora_B = (t.to(dtype) for t in (x, lora_A, lora_B))
+        weight = weight if _quantized(weight) else weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
 
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    quantized = _quantized(weight)
+    if (not quantized and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(
-            f"weight and bias must have x's dtype {x.dtype}, got weight {weight.dtype}"
+            f"weight and bias must have x's dtype {x.dtype}, got weight {weight.format if quantized else weight.dtype}"
             + (f", bias {bias.dtype}" if bias is not None else "")
         )
     if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     p = float(dropout_p) if training else 0.0
-    if backend in ("auto", "triton", "torch") and torch.compiler.is_compiling():
+    if backend in ("auto", "triton", "torch") and torch.compiler.is_compiling() and not quantized:
         return _lora_linear_custom_op(x, weight, bias, lora_A, lora_B, float(scaling), p, backend)
     name = resolve_backend(backend, x)
     seed = draw_seed_tensor(x.device) if p > 0 else None
@@ -466,8 +486,9 @@ def lora_linear(
         mask = None
         if p > 0:
             mask = torch_backend.dropout_mask(seed, x.shape, p, x.device)
-        return lora_linear_reference(x, weight, bias, lora_A, lora_B, float(scaling), mask,
+        dense = weight.dequantize(x.dtype) if quantized else weight
+        return lora_linear_reference(x, dense, bias, lora_A, lora_B, float(scaling), mask,
                                      torch_backend.DEFAULT.realised_p(p, x.device))
     y = _LoRALinearFunction.apply(_rows(x), weight, bias, lora_A, lora_B, float(scaling), p, seed,
-                                  _impl(backend, name))
+                                  _impl(backend, name, quantized))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])

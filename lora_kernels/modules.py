@@ -24,6 +24,17 @@ and ``scaling`` are the default adapter's. :meth:`set_adapter` chooses the activ
 terms add up; switching allocates nothing and moves no weights. One active adapter runs one fused
 :func:`lora_kernels.lora_linear` call; with several, the first runs fused and the others' terms are added
 in eager PyTorch (correct, not yet fused).
+
+Quantized base (QLoRA): ``quantize="nf4"`` or ``"int8"`` (constructor, :meth:`FusedLoRALinear.from_linear`,
+:meth:`FusedLoRALinear.quantize_base`) replaces the ``weight`` parameter by buffers holding the packed codes
+and scales of :mod:`lora_kernels.quant` (``weight_data``, ``weight_absmax``, ``weight_code`` and, with double
+quantization, ``weight_absmax2``, ``weight_code2``, ``weight_offset``). They follow ``state_dict``, ``.to()``
+(a device move; a dtype cast leaves the fp32 scales in fp32) and ``deepcopy``; ``weight`` is then None. The
+codes ``weight_data`` (uint8/int8, the bulk of the bytes) are a frozen ``nn.Parameter`` rather than a
+buffer, so that ``torch.distributed.fsdp.fully_shard`` shards them like a 16-bit weight (and all-gathers
+them for the kernels); the scales and codebooks are small buffers, replicated. The base is frozen; the
+kernels dequantize it in the input's dtype. ``merge()`` is refused on such a layer (W
+cannot hold the adapter exactly in 4 bits); :meth:`FusedLoRALinear.to_linear` dequantizes and merges.
 """
 from __future__ import annotations
 
@@ -35,8 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import quant
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
-from .functional import backend_names, lora_linear
+from .functional import _rows, backend_names, lora_linear
 
 
 def _check_backend(backend) -> None:
@@ -74,13 +86,15 @@ class FusedLoRALinear(nn.Module):
         use_rslora: scale by alpha / √rank instead of alpha / rank.
         init: ``"minimind"`` or ``"kaiming"`` initialisation of ``lora_A`` (``lora_B`` starts at zero).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :func:`lora_kernels.lora_linear`).
+        quantize: None, or ``"nf4"`` / ``"int8"``: a frozen quantized base (see the module docstring).
+        double_quant: with ``"nf4"``, quantize the blockwise absmax too (bitsandbytes' compress_statistics).
         freeze_base: ``weight`` and ``bias`` start with ``requires_grad=False`` (as in loralib and PEFT), so
             only ``lora_A``/``lora_B`` train and backward skips the dW GEMM; pass False to train the base too.
         config: a :class:`LoRAConfig` instead of rank/alpha/dropout/use_rslora/init (not both).
         adapter_name: the name of the layer's first adapter (``"default"``: ``lora_A`` / ``lora_B``).
 
     Raises:
-        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init or backend.
+        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init, backend or quantize.
 
     Warns:
         UserWarning: when rank >= in·out / (in + out), the adapter has at least as many parameters as
@@ -100,6 +114,8 @@ class FusedLoRALinear(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        quantize: Optional[str] = None,
+        double_quant: bool = False,
         freeze_base: bool = True,
         config: Optional[LoRAConfig] = None,
         adapter_name: str = DEFAULT_ADAPTER,
@@ -111,6 +127,8 @@ class FusedLoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self._setup_lora(in_features, out_features, config, backend, factory, adapter_name)
         self._reset_base_parameters()
+        if quantize is not None:
+            self.quantize_base(quantize, double_quant)
         if freeze_base:
             self.freeze_base()
 
@@ -129,8 +147,11 @@ class FusedLoRALinear(nn.Module):
         allow_custom_forward: bool = False,
         config: Optional[LoRAConfig] = None,
         adapter_name: str = DEFAULT_ADAPTER,
+        quantize: Optional[str] = None,
+        double_quant: bool = False,
     ) -> "FusedLoRALinear":
-        """Wraps an existing ``nn.Linear``, sharing its weight and bias (no copy).
+        """Wraps an existing ``nn.Linear``, sharing its weight and bias (no copy; with ``quantize`` the
+        new layer holds a quantized copy of the weight instead, and the linear is left unchanged).
 
         Args:
             linear: the layer to adapt.
@@ -160,13 +181,17 @@ class FusedLoRALinear(nn.Module):
         factory = {"device": linear.weight.device, "dtype": lora_dtype or linear.weight.dtype}
         layer._setup_lora(linear.in_features, linear.out_features, config, backend, factory, adapter_name)
         layer.train(linear.training)
+        if quantize is not None:
+            layer.quantize_base(quantize, double_quant)
         if freeze_base:
             layer.freeze_base()
         return layer
 
     def freeze_base(self) -> None:
-        """Sets ``requires_grad=False`` on ``weight`` and ``bias``: only the adapter trains."""
-        self.weight.requires_grad_(False)
+        """Sets ``requires_grad=False`` on ``weight`` and ``bias``: only the adapter trains (a quantized
+        base is frozen anyway)."""
+        if self.weight is not None:
+            self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
@@ -188,6 +213,7 @@ class FusedLoRALinear(nn.Module):
         self._state_dict_names = {}
         self.lora_enabled = True  # False: run the base layer alone (see lora_kernels.disable_lora)
         self.register_buffer("_weight_before_merge", None, persistent=False)
+        self.quantize, self.base_dtype = None, None  # set by quantize_base
         self.add_adapter(adapter_name, config, dtype=factory["dtype"], _stacklevel=4)
 
     # -----------------------------------------------------------------------------------------------
@@ -226,8 +252,9 @@ class FusedLoRALinear(nn.Module):
             raise RuntimeError(f"cannot add adapter {name!r} to a merged layer; unmerge it first")
         self._warn_large_rank(config.rank, _stacklevel + 1)
         if dtype is None:
-            dtype = next((a.dtype for a, _ in map(self.lora_params, self.lora_configs)), self.weight.dtype)
-        factory = {"device": self.weight.device, "dtype": dtype}
+            dtype = next((a.dtype for a, _ in map(self.lora_params, self.lora_configs)),
+                         self.weight.dtype if self.weight is not None else self.base_dtype)
+        factory = {"device": self._base_device, "dtype": dtype}
         lora_A = nn.Parameter(torch.empty((config.rank, self.in_features), **factory))
         lora_B = nn.Parameter(torch.empty((self.out_features, config.rank), **factory))
         if name == DEFAULT_ADAPTER:
@@ -326,6 +353,67 @@ class FusedLoRALinear(nn.Module):
     init = property(lambda self: self._default_config().init, lambda self, value: self._set_default(init=value),
                     doc="The default adapter's initialisation.")
 
+    # ------------------------------------------------------------------------------------ quantized base
+    @torch.no_grad()
+    def quantize_base(self, format: str, double_quant: bool = False) -> None:
+        """Replaces the ``weight`` parameter by a frozen quantized copy (``"nf4"`` or ``"int8"``), in place.
+
+        Raises:
+            ValueError: an unknown format, double quantization with int8, or a layer already quantized.
+            RuntimeError: the layer is merged.
+        """
+        if self.quantize is not None:
+            raise ValueError(f"the base is already quantized ({self.quantize!r})")
+        if self._merged:
+            raise RuntimeError("cannot quantize a merged layer; call unmerge() first")
+        self.use_quantized(quant.quantize(self.weight, format, double_quant), self.weight.dtype)
+
+    def use_quantized(self, qweight: "quant.QuantizedWeight", base_dtype: torch.dtype) -> None:
+        """Makes ``qweight`` (already quantized: bitsandbytes' data, say) the layer's frozen base;
+        ``base_dtype`` is the dtype :meth:`to_linear` gives back."""
+        if tuple(qweight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a quantized weight of shape {tuple(qweight.shape)} does not fit a "
+                             f"{self.in_features}->{self.out_features} layer (expected "
+                             f"{(self.out_features, self.in_features)})")
+        del self.weight
+        self.register_parameter("weight", None)
+        for name, t in qweight.tensors().items():
+            if name == "data":  # the codes: a frozen parameter, so that FSDP2 shards them like any weight
+                self.weight_data = nn.Parameter(t, requires_grad=False)
+            else:
+                self.register_buffer("weight_" + name, t)
+        self.quantize, self.base_dtype, self.quant_blocksize = qweight.format, base_dtype, qweight.blocksize
+
+    @property
+    def _base_device(self) -> torch.device:
+        """Where the base lives (its weight, or its quantized codes)."""
+        return self.weight.device if self.weight is not None else self.weight_data.device
+
+    @property
+    def qweight(self) -> Optional["quant.QuantizedWeight"]:
+        """The quantized base as a :class:`lora_kernels.quant.QuantizedWeight` over this layer's buffers
+        (None for a dense base)."""
+        if self.quantize is None:
+            return None
+        tensors = {name[len("weight_"):]: t for name, t in self._buffers.items()
+                   if name.startswith("weight_") and t is not None}
+        tensors["data"] = self.weight_data
+        return quant.QuantizedWeight.from_tensors(self.quantize, (self.out_features, self.in_features), tensors,
+                                                  self.quant_blocksize)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must move a quantized base's fp32 scales and codebooks, never cast them.
+        if self.quantize is None:
+            return super()._apply(fn, recurse)
+        kept = {name: self._buffers.pop(name) for name in list(self._buffers) if name.startswith("weight_")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in kept.items():
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
+
     def _reset_base_parameters(self) -> None:
         # The same initialisation as nn.Linear.reset_parameters.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -361,12 +449,15 @@ class FusedLoRALinear(nn.Module):
                           "is folded into the weight; call unmerge() (lora_kernels.unmerge_lora(model)) first",
                           stacklevel=2)
         running = self._running
+        weight = self.weight if self.quantize is None else self.qweight
         if self._merged or not self.lora_enabled or not running:
-            return F.linear(x, self.weight, self.bias)
+            if self.quantize is None:
+                return F.linear(x, weight, self.bias)
+            return weight.linear(_rows(x), self.bias).view(*x.shape[:-1], self.out_features)
         first = running[0]
         lora_A, lora_B = (self.lora_A, self.lora_B) if first == DEFAULT_ADAPTER else self.lora_params(first)
         config = self.lora_configs[first]
-        y = lora_linear(x, self.weight, self.bias, lora_A, lora_B, config.scaling,
+        y = lora_linear(x, weight, self.bias, lora_A, lora_B, config.scaling,
                         dropout_p=config.dropout, training=self.training, backend=self.backend)
         for name in running[1:]:  # further active adapters: their terms added in eager PyTorch (not fused yet)
             y = y + self._lora_term(x, name)
@@ -384,7 +475,7 @@ class FusedLoRALinear(nn.Module):
         """``Σ scaling · B·A`` (out_features, in_features) over ``adapter_names`` (default: the active
         adapters this layer has), computed in fp32, returned in fp32."""
         names = self._running if adapter_names is None else adapter_names
-        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=self.weight.device)
+        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=self._base_device)
         for name in names:
             lora_A, lora_B = self.lora_params(name)
             delta.addmm_(lora_B.detach().float(), lora_A.detach().float(), alpha=self.lora_configs[name].scaling)
@@ -402,6 +493,10 @@ class FusedLoRALinear(nn.Module):
         """
         if self._merged:
             return
+        if self.quantize is not None:
+            raise RuntimeError(f"cannot merge into a {self.quantize} base in place (W would have to hold the "
+                               "adapter in its quantized format); to_linear() / merge_and_unload(model) "
+                               "dequantize, merge and return 16-bit linears")
         if keep_original:
             self._weight_before_merge = self.weight.detach().clone()
         else:
@@ -412,7 +507,7 @@ class FusedLoRALinear(nn.Module):
 
     def _merged_delta(self) -> torch.Tensor:
         """The delta that merge() added to the weight (fp32)."""
-        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=self.weight.device)
+        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=self._base_device)
         for a, b, scaling in self._merged_adapter:
             delta.addmm_(b.float(), a.float(), alpha=scaling)
         return delta
@@ -473,11 +568,17 @@ class FusedLoRALinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new plain ``nn.Linear`` holding the merged weight (this layer is left unchanged)."""
+        if self.quantize is not None:  # dequantized in fp32, merged in fp32, rounded once to the base's dtype
+            qweight = self.qweight
+            device, dtype, requires_grad = qweight.device, self.base_dtype, False
+            base = qweight.dequantize(torch.float32)
+        else:
+            device, dtype, requires_grad = self.weight.device, self.weight.dtype, self.weight.requires_grad
+            base = self.weight.float()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        merged = self.weight.float() if self._merged else self.weight.float() + self.delta_weight()
-        linear.weight.copy_(merged)
-        linear.weight.requires_grad_(self.weight.requires_grad)
+                           device=device, dtype=dtype)
+        linear.weight.copy_(base if self._merged else base + self.delta_weight().to(device))
+        linear.weight.requires_grad_(requires_grad)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
             linear.bias.requires_grad_(self.bias.requires_grad)
@@ -492,4 +593,5 @@ class FusedLoRALinear(nn.Module):
             head += "adapters={" + ", ".join(f"{name!r}: rank {c.rank} alpha {c.lora_alpha:g} dropout {c.dropout:g}"
                                              for name, c in self.lora_configs.items()) + "}, "
             head += f"active={list(self._running)}, "
-        return head + f"backend={self.backend!r}" + (", merged=True" if self._merged else "")
+        return (head + f"backend={self.backend!r}" + (", merged=True" if self._merged else "")
+                + (f", quantize={self.quantize!r}" if self.quantize is not None else ""))

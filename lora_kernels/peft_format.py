@@ -39,6 +39,7 @@ from .config import (DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_alpha_v
 from .config import pattern_value as _pattern_value
 from .io import (apply_lora_tensors, atomic_write, check_tensors, is_finite_number, read_json_object,
                  read_tensor_file)
+from . import quant
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, mark_only_lora_as_trainable
 
@@ -393,17 +394,23 @@ def _fusable(module: nn.Module, path: str, lora_linear_cls) -> Tuple[Optional[st
     """The adapter name of a PEFT LoRA layer that :func:`fuse_peft_model` can convert, and the problems
     that prevent it (then the name is None)."""
     kind = type(module).__name__
-    if type(module) is not lora_linear_cls:  # subclasses are quantized (bnb, GPTQ, ...) or other layers
-        return None, [f"{path}: a PEFT {kind} layer (only LoRA on nn.Linear is supported)"]
+    bnb_wrapper = type(module).__module__.endswith("lora.bnb") and kind in ("Linear4bit", "Linear8bitLt")
+    if type(module) is not lora_linear_cls and not bnb_wrapper:  # GPTQ, AWQ, ..., or other layers
+        return None, [f"{path}: a PEFT {kind} layer (LoRA on nn.Linear and on bitsandbytes' Linear4bit "
+                      "(NF4) / Linear8bitLt is supported)"]
     adapters = sorted(module.lora_A.keys())
     if len(adapters) != 1:
         return None, [f"{path}: adapters {adapters} (one adapter per layer is supported)"]
     (adapter,) = adapters
     problems = []
     base = module.get_base_layer()
+    try:
+        bnb = quant.from_bitsandbytes(base)
+    except ValueError as err:
+        return None, [f"{path}: {err}"]
     if not isinstance(base, nn.Linear):
         problems.append(f"{path}: the base layer is a {type(base).__name__}, not nn.Linear")
-    elif type(base).forward is not nn.Linear.forward:
+    elif type(base).forward is not nn.Linear.forward and bnb is None:
         problems.append(f"{path}: the base layer is a {type(base).__name__}, an nn.Linear subclass with its own "
                         "forward, which a FusedLoRALinear would drop")
     for flag, label in ((module.use_dora.get(adapter), "DoRA"), (getattr(module, "fan_in_fan_out", False), "fan_in_fan_out"),
@@ -427,6 +434,12 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     PEFT's ``merge_and_unload`` and ``disable_adapter`` do not see the converted layers: use
     :func:`lora_kernels.merge_lora` / :func:`lora_kernels.merge_and_unload` and
     :func:`lora_kernels.disable_lora`.
+
+    A base layer quantized by bitsandbytes (``Linear4bit`` with NF4, ``Linear8bitLt``: QLoRA as PEFT and
+    transformers' ``load_in_4bit`` / ``load_in_8bit`` build it) becomes a quantized :class:`FusedLoRALinear`
+    over the same packed codes and scales (:func:`lora_kernels.quant.from_bitsandbytes`: no requantization);
+    its state-dict keys are then the layer's ``weight_data``, ``weight_absmax``, ... (the adapter's keep
+    PEFT's names).
 
     Args:
         peft_model: a ``PeftModel`` (or any module holding PEFT ``lora.Linear`` layers).
@@ -469,7 +482,12 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
         stub = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer = FusedLoRALinear.from_linear(stub, rank=rank, alpha=alpha, use_rslora=use_rslora, backend=backend,
                                             dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
-        layer.weight, layer.bias = linear.weight, linear.bias
+        bnb = quant.from_bitsandbytes(linear)
+        if bnb is None:
+            layer.weight = linear.weight
+        else:  # bitsandbytes' packed codes and scales become the layer's buffers, as they are
+            layer.use_quantized(*bnb)
+        layer.bias = linear.bias
         layer.lora_A, layer.lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         # PEFT's parameter names in the state dict: the model's state_dict() is what it was before the
         # conversion, so PEFT's own save_pretrained (and Trainer checkpoints) still save the adapter.

@@ -9,6 +9,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import quant
 from .config import DEFAULT_ADAPTER, LoRAConfig
 from .modules import FusedLoRALinear, _make_config
 
@@ -152,7 +153,8 @@ def replace_linear_with_fused_lora(
         exclude_modules: modules to leave alone, given as a list of names or a regex, as above.
         freeze_base: set ``requires_grad=False`` on every parameter of the model except the LoRA ones.
         **kwargs: further :meth:`FusedLoRALinear.from_linear` arguments (``use_rslora``, ``init``,
-            ``lora_dtype``, ``allow_custom_forward``).
+            ``lora_dtype``, ``allow_custom_forward``, ``quantize="nf4"|"int8"``, ``double_quant``: a frozen
+            quantized base, each layer quantized as it is built).
 
     Returns:
         ``model``, modified in place.
@@ -223,12 +225,28 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, quantize: Optional[str] = None, double_quant: bool = False) -> nn.Module:
     """Replaces every :class:`FusedLoRALinear` by a plain ``nn.Linear`` with the adapter merged into its
     weight (:meth:`FusedLoRALinear.to_linear`), in place; returns model, whose state_dict then has the
-    base's keys only."""
+    base's keys only.
+
+    A quantized base is dequantized, the adapter added in fp32, and the sum rounded once to the base's
+    16-bit dtype. With ``quantize="nf4"`` / ``"int8"`` the merged weight is quantized again instead, into a
+    :class:`FusedLoRALinear` with that base and a fresh adapter (B = 0: it computes the base alone, and a
+    further QLoRA round can start from it). That rounding is new: each merged weight moves to the nearest
+    NF4 value of its block (at most half the widest code gap, 0.152 × the block's absmax) or int8 step
+    (at most absmax / 254 of its row), so the re-quantized model is not the merged model exactly.
+    """
     for name, layer in list(iter_lora_layers(model)):
-        _set_submodule(model, name, layer.to_linear())
+        merged = layer.to_linear()
+        if quantize is not None:
+            merged = FusedLoRALinear.from_linear(merged, rank=layer.rank, alpha=layer.alpha, dropout=layer.dropout,
+                                                 use_rslora=layer.use_rslora, init=layer.init, backend=layer.backend,
+                                                 lora_dtype=layer.lora_A.dtype, quantize=quantize,
+                                                 double_quant=double_quant)
+            merged.lora_A.requires_grad_(layer.lora_A.requires_grad)
+            merged.lora_B.requires_grad_(layer.lora_B.requires_grad)
+        _set_submodule(model, name, merged)
     return model
 
 
@@ -274,11 +292,17 @@ def lora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> Dic
 
 @dataclass(frozen=True)
 class LoRASummary:
-    """Parameter counts of a model with adapters."""
+    """Parameter counts of a model with adapters, and the bytes of its base weights.
+
+    ``total`` counts a quantized base weight by its elements (out·in), as the dense layer it stands for;
+    ``weight_bytes`` is what the base weights take (:func:`lora_kernels.quant.weight_bytes`: parameters and
+    buffers other than the adapters, quantized codes and scales at their real size).
+    """
 
     trainable: int
     total: int
     lora_layers: int
+    weight_bytes: int = 0
 
     @property
     def percent(self) -> float:
@@ -287,14 +311,19 @@ class LoRASummary:
 
     def __str__(self) -> str:
         return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                f"trainable: {self.percent:.4f}% || LoRA layers: {self.lora_layers}")
+                f"trainable: {self.percent:.4f}% || LoRA layers: {self.lora_layers} || "
+                f"base weight bytes: {self.weight_bytes:,}")
 
 
 def lora_summary(model: nn.Module) -> LoRASummary:
-    """Counts trainable and total parameters (a shared parameter once) and LoRA layers."""
+    """Counts trainable and total parameters (a shared parameter once), LoRA layers and base weight bytes."""
     params = list(model.parameters())  # parameters() yields a tied parameter once
+    layers = [layer for _, layer in iter_lora_layers(model)]
     return LoRASummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
-        lora_layers=sum(1 for _ in iter_lora_layers(model)),
+        # integer parameters are quantized codes: counted as the weights they stand for
+        total=sum(p.numel() for p in params if p.is_floating_point())
+        + sum(layer.in_features * layer.out_features for layer in layers if layer.quantize is not None),
+        lora_layers=len(layers),
+        weight_bytes=quant.weight_bytes(model),
     )

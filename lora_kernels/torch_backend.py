@@ -29,6 +29,8 @@ mask generators, one per place the backend runs:
 The backend contract (``forward``, ``backward``, ``dropout_mask``) is the ``Protocol`` class
 :class:`lora_kernels.backends.LoRABackend`; this backend is registered there as ``"torch"``.
 :func:`effective_dropout_p` gives the drop probability the CPU mask realises (1/(1-p) uses it).
+Here ``weight`` is a tensor, or a frozen quantized base (:class:`lora_kernels.quant.QuantizedWeight`, no dW)
+that the backend dequantizes in x's dtype a chunk of rows at a time.
 """
 from __future__ import annotations
 
@@ -110,6 +112,21 @@ def _realised_p(dropout_p: float, device: torch.device) -> float:
     return effective_dropout_p(dropout_p) if torch.device(device).type == "cpu" else dropout_p
 
 
+def _base_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x·Wᵀ (+ b). ``weight`` is a tensor, or a frozen quantized base (:class:`lora_kernels.quant.QuantizedWeight`)
+    that dequantizes a chunk of its rows at a time, never the whole 16-bit W of a large layer."""
+    if isinstance(weight, torch.Tensor):
+        return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return weight.linear(x, bias)
+
+
+def _base_grad_input(grad_y: torch.Tensor, weight, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dY·W, added into ``out`` when given (a tensor W, or a quantized one as in :func:`_base_linear`)."""
+    if isinstance(weight, torch.Tensor):
+        return torch.mm(grad_y, weight) if out is None else out.addmm_(grad_y, weight)
+    return weight.grad_input(grad_y, out)
+
+
 @dataclass(frozen=True)
 class TorchBackend:
     """The fused torch backend with one mask generator (``drop_mask(seed, shape, p, device)``, True drops)
@@ -132,7 +149,7 @@ class TorchBackend:
             s.mul_(1.0 / (1.0 - self.realised_p(dropout_p, x.device)))
         else:
             s = torch.mm(x, lora_A.t())
-        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        y = _base_linear(x, weight, bias)
         y.addmm_(s, lora_B.t(), alpha=scaling)
         return y, s
 
@@ -153,10 +170,10 @@ class TorchBackend:
                 ds.mul_(1.0 / (1.0 - self.realised_p(dropout_p, grad_y.device)))  # x̃'s 1/(1-p), on (M, r)
             if need_x:
                 if drop is None:
-                    dx = torch.mm(grad_y, weight).addmm_(ds, lora_A)
+                    dx = _base_grad_input(grad_y, weight).addmm_(ds, lora_A)
                 else:
                     # (m ⊙ dS·A) first, then the base GEMM accumulates into it: no separate add pass.
-                    dx = torch.mm(ds, lora_A).masked_fill_(drop, 0).addmm_(grad_y, weight)
+                    dx = _base_grad_input(grad_y, weight, torch.mm(ds, lora_A).masked_fill_(drop, 0))
             if need_a:
                 da = torch.mm(ds.t(), x if drop is None else torch.where(drop, 0, x))
         if need_w:

@@ -51,7 +51,26 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="earlier exchanges kept in the context")
     p.add_argument("--seed", type=number(0, integer=True), default=None)
     p.add_argument("--threads", type=number(1, integer=True), default=None, help="torch CPU threads")
+    p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                   help="run every linear but the output head on a frozen NF4 or int8 base (as trained with "
+                   "train_lora --quantize); the adapter, if any, stays in 16 bits")
     return p.parse_args(argv)
+
+
+def quantize_base(model, fmt: str) -> None:
+    """Quantizes the base of every linear except the output head, in place: adapted layers keep their
+    adapter; the others become adapter-less :class:`FusedLoRALinear` layers (``lora_enabled`` False)."""
+    from lora_kernels import FusedLoRALinear, find_target_linears, replace_linear_with_fused_lora
+
+    plain = set(find_target_linears(model, "all-linear"))
+    if plain:
+        replace_linear_with_fused_lora(model, rank=1, target_modules=sorted(plain), quantize=fmt)
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLoRALinear):
+            if name in plain:
+                module.lora_enabled = False  # no adapter here: the quantized base alone
+            elif module.quantize is None:
+                module.quantize_base(fmt)
 
 
 def parse_loras(values: Sequence[str]) -> List[Tuple[str, Path, str]]:
@@ -157,6 +176,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     for name, path, value in loras:
         with reading(f"--lora {value!r}"):
             load_adapter(model, path, adapter_name=name)
+    if args.quantize is not None:
+        quantize_base(model, args.quantize)
     model.eval()
     if model.config.vocab_size < tokenizer.vocab_size:
         raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}: "

@@ -79,7 +79,8 @@ def model_layers(model) -> List[Tuple[str, torch.Tensor, int, float, Optional[to
     """``[(name, ΔW, rank, scaling, W)]`` of a model's :class:`FusedLoRALinear` layers, in module order."""
     from lora_kernels import iter_lora_layers
 
-    return [(name, layer.delta_weight(), layer.rank, layer.scaling, layer.weight.detach())
+    return [(name, layer.delta_weight(), layer.rank, layer.scaling,
+             layer.weight.detach() if layer.quantize is None else layer.qweight.dequantize())  # W in fp32
             for name, layer in iter_lora_layers(model)]
 
 

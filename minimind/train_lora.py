@@ -91,6 +91,7 @@ class TrainConfig:
     num_hidden_layers: Optional[int] = None
     use_moe: Optional[bool] = None
     fused: bool = False
+    quantize: Optional[str] = None     # "nf4" / "int8": a frozen quantized base (QLoRA), with --fused
     rank: int = 16
     alpha: Optional[float] = None
     lora_dropout: float = 0.0
@@ -122,7 +123,7 @@ class TrainConfig:
 
 
 # Settings that must not change when resuming (the run would otherwise silently become another run).
-RESUME_KEYS = ("base", "data_path", "rank", "alpha", "lora_dropout", "targets", "batch_size", "accumulation_steps",
+RESUME_KEYS = ("base", "data_path", "quantize", "rank", "alpha", "lora_dropout", "targets", "batch_size", "accumulation_steps",
                "epochs", "learning_rate", "lr_schedule", "warmup_iters", "loraplus_lr_ratio", "weight_decay",
                "max_seq_len", "seed", "max_steps")
 
@@ -164,6 +165,9 @@ def build_parser() -> ArgumentParser:
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--fused", action="store_true", help="lora_kernels' fused LoRA (Triton on CUDA, fused torch on "
                     "CPU); without it, MiniMind's unfused LoRA semantics")
+    lo.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                    help="QLoRA: the adapted linears' frozen base in NF4 (4-bit, blockwise absmax) or int8 (per-row "
+                    "absmax), dequantized inside the fused kernels; needs --fused")
     lo.add_argument("--rank", type=count, default=16)
     lo.add_argument("--alpha", type=positive, default=None, help="default: = rank (scaling 1, MiniMind's LoRA)")
     lo.add_argument("--lora_dropout", type=number(0, 1, high_open=True), default=0.0)
@@ -215,6 +219,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         raise CLIError(f"give --base or --from_weight, not both (--base {ns.base!r}, --from_weight {ns.from_weight!r})")
     if ns.resume is not None and ns.from_resume:
         raise CLIError("give --resume or --from_resume 1, not both")
+    if ns.quantize is not None and not ns.fused:
+        raise CLIError(f"--quantize {ns.quantize} needs --fused (the eager path is MiniMind's LoRA on a 16-bit base)")
     cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
     # MiniMind's layout with --save_dir, or with --from_weight alone (MiniMind's save_dir defaults to ../out).
     minimind_layout = ns.save_dir is not None or (ns.from_weight is not None and ns.out_dir is None)
@@ -368,15 +374,16 @@ def add_lora(model, cfg: TrainConfig, rt: Runtime) -> str:
     torch.manual_seed(cfg.seed)  # the same A on every process and in fused and eager runs
     try:
         replace_linear_with_fused_lora(model, config=lora_config(cfg), target_modules=targets,
-                                       backend="auto" if cfg.fused else "eager")
+                                       backend="auto" if cfg.fused else "eager", quantize=cfg.quantize)
     except (ValueError, TypeError) as err:
         raise CLIError(f"--targets {cfg.targets!r}: {err}")
     if not cfg.fused:
         return "eager (MiniMind's unfused LoRA; add --fused for lora_kernels)"
+    base = f", {cfg.quantize} base" if cfg.quantize else ""
     if rt.device.type == "cuda" and triton_available():
-        return "fused: Triton kernels"
+        return "fused: Triton kernels" + base
     return ("fused: torch backend (Triton kernels need a CUDA GPU; none is used here)"
-            if rt.device.type != "cuda" else "fused: torch backend (Triton is not importable)")
+            if rt.device.type != "cuda" else "fused: torch backend (Triton is not importable)") + base
 
 
 def load_sft(path: str, tokenizer, max_seq_len: int, flag: str):

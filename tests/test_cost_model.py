@@ -29,3 +29,26 @@ def test_ours_moves_fewer_bytes_than_eager_and_more_than_the_floor(width):
     e = s.element
     bound = (2 * s.m * s.k + s.m * s.n) * e + 8 * s.m * s.r * e + 4 * s.n * s.r * 4 * (s.m // 128 + 1) + 4 * s.k * s.r * e
     assert moved["ours"] - moved["frozen"] <= bound
+
+
+@pytest.mark.parametrize("fmt,w_bytes", [("nf4", 4 * 128 / 2 + 4 * 128 / 64 * 4), ("int8", 4 * 128 + 4 * 4)])
+def test_quantized_gemms_read_the_packed_weight(fmt, w_bytes):
+    from benchmarks.cost_model import DEQUANT_OPS, ours_quantized, quantized_weight_bytes
+
+    s = Shape(m=300, k=128, n=4, r=2, dropout=0.0, element=2)
+    assert quantized_weight_bytes(fmt, 4, 128) == w_bytes
+    dense, quant = ours(s), ours_quantized(s, fmt)
+    changed = [(a, b) for a, b in zip(dense, quant) if a != b]
+    assert len(changed) == 2, "exactly the forward and dX GEMMs read W"
+    for a, b in changed:
+        assert b.bytes == a.bytes - 4 * 128 * 2 + w_bytes
+        assert b.int_ops == a.int_ops + DEQUANT_OPS[fmt] * 4 * 128 * 3  # 3 M-tiles of 128 rows
+        assert b.flops == a.flops
+
+
+def test_dequantize_then_gemm_costs_two_more_kernels():
+    from benchmarks.cost_model import dequant_then_ours
+
+    s = Shape(8192, 4096, 4096, 16, 0.1)
+    assert len(dequant_then_ours(s)) == len(ours(s)) + 2
+    assert sum(k.bytes for k in dequant_then_ours(s)) > sum(k.bytes for k in ours(s))

@@ -1,5 +1,7 @@
 """The compile gate: every kernel x every configuration the launchers can choose, compiled for real GPU
 targets on a machine without a GPU, and what the compiler produced checked against the hardware's limits.
+With a quantized base (``Case.quantize``: NF4, NF4 with double quantization, int8) each (precision, M, N, K,
+rank) case also runs the launchers of :mod:`lora_kernels.ops.quantized` (W frozen, bias on, dropout or not).
 
 :func:`sweep` calls the public launchers (``forward``, ``backward``, ``dropout_mask``) under
 :func:`~lora_kernels.ops.standin.stand_in_gpu` (compile-only) over a grid of cases: precision (IEEE fp32,
@@ -57,11 +59,16 @@ class Case:
     dropout: bool
     train_w: bool
     autotune: Optional[int] = None  # index into autotune_candidates(default tile) of each GEMM
+    quantize: Optional[str] = None  # one of QUANTIZED: the kernels of lora_kernels.ops.quantized
 
     def __str__(self) -> str:
         text = (f"{self.precision} M={self.m} N={self.n} K={self.k} r={self.rank}"
                 f"{' bias' if self.bias else ''}{' dropout' if self.dropout else ''}{' dW' if self.train_w else ''}")
+        text += f" {self.quantize}" if self.quantize else ""
         return text + (f" autotune#{self.autotune}" if self.autotune is not None else "")
+
+
+QUANTIZED = ("nf4", "nf4-dq", "int8")  # a frozen quantized base: NF4, NF4 with double quantization, int8
 
 
 def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: bool = False) -> Iterator[Case]:
@@ -75,6 +82,10 @@ def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: boo
     for precision, m, (n, k), rank in itertools.product(precisions, ms, widths, ranks):
         for bias, dropout, train_w in itertools.product((False, True), repeat=3):
             yield Case(precision, m, n, k, rank, bias, dropout, train_w)
+        # W frozen; bias is an epilogue. The quick subset (CI) keeps NF4 and int8 at its first rank.
+        if not quick or rank == ranks[0]:
+            for quantize, dropout in itertools.product(QUANTIZED[::2] if quick else QUANTIZED, (False, True)):
+                yield Case(precision, m, n, k, rank, True, dropout, False, quantize=quantize)
     if full:  # every candidate tile of the GEMM autotuner, where the launchers would tune (BLOCK_M >= 64)
         for precision, (n, k), rank in itertools.product(precisions, widths, (16, 100)):
             for bias, dropout in itertools.product((False, True), repeat=2):
@@ -102,6 +113,13 @@ class _Tensors:
         key = (shape, dtype)
         if key not in self._cache:
             self._cache[key] = torch.empty(shape, dtype=dtype)
+        return self._cache[key]
+
+    def quantized(self, n: int, k: int, fmt: str, build):
+        """A quantized (n, k) weight in format ``fmt`` (built once by ``build()``)."""
+        key = (n, k, fmt)
+        if key not in self._cache:
+            self._cache[key] = build()
         return self._cache[key]
 
 
@@ -139,6 +157,13 @@ def _run_case(case: Case, tensors: _Tensors, launched: list) -> int:
     lora_a = tensors(case.rank, case.k, dtype=dtype)
     lora_b = tensors(case.n, case.rank, dtype=dtype)
     p = 0.1 if case.dropout else 0.0
+    if case.quantize is not None:
+        from . import quantized
+        from ..quant import quantize
+
+        w = tensors.quantized(case.n, case.k, case.quantize, lambda: quantize(
+            torch.zeros(case.n, case.k), case.quantize.split("-")[0], double_quant=case.quantize.endswith("-dq")))
+        ops = quantized
     with _fp32_precision(case.precision), _override_for(case, dtype):
         y, s = ops.forward(x, w, b, lora_a, lora_b, 2.0, p, 1234)
         forward_launches = len(launched)
@@ -151,6 +176,8 @@ _ROLES = {"_lora_down_kernel": "down", "_lora_dy_kernel": "dY", "_lora_da_kernel
 
 
 def _role(name: str, constexprs: dict, in_forward: bool) -> str:
+    if name == "_qlora_matmul_kernel":  # the quantized GEMMs: W_T in the forward, W in dX
+        return "forward" if constexprs.get("W_T") else "dX"
     if name == "_lora_matmul_kernel":
         return "forward" if in_forward else ("dX" if constexprs.get("HAS_LORA") else "dW")
     return _ROLES.get(name, name)
@@ -182,6 +209,8 @@ class KernelReport:
     def config(self) -> str:
         c = self.constexprs
         parts = [f"{k}={c[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in c]
+        if "FORMAT" in c:  # a quantized GEMM (lora_kernels.ops.quantized)
+            parts.append(("nf4" + ("-dq" if c.get("DOUBLE_QUANT") else "")) if c["FORMAT"] == 0 else "int8")
         flags = [k.split("_", 1)[1].lower() for k in ("HAS_BIAS", "HAS_LORA", "HAS_DROPOUT", "COMPUTE_DS",
                                                       "COMPUTE_DBB", "COMPUTE_DBIAS") if c.get(k)]
         parts.append(f"w{c.get('num_warps')}s{c.get('num_stages')}")

@@ -228,6 +228,43 @@ def _lora_down_kernel(
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program over cdiv(M, BLOCK_M) x cdiv(N, BLOCK_N) output tiles, ordered in groups
+    of GROUP_M rows of tiles so that programs running together share operand tiles in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % num_pid_in_group) % group_size_m, (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
+def _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr, stride_rr, stride_rn, lora_scale,
+               seed_ptr, dropout_p, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """lora_scale · [keep ⊙] L[rows]·R[:, cols] as a (BLOCK_M, BLOCK_N) fp32 tile: the accumulator a LoRA GEMM
+    starts from. L (M, R), R (R, N); keep(seed, offs_m, offs_n) over the output's (row, col)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    # Not software-pipelined (num_stages=1): the rank loop runs once for r <= 64 and a few times above,
+    # so multi-buffering it buys nothing, while num_stages copies of an (BLOCK_M + BLOCK_N) x BLOCK_R
+    # tile overflow shared memory (fp32/TF32, BLOCK_R 64: 294,912 B on sm90 at 3 stages).
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        r_mask = offs_r < R - r0
+        lo = tl.load(l_ptr + rows[:, None] * stride_lm + (r0 + offs_r)[None, :] * stride_lr,
+                     mask=r_mask[None, :], other=0.0)
+        ro = tl.load(r_ptr + (r0 + offs_r)[:, None] * stride_rr + cols[None, :] * stride_rn,
+                     mask=r_mask[:, None], other=0.0)
+        acc = tl.dot(lo, ro, acc, input_precision=INPUT_PRECISION)
+    acc = acc * lora_scale
+    if HAS_DROPOUT:
+        acc = tl.where(_keep_mask(tl.load(seed_ptr), offs_m, offs_n, dropout_p), acc, 0.0)
+    return acc
+
+
+@triton.jit
 def _lora_matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
@@ -252,14 +289,7 @@ def _lora_matmul_kernel(
     of tiles for L2 reuse.
     """
     # --- tile coordinates, grouped ordering
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -269,22 +299,11 @@ def _lora_matmul_kernel(
     cols = (offs_n % N).to(tl.int64)
 
     # --- LoRA term: the accumulator starts at lora_scale · [keep ⊙] L·R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        # Not software-pipelined (num_stages=1): the rank loop runs once for r <= 64 and a few times above,
-        # so multi-buffering it buys nothing, while num_stages copies of an (BLOCK_M + BLOCK_N) x BLOCK_R
-        # tile overflow shared memory (fp32/TF32, BLOCK_R 64: 294,912 B on sm90 at 3 stages).
-        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-            r_mask = offs_r < R - r0
-            lo = tl.load(l_ptr + rows[:, None] * stride_lm + (r0 + offs_r)[None, :] * stride_lr,
-                         mask=r_mask[None, :], other=0.0)
-            ro = tl.load(r_ptr + (r0 + offs_r)[:, None] * stride_rr + cols[None, :] * stride_rn,
-                         mask=r_mask[:, None], other=0.0)
-            acc = tl.dot(lo, ro, acc, input_precision=INPUT_PRECISION)
-        acc = acc * lora_scale
-        if HAS_DROPOUT:
-            acc = tl.where(_keep_mask(tl.load(seed_ptr), offs_m, offs_n, dropout_p), acc, 0.0)
+        acc = _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                         lora_scale, seed_ptr, dropout_p, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, INPUT_PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # --- main loop over K
     ks = offs_k.to(tl.int64)  # for dW the K dimension is the tokens, whose stride times K can pass 2³¹
@@ -625,17 +644,22 @@ class _ForwardPlan:
             self.down_ints = (m, k, rank, *x.stride(), *lora_A.stride(), rank, 1)
         self.matmul = None
         if n > 0:
-            # a = x (M, K), b = Wᵀ (K, N), c = y (M, N) contiguous, bias (N,), L = S (M, r), R = Bᵀ (r, N)
-            self.matmul_ints = (m, n, k, rank, x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), n, 1,
-                                bias.stride(0) if bias is not None else 0, rank, 1,
-                                lora_B.stride(1), lora_B.stride(0))
-            tune = None
-            if _autotune_enabled(x.device):
-                tune = (("forward", x.device, x.dtype, _bucket(m), n, k),
-                        lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.max_block_r))
-            self.matmul = _matmul_launch(m, n, k, rank, has_bias=bias is not None, has_lora=True,
-                                         has_dropout=False, config=cfgs.forward, max_block_r=cfgs.max_block_r,
-                                         precision=precision, tune=tune)
+            self._plan_base(x, weight, bias, lora_B, cfgs, precision)
+
+    def _plan_base(self, x, weight, bias, lora_B, cfgs, precision) -> None:
+        """Plans the GEMM y = s·S·Bᵀ + x·Wᵀ + b (a subclass plans another kind of W: ops.quantized)."""
+        m, n, k, rank = self.m, self.n, self.k, self.rank
+        # a = x (M, K), b = Wᵀ (K, N), c = y (M, N) contiguous, bias (N,), L = S (M, r), R = Bᵀ (r, N)
+        self.matmul_ints = (m, n, k, rank, x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), n, 1,
+                            bias.stride(0) if bias is not None else 0, rank, 1,
+                            lora_B.stride(1), lora_B.stride(0))
+        tune = None
+        if _autotune_enabled(x.device):
+            tune = (("forward", x.device, x.dtype, _bucket(m), n, k),
+                    lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.max_block_r))
+        self.matmul = _matmul_launch(m, n, k, rank, has_bias=bias is not None, has_lora=True,
+                                     has_dropout=False, config=cfgs.forward, max_block_r=cfgs.max_block_r,
+                                     precision=precision, tune=tune)
 
     def _launch_with(self, cfg, x, weight, bias, lora_B, max_block_r) -> None:
         """One forward GEMM with tile ``cfg`` on scratch outputs (autotuning times this)."""
@@ -655,9 +679,13 @@ class _ForwardPlan:
         else:
             s.zero_()
         if self.matmul is not None:
-            self.matmul(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
-                        float(scaling), y, 0.0)
+            self._run_base(x, weight, bias, lora_B, y, s, scaling)
         return y, s
+
+    def _run_base(self, x, weight, bias, lora_B, y, s, scaling) -> None:
+        """Launches the planned GEMM y = s·S·Bᵀ + x·Wᵀ + b."""
+        self.matmul(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, float(scaling), y,
+                    0.0)
 
 
 def forward(
@@ -733,14 +761,7 @@ class _BackwardPlan:
         # --- dX = keep ⊙ (dS·A)/(1-p) + dY·W
         self.dx = None
         if need_x and k > 0:
-            tune = None
-            if _autotune_enabled(device):
-                tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
-            self.dx = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
-                                     config=cfgs.grad_input, max_block_r=cfgs.max_block_r, precision=precision,
-                                     tune=tune)
-            self.dx_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-                            k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
+            self._plan_grad_input(grad_y, weight, lora_A, cfgs, precision, has_dropout)
 
         # --- dA = dSᵀ·(keep ⊙ x)/(1-p), rows split over programs
         self.da = None
@@ -777,6 +798,18 @@ class _BackwardPlan:
                                      tune=tune)
             self.dw_ints = (n, k, m, 0, grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1), k, 1, 0,
                             0, 0, 0, 0)
+
+    def _plan_grad_input(self, grad_y, weight, lora_A, cfgs, precision, has_dropout) -> None:
+        """Plans the dX GEMM keep ⊙ (dS·A)/(1-p) + dY·W (a subclass plans another kind of W: ops.quantized)."""
+        m, n, k, rank, device, dtype = self.m, self.n, self.k, self.rank, grad_y.device, lora_A.dtype
+        tune = None
+        if _autotune_enabled(device):
+            tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
+        self.dx = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
+                                 config=cfgs.grad_input, max_block_r=cfgs.max_block_r, precision=precision,
+                                 tune=tune)
+        self.dx_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+                        k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
 
     @staticmethod
     def _scratch_gemm(grad_y, other, k, dw=False):
@@ -818,8 +851,7 @@ class _BackwardPlan:
         if need_x:
             dx = torch.empty((m, k), device=device, dtype=dtype)
             if self.dx is not None:
-                self.dx(grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
-                        seed if dropout_p > 0 else dx, float(dropout_p))
+                self._run_grad_input(grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep)
 
         if need_a:
             da = torch.empty((rank, k), device=device, dtype=dtype)
@@ -836,6 +868,11 @@ class _BackwardPlan:
             else:
                 dw.zero_()
         return dx, dw, db, da, dbb
+
+    def _run_grad_input(self, grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
+        """Launches the planned dX GEMM."""
+        self.dx(grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
+                seed if dropout_p > 0 else dx, float(dropout_p))
 
     @staticmethod
     def _workspace(count: int, shape: Tuple[int, ...], out: torch.Tensor, tail: list) -> torch.Tensor:

@@ -1,0 +1,287 @@
+"""Triton kernels for a frozen quantized base (QLoRA): the ``"triton"`` backend when W is NF4 or int8.
+
+    y  = x·Wᵀ + b + s·(x̃·Aᵀ)·Bᵀ            W = dequant(codes, scales)  (N, K), never materialised
+    dX = dY·W + keep ⊙ (dS·A)/(1-p)
+
+Formats are those of :mod:`lora_kernels.quant` (bitsandbytes' layouts):
+
+* NF4: element f = n·K + k of the row-major W is nibble ``f & 1`` (0: high) of byte ``f >> 1``; its value is
+  ``code[nibble] · absmax[f // QBLOCK]``, and with double quantization
+  ``absmax[b] = code2[qabsmax[b]] · absmax2[b // 256] + offset``;
+* int8: ``W[n, k] = (q[n, k] · scale[n]) · (1/127)``.
+
+The passes are those of :mod:`lora_kernels.ops.lora_linear` with the two GEMMs that read W replaced:
+
+    forward    _lora_down_kernel        S = (keep ⊙ x)·Aᵀ/(1-p)                    (shared)
+               _qlora_matmul_kernel     y = s·S·Bᵀ + x·dequant(W)ᵀ + b          W tiles dequantized in the loop
+    backward   _lora_dy_kernel, [sums]  dS, dB, db                                (shared)
+               _qlora_matmul_kernel     dX = keep ⊙ (dS·A)/(1-p) + dY·dequant(W)
+               _lora_da_kernel, [sums]  dA                                        (shared)
+
+Inside the main loop over the reduction, each program loads the packed bytes of its W tile (a quarter of
+the 16-bit bytes for NF4, half for int8), unpacks the 4-bit codes, looks them up in the 16-entry codebook
+(an L1-resident gather), multiplies by the block's absmax in fp32 and rounds the tile once to x's dtype, the
+operand ``tl.dot`` takes; the LoRA term, dropout mask (``_keep_mask``), bias and the fp32 accumulator are
+exactly those of the 16-bit kernels. The dequantized tile equals ``QuantizedWeight.dequantize(x.dtype)`` bit
+for bit for NF4 without double quantization and int8; with double quantization the absmax may differ by an
+ulp where the compiler fuses its multiply-add (an FMA).
+
+Sizes and layouts: any M, N, K (blocks of 64 may span rows of W when K % 64 != 0: the index arithmetic is
+per element, so no alignment is assumed), any strides of x and dY; the packed data is contiguous as
+:mod:`lora_kernels.quant` and bitsandbytes store it. GPU tiles come from ``kernel_configs`` with BLOCK_N
+capped at 128: a dequantized tile lives in registers next to the accumulator.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import ABSMAX_BLOCKSIZE, INT8_SCALE
+from . import lora_linear as _base
+from .lora_linear import (
+    KernelConfig,
+    _cached,
+    _call_key,
+    _check,
+    _device_guard,
+    _grouped_tile,
+    _input_precision,
+    _Launch,
+    _lora_term,
+    _rank_block,
+    _seed_tensor,
+    dropout_mask,  # noqa: F401 - the backend contract: the mask is the 16-bit kernels' own
+)
+
+Grads = Tuple[Optional[torch.Tensor], ...]
+FORMAT_IDS = {"nf4": 0, "int8": 1}
+# Caps on the 16-bit kernels' tiles (see the module docstring: a dequantized tile lives in registers, and
+# the pipeliner multi-buffers the gathered bytes and scales of every stage).
+_MAX_BLOCK_N = 128
+_MAX_BLOCK_K = 64
+_MAX_STAGES = 2
+# Tiles of at least this many outputs take 8 warps: with 4, the accumulator and the dequantized tile
+# together spill on sm80 (64x128 tiles: 255 registers and 68-228 B of spills in ptxas -v).
+_WIDE_TILE = 64 * 128
+# Decode tiles (BLOCK_M <= 32) take K blocks of 32: at 64 the 4-warp dX GEMM with double quantization
+# spills 196 B on sm90 (and 8 warps spill in the forward).
+_DECODE_MAX_BLOCK_K = 32
+# IEEE fp32 runs tl.dot on CUDA cores, whose operands sit in registers: smaller N and K blocks.
+_IEEE_MAX_BLOCK_NK = (64, 16)
+
+
+@triton.jit
+def _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, w_rows, w_cols, W_K, mask,
+             FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+             INV127: tl.constexpr):
+    """W[w_rows, w_cols] in fp32 (the broadcast shape of the int64 index tensors); 0 where ``mask`` is False.
+
+    W is (·, W_K) row-major. NF4 (FORMAT 0): code[nibble of f] · absmax[f // QBLOCK], f = row·W_K + col,
+    the even element in the high nibble (QBLOCK2 absmax per second-level scale under double quantization);
+    int8 (FORMAT 1): (q · scale[row]) · INV127.
+    """
+    if FORMAT == 0:
+        f = w_rows * W_K + w_cols
+        byte = tl.load(q_ptr + (f >> 1), mask=mask, other=0)
+        nibble = tl.where((f & 1) == 0, byte >> 4, byte & 15)
+        value = tl.load(code_ptr + nibble)
+        block = f // QBLOCK
+        if DOUBLE_QUANT:
+            qabs = tl.load(absmax_ptr + block, mask=mask, other=0)
+            scale = tl.load(code2_ptr + qabs) * tl.load(absmax2_ptr + block // QBLOCK2, mask=mask, other=0.0) + offset
+        else:
+            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        w = value * scale
+    else:
+        q = tl.load(q_ptr + w_rows * W_K + w_cols, mask=mask, other=0)
+        w = q.to(tl.float32) * tl.load(absmax_ptr + w_rows) * INV127
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _qlora_matmul_kernel(
+    # pointers: A operand, the quantized W (codes, absmax, codebook, absmax2, codebook2, offset), C, bias, L, R
+    a_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
+    # sizes: C (M, N), reduction K, rank R, W's row length W_K (its in_features)
+    M, N, K, R, W_K,
+    # strides
+    stride_am, stride_ak, stride_cm, stride_cn, stride_bias, stride_lm, stride_lr, stride_rr, stride_rn,
+    # run-time scalars
+    lora_scale, seed_ptr, dropout_p,
+    # meta-parameters
+    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+    INV127: tl.constexpr, IDX64: tl.constexpr, W_T: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """C (M, N) = lora_scale · [keep ⊙] (L·R) + A·B [+ bias], B (K, N) the dequantized W, in one fp32 accumulator.
+
+    ``W_T``: B = Wᵀ with W (N, K) (forward: y = s·S·Bᵀ + x·Wᵀ + b; L = S (M, r), R = lora_Bᵀ (r, N)); else
+    B = W with W (K, N) (dX = keep ⊙ (dS·A)/(1-p) + dY·W; L = dS (M, r), R = lora_A (r, N), keep over C's
+    (row, col)). Grid: cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N), grouped by GROUP_M rows of tiles.
+    """
+    # --- tile coordinates (grouped), and the LoRA term the accumulator starts from: as _lora_matmul_kernel
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)  # wrapped: in-bounds loads; the store drops them
+    cols = (offs_n % N).to(tl.int64)
+    acc = _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                     lora_scale, seed_ptr, dropout_p, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, INPUT_PRECISION)
+
+    # --- main loop over K: A tile loaded as usual, the W tile dequantized from its packed bytes
+    offset = 0.0
+    if DOUBLE_QUANT:
+        offset = tl.load(offset_ptr)
+    ks = offs_k.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    step_a = tl.full([], BLOCK_K, tl.int64) * stride_ak
+    # W's element indices in int32 unless W has 2³¹ elements or more: int64 index tiles cost registers
+    w_cols = cols if IDX64 else offs_n % N
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        kk = (k0 + ks) if IDX64 else (k0 + offs_k)
+        if W_T:  # B[k, n] = W[n, k]
+            w = _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, w_cols[None, :], kk[:, None],
+                         W_K, k_mask[:, None], FORMAT, DOUBLE_QUANT, QBLOCK, QBLOCK2, INV127)
+        else:  # B[k, n] = W[k, n]
+            w = _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, kk[:, None], w_cols[None, :],
+                         W_K, k_mask[:, None], FORMAT, DOUBLE_QUANT, QBLOCK, QBLOCK2, INV127)
+        acc = tl.dot(a, w.to(a_ptr.dtype.element_ty), acc, input_precision=INPUT_PRECISION)
+        a_ptrs += step_a
+
+    # --- epilogue
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, has_bias: bool, has_dropout: bool,
+                    config: KernelConfig, max_block_r: int, dtype: torch.dtype) -> _Launch:
+    """The launch of ``_qlora_matmul_kernel`` for C (m, n) over a reduction of k."""
+    precision = _input_precision(dtype)
+    ieee_fp32 = dtype == torch.float32 and precision == "ieee"
+    max_n, max_k = _IEEE_MAX_BLOCK_NK if ieee_fp32 else (_MAX_BLOCK_N, _MAX_BLOCK_K)
+    if config.block_m <= 32:
+        max_k = min(max_k, _DECODE_MAX_BLOCK_K)
+        if rank > 32:  # rank blocks of 64 beside a 128-wide tile: 4 B spilled on sm90 (bf16 forward, M = 17)
+            max_n = min(max_n, 64)
+    block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
+    numel = qweight.shape[0] * qweight.shape[1]
+    return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
+        FORMAT=FORMAT_IDS[qweight.format], DOUBLE_QUANT=qweight.double_quant, QBLOCK=qweight.blocksize,
+        QBLOCK2=ABSMAX_BLOCKSIZE, INV127=INT8_SCALE, IDX64=numel + max(block_n, block_k) >= 2**31, W_T=w_t,
+        HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
+        BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
+        num_warps=max(config.num_warps, 8) if config.block_m * block_n >= _WIDE_TILE else config.num_warps,
+        num_stages=min(config.num_stages, _MAX_STAGES)))
+
+
+def _qtensors(qweight) -> tuple:
+    """The seven W pointers of ``_qlora_matmul_kernel`` (unused ones: the codes, never read)."""
+    d = qweight.data
+    return (d, qweight.absmax, qweight.code if qweight.code is not None else d,
+            qweight.absmax2 if qweight.double_quant else d, qweight.code2 if qweight.double_quant else d,
+            qweight.offset if qweight.double_quant else d)
+
+
+class _ForwardPlan(_base._ForwardPlan):
+    """The 16-bit forward plan with the base GEMM on the quantized W."""
+
+    def _plan_base(self, x, qweight, bias, lora_B, cfgs, precision) -> None:
+        m, n, k, rank = self.m, self.n, self.k, self.rank
+        self.matmul = _qmatmul_launch(m, n, k, rank, qweight, w_t=True, has_bias=bias is not None, has_dropout=False,
+                                      config=cfgs.forward, max_block_r=cfgs.max_block_r, dtype=x.dtype)
+        # x (M, K), y (M, N) contiguous, bias (N,), L = S (M, r) contiguous, R = lora_Bᵀ (r, N)
+        self.matmul_ints = (m, n, k, rank, k, *x.stride(), n, 1, bias.stride(0) if bias is not None else 0, rank, 1,
+                            lora_B.stride(1), lora_B.stride(0))
+
+    def _run_base(self, x, qweight, bias, lora_B, y, s, scaling) -> None:
+        self.matmul(x, *_qtensors(qweight), y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
+                    float(scaling), y, 0.0)
+
+
+class _BackwardPlan(_base._BackwardPlan):
+    """The 16-bit backward plan (W frozen: no dW) with the dX GEMM on the quantized W."""
+
+    def _plan_grad_input(self, grad_y, qweight, lora_A, cfgs, precision, has_dropout) -> None:
+        m, n, k, rank = self.m, self.n, self.k, self.rank
+        self.dx = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
+                                  config=cfgs.grad_input, max_block_r=cfgs.max_block_r, dtype=lora_A.dtype)
+        # dY (M, N), dX (M, K) contiguous, L = dS (M, r) contiguous, R = A (r, K)
+        self.dx_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
+
+    def _run_grad_input(self, grad_y, qweight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
+        self.dx(grad_y, *_qtensors(qweight), dx, dx, ds, lora_A, *self.dx_ints,
+                inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else dx, float(dropout_p))
+
+
+def _qkey(qweight) -> tuple:
+    """What a quantized W contributes to a plan key: its format, shape and flags (the data is contiguous)."""
+    return (qweight.format, tuple(qweight.shape), qweight.double_quant, qweight.blocksize)
+
+
+def forward(x: torch.Tensor, qweight, bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+            scaling: float, dropout_p: float, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on a quantized base: ``(y (M, N), S (M, r))`` as :func:`lora_kernels.ops.lora_linear.forward`,
+    with ``qweight`` a :class:`lora_kernels.quant.QuantizedWeight` on x's device."""
+    _check(x, None, lora_A, lora_B)
+    _check_quantized(qweight, x)
+    n = qweight.shape[0]
+    if x.shape[0] == 0:
+        return (torch.empty((0, n), device=x.device, dtype=x.dtype),
+                torch.empty((0, lora_A.shape[0]), device=x.device, dtype=x.dtype))
+    has_dropout = dropout_p > 0
+    key = _call_key("qforward", x.device, x.dtype, (x, bias, lora_A, lora_B), (has_dropout, _qkey(qweight)))
+    plan = _cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, qweight, bias, lora_A, lora_B, has_dropout))
+    with _device_guard(x):
+        return plan(x, qweight, bias, lora_A, lora_B, scaling, dropout_p,
+                    _seed_tensor(seed, x.device) if has_dropout else None)
+
+
+def backward(grad_y: torch.Tensor, x: Optional[torch.Tensor], qweight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+             s: Optional[torch.Tensor], scaling: float, dropout_p: float, seed, needs_grad: Sequence[bool]) -> Grads:
+    """Fused backward on a quantized base: ``(dx, None, dbias, dA, dB)`` as
+    :func:`lora_kernels.ops.lora_linear.backward` (the quantized base is frozen: never a dW)."""
+    needs = tuple(bool(v) for v in needs_grad)
+    if needs[1]:
+        raise ValueError("a quantized base is frozen: needs_grad[1] (dW) must be False")
+    dtype = lora_A.dtype
+    if grad_y.dtype != dtype:
+        grad_y = grad_y.to(dtype)
+    if needs[0]:
+        _check_quantized(qweight, grad_y)
+    if grad_y.shape[0] == 0:
+        return _base.backward(grad_y, x, None, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
+    has_dropout = dropout_p > 0
+    key = _call_key("qbackward", grad_y.device, dtype, (grad_y, x, lora_A, lora_B, s),
+                    (has_dropout, needs, _qkey(qweight) if needs[0] else None))
+    plan = _cached(_BACKWARD_PLANS, key,
+                   lambda: _BackwardPlan(grad_y, x, qweight, lora_A, lora_B, s, needs, has_dropout))
+    with _device_guard(grad_y):
+        return plan(grad_y, x, qweight, lora_A, lora_B, s, scaling, dropout_p,
+                    _seed_tensor(seed, grad_y.device) if has_dropout else None)
+
+
+def _check_quantized(qweight, t: torch.Tensor) -> None:
+    if getattr(qweight, "format", None) not in FORMAT_IDS:
+        raise TypeError(f"weight must be a lora_kernels.quant.QuantizedWeight (nf4 or int8), got "
+                        f"{type(qweight).__name__}")
+    if qweight.device != t.device:
+        raise ValueError(f"the quantized weight is on {qweight.device} but the input is on {t.device}")
+    if not qweight.data.is_contiguous():
+        raise ValueError("the quantized weight's packed data must be contiguous (as lora_kernels.quant stores it)")
+
+
+_FORWARD_PLANS: dict = {}
+_BACKWARD_PLANS: dict = {}

@@ -1,0 +1,302 @@
+"""A quantized frozen base (QLoRA): forward and every gradient equal the reference on the dequantized weight.
+
+Both fused backends (the torch backend, dequantizing row chunks; the Triton kernels, dequantizing W tiles in
+their GEMMs, here on the CPU interpreter) against the eager reference evaluated in float64 on
+``QuantizedWeight.dequantize(dtype)``, with the backend's own dropout mask.
+"""
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import assert_close
+from lora_kernels import FusedLoRALinear, lora_linear, lora_summary, merge_and_unload, replace_linear_with_fused_lora
+from lora_kernels import torch_backend
+from lora_kernels.quant import quantize, weight_bytes
+from lora_kernels.reference import lora_linear_reference
+
+QUANT = [("nf4", False), ("nf4", True), ("int8", False)]
+QUANT_IDS = ["nf4", "nf4-dq", "int8"]
+# (M, K, N, rank): odd sizes, blocks of 64 spanning rows of W (K % 64 != 0), ranks 1 to 64
+SHAPES = [(5, 33, 17, 1), (13, 70, 45, 7), (33, 64, 96, 16), (7, 129, 31, 64)]
+
+
+def _triton_ops():
+    try:
+        from lora_kernels.ops import lora_linear as ops, quantized
+    except ImportError as err:  # pragma: no cover - triton is installed wherever the suite runs
+        pytest.skip(f"Triton does not import here: {err}")
+    return ops, quantized
+
+
+def _backend(name):
+    if name == "torch":
+        return torch_backend.DEFAULT, torch_backend.DEFAULT.dropout_mask, torch_backend.effective_dropout_p
+    ops, quantized = _triton_ops()
+    return quantized, ops.dropout_mask, lambda p: p
+
+
+def _inputs(m, k, n, r, dtype, fmt, dq, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = quantize(torch.randn(n, k, generator=g) / math.sqrt(k), fmt, dq)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    a = (torch.randn(r, k, generator=g) / math.sqrt(k)).to(dtype)
+    bb = (torch.randn(n, r, generator=g) / math.sqrt(r)).to(dtype)
+    return q, x, b, a, bb
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt,dq", QUANT, ids=QUANT_IDS)
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+@pytest.mark.parametrize("bias,p", [(True, 0.0), (False, 0.3)], ids=["bias", "dropout"])
+def test_matches_reference_on_dequantized_weight(backend, dtype, fmt, dq, m, k, n, r, bias, p):
+    impl, mask_of, realised = _backend(backend)
+    q, x, b, a, bb = _inputs(m, k, n, r, dtype, fmt, dq, bias)
+    scaling, seed = 0.75, 1234
+    y, s = impl.forward(x, q, b, a, bb, scaling, p, seed)
+    grad_y = torch.randn(m, n, generator=torch.Generator().manual_seed(7)).to(dtype)
+    needs = (True, False, bias, True, True)
+    dx, dw, db, da, dbb = impl.backward(grad_y, x, q, a, bb, s, scaling, p, seed, needs)
+    assert dw is None
+
+    mask = mask_of(seed, (m, k), p, torch.device("cpu")) if p else None
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
+    w64 = q.dequantize(dtype).double()
+    y_ref = lora_linear_reference(leaves[0], w64, b.double() if bias else None, leaves[1], leaves[2], scaling, mask,
+                                  realised(p))
+    dx_ref, da_ref, dbb_ref = torch.autograd.grad(y_ref, leaves, grad_y.double())
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    assert_close(da, da_ref, dtype, "dA")
+    assert_close(dbb, dbb_ref, dtype, "dB")
+    if bias:
+        assert_close(db, grad_y.double().sum(0), dtype, "db")
+
+
+@pytest.mark.parametrize("fmt,dq", QUANT, ids=QUANT_IDS)
+def test_triton_dequantized_tile_equals_dequantize(fmt, dq):
+    """With A = 0, B = 0 and x = I the forward kernel writes W's dequantized tiles themselves: for fp32 the
+    kernel's dequantization is QuantizedWeight.dequantize's up to an FMA in double quantization's absmax."""
+    _, quantized = _triton_ops()
+    n, k = 45, 70
+    q = quantize(torch.randn(n, k), fmt, dq)
+    y, _ = quantized.forward(torch.eye(k), q, None, torch.zeros(1, k), torch.zeros(n, 1), 1.0, 0.0, 0)
+    expected = q.dequantize(torch.float32).t()
+    if dq:
+        assert (y - expected).abs().max() <= 2 * torch.finfo(torch.float32).eps * expected.abs().max()
+    else:
+        assert torch.equal(y, expected)
+
+
+def test_torch_backend_dequantizes_in_chunks(monkeypatch):
+    """A layer wider than the chunk never dequantizes all of W at once, and gives the same result."""
+    q, x, b, a, bb = _inputs(6, 40, 300, 4, torch.float32, "nf4", False, True)
+    seen = []
+    original = type(q).dequantize
+
+    def spy(self, dtype=torch.float32, rows=None):
+        out = original(self, dtype, rows)
+        seen.append(out.numel())
+        return out
+
+    monkeypatch.setattr(type(q), "dequantize", spy)
+    monkeypatch.setattr("lora_kernels.quant.CHUNK_ELEMENTS", 40 * 64)
+    y_ref = x @ original(q).t() + b + 0.5 * (x @ a.t()) @ bb.t()
+    y, s = torch_backend.DEFAULT.forward(x, q, b, a, bb, 0.5, 0.0, 0)
+    assert max(seen) <= 40 * 64 < 300 * 40
+    assert (y - y_ref).abs().max() <= 1e-5 * y_ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------ module
+
+
+@pytest.mark.parametrize("fmt,dq", QUANT, ids=QUANT_IDS)
+def test_module_state_dict_to_deepcopy(fmt, dq):
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(70, 45, rank=4, quantize=fmt, double_quant=dq, backend="torch")
+    nn.init.normal_(layer.lora_B)
+    layer.eval()
+    x = torch.randn(3, 70)
+    y = layer(x)
+    assert layer.weight is None
+    assert {n for n, _ in layer.named_parameters()} == {"bias", "lora_A", "lora_B", "weight_data"}
+    assert not layer.weight_data.requires_grad and not layer.weight_data.is_floating_point()
+    names = {n for n in layer.state_dict()}
+    assert {"weight_data", "weight_absmax"} <= names and ("weight_absmax2" in names) == dq
+
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = FusedLoRALinear(70, 45, rank=4, quantize=fmt, double_quant=dq, backend="torch").eval()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), y)
+
+    clone = copy.deepcopy(layer)
+    assert torch.equal(clone(x), y) and clone.weight_data.data_ptr() != layer.weight_data.data_ptr()
+
+    half = copy.deepcopy(layer).to(torch.float16)  # the scales and codebooks stay fp32, the codes unchanged
+    assert half.lora_A.dtype == torch.float16 and half.weight_absmax.dtype == layer.weight_absmax.dtype
+    assert torch.equal(half.weight_data, layer.weight_data)
+    assert all(t.dtype == getattr(layer, n).dtype for n, t in half.named_buffers())
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_from_linear_and_autograd_through_the_module(fmt):
+    torch.manual_seed(1)
+    linear = nn.Linear(33, 17)
+    layer = FusedLoRALinear.from_linear(linear, rank=3, dropout=0.2, quantize=fmt, backend="torch")
+    nn.init.normal_(layer.lora_B)
+    assert linear.weight.shape == (17, 33), "the original linear is left unchanged"
+    x = torch.randn(2, 4, 33, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer(x)
+    y.square().sum().backward()
+    # the same through the eager reference (autograd on the dequantized weight, the same mask)
+    x2 = x.detach().clone().requires_grad_()
+    a2, b2 = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B))
+    torch.manual_seed(5)
+    y2 = lora_linear(x2, layer.qweight, layer.bias.detach(), a2, b2, layer.scaling, 0.2, backend="eager")
+    y2.square().sum().backward()
+    assert torch.allclose(y, y2, atol=1e-5) and torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(layer.lora_A.grad, a2.grad, atol=1e-5) and torch.allclose(layer.lora_B.grad, b2.grad, atol=1e-5)
+
+
+def test_quantized_errors_name_the_problem():
+    layer = FusedLoRALinear(8, 8, rank=2, quantize="nf4")
+    with pytest.raises(RuntimeError, match="to_linear"):
+        layer.merge()
+    with pytest.raises(ValueError, match="already quantized"):
+        layer.quantize_base("int8")
+    with pytest.raises(ValueError, match="got 'int4'"):
+        FusedLoRALinear(8, 8, rank=2, quantize="int4")
+    with pytest.raises(ValueError, match=r"\(4, 8\) does not fit"):
+        FusedLoRALinear(8, 8, rank=2).use_quantized(quantize(torch.ones(4, 8), "nf4"), torch.float32)
+
+
+def _llama_like(dim=256, hidden=688, layers=2, vocab=512, dtype=torch.bfloat16):
+    """A small Llama-style stack of linears (q, k, v, o, gate, up, down per layer), embeddings and head."""
+    blocks = nn.ModuleList()
+    for _ in range(layers):
+        blocks.append(nn.ModuleDict({name: nn.Linear(i, o, bias=False) for name, i, o in (
+            ("q_proj", dim, dim), ("k_proj", dim, dim // 4), ("v_proj", dim, dim // 4), ("o_proj", dim, dim),
+            ("gate_proj", dim, hidden), ("up_proj", dim, hidden), ("down_proj", hidden, dim))}))
+    model = nn.ModuleDict({"embed_tokens": nn.Embedding(vocab, dim), "layers": blocks,
+                           "lm_head": nn.Linear(dim, vocab, bias=False)})
+    return model.to(dtype)
+
+
+def test_nf4_weight_bytes_of_a_llama_like_model():
+    """Every projection in NF4 (embeddings and head stay bf16, as in QLoRA): linear weights ≤ 0.30× bf16."""
+    model = _llama_like()
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    dense = sum(model.get_submodule(n).weight.numel() * 2 for n in linears)
+    replace_linear_with_fused_lora(model, rank=8, target_modules=linears, quantize="nf4", double_quant=True)
+    quantized = sum(model.get_submodule(n).qweight.nbytes for n in linears)
+    assert quantized <= 0.30 * dense, f"NF4 bytes {quantized} > 0.30 x bf16 bytes {dense}"
+    summary = lora_summary(model)
+    assert summary.weight_bytes == weight_bytes(model) and summary.weight_bytes < sum(
+        p.numel() * 2 for p in _llama_like().parameters())
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_merge_and_unload_dequantizes_and_merges(fmt):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 40))
+    replace_linear_with_fused_lora(model, rank=4, quantize=fmt, backend="torch")
+    for layer in (model[0], model[2]):
+        nn.init.normal_(layer.lora_B, std=0.1)
+    model.eval()
+    x = torch.randn(5, 40)
+    expected = model(x)
+    merge_and_unload(model)
+    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float32
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- bitsandbytes interop
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+        bnb.functional.quantize_4bit(torch.ones(64), blocksize=64, quant_type="nf4")
+    except Exception as err:  # noqa: BLE001 - any reason it cannot run here is the skip reason
+        pytest.skip(f"bitsandbytes does not run on the CPU here: {type(err).__name__}: {err}")
+    return bnb
+
+
+def _peft_on_bnb(double_quant):
+    """A PEFT LoRA model whose bases are bitsandbytes' Linear4bit (NF4) and Linear8bitLt, quantized on the CPU."""
+    bnb = _bnb()
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    q, v = nn.Linear(70, 45), nn.Linear(70, 45, bias=False)
+    l4 = bnb.nn.Linear4bit(70, 45, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                           compress_statistics=double_quant)
+    l4.load_state_dict(q.state_dict())
+    l8 = bnb.nn.Linear8bitLt(70, 45, bias=False, has_fp16_weights=False, threshold=0.0)
+    l8.load_state_dict(v.state_dict())
+    model = nn.ModuleDict({"q": l4.to("cpu"), "v": l8.to("cpu")})
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
+    return bnb, peft
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])
+def test_fuse_peft_model_reuses_bitsandbytes_packed_data(double_quant):
+    bnb, peft = _peft_on_bnb(double_quant)
+    from lora_kernels import fuse_peft_model
+
+    inner = peft.base_model.model
+    l4, l8 = inner["q"].base_layer, inner["v"].base_layer
+    x = torch.randn(6, 70)
+    with torch.no_grad():
+        expected_q = inner["q"](x)  # bitsandbytes' fp32 4-bit path: its dequantized W, then a matmul
+    w8 = bnb.functional.int8_vectorwise_dequant(l8.weight.CB, l8.weight.SCB)
+    a8, b8, s8 = inner["v"].lora_A["default"].weight, inner["v"].lora_B["default"].weight, inner["v"].scaling["default"]
+    expected_v = x @ w8.t() + s8 * (x @ a8.t()) @ b8.t()
+
+    fuse_peft_model(peft, backend="torch")
+    fq, fv = inner["q"], inner["v"]
+    assert (fq.quantize, fv.quantize) == ("nf4", "int8")
+    assert fq.weight_data.data_ptr() == l4.weight.data.data_ptr(), "NF4 codes shared, not requantized"
+    assert fv.weight_data.data_ptr() == l8.weight.CB.data_ptr()
+    assert torch.equal(fq.qweight.dequantize(), bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state))
+    with torch.no_grad():
+        assert_close(fq(x), expected_q.double(), torch.float32, "q")
+        assert_close(fv(x), expected_v.double(), torch.float32, "v")
+    # the adapters are PEFT's own parameters, still trainable; the quantized bases have none
+    assert fq.lora_A.requires_grad and fq.lora_A.shape == (4, 70)
+    assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)
+
+
+def test_merge_and_unload_requantizes_on_request():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(70, 70))
+    replace_linear_with_fused_lora(model, rank=4, quantize="nf4", backend="torch")
+    nn.init.normal_(model[0].lora_B, std=0.1)
+    merged = model[0].to_linear().weight.detach()
+    merge_and_unload(model, quantize="nf4")
+    layer = model[0]
+    assert isinstance(layer, FusedLoRALinear) and layer.quantize == "nf4" and not layer.lora_B.any()
+    assert torch.equal(layer.qweight.dequantize(), quantize(merged, "nf4").dequantize())
+    # the rounding stated in merge_and_unload's docstring: at most 0.152 x the block's absmax (half the gap -1 to -0.696)
+    err = (layer.qweight.dequantize() - merged).abs()
+    absmax = quantize(merged, "nf4").absmax
+    f = torch.arange(merged.numel())
+    assert torch.all(err.reshape(-1) <= 0.152 * absmax[f // 64] + 1e-7)
+
+
+def test_trainer_quantize_flag():
+    from minimind.cli import CLIError
+    from minimind.train_lora import parse_args
+
+    assert parse_args(["--fused", "--quantize", "nf4"]).quantize == "nf4"
+    assert parse_args([]).quantize is None
+    with pytest.raises(CLIError, match="--quantize int8 needs --fused"):
+        parse_args(["--quantize", "int8"])
