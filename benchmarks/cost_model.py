@@ -42,7 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 HASH_OPS = 10  # integer instructions per element to regenerate one keep/drop bit (sm90 SASS)
 LAUNCH_US = 3.0
