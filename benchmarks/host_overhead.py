@@ -12,12 +12,19 @@ Python on a machine without one:
   GPU (argument binding, cache lookups, workspaces, grids) and only the compiled kernel's C launcher is a
   no-op. The tensors are tiny CPU tensors, so the allocations the launchers make cost what they cost on a
   GPU's caching allocator, roughly. The Triton check that refuses CPU tensors is patched to accept them.
+* **launchers**: the same two calls without autograd: ``lora_kernels.ops.lora_linear.forward`` and
+  ``backward`` called directly (the Python our launchers spend per training step: checks, plan lookup,
+  output allocations, seed, launches);
+* **autograd floor**: an ``autograd.Function`` that saves x, A and B, returns empty outputs and launches
+  nothing: what torch's autograd (``Function.apply`` and the engine's ``backward()``) charges any fused op
+  on this host before it does anything, so ``ours - floor`` is the Python of our own layer;
 * **linear**: ``F.linear`` forward and backward on the same tiny tensors (the frozen base alone: the floor);
 * **peft**: HF PEFT's ``lora.Linear`` around an ``nn.Linear``, forward and backward, the same way.
 
 Every provider runs with x requiring grad and the base frozen, as a LoRA layer in a model does. The three are
 measured interleaved, ``--rounds`` times ``--calls`` steps each; the figure is the median over rounds of the
-mean µs per step. The last line is JSON: ``{"ours_us": ..., "linear_us": ..., "peft_us": ...}``.
+mean µs per step. The last line is JSON: ``{"ours_us": ..., "launchers_us": ..., "floor_us": ...,
+"linear_us": ..., "peft_us": ...}``.
 
 Run it in a process without ``TRITON_INTERPRET=1`` (the stand-in needs compiled kernels).
 """
@@ -71,6 +78,40 @@ def step_ours(t: Dict[str, torch.Tensor], dropout_p: float) -> Callable[[], None
         y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, dropout_p=dropout_p,
                         backend="triton")
         y.backward(t["grad"])
+    return step
+
+
+def step_launchers(t: Dict[str, torch.Tensor], dropout_p: float) -> Callable[[], None]:
+    from lora_kernels.functional import draw_seed_tensor
+    from lora_kernels.ops import lora_linear as ops
+
+    x, w, b, a, bb, grad = (t[name].detach() for name in ("x", "weight", "bias", "lora_A", "lora_B", "grad"))
+    needs = (True, False, False, True, True)  # dX, dA, dB: a frozen base
+
+    def step():
+        seed = draw_seed_tensor(x.device) if dropout_p > 0 else None
+        _, s = ops.forward(x, w, b, a, bb, 2.0, dropout_p, seed)
+        ops.backward(grad, x, w, a, bb, s, 2.0, dropout_p, seed, needs)
+    return step
+
+
+class _Floor(torch.autograd.Function):
+    """The least a fused op can do through autograd: save its inputs, return outputs, compute nothing."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B):
+        ctx.save_for_backward(x, lora_A, lora_B)
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_A, lora_B = ctx.saved_tensors
+        return torch.empty_like(x), None, None, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def step_floor(t: Dict[str, torch.Tensor], dropout_p: float) -> Callable[[], None]:
+    def step():
+        _Floor.apply(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]).backward(t["grad"])
     return step
 
 
@@ -142,7 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = getattr(torch, args.dtype)
     t = _inputs(m, k, n, r, dtype)
     grads = [t["x"], t["lora_A"], t["lora_B"]]
-    steps = {"ours": step_ours(t, args.dropout), "linear": step_linear(t, args.dropout)}
+    steps = {"ours": step_ours(t, args.dropout), "launchers": step_launchers(t, args.dropout),
+             "floor": step_floor(t, args.dropout), "linear": step_linear(t, args.dropout)}
     peft_step = step_peft(t, args.dropout)
     if peft_step is not None:
         steps["peft"] = peft_step
@@ -156,11 +198,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"stand-in {standin.spec.name}, x ({m}, {k}) -> {n}, rank {r}, {args.dtype}, dropout {args.dropout}, "
           f"frozen base)")
     print(f"  ours (lora_linear, Triton, {launches} launches, launches stubbed): {result['ours']:8.1f}")
+    print(f"    of which our launchers (ops.forward + ops.backward, no autograd): {result['launchers']:8.1f}")
+    print(f"    autograd floor (a Function that computes nothing):        {result['floor']:8.1f}")
+    print(f"    our layer's own Python (ours - floor):                    {result['ours'] - result['floor']:8.1f}")
     print(f"  F.linear (frozen base alone):                               {result['linear']:8.1f}")
     if "peft" in result:
         print(f"  PEFT lora.Linear (eager torch):                             {result['peft']:8.1f}")
-    print(json.dumps({"ours_us": round(result["ours"], 1), "linear_us": round(result["linear"], 1),
-                      "peft_us": round(result["peft"], 1) if "peft" in result else None, "launches": launches}))
+    print(json.dumps({**{f"{name}_us": round(value, 1) for name, value in result.items()},
+                      "launches": launches}))
     return 0
 
 

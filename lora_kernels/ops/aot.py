@@ -73,9 +73,10 @@ QUANTIZED = ("nf4", "nf4-dq", "int8")  # a frozen quantized base: NF4, NF4 with 
 
 def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: bool = False) -> Iterator[Case]:
     """The sweep's cases. ``quick``: a representative subset (decode and training M, N = K = 768, ranks
-    16 and 96, every flag) for the test suite. ``full``: every (N, K) pair and the autotune candidates."""
+    16 and 100: rank blocks 16 and 64, a rank a multiple of 16 and one that is not, every flag) for the test
+    suite. ``full``: every (N, K) pair and the autotune candidates."""
     if quick:
-        ms, widths, ranks = (17, 8192), ((768, 768),), (16, 96)
+        ms, widths, ranks = (17, 8192), ((768, 768),), (16, 100)
     else:
         ms, ranks = M_SIZES, RANKS
         widths = list(itertools.product(WIDTHS, WIDTHS)) if full else [(w, w) for w in WIDTHS]
@@ -268,11 +269,32 @@ def _sass(cubin: bytes) -> str:
                               check=True).stdout
 
 
+_PTXAS_LOG = "lora_kernels-ptxas-v.log"  # kept beside the kernel in Triton's cache
+
+
+def _ptxas_log(compiled, arch: int, log: Optional[str]) -> str:
+    """The kernel's ``ptxas -v`` report: the one its compilation printed, else the one kept in Triton's cache
+    directory of the kernel by an earlier sweep, else a new ``ptxas -v`` run (the slow part of a sweep over
+    cached kernels), which is then kept there. Triton's cache key covers the source, options and target, so
+    a kept report belongs to exactly this binary."""
+    from triton.runtime.cache import get_cache_manager
+
+    cache = get_cache_manager(compiled.hash)
+    if not (log and "registers" in log):
+        path = cache.get_file(_PTXAS_LOG)
+        if path is not None:
+            return Path(path).read_text()
+        log = _run_ptxas(compiled.asm["ptx"], arch)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next sweep time
+        cache.put(log, _PTXAS_LOG, binary=False)
+    return log
+
+
 def _read_binary(report: KernelReport, compiled, log: Optional[str]) -> None:
     report.hash = compiled.hash
     report.shared = int(compiled.metadata.shared)
     report.registers, report.spill_stores, report.spill_loads = _ptxas_numbers(
-        log if log and "registers" in log else _run_ptxas(compiled.asm["ptx"], report.arch))
+        _ptxas_log(compiled, report.arch, log))
     sass = _sass(compiled.asm["cubin"])
     report.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
     report.ldgsts = len(re.findall(r"\bLDGSTS\b", sass))

@@ -1,7 +1,7 @@
 """Block sizes and launch options for the LoRA kernels in :mod:`lora_kernels.ops.lora_linear`.
 
-One cache entry per (device capability, SM count, dtype, TF32 on/off, M bucket, N and K buckets, rank
-block): a new M only looks up its bucket, it never compiles or tunes. The heuristics, the optional
+One cache entry per (device capability, SM count, dtype, TF32 on/off, M bucket, N, K, rank block): a new M
+only looks up its bucket, it never compiles or tunes. The heuristics, the optional
 autotuning (``LORA_KERNELS_AUTOTUNE=1``) and the fp32 matmul precision query live here so that the kernel
 file reads kernels -> launchers.
 """
@@ -38,8 +38,10 @@ class LoRAKernelConfigs:
     """Everything the launchers need for one (device, dtype, shape bucket).
 
     ``max_block_r`` caps the rank block (the rank is looped or split over programs above it);
-    ``target_programs`` is the number of programs below which a skinny pass splits its reduction, keeping
-    at least ``min_split_tiles`` tiles of the reduction per split.
+    ``forward_masked_block_r`` caps it further in the forward GEMM's LoRA term when the rank is not a
+    multiple of 16 (its S and B loads are masked then); ``target_programs`` is the number of programs below
+    which a skinny pass splits its reduction, keeping at least ``min_split_tiles`` tiles of the reduction
+    per split.
     """
 
     forward: KernelConfig
@@ -51,6 +53,11 @@ class LoRAKernelConfigs:
     max_block_r: int = 64
     target_programs: int = 1
     min_split_tiles: int = 4
+    forward_masked_block_r: int = 64
+
+    def forward_block_cap(self, rank: int) -> int:
+        """The rank-block cap of the forward GEMM for this rank."""
+        return self.max_block_r if rank % 16 == 0 else min(self.max_block_r, self.forward_masked_block_r)
 
 
 _OVERRIDE: Optional[LoRAKernelConfigs] = None
@@ -144,8 +151,13 @@ def _gemm_candidates(capability: Tuple[int, int], dtype: torch.dtype, tf32: bool
 
 
 @functools.lru_cache(maxsize=1024)
-def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket, block_r, tf32) -> LoRAKernelConfigs:
-    """The config cache: one entry per (device, dtype, shape bucket); no tuning, no compilation.
+def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32) -> LoRAKernelConfigs:
+    """The config cache: one entry per (device, dtype, M bucket, N, K, rank block); no tuning, no compilation.
+
+    The GEMM tiles are picked for the exact N and K (a layer's widths are fixed; only M varies, so it is
+    bucketed): at N = 768, M = 8192 on an H100, rounding N up to 1024 picked 128x256 tiles (192 tiles, 1.45
+    waves of 132 SMs, so 2 waves) where 128x128 (384 tiles, 2.9 waves) is predicted 17% faster by the same
+    wave model.
 
     Every choice below was checked by the compile gate (``python -m lora_kernels.check --aot``) on
     sm80/86/89/90: shared memory within the arch's limit, no register spills.
@@ -157,9 +169,11 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
     elem, limit = dtype.itemsize, _shared_limit(capability)
     hopper = capability[0] >= 9
     # fp32 operands (IEEE or TF32) take twice the registers of fp16: rank blocks of 32 (64 spill in TF32)
-    # (sm80 16-bit forward GEMMs at ranks that are not multiples of 16, r = 100, still spill 20-296 B with 64;
-    # 32 moves the spill to the decode dX GEMM: see benchmarks/results/compile-gate)
     max_block_r = 64 if elem == 2 else 32
+    # sm8x 16-bit forward GEMM, rank not a multiple of 16 (masked S and B loads): a rank block of 64 spills
+    # 20 B (128x128 tiles, 8 warps) to 296 B (64x128, 4 warps) at r = 100; 32 there only (a cap of 32 for
+    # every kernel moved a spill into the decode dX GEMM)
+    forward_masked_block_r = 16 if elem == 2 and not hopper else max_block_r
     stages = 4 if hopper else 3
     if m_bucket <= 64:  # decode-like: thin row tiles, narrower column tiles for more programs
         bm = max(16, m_bucket)
@@ -170,9 +184,9 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
         forward = grad_input = _fit(gemm, (gemm.block_m + gemm.block_n) * gemm.block_k, elem, limit)
     else:
         candidates = _gemm_candidates(capability, dtype, tf32)
-        forward = _pick_gemm_tile(m_bucket, n_bucket, candidates, num_sms)
-        grad_input = _pick_gemm_tile(m_bucket, k_bucket, candidates, num_sms)
-    grad_weight = _pick_gemm_tile(n_bucket, k_bucket, _gemm_candidates(capability, dtype, tf32), num_sms)
+        forward = _pick_gemm_tile(m_bucket, n, candidates, num_sms)
+        grad_input = _pick_gemm_tile(m_bucket, k, candidates, num_sms)
+    grad_weight = _pick_gemm_tile(n, k, _gemm_candidates(capability, dtype, tf32), num_sms)
     # Memory-bound passes. IEEE fp32 dots run on CUDA cores and keep their operands in registers: smaller
     # tiles and rank blocks of 32 (larger ones spill, per ptxas on sm80/sm90). Column blocks of 256 bytes
     # (128 fp16, 64 fp32) in S and dA, halved with a rank block of 64 (12 B of spills in S on sm90).
@@ -196,7 +210,7 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n_bucket, k_bucket,
     dy = _fit(dy, dy.block_m * dy.block_n + dy.block_n * block_r, elem, limit)
     da = _fit(da, da.block_m * (da.block_k + block_r), elem, limit)
     return LoRAKernelConfigs(forward, grad_input, grad_weight, down, dy, da, max_block_r=max_block_r,
-                             target_programs=4 * num_sms)
+                             target_programs=4 * num_sms, forward_masked_block_r=forward_masked_block_r)
 
 
 def _tf32() -> bool:
@@ -233,8 +247,8 @@ def kernel_configs(device: torch.device, dtype: torch.dtype, m: int, n: int, k: 
     if _OVERRIDE is not None:
         return _OVERRIDE
     capability, num_sms = _device_info(device)
-    return _heuristic_configs(capability, num_sms, dtype, _bucket(m), _bucket(n, 1 << 16), _bucket(k, 1 << 16),
-                              _rank_block(rank, 64), _input_precision(dtype) == "tf32")
+    return _heuristic_configs(capability, num_sms, dtype, _bucket(m), n, k, _rank_block(rank, 64),
+                              _input_precision(dtype) == "tf32")
 
 
 def _autotune_enabled(device: torch.device) -> bool:

@@ -55,8 +55,8 @@ one-element int64 tensor on the device that the kernels read: nothing on the hos
 CUDA graph that captured a training step replays fresh masks as the seed tensor is redrawn on the device.
 
 GPU notes (block sizes and tuning). Block sizes come from :func:`lora_kernels.ops.configs.kernel_configs`, a small cache keyed by
-(device capability, SM count, dtype, TF32 on/off, M bucket = next power of two of M capped at 8192, N and
-K buckets, rank block); a new M only looks up its bucket, it never compiles or tunes. Defaults:
+(device capability, SM count, dtype, TF32 on/off, M bucket = next power of two of M capped at 8192, N, K,
+rank block); a new M only looks up its bucket, it never compiles or tunes. Defaults:
 
 * Hopper (sm90), fp16/bf16 GEMMs: 128x256x64 tiles, 8 warps, 3 stages, or 128x128x64 / 64x128x64 when
   the tile count gives a badly quantised last wave (a waves x tile-area model picks); GROUP_M = 8.
@@ -656,9 +656,10 @@ class _ForwardPlan:
         tune = None
         if _autotune_enabled(x.device):
             tune = (("forward", x.device, x.dtype, _bucket(m), n, k),
-                    lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.max_block_r))
+                    lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.forward_block_cap(rank)))
         self.matmul = _matmul_launch(m, n, k, rank, has_bias=bias is not None, has_lora=True,
-                                     has_dropout=False, config=cfgs.forward, max_block_r=cfgs.max_block_r,
+                                     has_dropout=False, config=cfgs.forward,
+                                     max_block_r=cfgs.forward_block_cap(rank),
                                      precision=precision, tune=tune)
 
     def _launch_with(self, cfg, x, weight, bias, lora_B, max_block_r) -> None:
