@@ -225,6 +225,17 @@ def check_layer_settings(settings: Any, rank: int) -> List[str]:
     return problems
 
 
+def _format_hint(keys) -> str:
+    """Where a file in another adapter format goes, judged from its keys ('' when they look like none)."""
+    if any(k.endswith((".lora.A.weight", ".lora.B.weight")) for k in keys):
+        return ("; its keys are MiniMind's ('<module>.lora.A.weight'): load it with "
+                "minimind.lora_io.load_minimind_lora(model, path)")
+    if any(".lora_A." in k or ".lora_B." in k or ".lora_embedding_" in k for k in keys):
+        return ("; its keys are PEFT's ('<module>.lora_A.weight'): load the adapter's directory with "
+                "lora_kernels.load_peft_adapter(model, directory)")
+    return ""
+
+
 def _group_by_module(tensors: Dict[str, torch.Tensor], path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
     modules: Dict[str, Dict[str, torch.Tensor]] = {}
     bad = []
@@ -235,7 +246,7 @@ def _group_by_module(tensors: Dict[str, torch.Tensor], path: PathLike) -> Dict[s
             continue
         modules.setdefault(module, {})[leaf] = value
     if bad:
-        raise ValueError(f"{str(path)!r} is not a lora_kernels adapter: unexpected keys {bad[:5]}")
+        raise ValueError(f"{str(path)!r} is not a lora_kernels adapter: unexpected keys {bad[:5]}{_format_hint(bad)}")
     halves = [m for m, t in modules.items() if len(t) != 2]
     if halves:
         raise ValueError(f"{str(path)!r} has lora_A without lora_B (or the reverse) for {halves}")

@@ -164,3 +164,17 @@ def test_load_adapter_tells_the_formats_apart(tmp_path, fmt):
         expected, got = trained(ids).logits, loaded(ids).logits
     tol = 2e-3 if fmt == "minimind" else 1e-6  # MiniMind's format stores fp16 (B with the scaling folded in)
     assert (got - expected).abs().max() <= tol * expected.abs().max()
+
+
+def test_load_lora_on_another_format_names_its_loader(tmp_path):
+    """lora_kernels.load_lora given a MiniMind file, or PEFT's weights file, says which loader reads it."""
+    import lora_kernels as lk
+
+    model = replace_linear_with_fused_lora(tiny_model(), rank=4, target_modules=["q_proj", "v_proj"])
+    minimind_file = tmp_path / "lora_minimind.pth"
+    save_minimind_lora(model, minimind_file)
+    with pytest.raises(ValueError, match=r"load_minimind_lora\(model, path\)"):
+        lk.load_lora(tiny_model(), minimind_file)
+    lk.save_peft_adapter(model, tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"load_peft_adapter\(model, directory\)"):
+        lk.load_lora(tiny_model(), tmp_path / "peft" / "adapter_model.safetensors")
