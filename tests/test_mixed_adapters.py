@@ -136,6 +136,17 @@ def test_mixed_batch_equals_separate_runs_fp16(backend):
                 f"{backend} fp16")
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+def test_mixed_batch_on_a_quantized_base_equals_separate_runs(backend):
+    model = three_adapter_model(backend, DROPOUTS["same_p"], train_base=False)
+    for _, layer in iter_lora_layers(model):
+        layer.quantize_base("nf4")
+    x = torch.randn(len(NAMES), 3, 12, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(len(NAMES), 3, 8, generator=torch.Generator().manual_seed(2))
+    check_equal(run_mixed(model, x, NAMES, grad_out), run_separately(model, x, NAMES, grad_out), torch.float32,
+                f"{backend}, NF4 base")
+
+
 def test_mixed_batch_in_eval_and_no_grad_equals_per_adapter_outputs():
     model = three_adapter_model("torch", DROPOUTS["same_p"], train_base=False).eval()
     x = torch.randn(len(NAMES), 2, 12)
