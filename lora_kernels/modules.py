@@ -460,8 +460,10 @@ class FusedLoRALinear(nn.Module):
             if self.quantize is None:
                 return F.linear(x, weight, self.bias)
             return weight.linear(_rows(x), self.bias).view(*x.shape[:-1], self.out_features)
-        if len(running) > 1 and (not self.training or len({self.lora_configs[n].dropout for n in running}) == 1):
-            # Several active adapters sharing one dropout p: one fused call over their concatenation.
+        if len(running) > 1 and not torch.compiler.is_compiling() \
+                and (not self.training or len({self.lora_configs[n].dropout for n in running}) == 1):
+            # Several active adapters sharing one dropout p: one fused call over their concatenation (under
+            # torch.compile the per-adapter path below, whose fused op is a traceable custom op).
             return lora_linear_stacked(x, weight, self.bias, [self._adapter_term(n) for n in running],
                                        training=self.training, backend=self.backend)
         first = running[0]
