@@ -483,10 +483,10 @@ class FusedLoRALinear(nn.Module):
         """The mixed batch of :func:`lora_kernels.mixed_adapters`: row i of x with adapter ``names[i]``."""
         mixed = self._mixed
         if x.dim() < 2 or x.shape[0] != len(mixed.names):
-            got = x.shape[0] if x.dim() >= 2 else f"none (x of shape {tuple(x.shape)})"
-            raise ValueError(f"mixed_adapters: layer {mixed.path!r} got an input of shape {tuple(x.shape)} whose "
-                             f"leading size {got} != len(names) = {len(mixed.names)}; names must give one adapter "
-                             "per row of the leading dimension of every LoRA layer's input")
+            got = (f"leading size {x.shape[0]}" if x.dim() >= 2 else "no leading (batch) dimension")
+            raise ValueError(f"mixed_adapters: layer {mixed.path!r} got an input of shape {tuple(x.shape)} with "
+                             f"{got}, but len(names) = {len(mixed.names)}; names must give one adapter per row "
+                             "of the leading dimension of every LoRA layer's input")
         used, index = mixed.rows_for(self, x.device)
         return lora_linear_mixed(x, weight, self.bias, [self._adapter_term(name) for name in used], index,
                                  training=self.training, backend=self.backend)

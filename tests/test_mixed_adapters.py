@@ -183,9 +183,10 @@ def test_functional_mixed_equals_the_reference_loop_in_float64():
 def test_wrong_leading_size_names_the_layer_the_size_and_len_names():
     model = three_adapter_model("torch")
     with mixed_adapters(model, ["default", "b", None]):
-        with pytest.raises(ValueError, match=r"layer 'up'.*leading size 4 != len\(names\) = 3"):
+        with pytest.raises(ValueError, match=r"layer 'up'.*shape \(4, 2, 12\) with leading size 4, but len\(names\) = 3"):
             model(torch.randn(4, 2, 12))
-        with pytest.raises(ValueError, match=r"layer 'up'.*shape \(12,\).*!= len\(names\) = 3"):
+        with pytest.raises(ValueError, match=r"layer 'up'.*shape \(12,\) with no leading \(batch\) dimension, "
+                                             r"but len\(names\) = 3"):
             model(torch.randn(12))
 
 
