@@ -242,7 +242,9 @@ def mixed_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
     the whole batch plus, for each row i (the leading dimension of the layer's input), the term of adapter
     ``names[i]`` with its own rank, scaling and dropout (see the module docstring). Works in training
     (each adapter's ``lora_A`` / ``lora_B`` get gradients from their own rows only) and in eval / no_grad.
-    Leaving the context restores the adapters that were active before.
+    Leaving the context restores the adapters that were active before. Backward may run after the context
+    (the Function keeps what it needs), except with activation checkpointing, whose recomputation runs in
+    backward: call ``backward()`` inside the ``with`` then.
 
     Args:
         model: a model with LoRA layers (named adapters, :func:`lora_kernels.add_adapter`).
