@@ -184,6 +184,13 @@ def lora_linear_stacked(
     the concatenation above with one scale row for all rows. They share one dropout p, hence one mask (each
     adapter sees the mask it would draw alone at that seed).
 
+    Args:
+        x, weight, bias, training, backend: as for :func:`lora_linear_mixed` (x may have any leading shape).
+        adapters: the adapters whose terms add up on every row.
+
+    Returns:
+        x·Wᵀ + b + Σ_a s_a·(dropout(x)·A_aᵀ)·B_aᵀ, of shape (..., out_features).
+
     Raises:
         ValueError: (in training) the adapters' dropout probabilities differ; the caller adds such terms
             separately.
