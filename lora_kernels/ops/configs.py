@@ -38,8 +38,9 @@ class LoRAKernelConfigs:
     """Everything the launchers need for one (device, dtype, shape bucket).
 
     ``max_block_r`` caps the rank block (the rank is looped or split over programs above it);
-    ``forward_masked_block_r`` caps it further in the forward GEMM's LoRA term when the rank is not a
-    multiple of 16 (its S and B loads are masked then); ``target_programs`` is the number of programs below
+    ``gemm_block_r`` caps it in the LoRA term of the forward and dX GEMMs, and ``forward_masked_block_r``
+    in the forward GEMM's when the rank is not a multiple of 16 (its S and B loads are masked then);
+    ``target_programs`` is the number of programs below
     which a skinny pass splits its reduction, keeping at least ``min_split_tiles`` tiles of the reduction
     per split.
     """
@@ -53,11 +54,17 @@ class LoRAKernelConfigs:
     max_block_r: int = 64
     target_programs: int = 1
     min_split_tiles: int = 4
+    gemm_block_r: int = 64
     forward_masked_block_r: int = 64
 
     def forward_block_cap(self, rank: int) -> int:
-        """The rank-block cap of the forward GEMM for this rank."""
-        return self.max_block_r if rank % 16 == 0 else min(self.max_block_r, self.forward_masked_block_r)
+        """The rank-block cap of the forward GEMM's LoRA term for this rank."""
+        cap = min(self.max_block_r, self.gemm_block_r)
+        return cap if rank % 16 == 0 else min(cap, self.forward_masked_block_r)
+
+    def grad_input_block_cap(self) -> int:
+        """The rank-block cap of the dX GEMM's LoRA term."""
+        return min(self.max_block_r, self.gemm_block_r)
 
 
 _OVERRIDE: Optional[LoRAKernelConfigs] = None
@@ -136,7 +143,9 @@ def _gemm_candidates(capability: Tuple[int, int], dtype: torch.dtype, tf32: bool
     on sm90 (532 B with a rank block of 64), 128x128 do not.
     """
     if dtype == torch.float32 and not tf32:  # IEEE fp32 runs on CUDA cores: smaller K blocks
-        candidates = [(KernelConfig(64, 128, 32, 8, 8, 3), 1.0), (KernelConfig(64, 64, 16, 8, 8, 3), 0.9)]
+        # 64x64x16: 8 warps on sm90 (4 spill 8 B in dW), 4 on sm8x (8 spill 4 B in the forward GEMM)
+        candidates = [(KernelConfig(64, 128, 32, 8, 8, 3), 1.0),
+                      (KernelConfig(64, 64, 16, 8, 8 if capability[0] >= 9 else 4, 3), 0.9)]
     elif capability[0] >= 9 and dtype == torch.float32:
         candidates = [(KernelConfig(128, 128, 32, 8, 8, 4), 1.0), (KernelConfig(64, 128, 32, 8, 4, 4), 0.8)]
     elif capability[0] >= 9:
@@ -174,6 +183,9 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
     # 20 B (128x128 tiles, 8 warps) to 296 B (64x128, 4 warps) at r = 100; 32 there only (a cap of 32 for
     # every kernel moved a spill into the decode dX GEMM)
     forward_masked_block_r = 16 if elem == 2 and not hopper else max_block_r
+    # IEEE fp32 GEMMs run on CUDA cores with their operands in registers: the LoRA term's S and B tiles at a
+    # rank block of 32 spill 4-176 B on sm80/sm90 (64x128 decode tiles at r = 100, 64x64 at r = 32)
+    gemm_block_r = 16 if not wide else max_block_r
     stages = 4 if hopper else 3
     if m_bucket <= 64:  # decode-like: thin row tiles, narrower column tiles for more programs
         bm = max(16, m_bucket)
@@ -187,6 +199,8 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
         forward = _pick_gemm_tile(m_bucket, n, candidates, num_sms)
         grad_input = _pick_gemm_tile(m_bucket, k, candidates, num_sms)
     grad_weight = _pick_gemm_tile(n, k, _gemm_candidates(capability, dtype, tf32), num_sms)
+    if not wide and m_bucket <= 64:  # IEEE fp32 dW over a decode-sized reduction: 64x128x32 spills 56 B (sm80)
+        grad_weight = _gemm_candidates(capability, dtype, tf32)[-1][0]
     # Memory-bound passes. IEEE fp32 dots run on CUDA cores and keep their operands in registers: smaller
     # tiles and rank blocks of 32 (larger ones spill, per ptxas on sm80/sm90). Column blocks of 256 bytes
     # (128 fp16, 64 fp32) in S and dA, halved with a rank block of 64 (12 B of spills in S on sm90).
@@ -210,7 +224,8 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
     dy = _fit(dy, dy.block_m * dy.block_n + dy.block_n * block_r, elem, limit)
     da = _fit(da, da.block_m * (da.block_k + block_r), elem, limit)
     return LoRAKernelConfigs(forward, grad_input, grad_weight, down, dy, da, max_block_r=max_block_r,
-                             target_programs=4 * num_sms, forward_masked_block_r=forward_masked_block_r)
+                             target_programs=4 * num_sms, gemm_block_r=gemm_block_r,
+                             forward_masked_block_r=forward_masked_block_r)
 
 
 def _tf32() -> bool:

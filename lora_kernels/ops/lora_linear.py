@@ -812,7 +812,7 @@ class _BackwardPlan:
         if _autotune_enabled(device):
             tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
         self.dx = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
-                                 config=cfgs.grad_input, max_block_r=cfgs.max_block_r, precision=precision,
+                                 config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(), precision=precision,
                                  tune=tune)
         self.dx_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
                         k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
