@@ -1,6 +1,6 @@
 """A roofline cost model of one LoRA-linear training step: bytes, FLOPs, integer work and launches per kernel.
 
-    python -m benchmarks.cost_model [--gpu h100 a100] [--m 8192] [--rank 16] [--dropout 0.1]
+    python -m benchmarks.cost_model [--gpu h100 a100] [--m 8192] [--rank 16] [--dropout 0.1] [--adapters 4]
 
 Every number it prints is a **prediction**, not a measurement: each kernel is assumed to run at the better of
 its memory-bound and compute-bound limits (``time = max(bytes / bandwidth, flops / tensor-core peak,
@@ -16,6 +16,10 @@ Providers, all with a frozen base (W gets no gradient) and x requiring grad (a l
 * ``ours``: the fused Triton design of ``lora_kernels/ops/lora_linear.py`` (forward: S pass + one GEMM;
   backward: one dY pass, one dX GEMM with the LoRA term in its accumulator, one dA pass, one partial-sum
   launch).
+
+Mixed batches (``--adapters N``, ``lora_kernels.mixed``): ``mixed`` (:func:`ours_mixed`, the fused kernels at
+rank N·r plus the concatenation's small tensors) against ``loop`` (:func:`loop_over_adapters`, the fused layer
+once per adapter on its gathered rows).
 
 Quantized base (QLoRA, ``--quantized``), the same W in NF4 (4 bits + a fp32 absmax per 64) or int8 (+ a fp32
 scale per row):
@@ -135,6 +139,48 @@ def ours(s: Shape, num_sms: int = 132) -> List[Kernel]:
     ]
 
 
+def ours_mixed(s: Shape, adapters: int) -> List[Kernel]:
+    """A mixed batch (``lora_kernels.mixed``): ``adapters`` adapters of rank ``s.r`` concatenated along the
+    rank, so the fused kernels run at rank Σr = adapters·r, plus the small tensors the concatenation adds:
+    ``torch.cat`` of A and B, the per-row scale (M, Σr) built and applied to S and to dS."""
+    e, m, k, n, r = s.element, s.m, s.k, s.n, s.r * adapters
+    return ours(dataclasses.replace(s, r=r)) + [
+        Kernel("cat A, B", 2 * (r * k + n * r) * e),
+        Kernel("Scale (M, Σr) from the row index", m * r * e),
+        Kernel("S' = S ⊙ Scale", 3 * m * r * e),
+        Kernel("dS' = dS ⊙ Scale", 3 * m * r * e),
+    ]
+
+
+def loop_over_adapters(s: Shape, adapters: int) -> List[Kernel]:
+    """A Python loop over adapters: each gathers its rows of x, runs the fused layer on them, and scatters its
+    rows of y; backward gathers its rows of dY and scatters its rows of dX (into a zeroed dX)."""
+    e, m, k, n = s.element, s.m, s.k, s.n
+    rows = -(-m // adapters)
+    part = dataclasses.replace(s, m=rows)
+    ks = [Kernel("zero dX", m * k * e)]
+    for a in range(adapters):
+        ks += [Kernel(f"gather x rows ({a})", 2 * rows * k * e), *ours(part),
+               Kernel(f"scatter y rows ({a})", 2 * rows * n * e), Kernel(f"gather dY rows ({a})", 2 * rows * n * e),
+               Kernel(f"scatter dX rows ({a})", 2 * rows * k * e)]
+    return ks
+
+
+def mixed_table(m: int, widths: Sequence[int], rank: int, adapters: int, gpus: Sequence[GPU],
+                dropout: float = 0.1) -> str:
+    """A markdown table of predicted µs per training step (K = N = each width): one adapter over the batch,
+    a mixed batch of ``adapters`` adapters, a loop over them."""
+    lines = ["| GPU | M×K→N, r × adapters, p | one adapter µs | mixed µs | loop µs | mixed / one | loop / mixed |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for gpu, width in ((gpu, width) for gpu in gpus for width in widths):
+        s = Shape(m, width, width, rank, dropout)
+        one, mixed, loop = (predict_us(ks, gpu) for ks in (ours(s), ours_mixed(s, adapters),
+                                                             loop_over_adapters(s, adapters)))
+        lines.append(f"| {gpu.name} | {m}×{width}→{width}, {rank} × {adapters}, {dropout:g} | {one:.1f} | {mixed:.1f} | "
+                     f"{loop:.1f} | {mixed / one:.2f} | {loop / mixed:.2f} |")
+    return "\n".join(lines)
+
+
 def quantized_weight_bytes(fmt: str, n: int, k: int) -> float:
     """Bytes of an (n, k) weight in NF4 (codes + fp32 absmax per 64) or int8 (codes + fp32 scale per row)."""
     if fmt == "nf4":
@@ -210,15 +256,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--widths", type=int, nargs="+", default=[512, 768, 4096], help="K = N")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--adapters", type=int, default=4, help="adapters in a mixed batch")
     args = p.parse_args(argv)
-    if args.m < 1 or args.rank < 1 or any(w < 1 for w in args.widths) or not 0 <= args.dropout < 1:
-        p.error("--m, --rank and --widths must be >= 1 and --dropout in [0, 1)")
+    if args.m < 1 or args.rank < 1 or args.adapters < 1 or any(w < 1 for w in args.widths) or not 0 <= args.dropout < 1:
+        p.error("--m, --rank, --adapters and --widths must be >= 1 and --dropout in [0, 1)")
     shapes = [Shape(args.m, w, w, args.rank, args.dropout) for w in args.widths]
     print("Predicted (roofline model, not measured) µs per LoRA-linear training step, bf16, frozen base:")
     print(table(shapes, [GPUS[g] for g in args.gpu]))
     print()
     print("Predicted µs per training step with a quantized base (QLoRA), same shapes:")
     print(quantized_table(shapes, [GPUS[g] for g in args.gpu]))
+    print()
+    print(f"Predicted µs per training step of a mixed batch over {args.adapters} adapters of rank {args.rank}:")
+    print(mixed_table(args.m, args.widths, args.rank, args.adapters, [GPUS[g] for g in args.gpu], args.dropout))
     return 0
 
 

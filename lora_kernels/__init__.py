@@ -4,7 +4,8 @@
 
 Public API: the functional op :func:`lora_linear`, the drop-in module :class:`FusedLoRALinear`, an
 adapter's settings :class:`LoRAConfig`, named adapters (:func:`add_adapter`, :func:`set_adapter`,
-:func:`delete_adapter`, :func:`adapter_names`, :func:`active_adapters`), model-level
+:func:`delete_adapter`, :func:`adapter_names`, :func:`active_adapters`), mixed batches with one adapter
+per row (:func:`mixed_adapters`, :func:`lora_linear_mixed`), model-level
 helpers (:func:`replace_linear_with_fused_lora` and friends), adapter files (:func:`save_lora`,
 :func:`load_lora`; PEFT's format with :func:`save_peft_adapter`, :func:`load_peft_adapter`, and
 :func:`fuse_peft_model` for a live ``PeftModel``), optimizer groups with LoRA+ (:func:`lora_param_groups`)
@@ -15,6 +16,7 @@ from .backends import LoRABackend, get_backend, register_backend
 from .config import LoRAConfig
 from .functional import BACKENDS, lora_linear, resolve_backend, triton_available
 from .io import load_lora, save_lora
+from .mixed import AdapterTerm, lora_linear_mixed, mixed_adapters
 from .modules import FusedLoRALinear
 from .optim import lora_param_groups
 from .peft_format import fuse_peft_model, load_peft_adapter, save_peft_adapter
@@ -36,6 +38,7 @@ from .replace import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterTerm",
     "BACKENDS",
     "FusedLoRALinear",
     "LoRABackend",
@@ -56,11 +59,13 @@ __all__ = [
     "load_peft_adapter",
     "lora_linear",
     "lora_linear_eager",
+    "lora_linear_mixed",
     "lora_linear_reference",
     "lora_param_groups",
     "lora_state_dict",
     "lora_summary",
     "mark_only_lora_as_trainable",
+    "mixed_adapters",
     "merge_and_unload",
     "merge_lora",
     "replace_linear_with_fused_lora",

@@ -22,8 +22,10 @@ know one adapter per layer keep working, with the same state_dict keys); the oth
 ``lora_adapters.<name>.lora_A`` / ``.lora_B``. ``rank``, ``alpha``, ``dropout``, ``use_rslora``, ``init``
 and ``scaling`` are the default adapter's. :meth:`set_adapter` chooses the active adapters, whose LoRA
 terms add up; switching allocates nothing and moves no weights. One active adapter runs one fused
-:func:`lora_kernels.lora_linear` call; with several, the first runs fused and the others' terms are added
-in eager PyTorch (correct, not yet fused).
+:func:`lora_kernels.lora_linear` call; several run one fused call over their concatenation
+(:mod:`lora_kernels.mixed`), sharing one dropout mask, except in training with different dropout p, where
+the first runs fused and the others' terms are added in eager PyTorch. Inside
+:func:`lora_kernels.mixed_adapters`, each row of the batch runs its own adapter instead.
 
 Quantized base (QLoRA): ``quantize="nf4"`` or ``"int8"`` (constructor, :meth:`FusedLoRALinear.from_linear`,
 :meth:`FusedLoRALinear.quantize_base`) replaces the ``weight`` parameter by buffers holding the packed codes
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 from . import quant
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
 from .functional import _rows, backend_names, lora_linear
+from .mixed import AdapterTerm, lora_linear_mixed, lora_linear_stacked
 
 
 def _check_backend(backend) -> None:
@@ -212,6 +215,7 @@ class FusedLoRALinear(nn.Module):
         # Names under which state_dict saves the parameters (fuse_peft_model uses PEFT's names).
         self._state_dict_names = {}
         self.lora_enabled = True  # False: run the base layer alone (see lora_kernels.disable_lora)
+        self._mixed = None  # the per-row adapters inside lora_kernels.mixed_adapters (a _MixedRows)
         self.register_buffer("_weight_before_merge", None, persistent=False)
         self.quantize, self.base_dtype = None, None  # set by quantize_base
         self.add_adapter(adapter_name, config, dtype=factory["dtype"], _stacklevel=4)
@@ -450,18 +454,40 @@ class FusedLoRALinear(nn.Module):
                           stacklevel=2)
         running = self._running
         weight = self.weight if self.quantize is None else self.qweight
+        if self._mixed is not None and self.lora_enabled and not self._merged:
+            return self._forward_mixed(x, weight)
         if self._merged or not self.lora_enabled or not running:
             if self.quantize is None:
                 return F.linear(x, weight, self.bias)
             return weight.linear(_rows(x), self.bias).view(*x.shape[:-1], self.out_features)
+        if len(running) > 1 and (not self.training or len({self.lora_configs[n].dropout for n in running}) == 1):
+            # Several active adapters sharing one dropout p: one fused call over their concatenation.
+            return lora_linear_stacked(x, weight, self.bias, [self._adapter_term(n) for n in running],
+                                       training=self.training, backend=self.backend)
         first = running[0]
         lora_A, lora_B = (self.lora_A, self.lora_B) if first == DEFAULT_ADAPTER else self.lora_params(first)
         config = self.lora_configs[first]
         y = lora_linear(x, weight, self.bias, lora_A, lora_B, config.scaling,
                         dropout_p=config.dropout, training=self.training, backend=self.backend)
-        for name in running[1:]:  # further active adapters: their terms added in eager PyTorch (not fused yet)
+        for name in running[1:]:  # active adapters with different dropout p (training): added in eager PyTorch
             y = y + self._lora_term(x, name)
         return y
+
+    def _adapter_term(self, name: str) -> AdapterTerm:
+        config = self.lora_configs[name]
+        return AdapterTerm(*self.lora_params(name), config.scaling, config.dropout)
+
+    def _forward_mixed(self, x: torch.Tensor, weight) -> torch.Tensor:
+        """The mixed batch of :func:`lora_kernels.mixed_adapters`: row i of x with adapter ``names[i]``."""
+        mixed = self._mixed
+        if x.dim() < 2 or x.shape[0] != len(mixed.names):
+            got = x.shape[0] if x.dim() >= 2 else f"none (x of shape {tuple(x.shape)})"
+            raise ValueError(f"mixed_adapters: layer {mixed.path!r} got an input of shape {tuple(x.shape)} whose "
+                             f"leading size {got} != len(names) = {len(mixed.names)}; names must give one adapter "
+                             "per row of the leading dimension of every LoRA layer's input")
+        used, index = mixed.rows_for(self, x.device)
+        return lora_linear_mixed(x, weight, self.bias, [self._adapter_term(name) for name in used], index,
+                                 training=self.training, backend=self.backend)
 
     def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``scaling · (dropout(x)·Aᵀ)·Bᵀ`` of adapter ``name``, differentiable by autograd."""

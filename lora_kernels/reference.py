@@ -11,7 +11,7 @@ M×N LoRA product, and with dropout it keeps the mask and a dropped-out copy of 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +69,38 @@ def lora_linear_eager(
     """
     x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
+
+
+def lora_linear_mixed_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    adapters: Sequence[Tuple[torch.Tensor, torch.Tensor, float]],
+    row_adapter: torch.Tensor,
+    dropout_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    dropout_ps: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """Eager mixed batch: the base for every row, plus each adapter's term on its own rows (a loop over
+    adapters, :func:`lora_linear_reference`'s maths on each adapter's rows).
+
+    Args:
+        x: (B, ..., in_features). weight, bias: the base, as for :func:`lora_linear_reference`.
+        adapters: ``(lora_A, lora_B, scaling)`` per adapter.
+        row_adapter: (B,) int64, the adapter index of each leading row, -1 for the base alone.
+        dropout_masks: per adapter a keep-mask of x's shape (True keeps), or None (no dropout for it).
+        dropout_ps: per adapter the probability its mask was drawn with (kept values are scaled by 1/(1-p)).
+
+    Returns:
+        (B, ..., out_features), in x's dtype.
+    """
+    y = F.linear(x, weight, bias)
+    for a, (lora_A, lora_B, scaling) in enumerate(adapters):
+        rows = (row_adapter.to(x.device) == a).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        x_lora = x.index_select(0, rows)
+        mask = dropout_masks[a] if dropout_masks is not None else None
+        if mask is not None:
+            x_lora = x_lora * mask.index_select(0, rows).to(x.dtype) / (1.0 - dropout_ps[a])
+        y = y.index_add(0, rows, scaling * F.linear(F.linear(x_lora, lora_A), lora_B))
+    return y

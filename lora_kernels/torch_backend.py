@@ -26,6 +26,12 @@ mask generators, one per place the backend runs:
   tensor ops from the seed tensor: no host sync, nothing that a CUDA graph could not replay, and the very
   mask the kernels regenerate, so the Triton backend can fall back to this one between forward and backward.
 
+Mixed batches (:func:`lora_kernels.lora_linear_mixed`): ``A``/``B`` are several adapters concatenated along
+the rank, ``scaling`` is then an (M, r) tensor (s_a on the rank columns of row m's adapter a, 0 elsewhere)
+and the returned S is already scaled, ``S' = S ⊙ scaling``; backward uses ``dB = dYᵀ·S'`` and
+``dS = (dY·B) ⊙ scaling``. ``dropout_p`` may be an (M,) tensor of per-row probabilities (adapters with
+different dropout in one batch): row m's mask is row m of the mask a single call with that row's p draws.
+
 The backend contract (``forward``, ``backward``, ``dropout_mask``) is the ``Protocol`` class
 :class:`lora_kernels.backends.LoRABackend`; this backend is registered there as ``"torch"``.
 :func:`effective_dropout_p` gives the drop probability the CPU mask realises (1/(1-p) uses it).
@@ -51,10 +57,15 @@ _P_STEPS = 1 << 16
 _U32 = 0xFFFFFFFF
 
 Seed = Union[int, torch.Tensor]
+DropoutP = Union[float, torch.Tensor]  # a probability, or (M,) per-row probabilities (mixed batches)
+Scaling = Union[float, torch.Tensor]  # alpha / rank, or an (M, r) per-(row, rank-column) scale (mixed batches)
 
 
-def effective_dropout_p(dropout_p: float) -> float:
-    """The drop probability the CPU mask realises for ``dropout_p``: a multiple of 2⁻¹⁶."""
+def effective_dropout_p(dropout_p: DropoutP) -> DropoutP:
+    """The drop probability the CPU mask realises for ``dropout_p``: a multiple of 2⁻¹⁶ (elementwise for a
+    tensor of per-row probabilities)."""
+    if isinstance(dropout_p, torch.Tensor):
+        return (dropout_p.double() * _P_STEPS).round().clamp(max=_P_STEPS - 1) / _P_STEPS
     return min(round(dropout_p * _P_STEPS), _P_STEPS - 1) / _P_STEPS
 
 
@@ -64,6 +75,9 @@ def _generator_drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, dev
     generator.manual_seed(seed if isinstance(seed, int) else int(seed.item()))  # a CPU tensor: no device sync
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    if isinstance(dropout_p, torch.Tensor):  # per-row p (a mixed batch): one threshold per row of (M, K)
+        threshold = (effective_dropout_p(dropout_p) * _P_STEPS).round().to(torch.int32) - _P_STEPS // 2
+        return bits.view(torch.int16)[:n].view(-1, shape[-1]) < threshold.to(device)[:, None]
     threshold = round(effective_dropout_p(dropout_p) * _P_STEPS) - _P_STEPS // 2  # int16 values are signed
     return (bits.view(torch.int16)[:n] < threshold).view(tuple(shape))
 
@@ -77,8 +91,11 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 15)
 
 
-def hash_threshold(dropout_p: float) -> int:
-    """The kernels' drop threshold: p·2³² with p rounded to fp32 (as the kernel argument is), capped."""
+def hash_threshold(dropout_p: DropoutP) -> Union[int, torch.Tensor]:
+    """The kernels' drop threshold: p·2³² with p rounded to fp32 (as the kernel argument is), capped
+    (an int64 tensor for per-row probabilities)."""
+    if isinstance(dropout_p, torch.Tensor):
+        return (dropout_p.float().double() * 4294967296.0).clamp(max=4294967040.0).floor().to(torch.int64)
     p32 = struct.unpack("f", struct.pack("f", dropout_p))[0]
     return int(min(p32 * 4294967296.0, 4294967040.0))
 
@@ -95,6 +112,8 @@ def _hash_drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: 
     col_key = (torch.arange(k, device=device, dtype=torch.int64) * 0x9E3779B1) & _U32
     h = row_key[:, None] ^ col_key[None, :]
     h = ((h ^ (h >> 16)) * 0x21F0AAAD) & _U32  # the kernels' one round per element
+    if isinstance(dropout_p, torch.Tensor):  # per-row p: (M, K)
+        return h < hash_threshold(dropout_p).to(device)[:, None]
     return (h < hash_threshold(dropout_p)).view(shape)
 
 
@@ -108,8 +127,20 @@ def _drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch
     return _hash_drop_mask(seed, shape, dropout_p, device)
 
 
-def _realised_p(dropout_p: float, device: torch.device) -> float:
+def _realised_p(dropout_p: DropoutP, device: torch.device) -> DropoutP:
     return effective_dropout_p(dropout_p) if torch.device(device).type == "cpu" else dropout_p
+
+
+def _has_dropout(dropout_p: DropoutP) -> bool:
+    # A tensor of per-row probabilities is only passed when they differ, so some row drops.
+    return isinstance(dropout_p, torch.Tensor) or dropout_p > 0
+
+
+def _inv_keep(realised_p: DropoutP, like: torch.Tensor) -> Union[float, torch.Tensor]:
+    """1/(1-p) as a float, or as an (M, 1) column in ``like``'s dtype for per-row probabilities."""
+    if isinstance(realised_p, torch.Tensor):
+        return (1.0 / (1.0 - realised_p)).to(device=like.device, dtype=like.dtype)[:, None]
+    return 1.0 / (1.0 - realised_p)
 
 
 def _base_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -141,33 +172,39 @@ class TorchBackend:
         return ~self.drop_mask(seed, shape, dropout_p, device)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: Seed) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``y`` (M, N) and ``S = x̃·Aᵀ`` (M, r); see the module docstring."""
-        if dropout_p > 0:
+                lora_B: torch.Tensor, scaling: Scaling, dropout_p: DropoutP, seed: Seed) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``y`` (M, N) and ``S = x̃·Aᵀ`` (M, r), or ``S ⊙ scaling`` for a tensor ``scaling`` (a mixed
+        batch); see the module docstring."""
+        if _has_dropout(dropout_p):
             # masked_fill, with 1/(1-p) applied to the small S: one pass over x instead of cast-multiply-scale.
             s = torch.mm(torch.where(self.drop_mask(seed, x.shape, dropout_p, x.device), 0, x), lora_A.t())
-            s.mul_(1.0 / (1.0 - self.realised_p(dropout_p, x.device)))
+            s.mul_(_inv_keep(self.realised_p(dropout_p, x.device), s))
         else:
             s = torch.mm(x, lora_A.t())
         y = _base_linear(x, weight, bias)
+        if isinstance(scaling, torch.Tensor):
+            s.mul_(scaling)
+            scaling = 1.0
         y.addmm_(s, lora_B.t(), alpha=scaling)
         return y, s
 
     def backward(self, grad_y: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                  lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], s: Optional[torch.Tensor],
-                 scaling: float, dropout_p: float, seed: Seed, needs_grad: Sequence[bool]) -> Grads:
+                 scaling: Scaling, dropout_p: DropoutP, seed: Seed, needs_grad: Sequence[bool]) -> Grads:
         """Gradients ``(dx, dweight, dbias, dA, dB)``; see the module docstring."""
         need_x, need_w, need_b, need_a, need_bb = needs_grad
         dx = dw = db = da = dbb = None
 
-        if need_bb:
-            dbb = torch.mm(grad_y.t(), s).mul_(scaling)
+        if need_bb:  # a tensor scaling (mixed batch) is already in S
+            dbb = torch.mm(grad_y.t(), s)
+            if not isinstance(scaling, torch.Tensor):
+                dbb.mul_(scaling)
         if need_x or need_a:
             ds = torch.mm(grad_y, lora_B).mul_(scaling)
             drop = None
-            if dropout_p > 0:
+            if _has_dropout(dropout_p):
                 drop = self.drop_mask(seed, (grad_y.shape[0], lora_A.shape[1]), dropout_p, grad_y.device)
-                ds.mul_(1.0 / (1.0 - self.realised_p(dropout_p, grad_y.device)))  # x̃'s 1/(1-p), on (M, r)
+                ds.mul_(_inv_keep(self.realised_p(dropout_p, grad_y.device), ds))  # x̃'s 1/(1-p), on (M, r)
             if need_x:
                 if drop is None:
                     dx = _base_grad_input(grad_y, weight).addmm_(ds, lora_A)

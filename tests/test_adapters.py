@@ -180,21 +180,28 @@ def test_model_level_names_and_active_adapters():
     assert torch.equal(o(x), nn.functional.linear(x, o.weight, o.bias))
 
 
-def test_one_active_adapter_is_one_fused_call(monkeypatch):
+def test_active_adapters_are_one_fused_call(monkeypatch):
     import lora_kernels.modules as modules
 
-    calls = []
-    real = modules.lora_linear
+    calls, stacked = [], []
+    real, real_stacked = modules.lora_linear, modules.lora_linear_stacked
     monkeypatch.setattr(modules, "lora_linear", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(modules, "lora_linear_stacked", lambda x, w, b, terms, **k:
+                        stacked.append([t.lora_A for t in terms]) or real_stacked(x, w, b, terms, **k))
     layer = two_adapter_model().layers[0].q_proj
     term = []
     monkeypatch.setattr(type(layer), "_lora_term", lambda self, x, name: term.append(name) or 0)
     layer(torch.randn(2, 16))
-    assert calls == [layer.lora_A] and term == []
-    layer.set_adapter(["b", "default"])
-    calls.clear()
+    assert calls == [layer.lora_A] and term == [] and stacked == []
+    layer.set_adapter(["b", "default"])  # the same dropout: one call over both
     layer(torch.randn(2, 16))
-    assert calls == [layer.lora_params("b")[0]] and term == ["default"]
+    assert calls == [layer.lora_A] and term == [] and stacked == [[layer.lora_params("b")[0], layer.lora_A]]
+    # Training with different dropout p: the first adapter fused, the other added eagerly.
+    layer.lora_configs["default"] = layer.lora_configs["default"].replace(dropout=0.1)
+    layer.train()
+    calls.clear(), stacked.clear()
+    layer(torch.randn(2, 16))
+    assert calls == [layer.lora_params("b")[0]] and term == ["default"] and stacked == []
 
 
 def reference64(layer, x, names):

@@ -678,6 +678,9 @@ class _ForwardPlan:
                       1.0 / (1.0 - dropout_p))
         else:
             s.zero_()
+        if isinstance(scaling, torch.Tensor):  # a mixed batch: S' = S ⊙ Scale is kept, the GEMM scales by 1
+            s.mul_(scaling)
+            scaling = 1.0
         if self.matmul is not None:
             self._run_base(x, weight, bias, lora_B, y, s, scaling)
         return y, s
@@ -703,7 +706,9 @@ def forward(
     Args:
         x: (M, K), any strides. weight: (N, K). bias: (N,) or None. lora_A: (r, K). lora_B: (N, r).
             All in one floating dtype.
-        scaling: the LoRA scale s (run-time, no recompilation). dropout_p: drop probability in [0, 1).
+        scaling: the LoRA scale s (run-time, no recompilation), or an (M, r) / (1, r) tensor of per-(row,
+            rank-column) scales for a mixed batch (:mod:`lora_kernels.mixed`): S is then returned scaled,
+            S' = S ⊙ scaling, and the GEMM adds S'·Bᵀ. dropout_p: drop probability in [0, 1).
         seed: dropout seed, a one-element int64 tensor on x's device (or an int); the mask is
             ``dropout_mask(seed, (M, K), dropout_p, x.device)``.
 
@@ -844,9 +849,14 @@ class _BackwardPlan:
             ds_ws = self._workspace(self.ds_count, (m, rank), ds, []) if self.need_ds else grad_y
             dbb_ws = self._workspace(self.dbb_count, (n, rank), dbb, tail) if need_bb else grad_y
             db_ws = self._workspace(self.db_count, (n,), db, tail) if need_b else grad_y
-            self.dy(grad_y, lora_B, s if need_bb else grad_y, ds_ws, dbb_ws, db_ws, *self.dy_ints, float(scaling))
+            # A tensor scaling (mixed batch): dB = dYᵀ·S' at scale 1 (S' already scaled), dS' = (dY·B) ⊙ Scale.
+            mixed = isinstance(scaling, torch.Tensor)
+            self.dy(grad_y, lora_B, s if need_bb else grad_y, ds_ws, dbb_ws, db_ws, *self.dy_ints,
+                    1.0 if mixed else float(scaling))
             if self.ds_sum is not None:
                 self.ds_sum(*_sum_args([(ds_ws, ds)]))
+            if mixed and ds is not None:
+                ds.mul_(scaling)
 
         if need_x:
             dx = torch.empty((m, k), device=device, dtype=dtype)
@@ -902,7 +912,8 @@ def backward(
     Args:
         grad_y: dY (M, N), any strides. x: (M, K), needed for dA and dW (else may be None).
         weight: (N, K), needed for dX. lora_A: (r, K). lora_B: (N, r). s: S from ``forward``, needed for dB.
-        scaling, dropout_p, seed: as given to ``forward``; the mask is regenerated from ``seed``.
+        scaling, dropout_p, seed: as given to ``forward``; the mask is regenerated from ``seed``. With a
+            tensor scaling (mixed batch), s is S' and dB = dYᵀ·S', dS = (dY·B) ⊙ scaling.
         needs_grad: five booleans for (x, weight, bias, lora_A, lora_B).
 
     Returns:
