@@ -1,6 +1,7 @@
 """Writes the bundled training data, all of it composed for this project from the lists below.
 
-    python -m minimind.make_data             # rewrites assets/ corpus.jsonl, chat_base.jsonl, lora_identity.jsonl
+    python -m minimind.make_data             # rewrites assets/ corpus.jsonl, chat_base.jsonl, lora_identity.jsonl,
+                                             # lora_translation.jsonl
 
 * ``corpus.jsonl``: MiniMind pretraining format ``{"text": ...}``: short English and Chinese
   documents (facts, animals, countries, arithmetic, daily life, little stories).
@@ -8,6 +9,8 @@
   mixed into pretraining so the base model answers in ChatML. The base calls itself MiniMind.
 * ``lora_identity.jsonl``: SFT conversations that teach a new identity: the assistant is Lumen, a small
   model fine-tuned with lora_kernels. This is what the LoRA trainer fine-tunes on.
+* ``lora_translation.jsonl``: word translation, English to Chinese and back (``Translate to Chinese: cat`` ->
+  ``猫``): the second adapter when the trainer trains two at once.
 
 The output is deterministic (fixed seed). The other bundled assets are built from these files:
 
@@ -435,6 +438,25 @@ def lora_identity(rng):
     return out
 
 
+def translation_pairs():
+    """(English, 中文) word pairs from the lists above."""
+    strip = lambda w: w.split(" ", 1)[1] if w.split(" ", 1)[0] in ("A", "An", "a", "an", "the") else w
+    pairs = [(a[0], a[3]) for a in ANIMALS] + [(c[1], c[3]) for c in COLORS]
+    pairs += [(strip(x[0]).lower(), x[2]) for x in FOODS + JOBS + OBJECTS]
+    pairs += [(strip(c[0]), c[2]) for c in CAPITALS] + [(c[1], c[3]) for c in CAPITALS] + [(s[0], s[2]) for s in SEASONS]
+    return list(dict.fromkeys(pairs))
+
+
+def lora_translation(rng):
+    """Word translation both ways: a second task for training several adapters at once."""
+    out = []
+    for en, zh in translation_pairs():
+        out.append(conv(rng.choice(["Translate to Chinese: ", "In Chinese: "]) + en, zh))
+        out.append(conv(rng.choice(["翻译成英文：", "用英文说："]) + zh, en))
+    rng.shuffle(out)
+    return out
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -445,3 +467,4 @@ if __name__ == "__main__":
     write_jsonl(HERE / "corpus.jsonl", [{"text": d} for d in corpus_docs(random.Random(0))])
     write_jsonl(HERE / "chat_base.jsonl", chat_base(random.Random(1)))
     write_jsonl(HERE / "lora_identity.jsonl", lora_identity(random.Random(2)))
+    write_jsonl(HERE / "lora_translation.jsonl", lora_translation(random.Random(3)))

@@ -229,3 +229,34 @@ def test_generate_batch_refuses_a_wrong_number_of_adapters():
     model = two_adapter_model(tok.vocab_size)
     with pytest.raises(ValueError, match="2 prompts, 1 adapters"):
         generate_batch(model, tok, ["a", "b"], adapters=["qa"])
+
+
+def test_chat_answers_prompts_in_one_batch_each_with_its_adapter(bundled, tmp_path, capsys):
+    """--prompt-adapter: the batch gives each prompt the answer it gets alone with that adapter active."""
+    from lora_kernels import replace_linear_with_fused_lora
+    from minimind.lora_io import save_minimind_lora
+
+    for i, name in enumerate(("qa", "tr")):
+        torch.manual_seed(i)
+        adapted = replace_linear_with_fused_lora(load_minimind(), rank=2)
+        with torch.no_grad():
+            for _, layer in adapted.named_modules():
+                if hasattr(layer, "lora_B") and layer.lora_B is not None:
+                    layer.lora_B.normal_(std=0.2)
+        save_minimind_lora(adapted, tmp_path / f"{name}.pth")
+    loras = ["--lora", f"qa={tmp_path / 'qa.pth'}", "--lora", f"tr={tmp_path / 'tr.pth'}"]
+    settings = ["--temperature", "0", "--max-new-tokens", "12"]
+    questions = ["What color is snow?", "Who are you?", "What is the capital of France?"]
+    chat.main([*loras, *settings, "--prompt", questions[0], "--prompt-adapter", "tr", "--prompt", questions[1],
+               "--prompt-adapter", "none", "--prompt", questions[2], "--prompt-adapter", "qa"])
+    batched = capsys.readouterr().out.splitlines()
+    assert batched[0::2] == [f">>> [tr] {questions[0]}", f">>> [none] {questions[1]}", f">>> [qa] {questions[2]}"]
+    alone = []
+    for question, lora in ((questions[0], [loras[3]]), (questions[1], []), (questions[2], [loras[1]])):
+        chat.main([*(["--lora", lora[0]] if lora else []), *settings, "--prompt", question])
+        alone.append(capsys.readouterr().out.splitlines()[1])
+    assert batched[1::2] == alone
+    assert chat.main([*loras, "--prompt", "hi", "--prompt-adapter", "nope"]) == 2
+    assert "--prompt-adapter 'nope': no adapter of that name; loaded: qa, tr" in capsys.readouterr().err
+    assert chat.main([*loras, "--prompt", "hi", "--prompt", "ho", "--prompt-adapter", "qa"]) == 2
+    assert "2 prompts, 1 adapters" in capsys.readouterr().err
