@@ -24,6 +24,18 @@ the training state ``DIR/../checkpoints/{lora_name}_{hidden_size}[_moe]_resume.p
 them; our extra files sit beside the training state, named after the same stem. The adapter is saved every
 ``--save_interval`` steps and at the end, the training state every ``--save_interval`` steps.
 
+Several adapters at once: ``--data_path a.jsonl,b.jsonl --lora_name a,b`` trains adapter ``a`` on ``a.jsonl``
+and ``b`` on ``b.jsonl`` on one base. Every step takes ``--batch_size`` rows of each data set (equal rows per
+data set, whatever their sizes: data set k follows its own shuffled epochs, the rows a run of adapter k alone
+would take at that step; the run's epoch is one pass over the largest data set) and runs them as one batch
+through the model under ``lora_kernels.mixed_adapters``: the base once per batch, each row through its own
+adapter. The loss back-propagated is the sum of each adapter's own mean loss, gradients are clipped per
+adapter, and AdamW is per parameter, so each adapter trains exactly as it would alone (tested: fp32, 1e-5;
+with ``--lora_dropout`` the masks differ from a run alone, and an MoE base's auxiliary loss is the mixed
+batch's). Each adapter gets the files of a run of it alone (``DIR/lora/a_{hidden_size}.pth``, ...), the
+metrics ``loss/a``, ``loss/b`` beside their mean ``loss``, the overview in ``DIR/a/``; the shared files of
+MiniMind's layout take the stem ``a+b``.
+
 The output is owned by one run at a time (a lock file naming the PID); every file is written to a
 temporary name, fsynced and renamed, so a crash never leaves half a file (and the next run removes the
 temporary files a killed one left). The loss of one optimizer step is the mean cross-entropy over all
