@@ -691,10 +691,10 @@ def setup(cfg: TrainConfig) -> Run:
     rt = setup_runtime(cfg)
     error, lock, note = None, None, None
     try:
+        check_adapters(cfg)
         if rt.main:
             check_out_dir(Path(cfg.out_dir))
         model, tokenizer = load_base(cfg, rt)
-        check_adapters(cfg)
         backend = add_lora(model, cfg, rt)
         train_set, eval_set = load_data(cfg, tokenizer, rt)
         paths = run_paths(cfg.layout, cfg.out_dir, run_stem(cfg), model.config.hidden_size, model.config.use_moe)
