@@ -314,12 +314,14 @@ def test_two_adapters_at_once_equal_each_trained_alone(tiny, tmp_path, fused):
     last accumulation window of "tr"'s epochs is short, LoRA+ and per-adapter clipping are on."""
     tr_data = write_translations(tmp_path / "tr.jsonl")
     common = ["--max_steps", "20", "--accumulation_steps", "2", "--loraplus_lr_ratio", "4", "--grad_clip", "0.02",
-              "--epochs", "30", *(["--fused"] if fused else [])]
+              "--epochs", "30", "--save_interval", "10", *(["--fused"] if fused else [])]
     both = tmp_path / "both"
-    result = train(parse_args(args_for(tiny, both, *common, "--data_path", f"{tiny / 'data.jsonl'},{tr_data}",
-                                       "--lora_name", "qa,tr")))
+    paths = f"{tiny / 'data.jsonl'},{tr_data}"
+    result = train(parse_args(args_for(tiny, both, *common, "--data_path", paths, "--lora_name", "qa,tr",
+                                       "--eval_data", paths)))
     for name, data in (("qa", tiny / "data.jsonl"), ("tr", tr_data)):
-        train(parse_args(args_for(tiny, tmp_path / name, *common, "--data_path", str(data), "--lora_name", name)))
+        train(parse_args(args_for(tiny, tmp_path / name, *common, "--data_path", str(data), "--lora_name", name,
+                                  "--eval_data", str(data))))
         alone, together = adapter_file(tmp_path / name, name), adapter_file(both, name)
         assert set(alone) == set(together) and len(alone) > 0
         for key in alone:
@@ -327,6 +329,10 @@ def test_two_adapters_at_once_equal_each_trained_alone(tiny, tmp_path, fused):
         assert alone[key].abs().max() > 1e-3  # it learned something
         alone_losses = [r["loss"] for r in metrics_rows(tmp_path / name)]
         assert [r[f"loss/{name}"] for r in metrics_rows(both)] == pytest.approx(alone_losses, abs=1e-5)
+        alone_evals = [r["eval_loss"] for r in metrics_rows(tmp_path / name) if "eval_loss" in r]
+        assert len(alone_evals) == 2  # steps 10 and 20, each adapter on its own evaluation set
+        assert [r[f"eval_loss/{name}"] for r in metrics_rows(both) if "eval_loss" in r] == \
+            pytest.approx(alone_evals, abs=1e-5)
         pth = torch.load(both / "lora" / f"{name}_32.pth", weights_only=True)  # MiniMind's format, as alone
         assert pth.keys() == torch.load(tmp_path / name / "lora" / f"{name}_32.pth", weights_only=True).keys()
     assert not torch.equal(adapter_file(both, "qa")[key], adapter_file(both, "tr")[key])
