@@ -4,6 +4,11 @@ Notation: x (M, K) 2-D, W (N, K), A (r, K), B (N, r), s = scaling, p = dropout p
 one-element int64 tensor (or an int) from which forward and backward regenerate the same dropout mask, so
 no mask is ever stored. The maths of each pass is in :mod:`lora_kernels.torch_backend`'s docstring.
 
+Mixed batches (:mod:`lora_kernels.mixed`) pass several adapters concatenated along the rank as A and B, and
+``scaling`` as an (M, r) (or (1, r)) tensor of per-(row, rank-column) scales: forward then returns the
+scaled S' = S ⊙ scaling and adds S'·Bᵀ, backward takes dB = dYᵀ·S' and dS = (dY·B) ⊙ scaling. The torch
+backend also takes ``dropout_p`` as an (M,) tensor of per-row probabilities; the Triton one takes a float.
+
 A backend is registered under a name with a factory ``get(strict) -> LoRABackend``; ``strict`` is True when
 the user asked for that backend by name (``backend="triton"``) and False when ``"auto"`` picked it, so a
 backend may fall back quietly under ``"auto"`` and raise under its own name (as the Triton one does).

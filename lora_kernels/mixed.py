@@ -184,6 +184,13 @@ def lora_linear_stacked(
     the concatenation above with one scale row for all rows. They share one dropout p, hence one mask (each
     adapter sees the mask it would draw alone at that seed).
 
+    Args:
+        x, weight, bias, training, backend: as for :func:`lora_linear_mixed` (x may have any leading shape).
+        adapters: the adapters whose terms add up on every row.
+
+    Returns:
+        x·Wᵀ + b + Σ_a s_a·(dropout(x)·A_aᵀ)·B_aᵀ, of shape (..., out_features).
+
     Raises:
         ValueError: (in training) the adapters' dropout probabilities differ; the caller adds such terms
             separately.
@@ -242,7 +249,9 @@ def mixed_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
     the whole batch plus, for each row i (the leading dimension of the layer's input), the term of adapter
     ``names[i]`` with its own rank, scaling and dropout (see the module docstring). Works in training
     (each adapter's ``lora_A`` / ``lora_B`` get gradients from their own rows only) and in eval / no_grad.
-    Leaving the context restores the adapters that were active before.
+    Leaving the context restores the adapters that were active before. Backward may run after the context
+    (the Function keeps what it needs), except with activation checkpointing, whose recomputation runs in
+    backward: call ``backward()`` inside the ``with`` then.
 
     Args:
         model: a model with LoRA layers (named adapters, :func:`lora_kernels.add_adapter`).

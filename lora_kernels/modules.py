@@ -460,8 +460,10 @@ class FusedLoRALinear(nn.Module):
             if self.quantize is None:
                 return F.linear(x, weight, self.bias)
             return weight.linear(_rows(x), self.bias).view(*x.shape[:-1], self.out_features)
-        if len(running) > 1 and (not self.training or len({self.lora_configs[n].dropout for n in running}) == 1):
-            # Several active adapters sharing one dropout p: one fused call over their concatenation.
+        if len(running) > 1 and not torch.compiler.is_compiling() \
+                and (not self.training or len({self.lora_configs[n].dropout for n in running}) == 1):
+            # Several active adapters sharing one dropout p: one fused call over their concatenation (under
+            # torch.compile the per-adapter path below, whose fused op is a traceable custom op).
             return lora_linear_stacked(x, weight, self.bias, [self._adapter_term(n) for n in running],
                                        training=self.training, backend=self.backend)
         first = running[0]
@@ -481,10 +483,10 @@ class FusedLoRALinear(nn.Module):
         """The mixed batch of :func:`lora_kernels.mixed_adapters`: row i of x with adapter ``names[i]``."""
         mixed = self._mixed
         if x.dim() < 2 or x.shape[0] != len(mixed.names):
-            got = x.shape[0] if x.dim() >= 2 else f"none (x of shape {tuple(x.shape)})"
-            raise ValueError(f"mixed_adapters: layer {mixed.path!r} got an input of shape {tuple(x.shape)} whose "
-                             f"leading size {got} != len(names) = {len(mixed.names)}; names must give one adapter "
-                             "per row of the leading dimension of every LoRA layer's input")
+            got = (f"leading size {x.shape[0]}" if x.dim() >= 2 else "no leading (batch) dimension")
+            raise ValueError(f"mixed_adapters: layer {mixed.path!r} got an input of shape {tuple(x.shape)} with "
+                             f"{got}, but len(names) = {len(mixed.names)}; names must give one adapter per row "
+                             "of the leading dimension of every LoRA layer's input")
         used, index = mixed.rows_for(self, x.device)
         return lora_linear_mixed(x, weight, self.bias, [self._adapter_term(name) for name in used], index,
                                  training=self.training, backend=self.backend)

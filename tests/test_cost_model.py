@@ -52,3 +52,24 @@ def test_dequantize_then_gemm_costs_two_more_kernels():
     s = Shape(8192, 4096, 4096, 16, 0.1)
     assert len(dequant_then_ours(s)) == len(ours(s)) + 2
     assert sum(k.bytes for k in dequant_then_ours(s)) > sum(k.bytes for k in ours(s))
+
+
+def test_mixed_batch_is_ours_at_the_summed_rank_plus_its_small_tensors_and_the_loop_repeats_ours():
+    import dataclasses
+
+    from benchmarks.cost_model import GPUS, loop_over_adapters, mixed_table, ours_mixed
+
+    s = Shape(m=1024, k=256, n=512, r=8, dropout=0.1, element=2)
+    mixed = ours_mixed(s, 4)
+    fused = ours(dataclasses.replace(s, r=32))
+    assert mixed[:len(fused)] == fused
+    extra = mixed[len(fused):]
+    assert sum(k.bytes for k in extra) == (2 * (32 * 256 + 512 * 32) + 1024 * 32 + 2 * 3 * 1024 * 32) * 2
+    assert all(k.flops == 0 for k in extra)
+    loop = loop_over_adapters(s, 4)
+    part = ours(dataclasses.replace(s, m=256))
+    assert len(loop) == 1 + 4 * (len(part) + 4)
+    assert sum(k.flops for k in loop) == pytest.approx(4 * sum(k.flops for k in part))
+    # Four launches of everything cost more than one launch at the summed rank at this size.
+    assert predict_us(loop, GPUS["h100"]) > predict_us(mixed, GPUS["h100"])
+    assert mixed_table(1024, [256], 8, 4, [GPUS["h100"]]).count("\n") == 2

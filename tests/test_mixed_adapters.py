@@ -147,6 +147,21 @@ def test_mixed_batch_on_a_quantized_base_equals_separate_runs(backend):
                 f"{backend}, NF4 base")
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+def test_a_mixed_batch_is_one_fused_call_per_layer_call(backend, monkeypatch):
+    import lora_kernels.mixed as mixed
+
+    ranks = []
+    real = mixed._LoRALinearFunction.apply
+    monkeypatch.setattr(mixed._LoRALinearFunction, "apply",
+                        lambda *args: ranks.append(args[3].shape[0]) or real(*args))
+    model = three_adapter_model(backend)
+    with mixed_adapters(model, NAMES):
+        model(torch.randn(len(NAMES), 2, 12)).sum().backward()
+    # up (default 4 + b 2 + c 3), mid twice and down (default 4 + b 2): one call each, at rank Σr
+    assert ranks == [9, 6, 6, 6]
+
+
 def test_mixed_batch_in_eval_and_no_grad_equals_per_adapter_outputs():
     model = three_adapter_model("torch", DROPOUTS["same_p"], train_base=False).eval()
     x = torch.randn(len(NAMES), 2, 12)
@@ -183,9 +198,10 @@ def test_functional_mixed_equals_the_reference_loop_in_float64():
 def test_wrong_leading_size_names_the_layer_the_size_and_len_names():
     model = three_adapter_model("torch")
     with mixed_adapters(model, ["default", "b", None]):
-        with pytest.raises(ValueError, match=r"layer 'up'.*leading size 4 != len\(names\) = 3"):
+        with pytest.raises(ValueError, match=r"layer 'up'.*shape \(4, 2, 12\) with leading size 4, but len\(names\) = 3"):
             model(torch.randn(4, 2, 12))
-        with pytest.raises(ValueError, match=r"layer 'up'.*shape \(12,\).*!= len\(names\) = 3"):
+        with pytest.raises(ValueError, match=r"layer 'up'.*shape \(12,\) with no leading \(batch\) dimension, "
+                                             r"but len\(names\) = 3"):
             model(torch.randn(12))
 
 
