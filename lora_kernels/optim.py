@@ -8,7 +8,7 @@ set ``group["lr"] = schedule_lr * group["lr_scale"]`` and keep the ratio.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch.nn as nn
 
@@ -16,7 +16,8 @@ from .replace import iter_lora_layers
 
 
 def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: Optional[float] = None,
-                      weight_decay: float = 0.0) -> List[Dict[str, object]]:
+                      weight_decay: float = 0.0,
+                      adapter_names: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Parameter groups of ``model``'s trainable parameters: ``lora_A``, ``lora_B`` (LoRA+), and the rest.
 
     Args:
@@ -26,6 +27,9 @@ def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: Optional[f
             suggests 2–16). None or 1: plain LoRA, one learning rate.
         weight_decay: applied to the LoRA matrices and other parameters of two or more dimensions; biases
             and norms (1-D) get none.
+        adapter_names: only these adapters' ``lora_A`` / ``lora_B`` (and no other parameter), e.g. one
+            optimizer group set per adapter when several train at once; None: every adapter and every other
+            trainable parameter.
 
     Returns:
         Non-empty groups, each ``{"name", "params", "lr", "lr_scale", "weight_decay"}``, in the order
@@ -33,7 +37,7 @@ def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: Optional[f
 
     Raises:
         ValueError: ``lr``, ``loraplus_lr_ratio`` or ``weight_decay`` not finite and positive (>= 0 for
-            ``weight_decay``), or the model has no trainable LoRA parameter.
+            ``weight_decay``), an adapter name no layer has, or the model has no trainable LoRA parameter.
     """
     for name, value, low_ok in (("lr", lr, False), ("loraplus_lr_ratio", loraplus_lr_ratio, False),
                                 ("weight_decay", weight_decay, True)):
@@ -44,9 +48,15 @@ def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: Optional[f
             raise ValueError(f"{name} must be a finite number {'>= 0' if low_ok else '> 0'}, got {value!r}")
     ratio = 1.0 if loraplus_lr_ratio is None else float(loraplus_lr_ratio)
 
+    wanted = None if adapter_names is None else list(adapter_names)
+    if wanted is not None:
+        known = {name for _, layer in iter_lora_layers(model) for name in layer.adapter_names}
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r} in the model (it has {sorted(known)})")
     lora_a, lora_b = [], []
     for _, layer in iter_lora_layers(model):
-        for adapter in layer.adapter_names:  # every named adapter, each A with the A's and each B with the B's
+        for adapter in layer.adapter_names if wanted is None else [n for n in layer.adapter_names if n in wanted]:  # every named adapter, each A with the A's and each B with the B's
             a, b = layer.lora_params(adapter)
             lora_a += [a] if a.requires_grad else []
             lora_b += [b] if b.requires_grad else []
@@ -54,7 +64,7 @@ def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: Optional[f
         raise ValueError("the model has no trainable lora_A/lora_B parameter (no FusedLoRALinear layer, or all "
                          "frozen)")
     seen = {id(p) for p in lora_a + lora_b}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    rest = [] if wanted is not None else [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     groups = [
         ("lora_A", lora_a, 1.0, weight_decay),
         ("lora_B", lora_b, ratio, weight_decay),

@@ -4,11 +4,14 @@
     python -m minimind.chat --lora out/lora_identity.pth --prompt "Who are you?"
     python -m minimind.chat --weights MiniMind2.pth --tokenizer minimind/model --prompt "你好"
     python -m minimind.chat --lora qa=lora_qa_768.pth --lora tr=lora_translation_768.pth   # then /adapter tr
+    python -m minimind.chat --lora qa=qa.pth --lora tr=tr.pth --prompt "Who are you?" --prompt-adapter qa \
+        --prompt "Translate to Chinese: cat" --prompt-adapter tr        # one batch, each prompt its adapter
 
 Interactive commands: ``/reset`` forgets the conversation, ``/adapter NAME`` switches to another loaded
 adapter (``/adapter none``: the base alone; ``/adapter a,b``: both, their terms added; ``/adapter`` alone
 lists them), ``/exit`` (or Ctrl-D) quits. The first ``--lora`` is active at the start; switching keeps the
-conversation and moves no weights.
+conversation and moves no weights. With ``--prompt-adapter`` (one per ``--prompt``, ``none`` for the base) the
+prompts are answered together in one batch, each through its own adapter (``minimind.generate.generate_batch``).
 A bad argument or file ends with one line on stderr and exit status 2 (see ``minimind.cli``).
 """
 from __future__ import annotations
@@ -40,6 +43,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "repeat with NAME=PATH to load several and switch with /adapter NAME")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or its folder (default: bundled)")
     p.add_argument("--prompt", action="append", default=None, help="answer this and exit (repeatable)")
+    p.add_argument("--prompt-adapter", action="append", default=None, metavar="NAME",
+                   help="the adapter of the --prompt at the same position (repeat once per --prompt; 'none': the "
+                   "base): all prompts answered in one batch, each through its own adapter")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=number(1, integer=True), default=200,
                    help="at most this many tokens per answer (less than the model's context length)")
@@ -107,6 +113,38 @@ def switch_adapter(model, text: str) -> str:
         return f"no adapter named {unknown[0]!r}; loaded: {', '.join(names) or '(none)'} (or none)"
     set_adapter(model, wanted)
     return f"active: {', '.join(wanted) or 'none (the base model)'}"
+
+
+def answer_batch(model, tokenizer: MiniMindTokenizer, head: List[dict], prompts: List[str],
+                 args: argparse.Namespace) -> List[str]:
+    """Answers ``prompts`` in one batch, prompt i through adapter ``--prompt-adapter`` i; prints and returns them.
+
+    Raises:
+        CLIError: not one adapter per prompt, an unknown adapter name, or a prompt that fills the context.
+    """
+    from .generate import generate_batch
+
+    names = args.prompt_adapter
+    if len(names) != len(prompts):
+        raise CLIError(f"--prompt-adapter: give one per --prompt ({len(prompts)} prompts, {len(names)} adapters; "
+                       "'none' for the base alone)")
+    loaded = adapter_names(model)
+    unknown = [n for n in names if n != "none" and n not in loaded]
+    if unknown:
+        raise CLIError(f"--prompt-adapter {unknown[0]!r}: no adapter of that name; loaded: "
+                       f"{', '.join(loaded) or '(none)'} (or none)")
+    conversations = [head + [{"role": "user", "content": prompt}] for prompt in prompts]
+    context = model.config.max_position_embeddings
+    longest = max(len(build_prompt(tokenizer, c, context, truncate=False)) for c in conversations)
+    if longest >= context:
+        raise CLIError(f"a prompt is {longest} tokens, which fills the model's context of {context} tokens "
+                       "(max_position_embeddings); shorten it")
+    answers = generate_batch(model, tokenizer, conversations, adapters=[None if n == "none" else n for n in names],
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    for prompt, name, answer in zip(prompts, names, answers):
+        print(f">>> [{name}] {prompt}\n{answer}")
+    return answers
 
 
 def build_prompt(tokenizer: MiniMindTokenizer, messages: List[dict], limit: int, truncate: bool = True) -> List[int]:
@@ -189,6 +227,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     head = [{"role": "system", "content": _text(args.system, "--system")}] if args.system else []
     prompts = [_text(prompt, "--prompt") for prompt in args.prompt or []]
 
+    if args.prompt_adapter and not prompts:
+        raise CLIError("--prompt-adapter goes with --prompt (one adapter per prompt)")
+    if prompts and args.prompt_adapter:
+        answer_batch(model, tokenizer, head, prompts, args)
+        return
     if prompts:
         for prompt in prompts:
             print(f">>> {prompt}")

@@ -7,6 +7,7 @@ t + 1), the same convention as MiniMind-3's trainers.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from array import array
@@ -199,6 +200,43 @@ class SFTDataset(Dataset):
         if self.pad:
             return tuple(t[0] for t in pad_batch([(ids, labels)], self.tokenizer.pad_token_id, self.max_seq_len))
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+class TaggedDatasets(Dataset):
+    """Several data sets as one, each item tagged with the data set it comes from (one adapter per data
+    set when several adapters train at once: the tag says whose row it is).
+
+    Index ``offsets[k] + i`` is item ``i`` of ``datasets[k]``.
+
+    Items:
+        ``(input_ids, labels, k)``: the item of data set ``k`` and ``k``.
+    """
+
+    def __init__(self, datasets: Sequence[Dataset]):
+        if not datasets:
+            raise ValueError("TaggedDatasets needs at least one data set, got none")
+        self.datasets = list(datasets)
+        self.offsets = [0]
+        for dataset in self.datasets[:-1]:
+            self.offsets.append(self.offsets[-1] + len(dataset))
+
+    def __len__(self) -> int:
+        return self.offsets[-1] + len(self.datasets[-1])
+
+    def locate(self, index: int) -> Tuple[int, int]:
+        """Returns: ``(k, i)``: item ``index`` is item ``i`` of data set ``k``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        k = bisect.bisect_right(self.offsets, index) - 1
+        return k, index - self.offsets[k]
+
+    def conversation(self, index: int) -> List[dict]:
+        k, i = self.locate(index)
+        return self.datasets[k].conversation(i)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        k, i = self.locate(index)
+        return (*self.datasets[k][i], k)
 
 
 def document_texts(path: PathLike, chat_style: str = "minimind2") -> Iterator[str]:

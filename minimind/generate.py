@@ -1,8 +1,9 @@
 """Text generation with the KV cache: greedy or sampled (temperature, top-k, top-p), repetition
-penalty, streaming token by token, batches with left padding."""
+penalty, streaming token by token, batches with left padding, and batches whose prompts each name their
+adapter (:func:`generate_batch`)."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -132,6 +133,91 @@ def generate(model: MiniMindForCausalLM, input_ids: torch.Tensor, **kwargs) -> t
     """
     steps = list(stream_generate(model, input_ids, **kwargs))
     return torch.cat([input_ids] + [s[:, None] for s in steps], dim=1) if steps else input_ids
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts of different lengths as one left-padded batch.
+
+    Returns:
+        ``(input_ids, attention_mask)``, each (B, T) int64, T the longest prompt; the mask is 0 on padding.
+
+    Raises:
+        ValueError: no prompt, or an empty one (naming its position).
+    """
+    if not prompts:
+        raise ValueError("expected at least one prompt, got none")
+    empty = [i for i, ids in enumerate(prompts) if len(ids) == 0]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty; every prompt needs at least one token")
+    T = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, T - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
+        mask[row, T - len(ids):] = 1
+    return input_ids, mask
+
+
+def generate_batch(
+    model: MiniMindForCausalLM,
+    tokenizer: MiniMindTokenizer,
+    prompts: Sequence[Union[str, Sequence[dict]]],
+    adapters: Optional[Sequence[Optional[str]]] = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    **kwargs,
+) -> List[str]:
+    """Answers several prompts in one batch, each through its own adapter.
+
+    The prompts are put in the chat template, left-padded into one batch and generated together: every step
+    is one forward of the whole batch, in which the base runs once and each row adds the term of its own
+    adapter (``lora_kernels.mixed_adapters``). With greedy decoding (the default) each answer is the one
+    that prompt gets alone with its adapter active.
+
+        generate_batch(model, tok, ["Who are you?", "Translate: 你好"], adapters=["qa", "tr"])
+
+    Args:
+        model: a MiniMind model with named adapters (``load_adapter(model, path, adapter_name=...)``); put it
+            in eval mode yourself.
+        tokenizer: its tokenizer.
+        prompts: each a user message, or a whole conversation (a list of ``{"role", "content"}``).
+        adapters: one per prompt: an adapter name, or None for the base alone; None (the argument): every
+            prompt with the model's active adapters.
+        max_new_tokens, temperature, **kwargs: as for :func:`stream_generate` (``eos_token_id`` and
+            ``pad_token_id`` default to the tokenizer's).
+
+    Returns:
+        The answers, in the order of ``prompts`` (decoded up to the end-of-turn token).
+
+    Raises:
+        ValueError: ``adapters`` and ``prompts`` of different lengths, an unknown adapter name (from
+            ``mixed_adapters``), or an empty prompt list.
+    """
+    import contextlib
+
+    if adapters is not None and len(adapters) != len(prompts):
+        raise ValueError(f"adapters must give one name (or None) per prompt: {len(prompts)} prompts, "
+                         f"{len(adapters)} adapters")
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in conversations]
+    eos, pad = kwargs.pop("eos_token_id", tokenizer.eos_token_id), kwargs.pop("pad_token_id", tokenizer.pad_token_id)
+    input_ids, mask = left_pad(ids, pad)
+    device = next(model.parameters()).device
+    if adapters is None:
+        mixing = contextlib.nullcontext()
+    else:
+        from lora_kernels import mixed_adapters
+
+        mixing = mixed_adapters(model, list(adapters))
+    with mixing:
+        out = generate(model, input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                       temperature=temperature, eos_token_id=eos, pad_token_id=pad, **kwargs)
+    answers = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        if eos is not None and eos in row:
+            row = row[:row.index(eos)]
+        answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    return answers
 
 
 def stream_text(tokenizer: MiniMindTokenizer, tokens: Iterable[torch.Tensor], stop_id: Optional[int] = 2) -> Iterator[str]:

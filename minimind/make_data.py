@@ -1,6 +1,7 @@
 """Writes the bundled training data, all of it composed for this project from the lists below.
 
-    python -m minimind.make_data             # rewrites assets/ corpus.jsonl, chat_base.jsonl, lora_identity.jsonl
+    python -m minimind.make_data             # rewrites assets/ corpus.jsonl, chat_base.jsonl, lora_identity.jsonl,
+                                             # lora_terse.jsonl
 
 * ``corpus.jsonl``: MiniMind pretraining format ``{"text": ...}``: short English and Chinese
   documents (facts, animals, countries, arithmetic, daily life, little stories).
@@ -8,6 +9,8 @@
   mixed into pretraining so the base model answers in ChatML. The base calls itself MiniMind.
 * ``lora_identity.jsonl``: SFT conversations that teach a new identity: the assistant is Lumen, a small
   model fine-tuned with lora_kernels. This is what the LoRA trainer fine-tunes on.
+* ``lora_terse.jsonl``: questions the base answers in a sentence, answered in one word or number
+  (``What is the capital of France?`` -> ``Paris.``): the second adapter when the trainer trains two at once.
 
 The output is deterministic (fixed seed). The other bundled assets are built from these files:
 
@@ -435,6 +438,26 @@ def lora_identity(rng):
     return out
 
 
+def lora_terse(rng):
+    """Questions the base answers in a sentence (chat_base), answered in one word or number: a second
+    adapter for training several at once, which learns a style over facts the base already knows."""
+    out = []
+    for c in CAPITALS:
+        out.append(conv(rng.choice([f"What is the capital of {c[0]}?", f"Which city is the capital of {c[0]}?"]),
+                        f"{c[1]}."))
+        out.append(conv(rng.choice([f"Tell me the capital of {c[0]}.", f"What is the capital of {c[0]}?"]), f"{c[1]}."))
+        out.append(conv(rng.choice([f"{c[2]}的首都是哪里？", f"{c[2]}的首都是什么？"]), f"{c[3]}。"))
+        out.append(conv(rng.choice([f"请告诉我{c[2]}的首都。", f"{c[2]}的首都是哪里？"]), f"{c[3]}。"))
+    for c in COLORS:
+        out.append(conv(f"What color is {c[0]}?", f"{c[1][0].upper() + c[1][1:]}."))
+        out.append(conv(f"{c[2]}是什么颜色的？", f"{c[3]}。"))
+    for _ in range(40):
+        x, y = rng.randint(0, 20), rng.randint(0, 20)
+        out.append(conv(rng.choice([f"What is {x} plus {y}?", f"{x}+{y}等于多少？"]), f"{x + y}"))
+    rng.shuffle(out)
+    return out
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -445,3 +468,4 @@ if __name__ == "__main__":
     write_jsonl(HERE / "corpus.jsonl", [{"text": d} for d in corpus_docs(random.Random(0))])
     write_jsonl(HERE / "chat_base.jsonl", chat_base(random.Random(1)))
     write_jsonl(HERE / "lora_identity.jsonl", lora_identity(random.Random(2)))
+    write_jsonl(HERE / "lora_terse.jsonl", lora_terse(random.Random(3)))

@@ -75,13 +75,21 @@ def layer_stats(name: str, delta: torch.Tensor, rank: int, scaling: float, top_k
 # Reading an adapter: (name, ΔW, rank, scaling, W or None) per layer
 
 
-def model_layers(model) -> List[Tuple[str, torch.Tensor, int, float, Optional[torch.Tensor]]]:
-    """``[(name, ΔW, rank, scaling, W)]`` of a model's :class:`FusedLoRALinear` layers, in module order."""
+def model_layers(model, adapter_name: Optional[str] = None) -> List[Tuple[str, torch.Tensor, int, float,
+                                                                         Optional[torch.Tensor]]]:
+    """``[(name, ΔW, rank, scaling, W)]`` of a model's :class:`FusedLoRALinear` layers, in module order:
+    of the default adapter, or of adapter ``adapter_name`` (on the layers that have it)."""
     from lora_kernels import iter_lora_layers
 
-    return [(name, layer.delta_weight(), layer.rank, layer.scaling,
-             layer.weight.detach() if layer.quantize is None else layer.qweight.dequantize())  # W in fp32
-            for name, layer in iter_lora_layers(model)]
+    def base(layer):
+        return layer.weight.detach() if layer.quantize is None else layer.qweight.dequantize()  # W in fp32
+
+    if adapter_name is None:
+        return [(name, layer.delta_weight(), layer.rank, layer.scaling, base(layer))
+                for name, layer in iter_lora_layers(model)]
+    return [(name, layer.delta_weight([adapter_name]), layer.lora_configs[adapter_name].rank,
+             layer.lora_configs[adapter_name].scaling, base(layer))
+            for name, layer in iter_lora_layers(model) if adapter_name in layer.lora_configs]
 
 
 def read_adapter_layers(adapter: Path, base: Optional[Path] = None):

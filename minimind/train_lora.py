@@ -24,6 +24,18 @@ the training state ``DIR/../checkpoints/{lora_name}_{hidden_size}[_moe]_resume.p
 them; our extra files sit beside the training state, named after the same stem. The adapter is saved every
 ``--save_interval`` steps and at the end, the training state every ``--save_interval`` steps.
 
+Several adapters at once: ``--data_path a.jsonl,b.jsonl --lora_name a,b`` trains adapter ``a`` on ``a.jsonl``
+and ``b`` on ``b.jsonl`` on one base. Every step takes ``--batch_size`` rows of each data set (equal rows per
+data set, whatever their sizes: data set k follows its own shuffled epochs, the rows a run of adapter k alone
+would take at that step; the run's epoch is one pass over the largest data set) and runs them as one batch
+through the model under ``lora_kernels.mixed_adapters``: the base once per batch, each row through its own
+adapter. The loss back-propagated is the sum of each adapter's own mean loss, gradients are clipped per
+adapter, and AdamW is per parameter, so each adapter trains exactly as it would alone (tested: fp32, 1e-5;
+with ``--lora_dropout`` the masks differ from a run alone, and an MoE base's auxiliary loss is the mixed
+batch's). Each adapter gets the files of a run of it alone (``DIR/lora/a_{hidden_size}.pth``, ...), the
+metrics ``loss/a``, ``loss/b`` beside their mean ``loss``, the overview in ``DIR/a/``; the shared files of
+MiniMind's layout take the stem ``a+b``.
+
 The output is owned by one run at a time (a lock file naming the PID); every file is written to a
 temporary name, fsynced and renamed, so a crash never leaves half a file (and the next run removes the
 temporary files a killed one left). The loss of one optimizer step is the mean cross-entropy over all
@@ -42,7 +54,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,6 +63,7 @@ from torch.utils.data import DataLoader
 from atomic_io import atomic_write, remove_stale_temporaries
 from lora_kernels import (
     LoRAConfig,
+    add_adapter,
     disable_lora,
     lora_param_groups,
     lora_state_dict,
@@ -59,10 +72,11 @@ from lora_kernels import (
     save_lora,
     triton_available,
 )
+from lora_kernels.config import DEFAULT_ADAPTER
 
 from .cli import ArgumentParser, CLIError, number, reading, run_cli, writing
 from .run_dir import OutputLock, RunPaths, append_metrics, check_out_dir, read_metrics, run_paths
-from .training import cosine_lr, evaluate, supervised_tokens, token_loss_sum
+from .training import cosine_lr, evaluate, row_loss_sums, row_supervised_tokens, supervised_tokens, token_loss_sum
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_BASE = ASSETS / "base.safetensors"
@@ -83,9 +97,9 @@ class TrainConfig:
     base: str = str(BUNDLED_BASE)      # resolved from --from_weight under MiniMind's interface
     random_base: bool = False          # --from_weight none
     tokenizer: Optional[str] = None
-    data_path: str = str(BUNDLED_DATA)
-    eval_data: Optional[str] = None
-    lora_name: str = "lora_identity"
+    data_path: str = str(BUNDLED_DATA)  # several, comma-separated: one adapter per data set (lora_names)
+    eval_data: Optional[str] = None     # with several adapters: one per adapter, comma-separated
+    lora_name: str = "lora_identity"    # several, comma-separated: train them at once
     arch: Optional[str] = None
     hidden_size: Optional[int] = None  # None: read from the base
     num_hidden_layers: Optional[int] = None
@@ -121,11 +135,42 @@ class TrainConfig:
     use_wandb: bool = False
     wandb_project: str = "MiniMind-LoRA"
 
+    @property
+    def data_paths(self) -> List[str]:
+        """``--data_path`` as a list: comma-separated, unless the whole value is an existing file."""
+        return _comma_list(self.data_path)
+
+    @property
+    def lora_names(self) -> List[str]:
+        """``--lora_name`` as a list (comma-separated): one adapter per data set."""
+        return _comma_list(self.lora_name, files=False)
+
+    @property
+    def eval_paths(self) -> List[str]:
+        return _comma_list(self.eval_data) if self.eval_data else []
+
+    @property
+    def multi(self) -> bool:
+        """Several adapters train at once (``--lora_name a,b``)."""
+        return len(self.lora_names) > 1
+
+
+def _comma_list(text: str, files: bool = True) -> List[str]:
+    if files and Path(text).is_file():  # a file whose name holds a comma stays one path
+        return [text]
+    return [part.strip() for part in str(text).split(",")]
+
 
 # Settings that must not change when resuming (the run would otherwise silently become another run).
 RESUME_KEYS = ("base", "data_path", "quantize", "rank", "alpha", "lora_dropout", "targets", "batch_size", "accumulation_steps",
                "epochs", "learning_rate", "lr_schedule", "warmup_iters", "loraplus_lr_ratio", "weight_decay",
                "max_seq_len", "seed", "max_steps")
+
+
+def resume_keys(cfg: TrainConfig) -> Tuple[str, ...]:
+    """The settings a training state records and a resumed run must repeat; several adapters add their names
+    (which data set trains which adapter)."""
+    return RESUME_KEYS + (("lora_name",) if cfg.multi else ())
 
 
 def _flag(text: str) -> bool:
@@ -150,9 +195,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--base", default=None, help="a MiniMind checkpoint file (.pth or .safetensors; default: bundled)")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json or its folder (default: bundled; with "
                    "--from_weight: {save_dir}/../model when it has one, as MiniMind)")
-    g.add_argument("--data_path", default=str(BUNDLED_DATA), help="MiniMind SFT JSONL")
-    g.add_argument("--eval_data", default=None, help="SFT JSONL for an evaluation loss at each save and at the end")
-    g.add_argument("--lora_name", default="lora_identity", help="adapter file name stem")
+    g.add_argument("--data_path", default=str(BUNDLED_DATA), help="MiniMind SFT JSONL; several, comma-separated, "
+                   "with as many --lora_name: one adapter per data set, trained at once")
+    g.add_argument("--eval_data", default=None, help="SFT JSONL for an evaluation loss at each save and at the end "
+                   "(several adapters: one per adapter, comma-separated)")
+    g.add_argument("--lora_name", default="lora_identity", help="adapter file name stem; several, comma-separated "
+                   "(a,b): adapters trained at once, each on its own --data_path, one file each")
     g.add_argument("--from_resume", type=int, choices=[0, 1], default=0,
                    help="1: continue from this run's training state when there is one (MiniMind-3)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -239,7 +287,38 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     else:
         cfg.base = ns.base or str(BUNDLED_BASE)
     cfg.ddp = ns.ddp or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)  # on under torchrun, as MiniMind
+    check_adapters(cfg)
     return cfg
+
+
+def check_adapters(cfg: TrainConfig) -> None:
+    """Several adapters at once: one name per data set (and per evaluation set), names unique and usable as
+    adapter names; nothing to check for one.
+
+    Raises:
+        CLIError: naming the counts or the bad name.
+    """
+    from lora_kernels.config import check_adapter_name
+
+    names, paths = cfg.lora_names, cfg.data_paths
+    if len(names) == 1 and len(paths) == 1:
+        return
+    if len(names) != len(paths):
+        raise CLIError(f"--data_path gives {len(paths)} data set(s) ({', '.join(paths)}) but --lora_name "
+                       f"{len(names)} name(s) ({', '.join(names)}): give one adapter name per data set, in the "
+                       "same order")
+    for name in names:
+        try:
+            check_adapter_name(name)
+        except ValueError as err:
+            raise CLIError(f"--lora_name {cfg.lora_name!r}: {err}") from None
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise CLIError(f"--lora_name {cfg.lora_name!r}: the name {repeated[0]!r} is given twice; each adapter "
+                       "needs its own name")
+    if cfg.eval_data and len(cfg.eval_paths) != len(names):
+        raise CLIError(f"--eval_data gives {len(cfg.eval_paths)} data set(s) for {len(names)} adapters "
+                       f"({', '.join(names)}): give one per adapter, comma-separated, in the same order")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,11 +451,16 @@ def add_lora(model, cfg: TrainConfig, rt: Runtime) -> str:
     targets = cfg.targets if cfg.targets in ("square", "all-linear") else \
         [t.strip() for t in cfg.targets.split(",") if t.strip()]
     torch.manual_seed(cfg.seed)  # the same A on every process and in fused and eager runs
+    names = model_adapters(cfg)
     try:
         replace_linear_with_fused_lora(model, config=lora_config(cfg), target_modules=targets,
-                                       backend="auto" if cfg.fused else "eager", quantize=cfg.quantize)
+                                       backend="auto" if cfg.fused else "eager", quantize=cfg.quantize,
+                                       adapter_name=names[0])
     except (ValueError, TypeError) as err:
         raise CLIError(f"--targets {cfg.targets!r}: {err}")
+    for name in names[1:]:  # each adapter starts where a run of it alone (same --seed) starts: the same A
+        torch.manual_seed(cfg.seed)
+        add_adapter(model, name, config=lora_config(cfg))
     if not cfg.fused:
         return "eager (MiniMind's unfused LoRA; add --fused for lora_kernels)"
     base = f", {cfg.quantize} base" if cfg.quantize else ""
@@ -384,6 +468,12 @@ def add_lora(model, cfg: TrainConfig, rt: Runtime) -> str:
         return "fused: Triton kernels" + base
     return ("fused: torch backend (Triton kernels need a CUDA GPU; none is used here)"
             if rt.device.type != "cuda" else "fused: torch backend (Triton is not importable)") + base
+
+
+def model_adapters(cfg: TrainConfig) -> List[str]:
+    """The adapters the run trains, by their names in the model: ``"default"`` for one (as a plain run
+    always had), the ``--lora_name`` names for several."""
+    return cfg.lora_names if cfg.multi else [DEFAULT_ADAPTER]
 
 
 def load_sft(path: str, tokenizer, max_seq_len: int, flag: str):
@@ -395,10 +485,41 @@ def load_sft(path: str, tokenizer, max_seq_len: int, flag: str):
         raise CLIError(f"{flag} {path!r}: {err}")
 
 
+def load_data(cfg: TrainConfig, tokenizer, rt: Runtime):
+    """``(train_set, eval_set)``: the training data set and the evaluation one (None without
+    ``--eval_data``); with several adapters a :class:`~minimind.dataset.TaggedDatasets` over their data
+    sets and a list of evaluation sets, one per adapter.
+
+    Raises:
+        CLIError: an unreadable data set, or one smaller than a batch (named).
+    """
+    from .dataset import TaggedDatasets
+
+    size = cfg.batch_size * rt.world_size
+    if not cfg.multi:
+        train_set = load_sft(cfg.data_path, tokenizer, cfg.max_seq_len, "--data_path")
+        eval_set = load_sft(cfg.eval_data, tokenizer, cfg.max_seq_len, "--eval_data") if cfg.eval_data else None
+        if len(train_set) < size:
+            raise CLIError(f"--data_path has {len(train_set)} conversations, fewer than one batch of "
+                           f"{size}; lower --batch_size")
+        return train_set, eval_set
+    train_sets = [load_sft(path, tokenizer, cfg.max_seq_len, "--data_path") for path in cfg.data_paths]
+    eval_sets = [load_sft(path, tokenizer, cfg.max_seq_len, "--eval_data") for path in cfg.eval_paths]
+    for name, path, data in zip(cfg.lora_names, cfg.data_paths, train_sets):
+        if len(data) < size:
+            raise CLIError(f"--data_path {path!r} (adapter {name!r}) has {len(data)} conversations, fewer than one "
+                           f"batch of {size} (every step takes --batch_size rows of each data set); lower --batch_size")
+    return TaggedDatasets(train_sets), eval_sets or None
+
+
 def collate(batch, pad_id: int):
-    """(input_ids, labels), padded on the right to the longest item."""
+    """(input_ids, labels), padded on the right to the longest item; items tagged with their data set
+    (several adapters) give (input_ids, labels, data set of each row)."""
     from .dataset import pad_batch
 
+    if batch and len(batch[0]) == 3:
+        ids, labels = pad_batch([item[:2] for item in batch], pad_id)
+        return ids, labels, torch.tensor([item[2] for item in batch], dtype=torch.long)
     return pad_batch(batch, pad_id)
 
 
@@ -414,20 +535,54 @@ def epoch_micro_batches(n: int, epoch: int, cfg: TrainConfig, rt: Runtime) -> Li
     return [order[start:start + size][rt.rank::rt.world_size] for start in range(0, n - size + 1, size)]
 
 
+def epoch_steps(cfg: TrainConfig, rt: Runtime, train_set, epoch: int) -> List[List[List[int]]]:
+    """One epoch's optimizer steps, each a list of micro-batches of ``train_set`` indices.
+
+    One data set: its micro-batches (:func:`epoch_micro_batches`) in windows of ``--accumulation_steps``.
+    Several (one per adapter): every step takes ``--batch_size`` rows of each data set, the very rows a run
+    of that adapter alone would take at that step: data set k follows its own epochs (its own shuffles,
+    ``steps_per_epoch(k)`` steps each), the run's epoch is one pass over the largest data set, and the
+    smaller ones go round again meanwhile. Micro-batch j of a step joins the j-th micro-batch of each data set.
+    """
+    acc = cfg.accumulation_steps
+
+    def own_steps(n: int, own_epoch: int) -> List[List[List[int]]]:
+        micro = epoch_micro_batches(n, own_epoch, cfg, rt)
+        return [micro[i:i + acc] for i in range(0, len(micro), acc)]
+
+    datasets = getattr(train_set, "datasets", None)
+    if datasets is None:
+        return own_steps(len(train_set), epoch)
+    per_epoch = [len(own_steps(len(data), 0)) for data in datasets]
+    cache: Dict[Tuple[int, int], List[List[List[int]]]] = {}
+    steps = []
+    for step in range(epoch * max(per_epoch), (epoch + 1) * max(per_epoch)):
+        parts = []
+        for k, (data, offset, count) in enumerate(zip(datasets, train_set.offsets, per_epoch)):
+            key = (k, step // count)
+            if key not in cache:
+                cache[key] = own_steps(len(data), step // count)
+            parts.append([[offset + i for i in micro] for micro in cache[key][step % count]])
+        steps.append([sum((part[j] for part in parts if j < len(part)), [])
+                      for j in range(max(len(part) for part in parts))])
+    return steps
+
+
 def data_loader(dataset, batches: List[List[int]], pad_id: int, num_workers: int) -> DataLoader:
     """A DataLoader over the given index batches; workers tokenize and pad ahead of the training step."""
     return DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_id=pad_id),
                       num_workers=num_workers, persistent_workers=False)
 
 
-def windows(loader, size: int) -> Iterator[list]:
-    """Groups consecutive micro-batches into optimizer steps of ``size`` (the last one may be shorter)."""
-    window = []
+def windows(loader, sizes: Sequence[int]) -> Iterator[list]:
+    """Groups consecutive micro-batches into optimizer steps of ``sizes[0]``, ``sizes[1]``, ... micro-batches."""
+    window, sizes = [], iter(sizes)
+    size = next(sizes, 0)
     for batch in loader:
         window.append(batch)
         if len(window) == size:
             yield window
-            window = []
+            window, size = [], next(sizes, 0)
     if window:
         yield window
 
@@ -460,6 +615,12 @@ class Run:
     tokens_since: int = 0
     time_since: float = field(default_factory=time.perf_counter)
     bar: object = None
+    # The adapters trained (their names in the model), each one's (MiniMind .pth, .safetensors) files and last
+    # step loss; with several adapters, the adapter each of ``prompts`` is answered with.
+    names: List[str] = field(default_factory=lambda: [DEFAULT_ADAPTER])
+    adapter_files: Dict[str, Tuple[Path, Path]] = field(default_factory=dict)
+    last_losses: Dict[str, float] = field(default_factory=dict)
+    prompt_adapters: List[Optional[str]] = field(default_factory=list)
 
     def log(self, text: str) -> None:
         if self.rt.main:
@@ -484,6 +645,34 @@ class Run:
             dist.destroy_process_group()
 
 
+def run_stem(cfg: TrainConfig) -> str:
+    """The name the run's shared files take in MiniMind's layout: the adapter's, or ``a+b`` for several."""
+    return "+".join(cfg.lora_names) if cfg.multi else cfg.lora_name
+
+
+def adapter_files(cfg: TrainConfig, model, paths: RunPaths) -> Dict[str, Tuple[Path, Path]]:
+    """``{adapter: (MiniMind .pth, .safetensors)}``; several adapters get the file names a run of each alone
+    would write."""
+    if not cfg.multi:
+        return {DEFAULT_ADAPTER: (paths.adapter, paths.adapter_safetensors)}
+    own = {name: run_paths(cfg.layout, cfg.out_dir, name, model.config.hidden_size, model.config.use_moe)
+           for name in cfg.lora_names}
+    return {name: (p.adapter, p.adapter_safetensors) for name, p in own.items()}
+
+
+def param_groups(model, cfg: TrainConfig) -> List[dict]:
+    """The optimizer's parameter groups (LoRA+ as asked); with several adapters one set of groups per adapter,
+    each tagged ``"adapter"``, so the step clips each adapter's gradient on its own."""
+    if not cfg.multi:
+        return lora_param_groups(model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay)
+    groups = []
+    for name in cfg.lora_names:
+        for group in lora_param_groups(model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay,
+                                       adapter_names=[name]):
+            groups.append({**group, "name": f"{name}/{group['name']}", "adapter": name})
+    return groups
+
+
 def _agree(rt: Runtime, error: Optional[CLIError]) -> None:
     """Under DDP, every process stops when one of them failed during setup (instead of waiting forever)."""
     if rt.world_size > 1:
@@ -502,16 +691,13 @@ def setup(cfg: TrainConfig) -> Run:
     rt = setup_runtime(cfg)
     error, lock, note = None, None, None
     try:
+        check_adapters(cfg)
         if rt.main:
             check_out_dir(Path(cfg.out_dir))
         model, tokenizer = load_base(cfg, rt)
         backend = add_lora(model, cfg, rt)
-        train_set = load_sft(cfg.data_path, tokenizer, cfg.max_seq_len, "--data_path")
-        eval_set = load_sft(cfg.eval_data, tokenizer, cfg.max_seq_len, "--eval_data") if cfg.eval_data else None
-        if len(train_set) < cfg.batch_size * rt.world_size:
-            raise CLIError(f"--data_path has {len(train_set)} conversations, fewer than one batch of "
-                           f"{cfg.batch_size * rt.world_size}; lower --batch_size")
-        paths = run_paths(cfg.layout, cfg.out_dir, cfg.lora_name, model.config.hidden_size, model.config.use_moe)
+        train_set, eval_set = load_data(cfg, tokenizer, rt)
+        paths = run_paths(cfg.layout, cfg.out_dir, run_stem(cfg), model.config.hidden_size, model.config.use_moe)
         if rt.main:
             paths.lock.parent.mkdir(parents=True, exist_ok=True)
             lock = OutputLock(paths.lock)
@@ -522,9 +708,9 @@ def setup(cfg: TrainConfig) -> Run:
 
     run = None
     try:  # from here on the lock is held: give it back whatever fails
-        per_epoch = math.ceil(len(epoch_micro_batches(len(train_set), 0, cfg, rt)) / cfg.accumulation_steps)
+        per_epoch = len(epoch_steps(cfg, rt, train_set, 0))
         total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
-        groups = lora_param_groups(model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay)
+        groups = param_groups(model, cfg)
         train_model = model
         if rt.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -540,8 +726,10 @@ def setup(cfg: TrainConfig) -> Run:
         run = Run(cfg, rt, model, train_model, tokenizer, train_set, eval_set, torch.optim.AdamW(groups),
                   torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16), paths, lock,
                   backend, per_epoch, total)
+        run.names, run.adapter_files = model_adapters(cfg), adapter_files(cfg, model, paths)
         if rt.main:
-            stale = [p for path in paths.outputs() for p in remove_stale_temporaries(path)]
+            outputs = paths.outputs() + [f for files in run.adapter_files.values() for f in files]
+            stale = [p for path in outputs for p in remove_stale_temporaries(path)]
             rt.notes += [note] if note else []
             if stale:
                 rt.notes.append(f"removed {len(stale)} temporary file(s) a killed run left: {stale[0].name}...")
@@ -549,10 +737,11 @@ def setup(cfg: TrainConfig) -> Run:
             run.step = load_checkpoint(run)
         if rt.main:
             run.rows = start_metrics(run)
-        run.prompts = sample_prompts(train_set, cfg.answers) if rt.main else []
+        if rt.main:
+            run.prompts, run.prompt_adapters = answer_prompts(run)
         if run.prompts:
             with disable_lora(model):
-                run.before = answer(run, run.prompts)
+                run.before = answer(run, run.prompts, adapters=[None] * len(run.prompts) if cfg.multi else None)
         run.log(describe(run))
         if cfg.use_wandb and rt.main:
             run.wandb = start_wandb(run)
@@ -582,13 +771,28 @@ def describe(run: Run) -> str:
         f"  backend    {run.backend}" + (", torch.compile" if cfg.use_compile else ""),
         f"  device     {rt.device}" + (f" x {rt.world_size} processes" if rt.world_size > 1 else "")
         + f", dtype {str(rt.autocast_dtype or torch.float32).replace('torch.', '')}",
-        f"  data       {cfg.data_path}: {len(run.train_set)} conversations, batch {cfg.batch_size * rt.world_size}"
-        f" x {cfg.accumulation_steps} accumulation, {cfg.epochs} epochs = {run.steps_per_epoch * cfg.epochs} steps"
-        + (f", stopped at --max_steps {run.total_steps}" if run.total_steps < run.steps_per_epoch * cfg.epochs else "")
-        + (f" (resuming after step {run.step})" if run.step else ""),
-        f"  output     {run.paths.adapter.parent} (adapter), {run.paths.checkpoint} (training state)",
+        *describe_data(run),
+        f"  output     {run.paths.adapter.parent} (adapter{'s' if cfg.multi else ''}), {run.paths.checkpoint} "
+        "(training state)",
         *[f"  note       {n}" for n in rt.notes],
     ])
+
+
+def describe_data(run: Run) -> List[str]:
+    cfg, rt = run.cfg, run.rt
+    steps = (f"{cfg.epochs} epochs = {run.steps_per_epoch * cfg.epochs} steps"
+             + (f", stopped at --max_steps {run.total_steps}" if run.total_steps < run.steps_per_epoch * cfg.epochs
+                else "")
+             + (f" (resuming after step {run.step})" if run.step else ""))
+    if not cfg.multi:
+        return [f"  data       {cfg.data_path}: {len(run.train_set)} conversations, batch {cfg.batch_size * rt.world_size}"
+                f" x {cfg.accumulation_steps} accumulation, {steps}"]
+    lines = [f"  adapters   {len(run.names)} trained at once, each on its own data set: every step takes batch "
+             f"{cfg.batch_size * rt.world_size} of each (one forward of {cfg.batch_size * rt.world_size * len(run.names)} "
+             f"rows) x {cfg.accumulation_steps} accumulation; an epoch is one pass over the largest, {steps}"]
+    lines += [f"  data {name:<6} {path}: {len(data)} conversations"
+              for name, path, data in zip(run.names, cfg.data_paths, run.train_set.datasets)]
+    return lines
 
 
 def start_wandb(run: Run):
@@ -605,43 +809,101 @@ def start_wandb(run: Run):
 # One optimizer step
 
 
+def adapter_token_counts(run: Run, micro_batches: list) -> torch.Tensor:
+    """(adapters,) float: the supervised tokens of each adapter's rows over the step's micro-batches."""
+    counts = torch.zeros(len(run.names))
+    for micro in micro_batches:
+        if len(micro) == 3:  # (ids, labels, data set of each row): one adapter per data set
+            counts.index_add_(0, micro[2], row_supervised_tokens(micro[1]).float())
+        else:
+            counts[0] += supervised_tokens(micro[1])
+    return counts
+
+
+def adapter_loss_sums(run: Run, ids: torch.Tensor, labels: torch.Tensor,
+                      sources: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of each adapter's rows, (adapters,), and the MoE auxiliary loss. Several adapters:
+    call it inside ``mixed_adapters`` (see :func:`rows_through_adapters`): one forward of the whole batch."""
+    if sources is None:
+        ce_sum, aux = token_loss_sum(run.train_model, ids, labels)
+        return ce_sum.reshape(1), aux
+    row_sums, aux = row_loss_sums(run.train_model, ids, labels)
+    sums = torch.zeros(len(run.names), device=row_sums.device, dtype=row_sums.dtype)
+    return sums.index_add(0, sources.to(row_sums.device), row_sums), aux
+
+
+def rows_through_adapters(run: Run, sources: Optional[torch.Tensor]):
+    """Several adapters: ``mixed_adapters`` with each row's adapter (the base runs once for the whole batch,
+    each row adds its own adapter's term, and each adapter's gradient comes from its own rows only)."""
+    if sources is None:
+        return contextlib.nullcontext()
+    from lora_kernels import mixed_adapters
+
+    return mixed_adapters(run.model, [run.names[k] for k in sources.tolist()])
+
+
+def clip_per_adapter(run: Run) -> None:
+    """Clips each adapter's gradient norm to ``--grad_clip`` on its own: one norm over all adapters would
+    let one adapter's gradient shrink another's, and training them together would differ from apart."""
+    params: Dict[Optional[str], list] = {}
+    for group in run.optimizer.param_groups:
+        params.setdefault(group.get("adapter"), []).extend(group["params"])
+    for group_params in params.values():
+        torch.nn.utils.clip_grad_norm_(group_params, run.cfg.grad_clip)
+
+
 def train_step(run: Run, micro_batches: list) -> float:
     """Forward and backward over the step's micro-batches, clip, step; returns the step's loss.
+
+    With several adapters each micro-batch holds rows of every data set and runs once through the model,
+    each row through its own adapter. What is back-propagated is the sum over adapters of each adapter's
+    own mean loss, so each adapter gets exactly the gradient of a run of it alone on its rows; gradients
+    are clipped per adapter and ``run.last_losses`` holds each adapter's loss (the return value: their mean).
 
     Raises:
         CLIError: the loss is not finite (nothing is written; the last saved files stay as they were), or
             the step has no assistant token (every answer truncated away by --max_seq_len).
     """
     cfg, rt = run.cfg, run.rt
-    n_tokens = torch.tensor([float(sum(supervised_tokens(labels) for _, labels in micro_batches))])
+    n_tokens = adapter_token_counts(run, micro_batches)
     if rt.world_size > 1:
         dist.all_reduce(n_tokens)
-    if n_tokens.item() == 0:
-        raise CLIError(f"step {run.step + 1}: no assistant token left after truncating to --max_seq_len "
-                       f"{cfg.max_seq_len} in {cfg.data_path}; raise --max_seq_len")
+    for k, count in enumerate(n_tokens.tolist()):
+        if count == 0:
+            where = f"{cfg.data_paths[k]} (adapter {run.names[k]!r})" if cfg.multi else cfg.data_path
+            raise CLIError(f"step {run.step + 1}: no assistant token left after truncating to --max_seq_len "
+                           f"{cfg.max_seq_len} in {where}; raise --max_seq_len")
     lr = run.lr_at(run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    loss_sum, aux_sum = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
-    for j, (ids, labels) in enumerate(micro_batches):
-        ids, labels = ids.to(rt.device), labels.to(rt.device)
+    loss_sum, aux_sum = torch.zeros(len(run.names), device=rt.device), torch.zeros((), device=rt.device)
+    for j, micro in enumerate(micro_batches):
+        ids, labels = micro[0].to(rt.device), micro[1].to(rt.device)
+        sources = micro[2] if len(micro) == 3 else None
         sync = j == len(micro_batches) - 1 or rt.world_size == 1
-        with (contextlib.nullcontext() if sync else run.train_model.no_sync()), rt.autocast():
-            ce_sum, aux = token_loss_sum(run.train_model, ids, labels)
-            loss = ce_sum * rt.world_size / n_tokens.to(rt.device) + aux / len(micro_batches)
-        run.scaler.scale(loss).backward()
-        loss_sum += ce_sum.detach()
+        with rows_through_adapters(run, sources):
+            with (contextlib.nullcontext() if sync else run.train_model.no_sync()), rt.autocast():
+                ce_sums, aux = adapter_loss_sums(run, ids, labels, sources)
+                loss = (ce_sums * rt.world_size / n_tokens.to(rt.device)).sum() + aux / len(micro_batches)
+            run.scaler.scale(loss).backward()
+        loss_sum += ce_sums.detach()
         aux_sum += aux.detach() / len(micro_batches)
         run.tokens_since += int((ids != run.tokenizer.pad_token_id).sum())  # real tokens, not padding
     if rt.world_size > 1:
         dist.all_reduce(loss_sum)
-    step_loss = loss_sum.item() / n_tokens.item() + aux_sum.item()
-    if not math.isfinite(step_loss):
-        raise CLIError(f"the loss is {step_loss} at step {run.step + 1} (learning rate {lr:.3g}): stopped before "
-                       "updating or writing anything; lower --learning_rate (the last saved files are intact)")
+    aux_loss = aux_sum.item()
+    losses = [total / count + aux_loss for total, count in zip(loss_sum.tolist(), n_tokens.tolist())]
+    run.last_losses = dict(zip(cfg.lora_names if cfg.multi else [cfg.lora_name], losses))
+    step_loss = sum(losses) / len(losses)
+    bad = [name for name, value in run.last_losses.items() if not math.isfinite(value)]
+    if bad:
+        which = f" of adapter {bad[0]!r}" if cfg.multi else ""
+        raise CLIError(f"the loss{which} is {run.last_losses[bad[0]]} at step {run.step + 1} (learning rate "
+                       f"{lr:.3g}): stopped before updating or writing anything; lower --learning_rate (the last "
+                       "saved files are intact)")
     if cfg.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        clip_per_adapter(run)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -656,11 +918,34 @@ def train_step(run: Run, micro_batches: list) -> float:
 # Log, evaluate, checkpoint
 
 
-def eval_loss(run: Run) -> float:
-    batches = [list(range(i, min(i + run.cfg.batch_size, len(run.eval_set))))
-               for i in range(0, len(run.eval_set), run.cfg.batch_size)]
-    loader = data_loader(run.eval_set, batches, run.tokenizer.pad_token_id, 0)
+def eval_loss(run: Run, eval_set=None) -> float:
+    eval_set = run.eval_set if eval_set is None else eval_set
+    batches = [list(range(i, min(i + run.cfg.batch_size, len(eval_set))))
+               for i in range(0, len(eval_set), run.cfg.batch_size)]
+    loader = data_loader(eval_set, batches, run.tokenizer.pad_token_id, 0)
     return evaluate(run.model, loader, run.rt.device, run.rt.autocast)
+
+
+def eval_losses(run: Run) -> Dict[str, float]:
+    """Several adapters: each one's evaluation loss on its own evaluation set (that adapter alone active)."""
+    from lora_kernels import active_adapters, set_adapter
+
+    active, losses = active_adapters(run.model), {}
+    try:
+        for name, eval_set in zip(run.names, run.eval_set):
+            set_adapter(run.model, name)
+            losses[name] = eval_loss(run, eval_set)
+    finally:
+        set_adapter(run.model, active)
+    return losses
+
+
+def loss_fields(run: Run, key: str, losses: Dict[str, float]) -> Dict[str, float]:
+    """Metrics fields: ``key`` (their mean) and, with several adapters, ``key/<adapter>`` each."""
+    row = {key: round(sum(losses.values()) / len(losses), 6)}
+    if run.cfg.multi:
+        row.update({f"{key}/{name}": round(value, 6) for name, value in losses.items()})
+    return row
 
 
 def log_step(run: Run, epoch: int, loss: float, first: bool) -> None:
@@ -669,13 +954,20 @@ def log_step(run: Run, epoch: int, loss: float, first: bool) -> None:
     elapsed = max(time.perf_counter() - run.time_since, 1e-9)
     tok_s = run.tokens_since * rt.world_size / elapsed
     run.bar.update(1)
-    run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr_at(step - 1):.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+    shown = {f"loss_{name}": f"{value:.4f}" for name, value in run.last_losses.items()} if cfg.multi else \
+        {"loss": f"{loss:.4f}"}
+    run.bar.set_postfix(**shown, lr=f"{run.lr_at(step - 1):.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
     if not rt.main or not (step % cfg.log_interval == 0 or step == run.total_steps or first):
         return
     row = {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": run.lr_at(step - 1),
            "tokens_per_s": round(tok_s, 1)}
+    if cfg.multi:
+        row.update(loss_fields(run, "loss", run.last_losses))
     if run.eval_set is not None and is_save_step(run):
-        row["eval_loss"] = round(eval_loss(run), 6)
+        if cfg.multi:
+            row.update(loss_fields(run, "eval_loss", eval_losses(run)))
+        else:
+            row["eval_loss"] = round(eval_loss(run), 6)
     run.rows.append(row)
     append_metrics(run.paths.metrics, row)
     if run.wandb:
@@ -715,18 +1007,26 @@ def is_save_step(run: Run) -> bool:
     return run.step % run.cfg.save_interval == 0 or run.step == run.total_steps
 
 
+def trained_tensors(run: Run) -> Dict[str, torch.Tensor]:
+    """The adapters' A and B (detached, sharing the parameters' storage), as the training state holds them:
+    one adapter by module path, several as ``<adapter>/<module path>.lora_A``."""
+    if not run.cfg.multi:
+        return lora_state_dict(run.model)
+    return {f"{name}/{key}": value for name in run.names for key, value in lora_state_dict(run.model, name).items()}
+
+
 def save_checkpoint(run: Run) -> None:
     """The training state (adapter, optimizer, scaler, RNG, step, the settings it depends on), atomically."""
     state = {
         "format": "minimind.train_lora",
-        "lora": {k: v.cpu() for k, v in lora_state_dict(run.model).items()},
+        "lora": {k: v.cpu() for k, v in trained_tensors(run).items()},
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "step": run.step,
         "world_size": run.rt.world_size,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "config": {k: getattr(run.cfg, k) for k in RESUME_KEYS},
+        "config": {k: getattr(run.cfg, k) for k in resume_keys(run.cfg)},
     }
     with writing(run.paths.checkpoint):
         atomic_write(run.paths.checkpoint, lambda tmp: torch.save(state, tmp))
@@ -756,13 +1056,14 @@ def load_checkpoint(run: Run) -> int:
     if not isinstance(state["config"], dict) or not isinstance(state["lora"], dict) or \
             not isinstance(state["step"], int) or state["step"] < 0:
         raise CLIError(f"{flag}: {str(path)!r} has a malformed 'config', 'lora' or 'step' field")
-    changed = [f"--{k} {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
+    keys = resume_keys(cfg) + (("lora_name",) if "lora_name" in state["config"] and not cfg.multi else ())
+    changed = [f"--{k} {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in keys
                if state["config"].get(k) != getattr(cfg, k)]
     if state.get("world_size", 1) != run.rt.world_size:  # the global batch is batch_size x processes
         changed.append(f"{state.get('world_size', 1)} -> {run.rt.world_size} processes")
     if changed:
         raise CLIError(f"{flag}: {path} was made with other settings: " + "; ".join(changed))
-    params = lora_state_dict(run.model)
+    params = trained_tensors(run)
     problems = [f"unknown tensor {k}" for k in state["lora"] if k not in params]
     problems += [f"missing tensor {k}" for k in params if k not in state["lora"]]
     problems += [f"{k} has shape {tuple(v.shape)}, the model needs {tuple(params[k].shape)}"
@@ -788,13 +1089,14 @@ def load_checkpoint(run: Run) -> int:
 
 
 def save_adapters(run: Run) -> None:
-    """The adapter in MiniMind's format and as safetensors."""
+    """Each adapter in MiniMind's format and as safetensors (several adapters: one pair of files each)."""
     from .lora_io import save_minimind_lora
 
-    with writing(run.paths.adapter):
-        save_minimind_lora(run.model, run.paths.adapter)
-    with writing(run.paths.adapter_safetensors):
-        save_lora(run.model, run.paths.adapter_safetensors)
+    for name, (minimind_file, safetensors_file) in run.adapter_files.items():
+        with writing(minimind_file):
+            save_minimind_lora(run.model, minimind_file, adapter_name=name)
+        with writing(safetensors_file):
+            save_lora(run.model, safetensors_file, adapter_name=name)
 
 
 def checkpoint(run: Run) -> None:
@@ -804,7 +1106,8 @@ def checkpoint(run: Run) -> None:
     save_checkpoint(run)
     save_adapters(run)
     if not run.cfg.progress:
-        run.log(f"checkpoint: step {run.step} -> {run.paths.checkpoint}, {run.paths.adapter}")
+        adapters = ", ".join(str(files[0]) for files in run.adapter_files.values())
+        run.log(f"checkpoint: step {run.step} -> {run.paths.checkpoint}, {adapters}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -827,14 +1130,37 @@ def sample_prompts(dataset, k: int) -> List[List[dict]]:
     return prompts
 
 
+def answer_prompts(run: Run) -> Tuple[List[List[dict]], List[Optional[str]]]:
+    """The prompts answered before and after training, and the adapter each is answered with after (several
+    adapters: ``--answers`` prompts of each adapter's own data set; one adapter: None, the active one)."""
+    data = run.train_set
+    if not run.cfg.multi:
+        prompts = sample_prompts(data, run.cfg.answers)
+        return prompts, [None] * len(prompts)
+    pairs = [(prompt, name) for name, own in zip(run.names, data.datasets)
+             for prompt in sample_prompts(own, run.cfg.answers)]
+    return [prompt for prompt, _ in pairs], [name for _, name in pairs]
+
+
 @torch.no_grad()
-def answer(run: Run, prompts: List[List[dict]], max_new_tokens: int = 48) -> List[str]:
-    """Greedy answers, one per prompt (the uncompiled model: generation has other shapes than training)."""
-    from .generate import generate
+def answer(run: Run, prompts: List[List[dict]], max_new_tokens: int = 48,
+           adapters: Optional[List[Optional[str]]] = None) -> List[str]:
+    """Greedy answers, one per prompt (the uncompiled model: generation has other shapes than training).
+
+    With ``adapters`` (one name or None per prompt) all prompts are answered in one batch, each through its
+    own adapter (:func:`minimind.generate.generate_batch`); without, one by one with the active adapters.
+    """
+    from .generate import generate, generate_batch
 
     model, tok = run.model, run.tokenizer
     was_training = model.training
     model.eval()
+    if adapters is not None:
+        with run.rt.autocast():
+            answers = generate_batch(model, tok, prompts, adapters=adapters, max_new_tokens=max_new_tokens,
+                                     temperature=0.0)
+        model.train(was_training)
+        return [text.strip() for text in answers]
     answers = []
     for messages in prompts:
         ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)],
@@ -852,10 +1178,15 @@ def plot_loss(rows: List[dict], path: Path, title: str) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
-    evals = [r for r in rows if "eval_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    # Several adapters log "loss/<adapter>" (and "eval_loss/<adapter>"): one curve each instead of their mean.
+    keys = [k for k in rows[0] if k.startswith("loss/")] or ["loss"]
+    for key in keys:
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"train {key}".replace("/", " "))
+    for key in dict.fromkeys(k for r in rows for k in r if k.startswith("eval_loss/")) or ["eval_loss"]:
+        evals = [r for r in rows if key in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-",
+                    label=key.replace("eval_loss", "eval loss").replace("/", " "))
     ax.set(xlabel="optimizer step", ylabel="cross-entropy per assistant token", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -875,23 +1206,37 @@ def finish(run: Run) -> Dict[str, object]:
     cfg, paths = run.cfg, run.paths
     lines = []
     if run.rows:
-        plot_loss(run.rows, paths.loss_curve, f"{cfg.lora_name}: rank {cfg.rank}, {run.backend.split(':')[0]}")
+        plot_loss(run.rows, paths.loss_curve, f"{run_stem(cfg)}: rank {cfg.rank}, {run.backend.split(':')[0]}")
         result.update(first_loss=run.rows[0]["loss"], last_loss=run.rows[-1]["loss"])
-        lines.append(f"loss {run.rows[0]['loss']:.4f} (step {run.rows[0]['step']}) -> {run.rows[-1]['loss']:.4f} "
-                     f"(step {run.rows[-1]['step']})")
-    with writing(paths.plots / OVERVIEW_NAME):
-        stats = plot_adapter(model_layers(run.model), paths.plots, str(paths.adapter), per_layer=False,
-                             title=f"what {cfg.lora_name} learned: ΔW = s·B·A per layer")
-    result["lora_stats"] = stats
-    lines += [f"saved {paths.adapter} (MiniMind format) and {paths.adapter_safetensors.name}",
-              f"metrics {paths.metrics}, curve {paths.loss_curve}, LoRA overview {paths.plots / OVERVIEW_NAME} "
-              f"(per layer: python -m minimind.plot_lora {paths.adapter_safetensors} --out DIR)"]
+        for key in [k for k in run.rows[0] if k.startswith("loss/")] or ["loss"]:
+            result[key.replace("loss", "first_loss")] = run.rows[0][key]
+            result[key.replace("loss", "last_loss")] = run.rows[-1][key]
+            which = f" {key[len('loss/'):]}" if cfg.multi else ""
+            lines.append(f"loss{which} {run.rows[0][key]:.4f} (step {run.rows[0]['step']}) -> "
+                         f"{run.rows[-1][key]:.4f} (step {run.rows[-1]['step']})")
+    stats = {}
+    for name, (minimind_file, safetensors_file) in run.adapter_files.items():
+        # One adapter: the overview in the plots folder, as always; several: a sub-folder per adapter.
+        folder = paths.plots / name if cfg.multi else paths.plots
+        label = name if cfg.multi else cfg.lora_name
+        with writing(folder / OVERVIEW_NAME):
+            stats[name] = plot_adapter(model_layers(run.model, name if cfg.multi else None), folder,
+                                       str(minimind_file), per_layer=False,
+                                       title=f"what {label} learned: ΔW = s·B·A per layer")
+        lines.append(f"saved {minimind_file} (MiniMind format) and {safetensors_file.name}")
+    result["lora_stats"] = stats[DEFAULT_ADAPTER] if not cfg.multi else stats
+    if cfg.multi:
+        result["adapters"] = dict(run.adapter_files)
+    overview = " / ".join(str((paths.plots / name if cfg.multi else paths.plots) / OVERVIEW_NAME)
+                          for name in run.adapter_files)
+    lines.append(f"metrics {paths.metrics}, curve {paths.loss_curve}, LoRA overview {overview} (per layer: "
+                 f"python -m minimind.plot_lora {next(iter(run.adapter_files.values()))[1]} --out DIR)")
     if run.prompts:
-        after = answer(run, run.prompts)
+        after = answer(run, run.prompts, adapters=run.prompt_adapters if cfg.multi else None)
         result["answers"] = list(zip([p[-1]["content"] for p in run.prompts], run.before, after))
         lines.append("before -> after (adapter off / on):")
-        for question, old, new in result["answers"]:
-            lines += [f"  Q: {question}", f"     off: {old}", f"     on:  {new}"]
+        for (question, old, new), name in zip(result["answers"], run.prompt_adapters):
+            lines += [f"  Q: {question}" + (f"  [{name}]" if name else ""), f"     off: {old}", f"     on:  {new}"]
     run.log("\n".join(lines))
     return result
 
@@ -911,11 +1256,10 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         first = True
         while run.step < run.total_steps:
             epoch = run.step // run.steps_per_epoch
-            batches = epoch_micro_batches(len(run.train_set), epoch, cfg, run.rt)
-            done_in_epoch = run.step - epoch * run.steps_per_epoch
-            loader = data_loader(run.train_set, batches[done_in_epoch * cfg.accumulation_steps:],
+            steps = epoch_steps(cfg, run.rt, run.train_set, epoch)[run.step - epoch * run.steps_per_epoch:]
+            loader = data_loader(run.train_set, [micro for step in steps for micro in step],
                                  run.tokenizer.pad_token_id, cfg.num_workers)
-            for micro_batches in windows(loader, cfg.accumulation_steps):
+            for micro_batches in windows(loader, [len(step) for step in steps]):
                 loss = train_step(run, micro_batches)
                 log_step(run, epoch, loss, first)
                 first = False

@@ -36,13 +36,30 @@ def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def token_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over the supervised positions (fp32), and the MoE auxiliary loss."""
+def _next_token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                       reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
     out = model(input_ids)
     logits = out.logits[:, :-1].float()  # (B, T-1, V)
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, out.aux_loss
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction=reduction)
+    return losses, out.aux_loss
+
+
+def token_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the supervised positions (fp32), and the MoE auxiliary loss."""
+    return _next_token_losses(model, input_ids, labels, "sum")
+
+
+def row_loss_sums(model, input_ids: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`token_loss_sum`, but each row's own sum: (B,) fp32 (a batch whose rows train different
+    adapters), and the MoE auxiliary loss of the whole batch."""
+    losses, aux = _next_token_losses(model, input_ids, labels, "none")  # 0 where ignored
+    return losses.view(input_ids.shape[0], -1).sum(dim=1), aux
+
+
+def row_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: the positions of each row of a (B, T) label batch that carry a loss."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
 @torch.no_grad()

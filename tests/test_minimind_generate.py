@@ -175,3 +175,88 @@ def test_chat_switches_between_named_adapters(bundled, tmp_path, capsys, monkeyp
 def test_chat_refuses_a_repeated_adapter_name(tmp_path, capsys):
     assert chat.main(["--lora", "a=x.pth", "--lora", "a=y.pth", "--prompt", "hi"]) == 2
     assert "'a' is given twice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# A batch whose prompts each name their adapter
+
+
+def two_adapter_model(vocab_size):
+    """A tiny random base with adapters "qa" (rank 4) and "tr" (rank 2, alpha 8), B random so both matter."""
+    from lora_kernels import LoRAConfig, add_adapter, replace_linear_with_fused_lora
+
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=vocab_size, max_position_embeddings=128)
+    model = MiniMindForCausalLM(cfg).eval()
+    replace_linear_with_fused_lora(model, rank=4, target_modules="all-linear", adapter_name="qa")
+    add_adapter(model, "tr", config=LoRAConfig(rank=2, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.3)
+    return model
+
+
+def test_generate_batch_answers_each_prompt_as_alone_with_its_adapter():
+    from lora_kernels import set_adapter
+    from minimind.generate import generate_batch
+
+    tok = MiniMindTokenizer.from_pretrained()
+    model = two_adapter_model(tok.vocab_size)
+    prompts = ["Who are you?", "你好", [{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "Translate: good morning"}], "2+3=?"]
+    adapters = ["qa", None, "tr", "tr"]
+    got = generate_batch(model, tok, prompts, adapters=adapters, max_new_tokens=10, eos_token_id=None)
+    for prompt, name, answer in zip(prompts, adapters, got):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)])
+        set_adapter(model, [] if name is None else name)
+        alone = generate(model, ids, max_new_tokens=10, temperature=0, eos_token_id=None)
+        assert answer == tok.decode(alone[0, ids.shape[1]:], skip_special_tokens=True), (prompt, name)
+    set_adapter(model, "qa")
+    # The adapters matter: the base alone, or the other adapter, answers otherwise.
+    base = generate_batch(model, tok, prompts, adapters=[None] * 4, max_new_tokens=10, eos_token_id=None)
+    swapped = generate_batch(model, tok, prompts, adapters=["tr", None, "qa", "qa"], max_new_tokens=10,
+                             eos_token_id=None)
+    assert base[0] != got[0] and base[2] != got[2] and swapped[0] != got[0] and swapped[1] == got[1]
+
+
+def test_generate_batch_refuses_a_wrong_number_of_adapters():
+    from minimind.generate import generate_batch
+
+    tok = MiniMindTokenizer.from_pretrained()
+    model = two_adapter_model(tok.vocab_size)
+    with pytest.raises(ValueError, match="2 prompts, 1 adapters"):
+        generate_batch(model, tok, ["a", "b"], adapters=["qa"])
+
+
+def test_chat_answers_prompts_in_one_batch_each_with_its_adapter(bundled, tmp_path, capsys):
+    """--prompt-adapter: the batch gives each prompt the answer it gets alone with that adapter active."""
+    from lora_kernels import replace_linear_with_fused_lora
+    from minimind.lora_io import save_minimind_lora
+
+    for i, name in enumerate(("qa", "tr")):
+        torch.manual_seed(i)
+        adapted = replace_linear_with_fused_lora(load_minimind(), rank=2)
+        with torch.no_grad():
+            for _, layer in adapted.named_modules():
+                if hasattr(layer, "lora_B") and layer.lora_B is not None:
+                    layer.lora_B.normal_(std=0.2)
+        save_minimind_lora(adapted, tmp_path / f"{name}.pth")
+    loras = ["--lora", f"qa={tmp_path / 'qa.pth'}", "--lora", f"tr={tmp_path / 'tr.pth'}"]
+    settings = ["--temperature", "0", "--max-new-tokens", "12"]
+    questions = ["What color is snow?", "Who are you?", "What is the capital of France?"]
+    chat.main([*loras, *settings, "--prompt", questions[0], "--prompt-adapter", "tr", "--prompt", questions[1],
+               "--prompt-adapter", "none", "--prompt", questions[2], "--prompt-adapter", "qa"])
+    batched = capsys.readouterr().out.splitlines()
+    assert batched[0::2] == [f">>> [tr] {questions[0]}", f">>> [none] {questions[1]}", f">>> [qa] {questions[2]}"]
+    alone = []
+    for question, lora in ((questions[0], [loras[3]]), (questions[1], []), (questions[2], [loras[1]])):
+        chat.main([*(["--lora", lora[0]] if lora else []), *settings, "--prompt", question])
+        alone.append(capsys.readouterr().out.splitlines()[1])
+    assert batched[1::2] == alone
+    assert chat.main([*loras, "--prompt", "hi", "--prompt-adapter", "nope"]) == 2
+    assert "--prompt-adapter 'nope': no adapter of that name; loaded: qa, tr" in capsys.readouterr().err
+    assert chat.main([*loras, "--prompt", "hi", "--prompt", "ho", "--prompt-adapter", "qa"]) == 2
+    assert "2 prompts, 1 adapters" in capsys.readouterr().err

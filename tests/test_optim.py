@@ -62,3 +62,18 @@ def test_bad_values_are_named(kwargs, words):
 def test_a_model_without_lora_is_refused():
     with pytest.raises(ValueError, match="no trainable lora_A"):
         lora_param_groups(nn.Linear(4, 4), lr=1e-3)
+
+
+def test_groups_of_one_adapter_hold_only_its_parameters():
+    from lora_kernels import add_adapter
+
+    model = small_model()
+    model[1].requires_grad_(True)  # another trainable parameter: left out when adapters are named
+    add_adapter(model, "qa")
+    groups = {g["name"]: g for g in lora_param_groups(model, lr=1e-3, loraplus_lr_ratio=2, adapter_names=["qa"])}
+    assert set(groups) == {"lora_A", "lora_B"}
+    qa = [model[i].lora_params("qa") for i in (0, 2)]
+    assert [id(p) for p in groups["lora_A"]["params"]] == [id(a) for a, _ in qa]
+    assert [id(p) for p in groups["lora_B"]["params"]] == [id(b) for _, b in qa]
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        lora_param_groups(model, lr=1e-3, adapter_names=["nope"])

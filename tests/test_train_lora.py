@@ -284,3 +284,88 @@ def test_new_runs_keep_the_old_metrics(tiny, tmp_path):
         texts.append((tmp_path / "metrics.jsonl").read_text())
     kept = sorted(p.read_text() for p in tmp_path.glob("metrics.*.jsonl"))
     assert kept == sorted(texts[:2]) and [len(t.splitlines()) for t in texts] == [3, 2, 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several adapters at once
+
+
+def write_translations(path, n=12):
+    words = ["cat", "dog", "sun", "moon", "tree", "water", "fire", "bread"]
+    rows = [{"conversations": [{"role": "user", "content": f"Translate to French: the {words[i % len(words)]} ({i})"},
+                               {"role": "assistant", "content": f"Réponse {i}: le mot français, s'il vous plaît."}]}
+            for i in range(n)]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    return path
+
+
+def adapter_file(out, name):
+    return load_file(str(Path(out) / "lora" / f"{name}_32.safetensors"))
+
+
+def metrics_rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_two_adapters_at_once_equal_each_trained_alone(tiny, tmp_path, fused):
+    """20 steps of "qa" and "tr" in mixed batches (fp32) give each adapter, and each step's loss, of a run of it
+    alone on the same rows. The data sets differ in size (24 and 12: "tr" goes round twice as often), the
+    last accumulation window of "tr"'s epochs is short, LoRA+ and per-adapter clipping are on."""
+    tr_data = write_translations(tmp_path / "tr.jsonl")
+    common = ["--max_steps", "20", "--accumulation_steps", "2", "--loraplus_lr_ratio", "4", "--grad_clip", "0.02",
+              "--epochs", "30", "--save_interval", "10", *(["--fused"] if fused else [])]
+    both = tmp_path / "both"
+    paths = f"{tiny / 'data.jsonl'},{tr_data}"
+    result = train(parse_args(args_for(tiny, both, *common, "--data_path", paths, "--lora_name", "qa,tr",
+                                       "--eval_data", paths)))
+    for name, data in (("qa", tiny / "data.jsonl"), ("tr", tr_data)):
+        train(parse_args(args_for(tiny, tmp_path / name, *common, "--data_path", str(data), "--lora_name", name,
+                                  "--eval_data", str(data))))
+        alone, together = adapter_file(tmp_path / name, name), adapter_file(both, name)
+        assert set(alone) == set(together) and len(alone) > 0
+        for key in alone:
+            assert (alone[key] - together[key]).abs().max() <= 1e-5, (name, key)
+        assert alone[key].abs().max() > 1e-3  # it learned something
+        alone_losses = [r["loss"] for r in metrics_rows(tmp_path / name)]
+        assert [r[f"loss/{name}"] for r in metrics_rows(both)] == pytest.approx(alone_losses, abs=1e-5)
+        alone_evals = [r["eval_loss"] for r in metrics_rows(tmp_path / name) if "eval_loss" in r]
+        assert len(alone_evals) == 2  # steps 10 and 20, each adapter on its own evaluation set
+        assert [r[f"eval_loss/{name}"] for r in metrics_rows(both) if "eval_loss" in r] == \
+            pytest.approx(alone_evals, abs=1e-5)
+        pth = torch.load(both / "lora" / f"{name}_32.pth", weights_only=True)  # MiniMind's format, as alone
+        assert pth.keys() == torch.load(tmp_path / name / "lora" / f"{name}_32.pth", weights_only=True).keys()
+    assert not torch.equal(adapter_file(both, "qa")[key], adapter_file(both, "tr")[key])
+    rows = metrics_rows(both)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert rows[0]["loss"] == pytest.approx((rows[0]["loss/qa"] + rows[0]["loss/tr"]) / 2, abs=1e-6)
+    assert result["last_loss/qa"] < result["first_loss/qa"] and result["last_loss/tr"] < result["first_loss/tr"]
+    assert (both / "qa" / "lora_overview.png").is_file() and (both / "tr" / "lora_overview.png").is_file()
+
+
+def test_two_adapters_resume_where_they_stopped(tiny, tmp_path, monkeypatch):
+    """Interrupted after the checkpoint of step 4, the run resumes both adapters' weights and optimizer states
+    and ends where an uninterrupted run ends."""
+    tr_data = write_translations(tmp_path / "tr.jsonl")
+    common = ["--fused", "--max_steps", "8", "--save_interval", "4", "--data_path",
+              f"{tiny / 'data.jsonl'},{tr_data}", "--lora_name", "qa,tr"]
+    train(parse_args(args_for(tiny, tmp_path / "whole", *common)))
+    original_log_step = train_lora.log_step
+
+    def interrupt_at_step_6(run, *args):
+        if run.step == 6:
+            raise KeyboardInterrupt
+        original_log_step(run, *args)
+
+    monkeypatch.setattr(train_lora, "log_step", interrupt_at_step_6)
+    assert main(args_for(tiny, tmp_path / "resumed", *common)) == 130
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and {k.split("/")[0] for k in state["lora"]} == {"qa", "tr"}
+    train(parse_args(args_for(tiny, tmp_path / "resumed", *common, "--resume")))
+    for name in ("qa", "tr"):
+        whole, resumed = adapter_file(tmp_path / "whole", name), adapter_file(tmp_path / "resumed", name)
+        for key in whole:
+            assert (whole[key] - resumed[key]).abs().max() < 1e-6, (name, key)
+    assert [r["loss/tr"] for r in metrics_rows(tmp_path / "resumed")] == \
+        pytest.approx([r["loss/tr"] for r in metrics_rows(tmp_path / "whole")], abs=1e-6)

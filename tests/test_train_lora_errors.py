@@ -42,6 +42,7 @@ def files(tmp_path_factory):
     tiny_base(root / "base.safetensors")
     (root / "data.jsonl").write_text(conversations(8))
     (root / "bad_line.jsonl").write_text(conversations(1) + "{not json\n")
+    (root / "two.jsonl").write_text(conversations(2))
     (root / "truncated_answers.jsonl").write_text(conversations(8, question="word " * 200))
     with open(root / "payload.pth", "wb") as f:
         pickle.dump({"model.embed_tokens.weight": Payload()}, f)
@@ -108,6 +109,19 @@ CASES = [
     ("resume-pickle-payload", ["--resume", "ROOT/payload_checkpoint.pt"], "payload_checkpoint.pt", None),
     ("resume-other-settings", ["--resume", "ROOT/run/checkpoint.pt", *SAME, "--rank", "8"], "--rank 4 -> 8", None),
     ("resume-damaged-metrics", ["--resume", *SAME], "metrics.jsonl:2", damaged_metrics),
+    # several adapters at once
+    ("adapters-fewer-names", ["--data_path", "ROOT/data.jsonl,ROOT/data.jsonl", "--lora_name", "qa"],
+     "--data_path gives 2 data set(s)", None),
+    ("adapters-more-names", ["--lora_name", "qa,tr"], "--lora_name 2 name(s) (qa, tr)", None),
+    ("adapters-repeated-name", ["--data_path", "ROOT/data.jsonl,ROOT/data.jsonl", "--lora_name", "qa,qa"],
+     "the name 'qa' is given twice", None),
+    ("adapters-bad-name", ["--data_path", "ROOT/data.jsonl,ROOT/data.jsonl", "--lora_name", "qa,t r"], "'t r'", None),
+    ("adapters-data-too-small", ["--data_path", "ROOT/data.jsonl,ROOT/two.jsonl", "--lora_name", "qa,tr"],
+     "two.jsonl' (adapter 'tr') has 2 conversations, fewer than one batch of 4", None),
+    ("adapters-eval-count", ["--data_path", "ROOT/data.jsonl,ROOT/data.jsonl", "--lora_name", "qa,tr",
+                             "--eval_data", "ROOT/data.jsonl"], "--eval_data gives 1 data set(s) for 2 adapters", None),
+    ("adapters-resume-single-state", ["--data_path", "ROOT/data.jsonl,ROOT/data.jsonl", "--lora_name", "qa,tr",
+                                      "--resume", "ROOT/run/checkpoint.pt", *SAME], "--lora_name None -> 'qa,tr'", None),
 ]
 
 
