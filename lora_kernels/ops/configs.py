@@ -179,10 +179,11 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
     hopper = capability[0] >= 9
     # fp32 operands (IEEE or TF32) take twice the registers of fp16: rank blocks of 32 (64 spill in TF32)
     max_block_r = 64 if elem == 2 else 32
-    # sm8x 16-bit forward GEMM, rank not a multiple of 16 (masked S and B loads): a rank block of 64 spills
-    # 20 B (128x128 tiles, 8 warps) to 296 B (64x128, 4 warps) at r = 100; 32 there only (a cap of 32 for
-    # every kernel moved a spill into the decode dX GEMM)
-    forward_masked_block_r = 16 if elem == 2 and not hopper else max_block_r
+    # sm8x forward GEMM, rank not a multiple of 16 (masked S and B loads): a rank block of 64 spills 20 B
+    # (16-bit, 128x128 tiles, 8 warps) to 296 B (64x128, 4 warps) at r = 100, 32 spills 12-32 B (TF32 64x128
+    # decode tiles; 16-bit 128x128); 16 there only (a cap of 32 for every kernel moved a spill into the
+    # decode dX GEMM)
+    forward_masked_block_r = 16 if not hopper else max_block_r
     # IEEE fp32 GEMMs run on CUDA cores with their operands in registers: the LoRA term's S and B tiles at a
     # rank block of 32 spill 4-176 B on sm80/sm90 (64x128 decode tiles at r = 100, 64x64 at r = 32)
     gemm_block_r = 16 if not wide else max_block_r
