@@ -187,6 +187,8 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
     # IEEE fp32 GEMMs run on CUDA cores with their operands in registers: the LoRA term's S and B tiles at a
     # rank block of 32 spill 4-176 B on sm80/sm90 (64x128 decode tiles at r = 100, 64x64 at r = 32)
     gemm_block_r = 16 if not wide else max_block_r
+    if m_bucket <= 64 and not hopper:  # sm8x decode tiles: the dX GEMM with dropout spilled 8 B at a rank block of 32
+        gemm_block_r = 16
     stages = 4 if hopper else 3
     if m_bucket <= 64:  # decode-like: thin row tiles, narrower column tiles for more programs
         bm = max(16, m_bucket)
