@@ -59,6 +59,7 @@ from lora_kernels import (
     save_lora,
     triton_available,
 )
+from lora_kernels.fsdp import gathered_lora, scatter_full
 
 from .cli import ArgumentParser, CLIError, number, reading, run_cli, writing
 from .run_dir import OutputLock, RunPaths, append_metrics, check_out_dir, read_metrics, run_paths
@@ -111,6 +112,7 @@ class TrainConfig:
     device: str = "cuda:0" if torch.cuda.is_available() else "cpu"
     dtype: str = "auto"
     ddp: bool = False
+    fsdp: bool = False                 # FSDP2 (fully_shard per block) under torchrun, instead of DDP
     use_compile: bool = False
     num_workers: int = 0
     resume: Optional[str] = None       # None, "auto" (the run's own checkpoint, must exist), "if-present", a path
@@ -193,6 +195,8 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="autocast dtype; auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU")
     r.add_argument("--ddp", action="store_true", help="DistributedDataParallel (also on by itself under torchrun)")
+    r.add_argument("--fsdp", action="store_true", help="FSDP2 under torchrun: the base sharded across processes, "
+                   "all-gathered one block at a time (for a base that does not fit on one device); not with --ddp")
     r.add_argument("--local_rank", type=int, default=-1, help="accepted for old launchers; LOCAL_RANK wins")
     r.add_argument("--use_compile", type=int, choices=[0, 1], default=0,
                    help="1: torch.compile the model (with CUDA graphs on CUDA: mode reduce-overhead)")
@@ -238,7 +242,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             cfg.tokenizer = str(Path(cfg.out_dir).parent / "model")
     else:
         cfg.base = ns.base or str(BUNDLED_BASE)
-    cfg.ddp = ns.ddp or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)  # on under torchrun, as MiniMind
+    if ns.fsdp and ns.ddp:
+        raise CLIError("give --fsdp (FSDP2: the base sharded across processes) or --ddp (a whole copy per process), "
+                       "not both")
+    # DDP is on by itself under torchrun, as MiniMind, unless --fsdp asks for FSDP2 instead.
+    cfg.ddp = ns.ddp or (not ns.fsdp and "RANK" in os.environ and "WORLD_SIZE" in os.environ)
     return cfg
 
 
@@ -292,9 +300,11 @@ def _checked_device(name: str) -> torch.device:
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
-    if cfg.ddp:
+    if cfg.ddp or cfg.fsdp:
         if "RANK" not in os.environ:
-            raise CLIError("--ddp needs torchrun: torchrun --nproc_per_node N -m minimind.train_lora ...")
+            flag = "--fsdp" if cfg.fsdp else "--ddp"
+            raise CLIError(f"{flag} needs torchrun (RANK is not set): torchrun --nproc_per_node N -m "
+                           f"minimind.train_lora {flag} ...")
         use_cuda = torch.cuda.is_available() and not cfg.device.startswith("cpu")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
@@ -524,9 +534,11 @@ def setup(cfg: TrainConfig) -> Run:
     try:  # from here on the lock is held: give it back whatever fails
         per_epoch = math.ceil(len(epoch_micro_batches(len(train_set), 0, cfg, rt)) / cfg.accumulation_steps)
         total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+        if cfg.fsdp:  # before the optimizer: sharding replaces every parameter by a DTensor one
+            shard_model(model)
         groups = lora_param_groups(model, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.weight_decay)
         train_model = model
-        if rt.world_size > 1:
+        if rt.world_size > 1 and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
@@ -549,8 +561,11 @@ def setup(cfg: TrainConfig) -> Run:
             run.step = load_checkpoint(run)
         if rt.main:
             run.rows = start_metrics(run)
-        run.prompts = sample_prompts(train_set, cfg.answers) if rt.main else []
-        if run.prompts:
+        # Under --fsdp every process takes part in each forward, so all of them answer (rank 0 prints), and
+        # only at the end: FSDP2 keeps the all-gather buffers it allocates under generation's inference mode,
+        # which training could not write afterwards (the base is frozen, so "adapter off" is the same then).
+        run.prompts = sample_prompts(train_set, cfg.answers) if rt.main or cfg.fsdp else []
+        if run.prompts and not cfg.fsdp:
             with disable_lora(model):
                 run.before = answer(run, run.prompts)
         run.log(describe(run))
@@ -567,6 +582,17 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
+def shard_model(model) -> None:
+    """--fsdp: FSDP2 over each transformer block, then the rest (embeddings, norms, the tied head).
+
+    Every process has loaded the whole base (and quantized it) before this; from here on each holds its
+    shard, and a block's base is all-gathered for that block's forward and backward only.
+    """
+    from lora_kernels.fsdp import shard_lora_model
+
+    shard_lora_model(model, model.model.layers)
+
+
 def describe(run: Run) -> str:
     cfg, rt, c = run.cfg, run.rt, run.model.config
     summary = lora_summary(run.model)
@@ -581,6 +607,7 @@ def describe(run: Run) -> str:
         f"  trainable  {summary.trainable:,} parameters ({summary.percent:.2f}% of {summary.total:,})",
         f"  backend    {run.backend}" + (", torch.compile" if cfg.use_compile else ""),
         f"  device     {rt.device}" + (f" x {rt.world_size} processes" if rt.world_size > 1 else "")
+        + (" (FSDP2, the base sharded)" if cfg.fsdp else " (DDP)" if rt.world_size > 1 else "")
         + f", dtype {str(rt.autocast_dtype or torch.float32).replace('torch.', '')}",
         f"  data       {cfg.data_path}: {len(run.train_set)} conversations, batch {cfg.batch_size * rt.world_size}"
         f" x {cfg.accumulation_steps} accumulation, {cfg.epochs} epochs = {run.steps_per_epoch * cfg.epochs} steps"
@@ -625,7 +652,8 @@ def train_step(run: Run, micro_batches: list) -> float:
     loss_sum, aux_sum = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
     for j, (ids, labels) in enumerate(micro_batches):
         ids, labels = ids.to(rt.device), labels.to(rt.device)
-        sync = j == len(micro_batches) - 1 or rt.world_size == 1
+        # FSDP2 has no no_sync: it reduce-scatters the (small) LoRA gradients after every micro-batch.
+        sync = j == len(micro_batches) - 1 or rt.world_size == 1 or cfg.fsdp
         with (contextlib.nullcontext() if sync else run.train_model.no_sync()), rt.autocast():
             ce_sum, aux = token_loss_sum(run.train_model, ids, labels)
             loss = ce_sum * rt.world_size / n_tokens.to(rt.device) + aux / len(micro_batches)
@@ -670,12 +698,16 @@ def log_step(run: Run, epoch: int, loss: float, first: bool) -> None:
     tok_s = run.tokens_since * rt.world_size / elapsed
     run.bar.update(1)
     run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr_at(step - 1):.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-    if not rt.main or not (step % cfg.log_interval == 0 or step == run.total_steps or first):
+    logged = step % cfg.log_interval == 0 or step == run.total_steps or first
+    evaluated = logged and run.eval_set is not None and is_save_step(run)
+    # Under --fsdp every process takes part in the evaluation's forwards.
+    loss_eval = eval_loss(run) if evaluated and (rt.main or cfg.fsdp) else None
+    if not rt.main or not logged:
         return
     row = {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": run.lr_at(step - 1),
            "tokens_per_s": round(tok_s, 1)}
-    if run.eval_set is not None and is_save_step(run):
-        row["eval_loss"] = round(eval_loss(run), 6)
+    if evaluated:
+        row["eval_loss"] = round(loss_eval, 6)
     run.rows.append(row)
     append_metrics(run.paths.metrics, row)
     if run.wandb:
@@ -715,12 +747,27 @@ def is_save_step(run: Run) -> bool:
     return run.step % run.cfg.save_interval == 0 or run.step == run.total_steps
 
 
-def save_checkpoint(run: Run) -> None:
-    """The training state (adapter, optimizer, scaler, RNG, step, the settings it depends on), atomically."""
+def optimizer_state(run: Run) -> dict:
+    """The optimizer's state to save. Under --fsdp its moments are shards: every process takes part in
+    gathering them whole (keyed by parameter name), and rank 0 receives them."""
+    if not run.cfg.fsdp:
+        return run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(run.model, run.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(run: Run, optimizer: Optional[dict] = None) -> None:
+    """The training state (adapter, optimizer, scaler, RNG, step, the settings it depends on), atomically.
+
+    Args:
+        optimizer: the optimizer's state (:func:`optimizer_state`); None: ``run.optimizer.state_dict()``.
+    """
     state = {
         "format": "minimind.train_lora",
         "lora": {k: v.cpu() for k, v in lora_state_dict(run.model).items()},
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": run.optimizer.state_dict() if optimizer is None else optimizer,
         "scaler": run.scaler.state_dict(),
         "step": run.step,
         "world_size": run.rt.world_size,
@@ -772,7 +819,13 @@ def load_checkpoint(run: Run) -> int:
         raise CLIError(f"{flag}: {path} does not fit this model: {'; '.join(problems[:4])}"
                        + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
     try:
-        run.optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:  # saved whole (optimizer_state): each process keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            run.optimizer.load_state_dict(state["optimizer"])
         run.scaler.load_state_dict(state["scaler"])
         rng_cpu = state["rng_cpu"]
         torch.get_rng_state().copy_(rng_cpu)  # a wrong size or dtype raises here, before anything is set
@@ -780,7 +833,7 @@ def load_checkpoint(run: Run) -> int:
         raise CLIError(f"{flag}: {path} has an optimizer or RNG state that does not fit: {err}")
     with torch.no_grad():
         for name, value in state["lora"].items():
-            params[name].copy_(value)
+            params[name].copy_(scatter_full(params[name], value))  # --fsdp: this process's shard
     torch.set_rng_state(rng_cpu)
     if state.get("rng_cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -798,11 +851,17 @@ def save_adapters(run: Run) -> None:
 
 
 def checkpoint(run: Run) -> None:
-    """At every save step: the training state first, then the adapters (MiniMind saves its adapter here too)."""
-    if not run.rt.main:
-        return
-    save_checkpoint(run)
-    save_adapters(run)
+    """At every save step: the training state first, then the adapters (MiniMind saves its adapter here too).
+
+    Every process calls it: under --fsdp all of them gather the whole adapter and optimizer state (FSDP2
+    shards them), then rank 0 writes.
+    """
+    optimizer = optimizer_state(run)  # first: inside gathered_lora the model's LoRA parameters are copies
+    with gathered_lora(run.model):
+        if not run.rt.main:
+            return
+        save_checkpoint(run, optimizer)
+        save_adapters(run)
     if not run.cfg.progress:
         run.log(f"checkpoint: step {run.step} -> {run.paths.checkpoint}, {run.paths.adapter}")
 
@@ -867,9 +926,15 @@ def plot_loss(rows: List[dict], path: Path, title: str) -> None:
 
 def finish(run: Run) -> Dict[str, object]:
     """The final adapters, the loss curve, the overview of what LoRA learned, the answers after; a summary."""
-    from .plot_lora import OVERVIEW_NAME, model_layers, plot_adapter
+    from .plot_lora import OVERVIEW_NAME, model_layers, plot_adapter, read_adapter_layers
 
     result: Dict[str, object] = {"steps": run.step, "paths": run.paths}
+    after = []
+    if run.prompts:  # rank 0's, or under --fsdp every process's (see setup)
+        if run.cfg.fsdp:
+            with disable_lora(run.model):
+                run.before = answer(run, run.prompts)
+        after = answer(run, run.prompts)
     if not run.rt.main:
         return result
     cfg, paths = run.cfg, run.paths
@@ -879,15 +944,16 @@ def finish(run: Run) -> Dict[str, object]:
         result.update(first_loss=run.rows[0]["loss"], last_loss=run.rows[-1]["loss"])
         lines.append(f"loss {run.rows[0]['loss']:.4f} (step {run.rows[0]['step']}) -> {run.rows[-1]['loss']:.4f} "
                      f"(step {run.rows[-1]['step']})")
+    # Under --fsdp the base is sharded: the overview reads the saved adapter instead (without the W statistics).
+    layers = read_adapter_layers(paths.adapter_safetensors) if cfg.fsdp else model_layers(run.model)
     with writing(paths.plots / OVERVIEW_NAME):
-        stats = plot_adapter(model_layers(run.model), paths.plots, str(paths.adapter), per_layer=False,
+        stats = plot_adapter(layers, paths.plots, str(paths.adapter), per_layer=False,
                              title=f"what {cfg.lora_name} learned: ΔW = s·B·A per layer")
     result["lora_stats"] = stats
     lines += [f"saved {paths.adapter} (MiniMind format) and {paths.adapter_safetensors.name}",
               f"metrics {paths.metrics}, curve {paths.loss_curve}, LoRA overview {paths.plots / OVERVIEW_NAME} "
               f"(per layer: python -m minimind.plot_lora {paths.adapter_safetensors} --out DIR)"]
     if run.prompts:
-        after = answer(run, run.prompts)
         result["answers"] = list(zip([p[-1]["content"] for p in run.prompts], run.before, after))
         lines.append("before -> after (adapter off / on):")
         for question, old, new in result["answers"]:

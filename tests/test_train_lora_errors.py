@@ -101,6 +101,8 @@ CASES = [
     ("targets-unknown", ["--targets", "no_such_proj"], "no_such_proj", None),
     ("out-dir-and-save-dir", ["--save_dir", "OUT"], "--save_dir", None),
     ("base-and-from-weight", ["--from_weight", "full_sft"], "--from_weight", None),
+    ("fsdp-and-ddp", ["--fsdp", "--ddp"], "give --fsdp", None),
+    ("fsdp-without-torchrun", ["--fsdp"], "--fsdp needs torchrun", None),
     ("resume-missing", ["--resume"], "checkpoint.pt", None),
     ("resume-missing-keys", ["--resume", "ROOT/missing_keys.pt"], "missing lora", None),
     ("resume-size-mismatch", ["--resume", "ROOT/size_mismatch.pt", *SAME], "has shape (3, 3)", None),
