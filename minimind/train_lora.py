@@ -590,6 +590,9 @@ def shard_model(model) -> None:
     """
     from lora_kernels.fsdp import shard_lora_model
 
+    # A block returns its KV cache (k, v) as views, which nothing writes in place: FSDP2's warning about in-place
+    # ops on view outputs does not apply.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     shard_lora_model(model, model.model.layers)
 
 
