@@ -124,10 +124,10 @@ def test_dequantize_once_path_equals_in_loop_and_reference(monkeypatch, fmt, dq,
         return w
 
     monkeypatch.setattr(quantized, "dequantize", spy)
-    monkeypatch.setitem(configs.DEQUANT_ONCE, (fmt, None), configs.DequantOnce(min_m=m + 1, min_weight=0))
+    monkeypatch.setitem(configs.DEQUANT_ONCE, (fmt, None), configs.DequantOnce(min_m=m + 1, fixed_cost=0.0))
     below = run()  # M = 33 < 34: still in the loop
     assert not temporaries
-    monkeypatch.setitem(configs.DEQUANT_ONCE, (fmt, None), configs.DequantOnce(min_m=16, min_weight=n * k))
+    monkeypatch.setitem(configs.DEQUANT_ONCE, (fmt, None), configs.DequantOnce(min_m=16, fixed_cost=17.0 * n * k))
     once = run()
     assert len(temporaries) == 2, "forward and dX each dequantize W once"
     assert all(ref() is None for ref in temporaries), "the 16-bit temporary outlives its call"
@@ -148,12 +148,14 @@ def test_dequantize_once_path_equals_in_loop_and_reference(monkeypatch, fmt, dq,
 
 
 def test_dequantize_once_rule_follows_the_cost_model(monkeypatch):
-    """The crossover of ops/configs.py: NF4 on sm90 from M = 1024 with W >= 2048², never for int8 or on sm80."""
+    """The crossover of ops/configs.py: NF4 on sm90 from M = 448 + 1.4e9 / (N·K) (531 rows at 4096², 2822 at
+    768²), never for int8 or on sm80."""
     from lora_kernels.ops import configs
 
     gpu = torch.device("cuda", 0)
-    for capability, fmt, m, width, expected in [((9, 0), "nf4", 1024, 4096, True), ((9, 0), "nf4", 1023, 4096, False),
-                                                ((9, 0), "nf4", 8192, 2048, True), ((9, 0), "nf4", 8192, 1536, False),
+    for capability, fmt, m, width, expected in [((9, 0), "nf4", 531, 4096, False), ((9, 0), "nf4", 532, 4096, True),
+                                                ((9, 0), "nf4", 8192, 4096, True), ((9, 0), "nf4", 64, 4096, False),
+                                                ((9, 0), "nf4", 2821, 768, False), ((9, 0), "nf4", 2822, 768, True),
                                                 ((9, 0), "int8", 8192, 4096, False),
                                                 ((8, 0), "nf4", 8192, 4096, False)]:
         monkeypatch.setattr(configs, "_device_info", lambda device, c=capability: (c, 132))
