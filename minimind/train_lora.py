@@ -774,6 +774,7 @@ def save_checkpoint(run: Run, optimizer: Optional[dict] = None) -> None:
         "scaler": run.scaler.state_dict(),
         "step": run.step,
         "world_size": run.rt.world_size,
+        "fsdp": run.cfg.fsdp,  # the optimizer state is keyed by parameter name then
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "config": {k: getattr(run.cfg, k) for k in RESUME_KEYS},
@@ -810,6 +811,8 @@ def load_checkpoint(run: Run) -> int:
                if state["config"].get(k) != getattr(cfg, k)]
     if state.get("world_size", 1) != run.rt.world_size:  # the global batch is batch_size x processes
         changed.append(f"{state.get('world_size', 1)} -> {run.rt.world_size} processes")
+    if state.get("fsdp", False) != cfg.fsdp:
+        changed.append("without --fsdp -> --fsdp" if cfg.fsdp else "--fsdp -> without it")
     if changed:
         raise CLIError(f"{flag}: {path} was made with other settings: " + "; ".join(changed))
     params = lora_state_dict(run.model)
@@ -859,6 +862,8 @@ def checkpoint(run: Run) -> None:
     Every process calls it: under --fsdp all of them gather the whole adapter and optimizer state (FSDP2
     shards them), then rank 0 writes.
     """
+    if not (run.rt.main or run.cfg.fsdp):
+        return
     optimizer = optimizer_state(run)  # first: inside gathered_lora the model's LoRA parameters are copies
     with gathered_lora(run.model):
         if not run.rt.main:
