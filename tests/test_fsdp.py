@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -160,7 +159,8 @@ def test_trainer_fsdp_matches_one_process(tiny, tmp_path, quantize):
     for key in one:
         assert two[key].shape == one[key].shape, f"{key}: saved {tuple(two[key].shape)}, whole {one[key].shape}"
         assert (one[key] - two[key]).abs().max() < 1e-5, key
-    pth = {name: torch.load(next((tmp_path / name / "lora").glob("*.pth")), weights_only=True) for name in ("one", "two")}
+    pth = {name: torch.load(next((tmp_path / name / "lora").glob("*.pth")), weights_only=True)
+           for name in ("one", "two")}
     assert pth["one"].keys() == pth["two"].keys()
     for key, value in pth["one"].items():  # MiniMind's format: fp16
         assert torch.equal(pth["two"][key], value), key
@@ -178,7 +178,8 @@ def test_trainer_fsdp_resumes_where_it_stopped(tiny, tmp_path):
     whole = _torchrun(_half_batch(args_for(tiny, tmp_path / "whole", *common)))
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     stopped = _torchrun(_half_batch(args_for(tiny, tmp_path / "resumed", *common)), script=(str(stop),))
-    assert stopped.returncode != 0 and torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert stopped.returncode != 0, "the stop after the first checkpoint did not happen"
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     resumed = _torchrun(_half_batch(args_for(tiny, tmp_path / "resumed", *common, "--resume")))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert losses(tmp_path / "resumed" / "metrics.jsonl") == pytest.approx(
