@@ -6,6 +6,7 @@ weights, or the quantized codes) sharded over the two ranks and only the LoRA pa
 ``gathered_lora`` gives the whole adapter, and ``save_lora`` refuses the shards. Then the trainer's
 ``--fsdp`` under torchrun: the losses, saved adapters and a resumed run equal one process's.
 """
+import json
 import os
 import socket
 import subprocess
@@ -146,14 +147,19 @@ def test_trainer_fsdp_matches_one_process(tiny, tmp_path, quantize):
     (both formats) are the whole matrices, equal to the single process's."""
     from minimind.train_lora import parse_args, train
 
-    common = ["--fused", "--max_steps", "3", "--epochs", "10", "--answers", "1",
-              *(["--quantize", quantize] if quantize else [])]
+    common = ["--fused", "--max_steps", "3", "--epochs", "10", "--answers", "1", "--eval_data",
+              str(tiny / "data.jsonl"), *(["--quantize", quantize] if quantize else [])]
     train(parse_args(args_for(tiny, tmp_path / "one", *common)))
     done = _torchrun(_half_batch(args_for(tiny, tmp_path / "two", *common, "--fsdp")))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "x 2 processes (FSDP2, the base sharded)" in done.stdout
     assert losses(tmp_path / "two" / "metrics.jsonl") == pytest.approx(losses(tmp_path / "one" / "metrics.jsonl"),
                                                                        abs=1e-5)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}
+    evals = {name: [(r["step"], r["eval_loss"]) for r in got if "eval_loss" in r] for name, got in rows.items()}
+    assert [s for s, _ in evals["two"]] == [s for s, _ in evals["one"]] == [3]  # every rank joins the evaluation
+    assert evals["two"][0][1] == pytest.approx(evals["one"][0][1], abs=1e-5)
     one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     assert one.keys() == two.keys() and len(one) > 0
     for key in one:
