@@ -176,6 +176,28 @@ def test_dequantize_kernel_equals_dequantize(fmt, dq):
             assert torch.equal(got, expected)
 
 
+def test_sm80_tf32_decode_tile_is_the_one_without_spills():
+    """The compile gate's one quantized spill (sm80, TF32 int8 forward at M = 1: 20 B with a 16x64x32 tile,
+    4 warps) is gone with K blocks of 16 (64 bytes of fp32), which the decode heuristic now gives off sm90's
+    tensor cores: ptxas -v shows 56 registers and no spill for int8, NF4 and NF4-dq. A K block of 32 there
+    would bring the spill back."""
+    from lora_kernels.ops import configs
+
+    _, quantized = _triton_ops()
+    q = quantize(torch.zeros(4096, 4096), "int8")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32
+    try:
+        cfgs = configs._heuristic_configs((8, 0), 108, torch.float32, 1, 4096, 4096, 16, True)
+        for w_t, cfg in ((True, cfgs.forward), (False, cfgs.grad_input)):
+            launch = quantized._qmatmul_launch(1, 4096, 4096, 16, q, w_t=w_t, has_bias=w_t, has_dropout=False,
+                                               config=cfg, max_block_r=cfgs.max_block_r, dtype=torch.float32)
+            assert launch.meta["INPUT_PRECISION"] == "tf32"
+            assert (launch.meta["BLOCK_M"], launch.meta["BLOCK_K"]) == (16, 16), launch.meta
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_torch_backend_dequantizes_in_chunks(monkeypatch):
     """A layer wider than the chunk never dequantizes all of W at once, and gives the same result."""
     q, x, b, a, bb = _inputs(6, 40, 300, 4, torch.float32, "nf4", False, True)
