@@ -79,8 +79,12 @@ _WIDE_TILE = 64 * 128
 # Decode tiles (BLOCK_M <= 32) take K blocks of 32: at 64 the 4-warp dX GEMM with double quantization
 # spills 196 B on sm90 (and 8 warps spill in the forward).
 _DECODE_MAX_BLOCK_K = 32
-# IEEE fp32 runs tl.dot on CUDA cores, whose operands sit in registers: smaller N and K blocks.
+# IEEE fp32 runs tl.dot on CUDA cores, whose operands sit in registers: smaller N and K blocks, 8 warps from
+# 64x64 tiles (4 warps spill 40-52 B in the sm90 NF4 dX GEMM at M = 64), and rank blocks of 16 in decode
+# tiles (32 spill 12 B in the sm90 NF4-dq forward at M = 1, r = 100).
 _IEEE_MAX_BLOCK_NK = (64, 16)
+_IEEE_WIDE_TILE = 64 * 64
+_IEEE_DECODE_MAX_BLOCK_R = 16
 
 
 @triton.jit
@@ -233,10 +237,13 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
     precision = _input_precision(dtype)
     ieee_fp32 = dtype == torch.float32 and precision == "ieee"
     max_n, max_k = _IEEE_MAX_BLOCK_NK if ieee_fp32 else (_MAX_BLOCK_N, _MAX_BLOCK_K)
+    wide_tile = _IEEE_WIDE_TILE if ieee_fp32 else _WIDE_TILE
     if config.block_m <= 32:
         max_k = min(max_k, _DECODE_MAX_BLOCK_K)
         if rank > 32:  # rank blocks of 64 beside a 128-wide tile: 4 B spilled on sm90 (bf16 forward, M = 17)
             max_n = min(max_n, 64)
+        if ieee_fp32:
+            max_block_r = min(max_block_r, _IEEE_DECODE_MAX_BLOCK_R)
     block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
     numel = qweight.shape[0] * qweight.shape[1]
     return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
@@ -245,7 +252,7 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
         HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
         BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
-        num_warps=max(config.num_warps, 8) if config.block_m * block_n >= _WIDE_TILE else config.num_warps,
+        num_warps=max(config.num_warps, 8) if config.block_m * block_n >= wide_tile else config.num_warps,
         num_stages=min(config.num_stages, _MAX_STAGES)))
 
 
