@@ -240,10 +240,13 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
     wide_tile = _IEEE_WIDE_TILE if ieee_fp32 else _WIDE_TILE
     if config.block_m <= 32:
         max_k = min(max_k, _DECODE_MAX_BLOCK_K)
-        if rank > 32:  # rank blocks of 64 beside a 128-wide tile: 4 B spilled on sm90 (bf16 forward, M = 17)
-            max_n = min(max_n, 64)
+        if rank > 32:  # rank blocks of 64 beside a 128-wide tile: 4 B spilled on sm90 (bf16 forward, M = 17);
+            max_n = min(max_n, 64)  # and beside a 64-wide one 8 B on sm80 (fp16/bf16 NF4-dq forward, M = 17)
+            max_block_r = min(max_block_r, 32)
         if ieee_fp32:
             max_block_r = min(max_block_r, _IEEE_DECODE_MAX_BLOCK_R)
+    if dtype == torch.float32 and precision != "ieee" and config.block_m == 64:
+        max_n = min(max_n, 64)  # TF32 64x128x16 tiles, 8 warps: 4 B spilled on sm80 (int8 dX, M = 64)
     block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
     numel = qweight.shape[0] * qweight.shape[1]
     return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
