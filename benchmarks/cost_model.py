@@ -31,7 +31,10 @@ scale per row):
   at large M that integer work, not the bytes, bounds the GEMM;
 * ``dequant+ours-nf4``: what Unsloth and torchtune do, dequantize W into a 16-bit buffer (a kernel that
   reads the packed W and writes 16-bit W, before the forward GEMM and again before dX) and run the 16-bit
-  kernels.
+  kernels;
+* ``launched-nf4``: the path ``lora_kernels/ops/quantized.py`` takes on that GPU: dequantize-once (the row
+  above) where ``lora_kernels/ops/configs.py``'s ``DEQUANT_ONCE`` rule, chosen from this model, says so
+  (NF4 on H100 from M = 448 + 1.4e9 / (N·K)), else in-loop (``ours-nf4``).
 
 GPU figures (dense, no sparsity): H100 SXM 989 TFLOP/s bf16, 3.35 TB/s HBM3, 132 SMs; A100 SXM 312 TFLOP/s
 bf16, 2.04 TB/s, 108 SMs. INT32 throughput: 64 lanes per SM per clock (1.98 GHz H100, 1.41 GHz A100).
@@ -60,14 +63,15 @@ class GPU:
     tflops: float  # dense bf16/fp16 tensor-core peak, TFLOP/s
     bandwidth: float  # HBM bytes per second
     int_ops: float  # INT32 operations per second
+    capability_major: int  # the compute capability's major number, the key of ops/configs.py's DEQUANT_ONCE
 
     def seconds(self, kernel: "Kernel") -> float:
         return max(kernel.bytes / self.bandwidth, kernel.flops / (self.tflops * 1e12), kernel.int_ops / self.int_ops)
 
 
 GPUS = {
-    "h100": GPU("H100 SXM", 989.0, 3.35e12, 132 * 64 * 1.98e9),
-    "a100": GPU("A100 SXM", 312.0, 2.04e12, 108 * 64 * 1.41e9),
+    "h100": GPU("H100 SXM", 989.0, 3.35e12, 132 * 64 * 1.98e9, 9),
+    "a100": GPU("A100 SXM", 312.0, 2.04e12, 108 * 64 * 1.41e9, 8),
 }
 
 
@@ -212,6 +216,16 @@ def dequant_then_ours(s: Shape, fmt: str = "nf4") -> List[Kernel]:
     return [dequant, *kernels[:2], dequant, *kernels[2:]]
 
 
+def launched_quantized(s: Shape, fmt: str, gpu: GPU) -> List[Kernel]:
+    """The kernels ``lora_kernels/ops/quantized.py`` launches on ``gpu``: dequantize-once where the rule of
+    ``lora_kernels/ops/configs.py`` (``DEQUANT_ONCE``) applies, else in-loop dequantization."""
+    from lora_kernels.ops.configs import DEQUANT_ONCE  # the launcher's own rule, not a copy of it
+
+    rule = DEQUANT_ONCE.get((fmt, gpu.capability_major))
+    once = rule is not None and s.m >= rule.min_m + rule.fixed_cost / (s.n * s.k)
+    return dequant_then_ours(s, fmt) if once else ours_quantized(s, fmt)
+
+
 PROVIDERS = {"frozen": frozen, "eager": eager, "ours": ours}
 QUANTIZED_PROVIDERS = {"ours": ours, "ours-nf4": lambda s: ours_quantized(s, "nf4"),
                        "ours-int8": lambda s: ours_quantized(s, "int8"), "dequant+ours-nf4": dequant_then_ours}
@@ -238,14 +252,18 @@ def table(shapes: Sequence[Shape], gpus: Sequence[GPU]) -> str:
 def quantized_table(shapes: Sequence[Shape], gpus: Sequence[GPU]) -> str:
     """A markdown table of predicted µs per training step with a 16-bit, NF4 and int8 base."""
     names = list(QUANTIZED_PROVIDERS)
-    lines = ["| GPU | M×K→N, r, p | " + " | ".join(f"{name} µs" for name in names) + " | W bytes nf4 / 16-bit |",
-             "| --- | --- | " + " | ".join("---:" for _ in names) + " | ---: |"]
+    lines = ["| GPU | M×K→N, r, p | " + " | ".join(f"{name} µs" for name in names)
+             + " | launched-nf4 µs (path) | W bytes nf4 / 16-bit |",
+             "| --- | --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: |"]
     for gpu in gpus:
         for s in shapes:
             t = [predict_us(QUANTIZED_PROVIDERS[name](s), gpu) for name in names]
+            launched = launched_quantized(s, "nf4", gpu)
+            path = "once" if launched[0].name.startswith("dequantize") else "in-loop"
             ratio = quantized_weight_bytes("nf4", s.n, s.k) / (s.n * s.k * s.element)
             lines.append(f"| {gpu.name} | {s.m}×{s.k}→{s.n}, {s.r}, {s.dropout:g} | "
-                         + " | ".join(f"{v:.1f}" for v in t) + f" | {ratio:.3f} |")
+                         + " | ".join(f"{v:.1f}" for v in t)
+                         + f" | {predict_us(launched, gpu):.1f} ({path}) | {ratio:.3f} |")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from atomic_io import atomic_write  # lives in atomic_io; lora_kernels.io.atomic
 
 from .adapters import active_adapters, adapter_names, resolve_adapter_name, set_adapter
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_finite_number
+from .fsdp import check_not_sharded
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers, lora_state_dict
 
@@ -69,7 +70,9 @@ def save_lora(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
         raise ValueError("the model has no FusedLoRALinear layers to save")
     adapter_name = resolve_adapter_name(model, adapter_name)
     layers = {name: layer for name, layer in iter_lora_layers(model) if adapter_name in layer.lora_configs}
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter_name).items()}
+    state = lora_state_dict(model, adapter_name)
+    check_not_sharded(state, f"save_lora({str(path)!r})")
+    tensors = {k: v.contiguous().cpu() for k, v in state.items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -23,6 +23,7 @@ from torch import nn
 from lora_kernels import LoRAConfig, iter_lora_layers
 from lora_kernels.adapters import resolve_adapter_name
 from lora_kernels.config import DEFAULT_ADAPTER
+from lora_kernels.fsdp import check_not_sharded
 from lora_kernels.io import apply_lora_tensors, atomic_write, check_tensors, read_tensor_file
 
 from .checkpoint import strip_wrapper_prefix
@@ -130,6 +131,7 @@ def save_minimind_lora(model: nn.Module, path: PathLike, adapter_name: Optional[
         tensors[f"{name}.lora.B.weight"] = b.to("cpu", torch.float16).contiguous()
     if not tensors:
         raise ValueError("the model has no FusedLoRALinear layers to save")
+    check_not_sharded(tensors, f"save_minimind_lora({str(path)!r})")
     if Path(path).suffix == ".safetensors":
         from safetensors.torch import save_file
 

@@ -73,6 +73,7 @@ from lora_kernels import (
     triton_available,
 )
 from lora_kernels.config import DEFAULT_ADAPTER
+from lora_kernels.fsdp import gathered_lora, scatter_full
 
 from .cli import ArgumentParser, CLIError, number, reading, run_cli, writing
 from .run_dir import OutputLock, RunPaths, append_metrics, check_out_dir, read_metrics, run_paths
@@ -125,6 +126,7 @@ class TrainConfig:
     device: str = "cuda:0" if torch.cuda.is_available() else "cpu"
     dtype: str = "auto"
     ddp: bool = False
+    fsdp: bool = False                 # FSDP2 (fully_shard per block) under torchrun, instead of DDP
     use_compile: bool = False
     num_workers: int = 0
     resume: Optional[str] = None       # None, "auto" (the run's own checkpoint, must exist), "if-present", a path
@@ -241,6 +243,8 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="autocast dtype; auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU")
     r.add_argument("--ddp", action="store_true", help="DistributedDataParallel (also on by itself under torchrun)")
+    r.add_argument("--fsdp", action="store_true", help="FSDP2 under torchrun: the base sharded across processes, "
+                   "all-gathered one block at a time (for a base that does not fit on one device); not with --ddp")
     r.add_argument("--local_rank", type=int, default=-1, help="accepted for old launchers; LOCAL_RANK wins")
     r.add_argument("--use_compile", type=int, choices=[0, 1], default=0,
                    help="1: torch.compile the model (with CUDA graphs on CUDA: mode reduce-overhead)")
@@ -286,7 +290,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             cfg.tokenizer = str(Path(cfg.out_dir).parent / "model")
     else:
         cfg.base = ns.base or str(BUNDLED_BASE)
-    cfg.ddp = ns.ddp or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)  # on under torchrun, as MiniMind
+    if ns.fsdp and ns.ddp:
+        raise CLIError("give --fsdp (FSDP2: the base sharded across processes) or --ddp (a whole copy per process), "
+                       "not both")
+    # DDP is on by itself under torchrun, as MiniMind, unless --fsdp asks for FSDP2 instead.
+    cfg.ddp = ns.ddp or (not ns.fsdp and "RANK" in os.environ and "WORLD_SIZE" in os.environ)
     check_adapters(cfg)
     return cfg
 
@@ -303,6 +311,9 @@ def check_adapters(cfg: TrainConfig) -> None:
     names, paths = cfg.lora_names, cfg.data_paths
     if len(names) == 1 and len(paths) == 1:
         return
+    if cfg.fsdp:
+        raise CLIError(f"--fsdp trains one adapter per run; train several at once ({', '.join(names)}) on one "
+                       "process or with --ddp")
     if len(names) != len(paths):
         raise CLIError(f"--data_path gives {len(paths)} data set(s) ({', '.join(paths)}) but --lora_name "
                        f"{len(names)} name(s) ({', '.join(names)}): give one adapter name per data set, in the "
@@ -371,9 +382,11 @@ def _checked_device(name: str) -> torch.device:
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
-    if cfg.ddp:
+    if cfg.ddp or cfg.fsdp:
         if "RANK" not in os.environ:
-            raise CLIError("--ddp needs torchrun: torchrun --nproc_per_node N -m minimind.train_lora ...")
+            flag = "--fsdp" if cfg.fsdp else "--ddp"
+            raise CLIError(f"{flag} needs torchrun (RANK is not set): torchrun --nproc_per_node N -m "
+                           f"minimind.train_lora {flag} ...")
         use_cuda = torch.cuda.is_available() and not cfg.device.startswith("cpu")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
@@ -710,9 +723,11 @@ def setup(cfg: TrainConfig) -> Run:
     try:  # from here on the lock is held: give it back whatever fails
         per_epoch = len(epoch_steps(cfg, rt, train_set, 0))
         total = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+        if cfg.fsdp:  # before the optimizer: sharding replaces every parameter by a DTensor one
+            shard_model(model)
         groups = param_groups(model, cfg)
         train_model = model
-        if rt.world_size > 1:
+        if rt.world_size > 1 and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
@@ -737,9 +752,12 @@ def setup(cfg: TrainConfig) -> Run:
             run.step = load_checkpoint(run)
         if rt.main:
             run.rows = start_metrics(run)
-        if rt.main:
+        # Under --fsdp every process takes part in each forward, so all of them answer (rank 0 prints), and
+        # only at the end: FSDP2 keeps the all-gather buffers it allocates under generation's inference mode,
+        # which training could not write afterwards (the base is frozen, so "adapter off" is the same then).
+        if rt.main or cfg.fsdp:
             run.prompts, run.prompt_adapters = answer_prompts(run)
-        if run.prompts:
+        if run.prompts and not cfg.fsdp:
             with disable_lora(model):
                 run.before = answer(run, run.prompts, adapters=[None] * len(run.prompts) if cfg.multi else None)
         run.log(describe(run))
@@ -756,6 +774,20 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
+def shard_model(model) -> None:
+    """--fsdp: FSDP2 over each transformer block, then the rest (embeddings, norms, the tied head).
+
+    Every process has loaded the whole base (and quantized it) before this; from here on each holds its
+    shard, and a block's base is all-gathered for that block's forward and backward only.
+    """
+    from lora_kernels.fsdp import shard_lora_model
+
+    # A block returns its KV cache (k, v) as views, which nothing writes in place: FSDP2's warning about in-place
+    # ops on view outputs does not apply.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    shard_lora_model(model, model.model.layers)
+
+
 def describe(run: Run) -> str:
     cfg, rt, c = run.cfg, run.rt, run.model.config
     summary = lora_summary(run.model)
@@ -770,6 +802,7 @@ def describe(run: Run) -> str:
         f"  trainable  {summary.trainable:,} parameters ({summary.percent:.2f}% of {summary.total:,})",
         f"  backend    {run.backend}" + (", torch.compile" if cfg.use_compile else ""),
         f"  device     {rt.device}" + (f" x {rt.world_size} processes" if rt.world_size > 1 else "")
+        + (" (FSDP2, the base sharded)" if cfg.fsdp else " (DDP)" if rt.world_size > 1 else "")
         + f", dtype {str(rt.autocast_dtype or torch.float32).replace('torch.', '')}",
         *describe_data(run),
         f"  output     {run.paths.adapter.parent} (adapter{'s' if cfg.multi else ''}), {run.paths.checkpoint} "
@@ -880,7 +913,8 @@ def train_step(run: Run, micro_batches: list) -> float:
     for j, micro in enumerate(micro_batches):
         ids, labels = micro[0].to(rt.device), micro[1].to(rt.device)
         sources = micro[2] if len(micro) == 3 else None
-        sync = j == len(micro_batches) - 1 or rt.world_size == 1
+        # FSDP2 has no no_sync: it reduce-scatters the (small) LoRA gradients after every micro-batch.
+        sync = j == len(micro_batches) - 1 or rt.world_size == 1 or cfg.fsdp
         with rows_through_adapters(run, sources):
             with (contextlib.nullcontext() if sync else run.train_model.no_sync()), rt.autocast():
                 ce_sums, aux = adapter_loss_sums(run, ids, labels, sources)
@@ -957,17 +991,22 @@ def log_step(run: Run, epoch: int, loss: float, first: bool) -> None:
     shown = {f"loss_{name}": f"{value:.4f}" for name, value in run.last_losses.items()} if cfg.multi else \
         {"loss": f"{loss:.4f}"}
     run.bar.set_postfix(**shown, lr=f"{run.lr_at(step - 1):.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-    if not rt.main or not (step % cfg.log_interval == 0 or step == run.total_steps or first):
+    logged = step % cfg.log_interval == 0 or step == run.total_steps or first
+    evaluated = logged and run.eval_set is not None and is_save_step(run)
+    losses_eval = None
+    if evaluated and (rt.main or cfg.fsdp):  # under --fsdp every process takes part in the evaluation's forwards
+        losses_eval = eval_losses(run) if cfg.multi else eval_loss(run)
+    if not rt.main or not logged:
         return
     row = {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": run.lr_at(step - 1),
            "tokens_per_s": round(tok_s, 1)}
     if cfg.multi:
         row.update(loss_fields(run, "loss", run.last_losses))
-    if run.eval_set is not None and is_save_step(run):
+    if evaluated:
         if cfg.multi:
-            row.update(loss_fields(run, "eval_loss", eval_losses(run)))
+            row.update(loss_fields(run, "eval_loss", losses_eval))
         else:
-            row["eval_loss"] = round(eval_loss(run), 6)
+            row["eval_loss"] = round(losses_eval, 6)
     run.rows.append(row)
     append_metrics(run.paths.metrics, row)
     if run.wandb:
@@ -1015,15 +1054,31 @@ def trained_tensors(run: Run) -> Dict[str, torch.Tensor]:
     return {f"{name}/{key}": value for name in run.names for key, value in lora_state_dict(run.model, name).items()}
 
 
-def save_checkpoint(run: Run) -> None:
-    """The training state (adapter, optimizer, scaler, RNG, step, the settings it depends on), atomically."""
+def optimizer_state(run: Run) -> dict:
+    """The optimizer's state to save. Under --fsdp its moments are shards: every process takes part in
+    gathering them whole (keyed by parameter name), and rank 0 receives them."""
+    if not run.cfg.fsdp:
+        return run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(run.model, run.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(run: Run, optimizer: Optional[dict] = None) -> None:
+    """The training state (adapter, optimizer, scaler, RNG, step, the settings it depends on), atomically.
+
+    Args:
+        optimizer: the optimizer's state (:func:`optimizer_state`); None: ``run.optimizer.state_dict()``.
+    """
     state = {
         "format": "minimind.train_lora",
         "lora": {k: v.cpu() for k, v in trained_tensors(run).items()},
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": run.optimizer.state_dict() if optimizer is None else optimizer,
         "scaler": run.scaler.state_dict(),
         "step": run.step,
         "world_size": run.rt.world_size,
+        "fsdp": run.cfg.fsdp,  # the optimizer state is keyed by parameter name then
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "config": {k: getattr(run.cfg, k) for k in resume_keys(run.cfg)},
@@ -1061,6 +1116,8 @@ def load_checkpoint(run: Run) -> int:
                if state["config"].get(k) != getattr(cfg, k)]
     if state.get("world_size", 1) != run.rt.world_size:  # the global batch is batch_size x processes
         changed.append(f"{state.get('world_size', 1)} -> {run.rt.world_size} processes")
+    if state.get("fsdp", False) != cfg.fsdp:
+        changed.append("without --fsdp -> --fsdp" if cfg.fsdp else "--fsdp -> without it")
     if changed:
         raise CLIError(f"{flag}: {path} was made with other settings: " + "; ".join(changed))
     params = trained_tensors(run)
@@ -1073,7 +1130,13 @@ def load_checkpoint(run: Run) -> int:
         raise CLIError(f"{flag}: {path} does not fit this model: {'; '.join(problems[:4])}"
                        + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
     try:
-        run.optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:  # saved whole (optimizer_state): each process keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            run.optimizer.load_state_dict(state["optimizer"])
         run.scaler.load_state_dict(state["scaler"])
         rng_cpu = state["rng_cpu"]
         torch.get_rng_state().copy_(rng_cpu)  # a wrong size or dtype raises here, before anything is set
@@ -1081,7 +1144,7 @@ def load_checkpoint(run: Run) -> int:
         raise CLIError(f"{flag}: {path} has an optimizer or RNG state that does not fit: {err}")
     with torch.no_grad():
         for name, value in state["lora"].items():
-            params[name].copy_(value)
+            params[name].copy_(scatter_full(params[name], value))  # --fsdp: this process's shard
     torch.set_rng_state(rng_cpu)
     if state.get("rng_cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -1100,11 +1163,19 @@ def save_adapters(run: Run) -> None:
 
 
 def checkpoint(run: Run) -> None:
-    """At every save step: the training state first, then the adapters (MiniMind saves its adapter here too)."""
-    if not run.rt.main:
+    """At every save step: the training state first, then the adapters (MiniMind saves its adapter here too).
+
+    Every process calls it: under --fsdp all of them gather the whole adapter and optimizer state (FSDP2
+    shards them), then rank 0 writes.
+    """
+    if not (run.rt.main or run.cfg.fsdp):
         return
-    save_checkpoint(run)
-    save_adapters(run)
+    optimizer = optimizer_state(run)  # first: inside gathered_lora the model's LoRA parameters are copies
+    with gathered_lora(run.model):
+        if not run.rt.main:
+            return
+        save_checkpoint(run, optimizer)
+        save_adapters(run)
     if not run.cfg.progress:
         adapters = ", ".join(str(files[0]) for files in run.adapter_files.values())
         run.log(f"checkpoint: step {run.step} -> {run.paths.checkpoint}, {adapters}")
@@ -1198,9 +1269,15 @@ def plot_loss(rows: List[dict], path: Path, title: str) -> None:
 
 def finish(run: Run) -> Dict[str, object]:
     """The final adapters, the loss curve, the overview of what LoRA learned, the answers after; a summary."""
-    from .plot_lora import OVERVIEW_NAME, model_layers, plot_adapter
+    from .plot_lora import OVERVIEW_NAME, model_layers, plot_adapter, read_adapter_layers
 
     result: Dict[str, object] = {"steps": run.step, "paths": run.paths}
+    after = []
+    if run.prompts:  # rank 0's, or under --fsdp every process's (see setup)
+        if run.cfg.fsdp:
+            with disable_lora(run.model):
+                run.before = answer(run, run.prompts, adapters=[None] * len(run.prompts) if run.cfg.multi else None)
+        after = answer(run, run.prompts, adapters=run.prompt_adapters if run.cfg.multi else None)
     if not run.rt.main:
         return result
     cfg, paths = run.cfg, run.paths
@@ -1219,9 +1296,11 @@ def finish(run: Run) -> Dict[str, object]:
         # One adapter: the overview in the plots folder, as always; several: a sub-folder per adapter.
         folder = paths.plots / name if cfg.multi else paths.plots
         label = name if cfg.multi else cfg.lora_name
+        # Under --fsdp the base is sharded: the overview reads the saved adapter (without the W statistics).
+        layers = read_adapter_layers(safetensors_file) if cfg.fsdp else \
+            model_layers(run.model, name if cfg.multi else None)
         with writing(folder / OVERVIEW_NAME):
-            stats[name] = plot_adapter(model_layers(run.model, name if cfg.multi else None), folder,
-                                       str(minimind_file), per_layer=False,
+            stats[name] = plot_adapter(layers, folder, str(minimind_file), per_layer=False,
                                        title=f"what {label} learned: ΔW = s·B·A per layer")
         lines.append(f"saved {minimind_file} (MiniMind format) and {safetensors_file.name}")
     result["lora_stats"] = stats[DEFAULT_ADAPTER] if not cfg.multi else stats
@@ -1232,7 +1311,6 @@ def finish(run: Run) -> Dict[str, object]:
     lines.append(f"metrics {paths.metrics}, curve {paths.loss_curve}, LoRA overview {overview} (per layer: "
                  f"python -m minimind.plot_lora {next(iter(run.adapter_files.values()))[1]} --out DIR)")
     if run.prompts:
-        after = answer(run, run.prompts, adapters=run.prompt_adapters if cfg.multi else None)
         result["answers"] = list(zip([p[-1]["content"] for p in run.prompts], run.before, after))
         lines.append("before -> after (adapter off / on):")
         for (question, old, new), name in zip(result["answers"], run.prompt_adapters):

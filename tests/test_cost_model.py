@@ -73,3 +73,17 @@ def test_mixed_batch_is_ours_at_the_summed_rank_plus_its_small_tensors_and_the_l
     # Four launches of everything cost more than one launch at the summed rank at this size.
     assert predict_us(loop, GPUS["h100"]) > predict_us(mixed, GPUS["h100"])
     assert mixed_table(1024, [256], 8, 4, [GPUS["h100"]]).count("\n") == 2
+
+
+def test_launched_quantized_path_follows_the_launchers_rule():
+    """The cost model predicts the path ops/quantized.py takes: dequantize-once for NF4 at large M on H100, in
+    the loop at small M, for int8 and on A100."""
+    from benchmarks.cost_model import dequant_then_ours, launched_quantized, ours_quantized
+
+    big, small = Shape(8192, 4096, 4096, 16, 0.1), Shape(64, 4096, 4096, 16, 0.1)
+    assert launched_quantized(big, "nf4", GPUS["h100"]) == dequant_then_ours(big, "nf4")
+    assert launched_quantized(small, "nf4", GPUS["h100"]) == ours_quantized(small, "nf4")
+    assert launched_quantized(big, "int8", GPUS["h100"]) == ours_quantized(big, "int8")
+    assert launched_quantized(big, "nf4", GPUS["a100"]) == ours_quantized(big, "nf4")
+    # where it switches, the switch is predicted to pay: once is faster than in-loop
+    assert predict_us(dequant_then_ours(big, "nf4"), GPUS["h100"]) < predict_us(ours_quantized(big, "nf4"), GPUS["h100"])

@@ -2,16 +2,23 @@
 
 Two CPU processes (gloo, ``torch.multiprocessing`` spawn) each train on half of every global batch; their
 losses, averaged, must equal one process training on the whole batch (fp32, 1e-5), with the base (16-bit
-weights, or the quantized codes) sharded over the two ranks and only the LoRA parameters in the optimizer.
+weights, or the quantized codes) sharded over the two ranks and only the LoRA parameters in the optimizer;
+``gathered_lora`` gives the whole adapter, and ``save_lora`` refuses the shards. Then the trainer's
+``--fsdp`` under torchrun: the losses, saved adapters and a resumed run equal one process's.
 """
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
-from lora_kernels import FusedLoRALinear, mark_only_lora_as_trainable
+from lora_kernels import FusedLoRALinear, lora_state_dict, mark_only_lora_as_trainable, save_lora
+from lora_kernels.fsdp import gathered_lora
+from test_train_lora import ROOT, adapter, args_for, losses, tiny  # noqa: F401 (tiny: the fixture)
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover - every CPU build has gloo
@@ -51,7 +58,7 @@ def _train(model, xs, ys):
     return torch.stack(losses), optimizer
 
 
-def _worker(rank, port, quantize, results):
+def _worker(rank, port, quantize, results, tmp):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -70,9 +77,17 @@ def _worker(rank, port, quantize, results):
         losses, optimizer = _train(model, xs[:, rank * rows:(rank + 1) * rows], ys[:, rank * rows:(rank + 1) * rows])
         dist.all_reduce(losses)
         in_optimizer = sum(p.numel() for group in optimizer.param_groups for p in group["params"])  # global sizes
+        try:
+            save_lora(model, os.path.join(tmp, f"shards{rank}.safetensors"))
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
+        with gathered_lora(model):  # every rank enters; rank 0 keeps the whole adapter
+            # As lists: a tensor sent through the queue would need this process alive to be read.
+            state = {k: (type(v).__name__, v.tolist()) for k, v in lora_state_dict(model).items()}
         if rank == 0:
             results.put((losses / WORLD).tolist())
-            results.put((tuple(full), tuple(local), in_optimizer))
+            results.put((tuple(full), tuple(local), in_optimizer, refused, state))
     finally:
         dist.destroy_process_group()
 
@@ -84,18 +99,97 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4", "int8"])
-def test_fsdp2_two_processes_match_one(quantize):
+def test_fsdp2_two_processes_match_one(quantize, tmp_path):
     xs, ys = _batches()
-    single, _ = _train(_model(quantize), xs, ys)
+    model = _model(quantize)
+    single, _ = _train(model, xs, ys)
 
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), quantize, results), nprocs=WORLD,
-                                          join=True, start_method="spawn")
+    torch.multiprocessing.start_processes(_worker, args=(_free_port(), quantize, results, str(tmp_path)),
+                                          nprocs=WORLD, join=True, start_method="spawn")
     sharded = results.get(timeout=300)  # generous: a loaded shared machine
-    (full, local, in_optimizer) = results.get(timeout=300)
+    (full, local, in_optimizer, refused, state) = results.get(timeout=300)
 
     assert torch.allclose(torch.tensor(sharded), single, rtol=0, atol=1e-5), (sharded, single.tolist())
     assert local[0] * WORLD == full[0], f"the base is not sharded over {WORLD} ranks: {local} of {full}"
     lora = sum(p.numel() for n, p in _model(quantize).named_parameters() if "lora_" in n)
     assert in_optimizer == lora, "the optimizer holds the (sharded) LoRA parameters and nothing else"
+    assert "FSDP2 shard" in refused and not list(tmp_path.glob("shards*")), f"save_lora wrote shards: {refused!r}"
+    expected = lora_state_dict(model)
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        kind, got = state[key][0], torch.tensor(state[key][1])
+        assert kind == "Tensor" and got.shape == value.shape, f"{key}: a {kind} of shape {tuple(got.shape)}"
+        assert torch.allclose(got, value, rtol=0, atol=1e-5), key
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer: torchrun --nproc_per_node 2 -m minimind.train_lora --fsdp
+
+
+def _torchrun(args, script=("-m", "minimind.train_lora")):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           *script, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _half_batch(args):
+    args = list(args)
+    args[args.index("--batch_size") + 1] = str(int(args[args.index("--batch_size") + 1]) // WORLD)
+    return args
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_trainer_fsdp_matches_one_process(tiny, tmp_path, quantize):
+    """--fsdp: two processes of batch 2 train as one process of batch 4 (fp32, 1e-5); the saved adapters
+    (both formats) are the whole matrices, equal to the single process's."""
+    from minimind.train_lora import parse_args, train
+
+    common = ["--fused", "--max_steps", "3", "--epochs", "10", "--answers", "1", "--eval_data",
+              str(tiny / "data.jsonl"), *(["--quantize", quantize] if quantize else [])]
+    train(parse_args(args_for(tiny, tmp_path / "one", *common)))
+    done = _torchrun(_half_batch(args_for(tiny, tmp_path / "two", *common, "--fsdp")))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "x 2 processes (FSDP2, the base sharded)" in done.stdout
+    assert losses(tmp_path / "two" / "metrics.jsonl") == pytest.approx(losses(tmp_path / "one" / "metrics.jsonl"),
+                                                                       abs=1e-5)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}
+    evals = {name: [(r["step"], r["eval_loss"]) for r in got if "eval_loss" in r] for name, got in rows.items()}
+    assert [s for s, _ in evals["two"]] == [s for s, _ in evals["one"]] == [3]  # every rank joins the evaluation
+    assert evals["two"][0][1] == pytest.approx(evals["one"][0][1], abs=1e-5)
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) > 0
+    for key in one:
+        assert two[key].shape == one[key].shape, f"{key}: saved {tuple(two[key].shape)}, whole {one[key].shape}"
+        assert (one[key] - two[key]).abs().max() < 1e-5, key
+    pth = {name: torch.load(next((tmp_path / name / "lora").glob("*.pth")), weights_only=True)
+           for name in ("one", "two")}
+    assert pth["one"].keys() == pth["two"].keys()
+    for key, value in pth["one"].items():  # MiniMind's format: fp16
+        assert torch.equal(pth["two"][key], value), key
+
+
+def test_trainer_fsdp_resumes_where_it_stopped(tiny, tmp_path):
+    """A --fsdp run stopped after its first checkpoint and resumed equals one uninterrupted --fsdp run: the
+    checkpoint holds the whole adapter and optimizer state, and each process takes its shard back."""
+    stop = tmp_path / "stop_after_first_checkpoint.py"
+    stop.write_text("import sys\nfrom minimind import train_lora\nsave = train_lora.checkpoint\n\n\n"
+                    "def checkpoint(run):\n    save(run)\n    raise KeyboardInterrupt\n\n\n"
+                    "train_lora.checkpoint = checkpoint\nsys.exit(train_lora.main(sys.argv[1:]))\n")
+    common = ["--fused", "--max_steps", "4", "--epochs", "10", "--save_interval", "2", "--lora_dropout", "0.1",
+              "--fsdp"]
+    whole = _torchrun(_half_batch(args_for(tiny, tmp_path / "whole", *common)))
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    stopped = _torchrun(_half_batch(args_for(tiny, tmp_path / "resumed", *common)), script=(str(stop),))
+    assert stopped.returncode != 0, "the stop after the first checkpoint did not happen"
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = _torchrun(_half_batch(args_for(tiny, tmp_path / "resumed", *common, "--resume")))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert losses(tmp_path / "resumed" / "metrics.jsonl") == pytest.approx(
+        losses(tmp_path / "whole" / "metrics.jsonl"), abs=1e-6)
+    a, b = adapter(tmp_path / "whole"), adapter(tmp_path / "resumed")
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-6, key

@@ -93,6 +93,111 @@ def test_triton_dequantized_tile_equals_dequantize(fmt, dq):
         assert torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("fmt,dq", QUANT, ids=QUANT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("bias,p", [(True, 0.0), (False, 0.3)], ids=["bias", "dropout"])
+def test_dequantize_once_path_equals_in_loop_and_reference(monkeypatch, fmt, dq, dtype, bias, p):
+    """Above the crossover (lowered here to M = 16: the interpreter has no rule of its own) W is dequantized
+    once into a temporary and the 16-bit kernels run: the same outputs and gradients as the in-loop path and
+    the reference, and the temporary is gone after each call."""
+    import weakref
+
+    from lora_kernels.ops import configs
+
+    _, quantized = _triton_ops()
+    m, k, n, r = 33, 70, 45, 7  # K % 64 != 0: NF4 blocks span rows of W
+    q, x, b, a, bb = _inputs(m, k, n, r, dtype, fmt, dq, bias)
+    grad_y = torch.randn(m, n, generator=torch.Generator().manual_seed(7)).to(dtype)
+    scaling, seed, needs = 0.75, 1234, (True, False, bias, True, True)
+
+    def run():
+        y, s = quantized.forward(x, q, b, a, bb, scaling, p, seed)
+        return (y, *quantized.backward(grad_y, x, q, a, bb, s, scaling, p, seed, needs))
+
+    in_loop = run()
+    temporaries = []
+    original = quantized.dequantize
+
+    def spy(qweight, out_dtype):
+        w = original(qweight, out_dtype)
+        temporaries.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(quantized, "dequantize", spy)
+    monkeypatch.setitem(configs.DEQUANT_ONCE, (fmt, None), configs.DequantOnce(min_m=m + 1, fixed_cost=0.0))
+    below = run()  # M = 33 < 34: still in the loop
+    assert not temporaries
+    monkeypatch.setitem(configs.DEQUANT_ONCE, (fmt, None), configs.DequantOnce(min_m=16, fixed_cost=17.0 * n * k))
+    once = run()
+    assert len(temporaries) == 2, "forward and dX each dequantize W once"
+    assert all(ref() is None for ref in temporaries), "the 16-bit temporary outlives its call"
+
+    mask = _triton_ops()[0].dropout_mask(seed, (m, k), p, torch.device("cpu")) if p else None
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
+    y_ref = lora_linear_reference(leaves[0], q.dequantize(dtype).double(), b.double() if bias else None, leaves[1],
+                                  leaves[2], scaling, mask, p)
+    dx_ref, da_ref, dbb_ref = torch.autograd.grad(y_ref, leaves, grad_y.double())
+    for name, got, loop, ref in zip(("y", "dx", "dW", "db", "dA", "dB"), once, in_loop,
+                                    (y_ref, dx_ref, None, grad_y.double().sum(0) if bias else None, da_ref, dbb_ref)):
+        if ref is None:
+            assert got is None and loop is None, name
+            continue
+        assert_close(got, ref, dtype, name)
+        assert_close(got, loop.double(), dtype, f"{name} (vs in-loop)")
+    assert all(torch.equal(u, v) for u, v in zip(below, in_loop) if u is not None)
+
+
+def test_dequantize_once_rule_follows_the_cost_model(monkeypatch):
+    """The crossover of ops/configs.py: NF4 on sm90 from M = 448 + 1.4e9 / (N·K) (531 rows at 4096², 2822 at
+    768²), never for int8 or on sm80."""
+    from lora_kernels.ops import configs
+
+    gpu = torch.device("cuda", 0)
+    for capability, fmt, m, width, expected in [((9, 0), "nf4", 531, 4096, False), ((9, 0), "nf4", 532, 4096, True),
+                                                ((9, 0), "nf4", 8192, 4096, True), ((9, 0), "nf4", 64, 4096, False),
+                                                ((9, 0), "nf4", 2821, 768, False), ((9, 0), "nf4", 2822, 768, True),
+                                                ((9, 0), "int8", 8192, 4096, False),
+                                                ((8, 0), "nf4", 8192, 4096, False)]:
+        monkeypatch.setattr(configs, "_device_info", lambda device, c=capability: (c, 132))
+        assert configs.dequantize_once(gpu, fmt, m, width, width) is expected, (capability, fmt, m, width)
+
+
+@pytest.mark.parametrize("fmt,dq", QUANT, ids=QUANT_IDS)
+def test_dequantize_kernel_equals_dequantize(fmt, dq):
+    """The dequantize-once kernel writes QuantizedWeight.dequantize's W (up to double quantization's FMA)."""
+    _, quantized = _triton_ops()
+    q = quantize(torch.randn(45, 70), fmt, dq)
+    for dtype in (torch.float32, torch.float16):
+        got, expected = quantized.dequantize(q, dtype), q.dequantize(dtype)
+        assert got.dtype == dtype and got.shape == (45, 70)
+        if dq:
+            assert (got.float() - expected.float()).abs().max() <= 2 * torch.finfo(dtype).eps * expected.abs().max()
+        else:
+            assert torch.equal(got, expected)
+
+
+def test_sm80_tf32_decode_tile_is_the_one_without_spills():
+    """The compile gate's one quantized spill (sm80, TF32 int8 forward at M = 1: 20 B with a 16x64x32 tile,
+    4 warps) is gone with K blocks of 16 (64 bytes of fp32), which the decode heuristic now gives off sm90's
+    tensor cores: ptxas -v shows 56 registers and no spill for int8, NF4 and NF4-dq. A K block of 32 there
+    would bring the spill back."""
+    from lora_kernels.ops import configs
+
+    _, quantized = _triton_ops()
+    q = quantize(torch.zeros(4096, 4096), "int8")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32
+    try:
+        cfgs = configs._heuristic_configs((8, 0), 108, torch.float32, 1, 4096, 4096, 16, True)
+        for w_t, cfg in ((True, cfgs.forward), (False, cfgs.grad_input)):
+            launch = quantized._qmatmul_launch(1, 4096, 4096, 16, q, w_t=w_t, has_bias=w_t, has_dropout=False,
+                                               config=cfg, max_block_r=cfgs.max_block_r, dtype=torch.float32)
+            assert launch.meta["INPUT_PRECISION"] == "tf32"
+            assert (launch.meta["BLOCK_M"], launch.meta["BLOCK_K"]) == (16, 16), launch.meta
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_torch_backend_dequantizes_in_chunks(monkeypatch):
     """A layer wider than the chunk never dequantizes all of W at once, and gives the same result."""
     q, x, b, a, bb = _inputs(6, 40, 300, 4, torch.float32, "nf4", False, True)

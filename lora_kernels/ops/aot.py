@@ -1,7 +1,9 @@
 """The compile gate: every kernel x every configuration the launchers can choose, compiled for real GPU
 targets on a machine without a GPU, and what the compiler produced checked against the hardware's limits.
 With a quantized base (``Case.quantize``: NF4, NF4 with double quantization, int8) each (precision, M, N, K,
-rank) case also runs the launchers of :mod:`lora_kernels.ops.quantized` (W frozen, bias on, dropout or not).
+rank) case also runs the launchers of :mod:`lora_kernels.ops.quantized` (W frozen, bias on, dropout or not):
+the in-loop GEMMs, or above ``configs.DEQUANT_ONCE``'s crossover (NF4 on sm90) the dequantize kernel and the
+16-bit kernels, as the launchers choose on that arch.
 
 :func:`sweep` calls the public launchers (``forward``, ``backward``, ``dropout_mask``) under
 :func:`~lora_kernels.ops.standin.stand_in_gpu` (compile-only) over a grid of cases: precision (IEEE fp32,
@@ -173,7 +175,8 @@ def _run_case(case: Case, tensors: _Tensors, launched: list) -> int:
 
 
 _ROLES = {"_lora_down_kernel": "down", "_lora_dy_kernel": "dY", "_lora_da_kernel": "dA",
-          "_sum_partials_kernel": "sum", "_dropout_mask_kernel": "mask"}
+          "_sum_partials_kernel": "sum", "_dropout_mask_kernel": "mask",
+          "_dequant_kernel": "dequant"}  # quantized: W dequantized once, above configs.DEQUANT_ONCE's crossover
 
 
 def _role(name: str, constexprs: dict, in_forward: bool) -> str:

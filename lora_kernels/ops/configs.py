@@ -104,6 +104,45 @@ def _device_info(device: torch.device) -> Tuple[Optional[Tuple[int, int]], int]:
     return (props.major, props.minor), props.multi_processor_count
 
 
+@dataclasses.dataclass(frozen=True)
+class DequantOnce:
+    """When a quantized launcher dequantizes W once per call instead of in every M-tile's main loop: for an
+    input of M rows and a W of N·K elements, when ``M >= min_m + fixed_cost / (N·K)``. ``min_m`` is the
+    crossover for a very large W; ``fixed_cost`` (rows × elements) is the extra launch and the 16-bit round
+    trip of W, which a small W does not repay until M is larger."""
+
+    min_m: int
+    fixed_cost: float
+
+
+# QLoRA's two paths (lora_kernels/ops/quantized.py). In-loop: each BLOCK_M = 128-row tile of the forward and
+# dX GEMMs dequantizes the W tiles it reads, so the integer work grows with cdiv(M, 128). Dequantize-once: one
+# launch writes W in x's dtype to a temporary (freed after the call), then the 16-bit kernels run: a fixed cost
+# (one more launch, read the packed W, write and read 16-bit W). Keyed by (format, compute capability major);
+# None is the interpreter, which has no entry (tests add one). The numbers fit benchmarks/cost_model.py's
+# predictions (bf16, dropout 0.1, ranks 16 and 64), not measurements:
+# * H100 (sm90), NF4: the predicted crossover is M = 448 for W of 4096² and larger (4096×11008 too), 704 at
+#   2048² (and 4096×1024), 960 at 1536², 1728 at 1024², 2752 at 768², 6464 at 512². 448 + 1.4e9 / (N·K)
+#   follows it within one 128-row tile at every one of these shapes (531, 782, 1041, 1783, 2822, 5789). At M =
+#   8192 and 4096²: 676 µs dequantize-once against 1136 in-loop (16-bit W: 645); at M = 64: in-loop 35 µs
+#   against 71.
+# * int8 (any GPU): no entry; 3 instructions per element make in-loop dequantization cheaper than the 16-bit
+#   round trip up to M = 16384 (4096², M = 8192: 644 vs 681 µs on H100).
+# * A100 (sm80): no entry; its tensor cores, not integer work, bound the GEMM: in-loop is predicted as fast or
+#   faster up to M = 8192 (4096²: 1934 vs 1947 µs). Other GPUs (not modelled): in-loop.
+DEQUANT_ONCE: Dict[Tuple[str, Optional[int]], DequantOnce] = {
+    ("nf4", 9): DequantOnce(min_m=448, fixed_cost=1.4e9),
+}
+
+
+def dequantize_once(device: torch.device, fmt: str, m: int, n: int, k: int) -> bool:
+    """True when the quantized launchers should dequantize the (n, k) W once for an input of m rows (see
+    ``DEQUANT_ONCE``)."""
+    capability, _ = _device_info(device)
+    rule = DEQUANT_ONCE.get((fmt, capability[0] if capability is not None else None))
+    return rule is not None and m >= rule.min_m + rule.fixed_cost / max(n * k, 1)
+
+
 def _pick_gemm_tile(m: int, n: int, candidates: Sequence[Tuple[KernelConfig, float]], num_sms: int) -> KernelConfig:
     """The candidate with the least modelled time: waves (ceil(tiles / SMs)) x tile area / tile efficiency."""
     def cost(item):

@@ -26,6 +26,15 @@ exactly those of the 16-bit kernels. The dequantized tile equals ``QuantizedWeig
 for bit for NF4 without double quantization and int8; with double quantization the absmax may differ by an
 ulp where the compiler fuses its multiply-add (an FMA).
 
+Dequantize-once path: from the number of rows ``configs.DEQUANT_ONCE`` gives (NF4 on sm90: M >= 448 +
+1.4e9 / (N·K), e.g. 531 at 4096²; never under the interpreter unless a test adds a rule), re-dequantizing W in
+every 128-row tile costs more integer work than one pass (see benchmarks/cost_model.py): ``forward`` and ``backward``
+then run ``_dequant_kernel`` once per call (W in x's dtype, a temporary) and the 16-bit kernels of
+:mod:`lora_kernels.ops.lora_linear`. Memory: the temporary is N·K elements of x's dtype (2·N·K bytes in
+bf16: 32 MiB for 4096², the 16-bit W the quantization saved), alive only during the call; the caching
+allocator keeps the block for the next layer's call, so the peak grows by the largest such W, not by the
+model's.
+
 Sizes and layouts: any M, N, K (blocks of 64 may span rows of W when K % 64 != 0: the index arithmetic is
 per element, so no alignment is assumed), any strides of x and dY; the packed data is contiguous as
 :mod:`lora_kernels.quant` and bitsandbytes store it. GPU tiles come from ``kernel_configs`` with BLOCK_N
@@ -40,6 +49,7 @@ import triton
 import triton.language as tl
 
 from ..quant import ABSMAX_BLOCKSIZE, INT8_SCALE
+from . import configs as _configs
 from . import lora_linear as _base
 from .lora_linear import (
     KernelConfig,
@@ -69,8 +79,12 @@ _WIDE_TILE = 64 * 128
 # Decode tiles (BLOCK_M <= 32) take K blocks of 32: at 64 the 4-warp dX GEMM with double quantization
 # spills 196 B on sm90 (and 8 warps spill in the forward).
 _DECODE_MAX_BLOCK_K = 32
-# IEEE fp32 runs tl.dot on CUDA cores, whose operands sit in registers: smaller N and K blocks.
+# IEEE fp32 runs tl.dot on CUDA cores, whose operands sit in registers: smaller N and K blocks, 8 warps from
+# 64x64 tiles (4 warps spill 40-52 B in the sm90 NF4 dX GEMM at M = 64), and rank blocks of 16 in decode
+# tiles (32 spill 12 B in the sm90 NF4-dq forward at M = 1, r = 100).
 _IEEE_MAX_BLOCK_NK = (64, 16)
+_IEEE_WIDE_TILE = 64 * 64
+_IEEE_DECODE_MAX_BLOCK_R = 16
 
 
 @triton.jit
@@ -162,7 +176,59 @@ def _qlora_matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _dequant_kernel(
+    # pointers: the quantized W (codes, absmax, codebook, absmax2, codebook2, offset), the output W
+    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, w_ptr,
+    # sizes: W (N, K), row-major
+    N, K,
+    # meta-parameters
+    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+    INV127: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """W (N, K) = dequant(codes, scales) in w_ptr's dtype: each element computed and rounded as the in-loop
+    tiles of ``_qlora_matmul_kernel`` compute it. Grid: cdiv(N, BLOCK_N) · cdiv(K, BLOCK_K)."""
+    pid = tl.program_id(0)
+    pid_n, pid_k = pid // tl.cdiv(K, BLOCK_K), pid % tl.cdiv(K, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = (offs_n % N).to(tl.int64)  # wrapped: in-bounds loads (int8 reads its row scale unmasked)
+    cols = (offs_k % K).to(tl.int64)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    offset = 0.0
+    if DOUBLE_QUANT:
+        offset = tl.load(offset_ptr)
+    w = _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, rows[:, None], cols[None, :], K, mask,
+                 FORMAT, DOUBLE_QUANT, QBLOCK, QBLOCK2, INV127)
+    tl.store(w_ptr + rows[:, None] * K + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------- launchers
+
+
+_DEQUANT_BLOCK = (32, 128)  # (BLOCK_N, BLOCK_K): 16 elements per thread at 8 warps; memory-bound
+
+
+def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
+    """W (N, K) in ``dtype``, one launch of ``_dequant_kernel`` (the dequantize-once path's temporary).
+
+    Equal to ``qweight.dequantize(dtype)`` bit for bit for NF4 without double quantization and int8 (with it,
+    an ulp where the compiler fuses the absmax's multiply-add, as in the GEMMs).
+    """
+    n, k = qweight.shape
+    w = torch.empty((n, k), device=qweight.device, dtype=dtype)
+    block_n, block_k = _DEQUANT_BLOCK
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k),)
+    with _device_guard(w):
+        _dequant_kernel[grid](*_qtensors(qweight), w, n, k, FORMAT=FORMAT_IDS[qweight.format],
+                              DOUBLE_QUANT=qweight.double_quant, QBLOCK=qweight.blocksize, QBLOCK2=ABSMAX_BLOCKSIZE,
+                              INV127=INT8_SCALE, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
+    return w
+
+
+def _dequantize_once(qweight, m: int) -> bool:
+    return _configs.dequantize_once(qweight.device, qweight.format, m, *qweight.shape)
+
 
 
 def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, has_bias: bool, has_dropout: bool,
@@ -171,10 +237,16 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
     precision = _input_precision(dtype)
     ieee_fp32 = dtype == torch.float32 and precision == "ieee"
     max_n, max_k = _IEEE_MAX_BLOCK_NK if ieee_fp32 else (_MAX_BLOCK_N, _MAX_BLOCK_K)
+    wide_tile = _IEEE_WIDE_TILE if ieee_fp32 else _WIDE_TILE
     if config.block_m <= 32:
         max_k = min(max_k, _DECODE_MAX_BLOCK_K)
-        if rank > 32:  # rank blocks of 64 beside a 128-wide tile: 4 B spilled on sm90 (bf16 forward, M = 17)
-            max_n = min(max_n, 64)
+        if rank > 32:  # rank blocks of 64 beside a 128-wide tile: 4 B spilled on sm90 (bf16 forward, M = 17);
+            max_n = min(max_n, 64)  # and beside a 64-wide one 8 B on sm80 (fp16/bf16 NF4-dq forward, M = 17)
+            max_block_r = min(max_block_r, 32)
+        if ieee_fp32:
+            max_block_r = min(max_block_r, _IEEE_DECODE_MAX_BLOCK_R)
+    if dtype == torch.float32 and precision != "ieee" and config.block_m == 64:
+        max_n = min(max_n, 64)  # TF32 64x128x16 tiles, 8 warps: 4 B spilled on sm80 (int8 dX, M = 64)
     block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
     numel = qweight.shape[0] * qweight.shape[1]
     return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
@@ -183,7 +255,7 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
         HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
         BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
-        num_warps=max(config.num_warps, 8) if config.block_m * block_n >= _WIDE_TILE else config.num_warps,
+        num_warps=max(config.num_warps, 8) if config.block_m * block_n >= wide_tile else config.num_warps,
         num_stages=min(config.num_stages, _MAX_STAGES)))
 
 
@@ -241,6 +313,8 @@ def forward(x: torch.Tensor, qweight, bias: Optional[torch.Tensor], lora_A: torc
     if x.shape[0] == 0:
         return (torch.empty((0, n), device=x.device, dtype=x.dtype),
                 torch.empty((0, lora_A.shape[0]), device=x.device, dtype=x.dtype))
+    if _dequantize_once(qweight, x.shape[0]):  # the temporary W is freed on return (see the module docstring)
+        return _base.forward(x, dequantize(qweight, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
     has_dropout = dropout_p > 0
     key = _call_key("qforward", x.device, x.dtype, (x, bias, lora_A, lora_B), (has_dropout, _qkey(qweight)))
     plan = _cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, qweight, bias, lora_A, lora_B, has_dropout))
@@ -263,6 +337,9 @@ def backward(grad_y: torch.Tensor, x: Optional[torch.Tensor], qweight, lora_A: t
         _check_quantized(qweight, grad_y)
     if grad_y.shape[0] == 0:
         return _base.backward(grad_y, x, None, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
+    if needs[0] and _dequantize_once(qweight, grad_y.shape[0]):  # only dX reads W; the temporary dies on return
+        return _base.backward(grad_y, x, dequantize(qweight, dtype), lora_A, lora_B, s, scaling, dropout_p, seed,
+                              needs)
     has_dropout = dropout_p > 0
     key = _call_key("qbackward", grad_y.device, dtype, (grad_y, x, lora_A, lora_B, s),
                     (has_dropout, needs, _qkey(qweight) if needs[0] else None))
