@@ -245,6 +245,8 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
             max_block_r = min(max_block_r, 32)
         if ieee_fp32:
             max_block_r = min(max_block_r, _IEEE_DECODE_MAX_BLOCK_R)
+        elif dtype == torch.float32 and qweight.format == "int8":  # TF32 int8 16x64x32 decode tiles: 16 B
+            max_k = min(max_k, 16)  # spilled on sm90 (forward, M = 1); NF4 spills 4-8 B at 16 instead
     if dtype == torch.float32 and precision != "ieee" and config.block_m == 64:
         max_n = min(max_n, 64)  # TF32 64x128x16 tiles, 8 warps: 4 B spilled on sm80 (int8 dX, M = 64)
     block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
