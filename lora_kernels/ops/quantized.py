@@ -247,6 +247,13 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
             max_block_r = min(max_block_r, _IEEE_DECODE_MAX_BLOCK_R)
         elif dtype == torch.float32 and qweight.format == "int8":  # TF32 int8 16x64x32 decode tiles: 16 B
             max_k = min(max_k, 16)  # spilled on sm90 (forward, M = 1); NF4 spills 4-8 B at 16 instead
+    if qweight.double_quant and has_dropout:
+        # NF4 with double quantization (two more gathers per W tile) in the dX GEMM with dropout: 32x128 decode
+        # tiles spilled 8 B (sm80, M = 17), 128x128x64 tiles 72 B (sm90, M = 512)
+        # (and 16x64x32 4 B, sm90, M = 1)
+        max_n, max_k = (min(max_n, 64), min(max_k, 16)) if config.block_m <= 32 else (max_n, min(max_k, 32))
+    if config.block_m <= 32:  # decode: rank blocks of 16 (32 spilled 8 B in the sm90 NF4 dX GEMM at M = 1)
+        max_block_r = min(max_block_r, 16)
     if dtype == torch.float32 and precision != "ieee" and config.block_m == 64:
         max_n = min(max_n, 64)  # TF32 64x128x16 tiles, 8 warps: 4 B spilled on sm80 (int8 dX, M = 64)
     block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
@@ -275,7 +282,7 @@ class _ForwardPlan(_base._ForwardPlan):
     def _plan_base(self, x, qweight, bias, lora_B, cfgs, precision) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
         self.matmul = _qmatmul_launch(m, n, k, rank, qweight, w_t=True, has_bias=bias is not None, has_dropout=False,
-                                      config=cfgs.forward, max_block_r=cfgs.max_block_r, dtype=x.dtype)
+                                      config=cfgs.forward, max_block_r=cfgs.forward_block_cap(rank), dtype=x.dtype)
         # x (M, K), y (M, N) contiguous, bias (N,), L = S (M, r) contiguous, R = lora_Bᵀ (r, N)
         self.matmul_ints = (m, n, k, rank, k, *x.stride(), n, 1, bias.stride(0) if bias is not None else 0, rank, 1,
                             lora_B.stride(1), lora_B.stride(0))
@@ -291,7 +298,7 @@ class _BackwardPlan(_base._BackwardPlan):
     def _plan_grad_input(self, grad_y, qweight, lora_A, cfgs, precision, has_dropout) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
         self.dx = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
-                                  config=cfgs.grad_input, max_block_r=cfgs.max_block_r, dtype=lora_A.dtype)
+                                  config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(), dtype=lora_A.dtype)
         # dY (M, N), dX (M, K) contiguous, L = dS (M, r) contiguous, R = A (r, K)
         self.dx_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
 
