@@ -26,8 +26,10 @@ Why these numbers (u = unit roundoff of the dtype):
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
+import pytest
 import torch
 
 TOLERANCES = {
@@ -83,3 +85,41 @@ def make_peft_linear(linear: torch.nn.Linear, r: int, alpha: float, dropout: flo
     if "config" in inspect.signature(Linear.__init__).parameters:
         return Linear(linear, "default", config=LoraConfig(**kwargs), r=r, lora_alpha=alpha)
     return Linear(linear, "default", **kwargs)
+
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None
+                                or importlib.util.find_spec("transformers") is None,
+                                reason="peft and transformers are needed")
+
+
+def two_peft_adapters(tmp_path, up_rank: Optional[int] = None):
+    """A tiny transformers Llama with two PEFT LoRA adapters (``"default"`` on q/v, ``"tr"`` with rsLoRA on
+    v/up, ``up_proj`` at rank ``up_rank`` when given), B drawn non-zero, saved by PEFT under
+    ``tmp_path / "peft"``, and a copy of the base with both loaded by ``load_peft_adapter``.
+
+    Returns:
+        ``(base, peft_model, ours)``, all in eval mode.
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from test_transformers import tiny_model
+
+    from lora_kernels import load_peft_adapter
+
+    base = tiny_model("llama").eval()
+    torch.manual_seed(1)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft.add_adapter("tr", LoraConfig(r=2, lora_alpha=6, use_rslora=True, target_modules=["v_proj", "up_proj"],
+                                      rank_pattern={"up_proj": up_rank} if up_rank else {}))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft.eval()
+    peft.save_pretrained(tmp_path / "peft")  # "default" at the root, "tr" in tr/
+    ours = copy.deepcopy(base)
+    load_peft_adapter(ours, tmp_path / "peft")
+    load_peft_adapter(ours, tmp_path / "peft" / "tr", adapter_name="tr")
+    return base, peft, ours

@@ -1,6 +1,5 @@
 """Named adapters (add/set/delete, several active at once, merging, IO per adapter) and LoRAConfig."""
 import gc
-import importlib.util
 import json
 import weakref
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_close
+from helpers import assert_close, needs_peft, two_peft_adapters
 from lora_kernels import (
     FusedLoRALinear,
     LoRAConfig,
@@ -403,33 +402,14 @@ def test_save_peft_adapter_layout(tmp_path):
 # PEFT parity on a tiny transformers Llama
 
 
-needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None,
-                                reason="peft and transformers are needed")
-
-
 @needs_peft
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_two_peft_adapters_match_peft_and_round_trip(tmp_path):
     import copy
 
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from test_transformers import tiny_model
+    from peft import PeftModel
 
-    base = tiny_model("llama").eval()
-    torch.manual_seed(1)
-    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    peft.add_adapter("tr", LoraConfig(r=2, lora_alpha=6, use_rslora=True, target_modules=["v_proj", "up_proj"],
-                                      rank_pattern={"up_proj": 3}))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    peft.eval()
-    peft.save_pretrained(tmp_path / "peft")  # "default" at the root, "tr" in tr/
-    ours = copy.deepcopy(base)
-    load_peft_adapter(ours, tmp_path / "peft")
-    load_peft_adapter(ours, tmp_path / "peft" / "tr", adapter_name="tr")
+    base, peft, ours = two_peft_adapters(tmp_path, up_rank=3)
     assert ours.model.layers[0].mlp.up_proj.lora_configs["tr"].rank == 3
     assert ours.model.layers[0].self_attn.v_proj.adapter_names == ["default", "tr"]
     x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -3,20 +3,18 @@
 The bar: a mixed batch's output and every gradient equal per-adapter separate runs of the single-adapter
 path on the same rows, under the same seed (so the same dropout masks).
 """
-import importlib.util
 
 import pytest
 import torch
 import torch.nn as nn
 
-from helpers import TOLERANCES, assert_close
+from helpers import assert_close, needs_peft, two_peft_adapters
 from lora_kernels import (
     AdapterTerm,
     LoRAConfig,
     active_adapters,
     add_adapter,
     iter_lora_layers,
-    load_peft_adapter,
     lora_linear_mixed,
     lora_linear_reference,
     merge_lora,
@@ -266,32 +264,10 @@ def test_several_active_adapters_are_one_call_equal_to_the_reference():
 # PEFT parity and MiniMind
 
 
-needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None,
-                                reason="peft and transformers are needed")
-
-
 @needs_peft
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_mixed_batch_matches_peft_adapter_names(tmp_path):
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-    from test_transformers import tiny_model
-
-    base = tiny_model("llama").eval()
-    torch.manual_seed(1)
-    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    peft.add_adapter("tr", LoraConfig(r=2, lora_alpha=6, use_rslora=True, target_modules=["v_proj", "up_proj"]))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    peft.eval()
-    peft.save_pretrained(tmp_path / "peft")
-    ours = copy.deepcopy(base)
-    load_peft_adapter(ours, tmp_path / "peft")
-    load_peft_adapter(ours, tmp_path / "peft" / "tr", adapter_name="tr")
+    base, peft, ours = two_peft_adapters(tmp_path)
     x = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = peft(x, adapter_names=["tr", "default", "__base__", "tr"]).logits
