@@ -195,6 +195,14 @@ def _tiny_llama():
     return fresh
 
 
+def _fused_peft_case():
+    """The base factory, the fused PEFT model over it and input ids (skips without peft and transformers)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    fresh = _tiny_llama()
+    return fresh, _fused_peft_llama(fresh), torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
 def _fused_peft_llama(fresh):
     from peft import LoraConfig, get_peft_model
 
@@ -211,9 +219,7 @@ def test_trainer_style_checkpoint_of_fused_peft_model_reloads_in_peft(tmp_path):
     pytest.importorskip("transformers")
     from peft import PeftModel
 
-    fresh = _tiny_llama()
-    model = _fused_peft_llama(fresh)
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    fresh, model, ids = _fused_peft_case()
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         model.save_pretrained(tmp_path / "ckpt")  # what transformers.Trainer calls at each save_steps
@@ -228,9 +234,7 @@ def test_merge_and_unload_of_fused_peft_model_saves_a_plain_model(tmp_path, merg
     base model with merged plain linears under the base's key names, which transformers reloads."""
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    fresh = _tiny_llama()
-    model = _fused_peft_llama(fresh)
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    fresh, model, ids = _fused_peft_case()
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         merged = lk.merge_and_unload(model).get_base_model() if merge == "lora_kernels" else model.merge_and_unload()
@@ -240,11 +244,7 @@ def test_merge_and_unload_of_fused_peft_model_saves_a_plain_model(tmp_path, merg
 
 
 def test_peft_unload_after_fuse_returns_the_base_model():
-    pytest.importorskip("peft")
-    pytest.importorskip("transformers")
-    fresh = _tiny_llama()
-    model = _fused_peft_llama(fresh)
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    fresh, model, ids = _fused_peft_case()
     with torch.no_grad():
         base_logits = fresh()(input_ids=ids).logits
         unloaded = model.unload()
@@ -253,9 +253,7 @@ def test_peft_unload_after_fuse_returns_the_base_model():
 
 def test_peft_disable_adapter_after_fuse_runs_the_base_model():
     """TRL's DPO trainer takes its reference model this way."""
-    fresh = _tiny_llama()
-    model = _fused_peft_llama(fresh)
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    fresh, model, ids = _fused_peft_case()
     with torch.no_grad():
         base_logits = fresh()(input_ids=ids).logits
         adapted = model(input_ids=ids).logits
