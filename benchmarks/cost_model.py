@@ -34,7 +34,7 @@ scale per row):
   kernels;
 * ``launched-nf4``: the path ``lora_kernels/ops/quantized.py`` takes on that GPU: dequantize-once (the row
   above) where ``lora_kernels/ops/configs.py``'s ``DEQUANT_ONCE`` rule, chosen from this model, says so
-  (NF4 on H100 from M = 448 + 1.4e9 / (N·K)), else in-loop (``ours-nf4``).
+  (NF4 on H100 from M = 448 + 2.5e9 / (N·K)), else in-loop (``ours-nf4``).
 
 GPU figures (dense, no sparsity): H100 SXM 989 TFLOP/s bf16, 3.35 TB/s HBM3, 132 SMs; A100 SXM 312 TFLOP/s
 bf16, 2.04 TB/s, 108 SMs. INT32 throughput: 64 lanes per SM per clock (1.98 GHz H100, 1.41 GHz A100).
@@ -52,6 +52,7 @@ import sys
 from typing import List, Optional, Sequence
 
 HASH_OPS = 10  # integer instructions per element to regenerate one keep/drop bit (sm90 SASS)
+UNPACK_OPS = 3  # per element to read a stored keep bit (shift, and, select): an estimate, for the design table
 LAUNCH_US = 3.0
 DEQUANT_OPS = {"nf4": 8, "int8": 3}  # instructions per W element per dequantization (estimate, see above)
 QUANT_BLOCK_M = 128  # rows per M-tile of the quantized GEMMs at training M (each tile dequantizes all of W)
@@ -64,14 +65,17 @@ class GPU:
     bandwidth: float  # HBM bytes per second
     int_ops: float  # INT32 operations per second
     capability_major: int  # the compute capability's major number, the key of ops/configs.py's DEQUANT_ONCE
+    num_sms: int
 
     def seconds(self, kernel: "Kernel") -> float:
-        return max(kernel.bytes / self.bandwidth, kernel.flops / (self.tflops * 1e12), kernel.int_ops / self.int_ops)
+        overlapped = max(kernel.bytes / self.bandwidth, kernel.flops / (self.tflops * 1e12),
+                         kernel.int_ops / self.int_ops)
+        return overlapped + kernel.serial_int_ops / (self.int_ops / self.num_sms)
 
 
 GPUS = {
-    "h100": GPU("H100 SXM", 989.0, 3.35e12, 132 * 64 * 1.98e9, 9),
-    "a100": GPU("A100 SXM", 312.0, 2.04e12, 108 * 64 * 1.41e9, 8),
+    "h100": GPU("H100 SXM", 989.0, 3.35e12, 132 * 64 * 1.98e9, 9, 132),
+    "a100": GPU("A100 SXM", 312.0, 2.04e12, 108 * 64 * 1.41e9, 8, 108),
 }
 
 
@@ -81,6 +85,9 @@ class Kernel:
     bytes: float
     flops: float = 0.0
     int_ops: float = 0.0
+    # Integer work per SM that overlaps nothing else of the kernel: the dX GEMM's mask prologue, which every
+    # tile runs before its main loop (one resident tile per SM), once per wave of tiles.
+    serial_int_ops: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +100,10 @@ class Shape:
     element: int = 2  # bytes per element (bf16)
 
 
-def _gemm(name: str, m: int, n: int, k: int, e: int, extra_bytes: float = 0.0, int_ops: float = 0.0) -> Kernel:
+def _gemm(name: str, m: int, n: int, k: int, e: int, extra_bytes: float = 0.0, int_ops: float = 0.0,
+          serial_int_ops: float = 0.0) -> Kernel:
     """C (m, n) = A (m, k) · B (k, n), each operand read once, C written once."""
-    return Kernel(name, (m * k + k * n + m * n) * e + extra_bytes, 2.0 * m * n * k, int_ops)
+    return Kernel(name, (m * k + k * n + m * n) * e + extra_bytes, 2.0 * m * n * k, int_ops, serial_int_ops)
 
 
 def frozen(s: Shape) -> List[Kernel]:
@@ -127,28 +135,79 @@ def eager(s: Shape) -> List[Kernel]:
     return ks
 
 
-def ours(s: Shape, num_sms: int = 132) -> List[Kernel]:
-    """The fused design: the bytes each kernel reads and writes, the GEMM FLOPs, and the hash's integer work."""
+def _launcher_configs(s: Shape, gpu: GPU):
+    """The block sizes ``lora_kernels/ops/configs.py`` picks for this shape on ``gpu`` (its own rule, not a copy)."""
+    import torch
+
+    from lora_kernels.ops.configs import _bucket, _heuristic_configs, _rank_block
+
+    dtype = torch.bfloat16 if s.element == 2 else torch.float32
+    return _heuristic_configs((gpu.capability_major, 0), gpu.num_sms, dtype, _bucket(s.m), s.n, s.k,
+                              _rank_block(s.r, 64), False)
+
+
+def ours(s: Shape, gpu: Optional[GPU] = None, dy_block_m: Optional[int] = None,
+         mask_bits: bool = False) -> List[Kernel]:
+    """The fused design on ``gpu`` (default H100): the bytes each kernel reads and writes, the GEMM FLOPs, the
+    hash's integer work, and the fp32 partial sums the launchers' splits create (dS over dY's column splits,
+    dB and db per dY row block, dA over x's row splits), with the launchers' own block sizes and splits.
+
+    Two design candidates, not built, for ``python -m benchmarks.cost_model``'s design table:
+    ``dy_block_m`` overrides the dY pass's row block (fewer dB partials, fewer programs); ``mask_bits`` has
+    the S pass store the keep-mask as bits (M·K/8 bytes, kept for backward) that the dX GEMM and the dA pass
+    unpack (``UNPACK_OPS`` per element) instead of rehashing.
+    """
+    from lora_kernels.ops.configs import _rank_block
+    from lora_kernels.ops.lora_linear import _split
+
+    gpu = gpu or GPUS["h100"]
     e, m, k, n, r = s.element, s.m, s.k, s.n, s.r
+    cfgs = _launcher_configs(s, gpu)
+    block_r = _rank_block(r, cfgs.max_block_r)
+    r_blocks = -(-r // block_r)
+    # the dY pass: dS split over dY's column tiles, dB (and db) one fp32 partial per row block
+    dy_rows = dy_block_m or cfgs.grad_output_pass.block_m
+    dy_blocks = -(-m // dy_rows)
+    ds_splits, _ = _split(dy_blocks * r_blocks, -(-n // cfgs.grad_output_pass.block_n), cfgs.target_programs,
+                          cfgs.min_split_tiles)
+    ds_partials = ds_splits * m * r * 4 if ds_splits > 1 else 0
+    db_partials = dy_blocks * n * r * 4 if dy_blocks > 1 else 0
+    # the dA pass: x's row tiles split over programs
+    da_cfg = cfgs.grad_a
+    da_splits, _ = _split(-(-k // da_cfg.block_k) * r_blocks, -(-m // da_cfg.block_m), cfgs.target_programs,
+                          cfgs.min_split_tiles)
+    da_partials = da_splits * r * k * 4 if da_splits > 1 else 0
+    # the dX GEMM's prologue: each tile hashes (or unpacks) its BLOCK_M x BLOCK_N mask before its main loop
+    gi = cfgs.grad_input
+    waves = -(-(-(-m // gi.block_m) * -(-k // gi.block_n)) // gpu.num_sms)
+    per_element = (UNPACK_OPS if mask_bits else HASH_OPS) if s.dropout > 0 else 0
+    bits = m * k / 8 if s.dropout > 0 and mask_bits else 0.0
     hash_ops = HASH_OPS * m * k if s.dropout > 0 else 0.0
-    row_blocks = max(1, -(-m // 128))  # the dY pass's dB partials: one (N, r) fp32 slice per 128-row block
-    return [
-        Kernel("S = (keep ⊙ x)·Aᵀ/(1-p)", (m * k + r * k + m * r) * e, 2.0 * m * k * r, hash_ops),
+    kernels = [
+        Kernel("S = (keep ⊙ x)·Aᵀ/(1-p)", (m * k + r * k + m * r) * e + bits, 2.0 * m * k * r, hash_ops),
         _gemm("y = s·S·Bᵀ + x·Wᵀ + b", m, n, k, e, (m * r + n * r + n) * e, 0.0),
-        Kernel("dY pass: dS, dB partials", (m * n + n * r + 2 * m * r) * e + row_blocks * n * r * 4,
-               4.0 * m * n * r),
-        _gemm("dX = keep ⊙ dS·A/(1-p) + dY·W", m, k, n, e, (m * r + r * k) * e, hash_ops),
-        Kernel("dA = dSᵀ·(keep ⊙ x)/(1-p)", (m * k + m * r + r * k) * e, 2.0 * m * k * r, hash_ops),
-        Kernel("sum dB partials", row_blocks * n * r * 4 + n * r * e),
+        Kernel("dY pass: dS, dB partials", (m * n + n * r + m * r) * e + (ds_partials or m * r * e)
+               + (db_partials or n * r * e), 4.0 * m * n * r),
     ]
+    if ds_partials:
+        kernels.append(Kernel("sum dS partials", ds_partials + m * r * e))
+    kernels += [
+        _gemm("dX = keep ⊙ dS·A/(1-p) + dY·W", m, k, n, e, (m * r + r * k) * e + bits,
+              serial_int_ops=waves * gi.block_m * gi.block_n * per_element),
+        Kernel("dA = dSᵀ·(keep ⊙ x)/(1-p)", (m * k + m * r) * e + (da_partials or r * k * e) + bits, 2.0 * m * k * r,
+               per_element * m * k),
+    ]
+    if db_partials or da_partials:
+        kernels.append(Kernel("sum dB, dA partials", db_partials + n * r * e + da_partials + r * k * e))
+    return kernels
 
 
-def ours_mixed(s: Shape, adapters: int) -> List[Kernel]:
+def ours_mixed(s: Shape, adapters: int, gpu: Optional[GPU] = None) -> List[Kernel]:
     """A mixed batch (``lora_kernels.mixed``): ``adapters`` adapters of rank ``s.r`` concatenated along the
     rank, so the fused kernels run at rank Σr = adapters·r, plus the small tensors the concatenation adds:
     ``torch.cat`` of A and B, the per-row scale (M, Σr) built and applied to S and to dS."""
     e, m, k, n, r = s.element, s.m, s.k, s.n, s.r * adapters
-    return ours(dataclasses.replace(s, r=r)) + [
+    return ours(dataclasses.replace(s, r=r), gpu) + [
         Kernel("cat A, B", 2 * (r * k + n * r) * e),
         Kernel("Scale (M, Σr) from the row index", m * r * e),
         Kernel("S' = S ⊙ Scale", 3 * m * r * e),
@@ -156,7 +215,7 @@ def ours_mixed(s: Shape, adapters: int) -> List[Kernel]:
     ]
 
 
-def loop_over_adapters(s: Shape, adapters: int) -> List[Kernel]:
+def loop_over_adapters(s: Shape, adapters: int, gpu: Optional[GPU] = None) -> List[Kernel]:
     """A Python loop over adapters: each gathers its rows of x, runs the fused layer on them, and scatters its
     rows of y; backward gathers its rows of dY and scatters its rows of dX (into a zeroed dX)."""
     e, m, k, n = s.element, s.m, s.k, s.n
@@ -164,7 +223,7 @@ def loop_over_adapters(s: Shape, adapters: int) -> List[Kernel]:
     part = dataclasses.replace(s, m=rows)
     ks = [Kernel("zero dX", m * k * e)]
     for a in range(adapters):
-        ks += [Kernel(f"gather x rows ({a})", 2 * rows * k * e), *ours(part),
+        ks += [Kernel(f"gather x rows ({a})", 2 * rows * k * e), *ours(part, gpu),
                Kernel(f"scatter y rows ({a})", 2 * rows * n * e), Kernel(f"gather dY rows ({a})", 2 * rows * n * e),
                Kernel(f"scatter dX rows ({a})", 2 * rows * k * e)]
     return ks
@@ -178,10 +237,30 @@ def mixed_table(m: int, widths: Sequence[int], rank: int, adapters: int, gpus: S
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for gpu, width in ((gpu, width) for gpu in gpus for width in widths):
         s = Shape(m, width, width, rank, dropout)
-        one, mixed, loop = (predict_us(ks, gpu) for ks in (ours(s), ours_mixed(s, adapters),
-                                                             loop_over_adapters(s, adapters)))
+        one, mixed, loop = (predict_us(ks, gpu) for ks in (ours(s, gpu), ours_mixed(s, adapters, gpu),
+                                                             loop_over_adapters(s, adapters, gpu)))
         lines.append(f"| {gpu.name} | {m}×{width}→{width}, {rank} × {adapters}, {dropout:g} | {one:.1f} | {mixed:.1f} | "
                      f"{loop:.1f} | {mixed / one:.2f} | {loop / mixed:.2f} |")
+    return "\n".join(lines)
+
+
+def design_table(shapes: Sequence[Shape], gpus: Sequence[GPU]) -> str:
+    """A markdown table of design choices around the built design (``ours``, the launchers' block sizes): the
+    share of a step that the dX GEMM's serial mask prologue and the fp32 partial sums take, the step with the
+    dY pass at 128-row blocks everywhere (before ``WIDE_DY_ROWS``), and with the mask stored as bits."""
+    lines = ["| GPU | M×K→N, r, p | ours µs | dY rows | dX mask prologue | partial sums | dY rows 128 µs | "
+             "mask bits µs |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for gpu in gpus:
+        for s in shapes:
+            kernels = ours(s, gpu)
+            step = predict_us(kernels, gpu)
+            prologue = sum(k.serial_int_ops for k in kernels) / (gpu.int_ops / gpu.num_sms) * 1e6
+            sums = predict_us([k for k in kernels if k.name.startswith("sum ")], gpu)
+            rows, bits = (predict_us(ours(s, gpu, **kw), gpu) for kw in ({"dy_block_m": 128}, {"mask_bits": True}))
+            launched_rows = _launcher_configs(s, gpu).grad_output_pass.block_m
+            lines.append(f"| {gpu.name} | {s.m}×{s.k}→{s.n}, {s.r}, {s.dropout:g} | {step:.1f} | {launched_rows} | "
+                         f"{prologue:.1f} µs ({prologue / step:.0%}) | {sums:.1f} µs ({sums / step:.0%}) | "
+                         f"{rows:.1f} ({rows / step - 1:+.1%}) | {bits:.1f} ({bits / step - 1:+.1%}) |")
     return "\n".join(lines)
 
 
@@ -194,12 +273,12 @@ def quantized_weight_bytes(fmt: str, n: int, k: int) -> float:
     raise ValueError(f"format must be 'nf4' or 'int8', got {fmt!r}")
 
 
-def ours_quantized(s: Shape, fmt: str) -> List[Kernel]:
+def ours_quantized(s: Shape, fmt: str, gpu: Optional[GPU] = None) -> List[Kernel]:
     """``ours`` with the two GEMMs reading the packed W and dequantizing it per M-tile in their main loop."""
     e, m, k, n = s.element, s.m, s.k, s.n
     dequant = DEQUANT_OPS[fmt] * n * k * max(1, -(-m // QUANT_BLOCK_M))
     out = []
-    for kernel in ours(s):
+    for kernel in ours(s, gpu):
         if kernel.name.startswith(("y = ", "dX = ")):  # the two GEMMs that read W
             kernel = Kernel(kernel.name + f" [{fmt} W]", kernel.bytes - n * k * e + quantized_weight_bytes(fmt, n, k),
                             kernel.flops, kernel.int_ops + dequant)
@@ -207,12 +286,12 @@ def ours_quantized(s: Shape, fmt: str) -> List[Kernel]:
     return out
 
 
-def dequant_then_ours(s: Shape, fmt: str = "nf4") -> List[Kernel]:
+def dequant_then_ours(s: Shape, fmt: str = "nf4", gpu: Optional[GPU] = None) -> List[Kernel]:
     """Dequantize W to 16 bits before each GEMM that reads it (forward, dX), then the 16-bit kernels."""
     e, n, k = s.element, s.n, s.k
     dequant = Kernel(f"dequantize {fmt} W -> 16-bit", quantized_weight_bytes(fmt, n, k) + n * k * e, 0.0,
                      DEQUANT_OPS[fmt] * n * k)
-    kernels = ours(s)
+    kernels = ours(s, gpu)
     return [dequant, *kernels[:2], dequant, *kernels[2:]]
 
 
@@ -223,12 +302,13 @@ def launched_quantized(s: Shape, fmt: str, gpu: GPU) -> List[Kernel]:
 
     rule = DEQUANT_ONCE.get((fmt, gpu.capability_major))
     once = rule is not None and s.m >= rule.min_m + rule.fixed_cost / (s.n * s.k)
-    return dequant_then_ours(s, fmt) if once else ours_quantized(s, fmt)
+    return dequant_then_ours(s, fmt, gpu) if once else ours_quantized(s, fmt, gpu)
 
 
-PROVIDERS = {"frozen": frozen, "eager": eager, "ours": ours}
-QUANTIZED_PROVIDERS = {"ours": ours, "ours-nf4": lambda s: ours_quantized(s, "nf4"),
-                       "ours-int8": lambda s: ours_quantized(s, "int8"), "dequant+ours-nf4": dequant_then_ours}
+PROVIDERS = {"frozen": lambda s, gpu: frozen(s), "eager": lambda s, gpu: eager(s), "ours": ours}
+QUANTIZED_PROVIDERS = {"ours": ours, "ours-nf4": lambda s, gpu: ours_quantized(s, "nf4", gpu),
+                       "ours-int8": lambda s, gpu: ours_quantized(s, "int8", gpu),
+                       "dequant+ours-nf4": lambda s, gpu: dequant_then_ours(s, "nf4", gpu)}
 
 
 def predict_us(kernels: Sequence[Kernel], gpu: GPU) -> float:
@@ -242,10 +322,10 @@ def table(shapes: Sequence[Shape], gpus: Sequence[GPU]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for gpu in gpus:
         for s in shapes:
-            t = {name: predict_us(fn(s), gpu) for name, fn in PROVIDERS.items()}
+            t = {name: predict_us(fn(s, gpu), gpu) for name, fn in PROVIDERS.items()}
             lines.append(f"| {gpu.name} | {s.m}×{s.k}→{s.n}, {s.r}, {s.dropout:g} | {t['frozen']:.1f} | "
                          f"{t['eager']:.1f} | {t['ours']:.1f} | {t['ours'] / t['frozen']:.2f} | "
-                         f"{t['eager'] / t['ours']:.2f} | {len(ours(s))} |")
+                         f"{t['eager'] / t['ours']:.2f} | {len(ours(s, gpu))} |")
     return "\n".join(lines)
 
 
@@ -257,7 +337,7 @@ def quantized_table(shapes: Sequence[Shape], gpus: Sequence[GPU]) -> str:
              "| --- | --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: |"]
     for gpu in gpus:
         for s in shapes:
-            t = [predict_us(QUANTIZED_PROVIDERS[name](s), gpu) for name in names]
+            t = [predict_us(QUANTIZED_PROVIDERS[name](s, gpu), gpu) for name in names]
             launched = launched_quantized(s, "nf4", gpu)
             path = "once" if launched[0].name.startswith("dequantize") else "in-loop"
             ratio = quantized_weight_bytes("nf4", s.n, s.k) / (s.n * s.k * s.element)
@@ -287,6 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(f"Predicted µs per training step of a mixed batch over {args.adapters} adapters of rank {args.rank}:")
     print(mixed_table(args.m, args.widths, args.rank, args.adapters, [GPUS[g] for g in args.gpu], args.dropout))
+    print()
+    print("Design candidates of the fused step (predictions of designs not built, see ours()):")
+    print(design_table(shapes, [GPUS[g] for g in args.gpu]))
     return 0
 
 

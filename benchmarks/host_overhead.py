@@ -42,16 +42,21 @@ import torch
 import torch.nn.functional as F
 
 
-def _inputs(m: int, k: int, n: int, r: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def _inputs(m: int, k: int, n: int, r: int, dtype: torch.dtype, depth: int) -> Dict[str, object]:
+    """x (M, K), dY (M, N), and ``depth`` layers' (W, b, A, B); layer i > 0 maps N to N (a stack needs K = N)."""
     g = torch.Generator().manual_seed(0)
-    return {
-        "x": torch.randn(m, k, generator=g).to(dtype).requires_grad_(),
-        "weight": torch.randn(n, k, generator=g).to(dtype),
-        "bias": torch.randn(n, generator=g).to(dtype),
-        "lora_A": torch.randn(r, k, generator=g).to(dtype).requires_grad_(),
-        "lora_B": torch.randn(n, r, generator=g).to(dtype).requires_grad_(),
-        "grad": torch.randn(m, n, generator=g).to(dtype),
-    }
+    layers = []
+    for i in range(depth):
+        k_in = k if i == 0 else n
+        layers.append((torch.randn(n, k_in, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype),
+                       torch.randn(r, k_in, generator=g).to(dtype).requires_grad_(),
+                       torch.randn(n, r, generator=g).to(dtype).requires_grad_()))
+    return {"x": torch.randn(m, k, generator=g).to(dtype).requires_grad_(), "layers": layers,
+            "grad": torch.randn(m, n, generator=g).to(dtype)}
+
+
+def _trainable(t: Dict[str, object]) -> List[torch.Tensor]:
+    return [t["x"]] + [p for _, _, a, bb in t["layers"] for p in (a, bb)]
 
 
 def _zero_grads(tensors: Sequence[torch.Tensor]) -> None:
@@ -71,21 +76,29 @@ def _triton_accepts_cpu_tensors() -> Iterator[None]:
         functional.triton_refusal = refusal
 
 
-def step_ours(t: Dict[str, torch.Tensor], dropout_p: float) -> Callable[[], None]:
+# Each provider gives a training step over the first ``depth`` layers: the layers' forwards, then one
+# backward() from the last output, as a model's step does.
+
+def step_ours(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
     from lora_kernels import lora_linear
 
+    layers = t["layers"][:depth]
+
     def step():
-        y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 2.0, dropout_p=dropout_p,
-                        backend="triton")
-        y.backward(t["grad"])
+        h = t["x"]
+        for w, b, a, bb in layers:
+            h = lora_linear(h, w, b, a, bb, 2.0, dropout_p=dropout_p, backend="triton")
+        h.backward(t["grad"])
     return step
 
 
-def step_launchers(t: Dict[str, torch.Tensor], dropout_p: float) -> Callable[[], None]:
+def step_launchers(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
+    """Our launchers without autograd, one layer (their Python does not depend on what is around them)."""
     from lora_kernels.functional import draw_seed_tensor
     from lora_kernels.ops import lora_linear as ops
 
-    x, w, b, a, bb, grad = (t[name].detach() for name in ("x", "weight", "bias", "lora_A", "lora_B", "grad"))
+    w, b, a, bb = (p.detach() for p in t["layers"][0])
+    x, grad = t["x"].detach(), t["grad"]
     needs = (True, False, False, True, True)  # dX, dA, dB: a frozen base
 
     def step():
@@ -109,19 +122,29 @@ class _Floor(torch.autograd.Function):
         return torch.empty_like(x), None, None, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
-def step_floor(t: Dict[str, torch.Tensor], dropout_p: float) -> Callable[[], None]:
+def step_floor(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
+    layers = t["layers"][:depth]
+
     def step():
-        _Floor.apply(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]).backward(t["grad"])
+        h = t["x"]
+        for w, b, a, bb in layers:
+            h = _Floor.apply(h, w, b, a, bb)
+        h.backward(t["grad"])
     return step
 
 
-def step_linear(t: Dict[str, torch.Tensor], dropout_p: float) -> Callable[[], None]:
+def step_linear(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
+    layers = t["layers"][:depth]
+
     def step():
-        F.linear(t["x"], t["weight"], t["bias"]).backward(t["grad"])
+        h = t["x"]
+        for w, b, _, _ in layers:
+            h = F.linear(h, w, b)
+        h.backward(t["grad"])
     return step
 
 
-def step_peft(t: Dict[str, torch.Tensor], dropout_p: float) -> Optional[Callable[[], None]]:
+def step_peft(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Optional[Callable[[], None]]:
     try:
         from peft import LoraConfig
         from peft.tuners.lora import Linear
@@ -129,20 +152,28 @@ def step_peft(t: Dict[str, torch.Tensor], dropout_p: float) -> Optional[Callable
         return None
     import inspect
 
-    n, k = t["weight"].shape
-    r = t["lora_A"].shape[0]
-    base = torch.nn.Linear(k, n, dtype=t["weight"].dtype)
-    base.requires_grad_(False)
-    kwargs = dict(r=r, lora_alpha=2 * r, lora_dropout=dropout_p)
-    if "config" in inspect.signature(Linear.__init__).parameters:
-        layer = Linear(base, "default", config=LoraConfig(**kwargs), r=r, lora_alpha=2 * r)
-    else:
-        layer = Linear(base, "default", **kwargs)
-    layer.train()
+    modules = []
+    for w, _, a, _ in t["layers"][:depth]:
+        (n, k), r = w.shape, a.shape[0]
+        base = torch.nn.Linear(k, n, dtype=w.dtype)
+        base.requires_grad_(False)
+        kwargs = dict(r=r, lora_alpha=2 * r, lora_dropout=dropout_p)
+        if "config" in inspect.signature(Linear.__init__).parameters:
+            layer = Linear(base, "default", config=LoraConfig(**kwargs), r=r, lora_alpha=2 * r)
+        else:
+            layer = Linear(base, "default", **kwargs)
+        modules.append(layer.train())
 
     def step():
-        layer(t["x"]).backward(t["grad"])
+        h = t["x"]
+        for layer in modules:
+            h = layer(h)
+        h.backward(t["grad"])
     return step
+
+
+PROVIDERS = {"ours": step_ours, "launchers": step_launchers, "floor": step_floor, "linear": step_linear,
+             "peft": step_peft}
 
 
 def measure(steps: Dict[str, Callable[[], None]], grads: Sequence[torch.Tensor], rounds: int,
@@ -172,40 +203,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shape", type=int, nargs=4, default=[8, 64, 64, 16], metavar=("M", "K", "N", "R"),
                    help="x (M, K), W (N, K), rank R: tiny, so that F.linear and PEFT, which do compute, cost "
                         "their host time; ours launches nothing whatever the shape")
+    p.add_argument("--depth", type=int, default=8,
+                   help="layers in the stack measured per layer (one backward() per step, as in a model); "
+                        "needs K = N when > 1; 1 to skip the stack")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.calls < 1:
-        p.error("--rounds and --calls must be >= 1")
+    m, k, n, r = args.shape
+    if args.rounds < 1 or args.calls < 1 or args.depth < 1:
+        p.error("--rounds, --calls and --depth must be >= 1")
+    if args.depth > 1 and k != n:
+        p.error(f"--depth {args.depth} stacks layers of N -> N: the shape needs K = N, got K={k}, N={n}")
 
     from lora_kernels.ops.standin import stand_in_gpu
 
-    m, k, n, r = args.shape
     dtype = getattr(torch, args.dtype)
-    t = _inputs(m, k, n, r, dtype)
-    grads = [t["x"], t["lora_A"], t["lora_B"]]
-    steps = {"ours": step_ours(t, args.dropout), "launchers": step_launchers(t, args.dropout),
-             "floor": step_floor(t, args.dropout), "linear": step_linear(t, args.dropout)}
-    peft_step = step_peft(t, args.dropout)
-    if peft_step is not None:
-        steps["peft"] = peft_step
+    t = _inputs(m, k, n, r, dtype, args.depth)
+    steps: Dict[str, Callable[[], None]] = {}
+    for name, provider in PROVIDERS.items():
+        for depth in sorted({1, args.depth}):
+            if name == "launchers" and depth > 1:
+                continue
+            step = provider(t, args.dropout, depth)
+            if step is not None:  # PEFT not installed: left out
+                steps[name if depth == 1 else f"{name}_stack"] = step
     torch.set_num_threads(1)  # tiny tensors: threads only add noise
     with stand_in_gpu(arch=args.arch, launch="stub") as standin, _triton_accepts_cpu_tensors():
         step_ours(t, args.dropout)()
         launches = len(standin.kernels)
-        result = measure(steps, grads, args.rounds, args.calls)
+        result = measure(steps, _trainable(t), args.rounds, args.calls)
+    for name in [name for name in result if name.endswith("_stack")]:
+        result[name] /= args.depth  # per layer
 
     print(f"host time per LoRA-linear forward+backward (µs, median of {args.rounds} rounds x {args.calls} calls; "
           f"stand-in {standin.spec.name}, x ({m}, {k}) -> {n}, rank {r}, {args.dtype}, dropout {args.dropout}, "
           f"frozen base)")
-    print(f"  ours (lora_linear, Triton, {launches} launches, launches stubbed): {result['ours']:8.1f}")
-    print(f"    of which our launchers (ops.forward + ops.backward, no autograd): {result['launchers']:8.1f}")
-    print(f"    autograd floor (a Function that computes nothing):        {result['floor']:8.1f}")
-    print(f"    our layer's own Python (ours - floor):                    {result['ours'] - result['floor']:8.1f}")
-    print(f"  F.linear (frozen base alone):                               {result['linear']:8.1f}")
-    if "peft" in result:
-        print(f"  PEFT lora.Linear (eager torch):                             {result['peft']:8.1f}")
+    stacked = args.depth > 1
+    print(f"  {'':62s} {'one layer':>10s}" + (f" {'per layer of ' + str(args.depth):>16s}" if stacked else ""))
+    print(f"  {'':62s} {'+backward()':>10s}" + (f" {'+backward()':>16s}" if stacked else ""))
+
+    def row(label: str, name: str) -> None:
+        if name not in result:
+            return
+        stack = result.get(f"{name}_stack")
+        print(f"  {label:62s} {result[name]:10.1f}" + (f" {stack:16.1f}" if stack is not None else ""))
+
+    row(f"ours (lora_linear, Triton, {launches} launches, launches stubbed)", "ours")
+    row("  of which our launchers (ops.forward + ops.backward, no autograd)", "launchers")
+    row("  autograd floor (a Function that computes nothing)", "floor")
+    row("F.linear (frozen base alone)", "linear")
+    row("PEFT lora.Linear (eager torch)", "peft")
     print(json.dumps({**{f"{name}_us": round(value, 1) for name, value in result.items()},
-                      "launches": launches}))
+                      "depth": args.depth, "launches": launches}))
     return 0
 
 

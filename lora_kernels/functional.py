@@ -168,24 +168,29 @@ class _KernelsWithFallback:
         self.failed.add(key)
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        (m, k), (n, rank) = x.shape, lora_B.shape
-        if not (self.failed and self._key(x, m, n, k, rank, dropout_p) in self.failed):
+        if not (self.failed and self._forward_key(x, lora_B, dropout_p) in self.failed):
             try:
-                return _triton_module(self.module).forward(*args)
+                return _triton_module(self.module).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
             except Exception as err:  # noqa: BLE001 - any kernel failure: raise with context, or fall back
-                self._fail(self._key(x, m, n, k, rank, dropout_p), "forward", err)
-        return torch_backend.KERNEL_MASK.forward(*args)
+                self._fail(self._forward_key(x, lora_B, dropout_p), "forward", err)
+        return torch_backend.KERNEL_MASK.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
     def backward(self, grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs_grad):
         args = (grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs_grad)
-        (m, n), (rank, k) = grad_y.shape, lora_A.shape
-        if not (self.failed and self._key(grad_y, m, n, k, rank, dropout_p) in self.failed):
+        if not (self.failed and self._backward_key(grad_y, lora_A, dropout_p) in self.failed):
             try:
                 return _triton_module(self.module).backward(*args)
             except Exception as err:  # noqa: BLE001
-                self._fail(self._key(grad_y, m, n, k, rank, dropout_p), "backward", err)
+                self._fail(self._backward_key(grad_y, lora_A, dropout_p), "backward", err)
         return torch_backend.KERNEL_MASK.backward(*args)
+
+    def _forward_key(self, x, lora_B, dropout_p) -> tuple:
+        (m, k), (n, rank) = x.shape, lora_B.shape
+        return self._key(x, m, n, k, rank, dropout_p)
+
+    def _backward_key(self, grad_y, lora_A, dropout_p) -> tuple:
+        (m, n), (rank, k) = grad_y.shape, lora_A.shape
+        return self._key(grad_y, m, n, k, rank, dropout_p)
 
     @staticmethod
     def dropout_mask(seed, shape, dropout_p, device):

@@ -134,6 +134,38 @@ def test_split_reductions_match_reference(lead, k, n, r, p, dtype):
         check_against_reference(lead, k, n, r, dtype, True, p, ALL)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_dy_row_blocks_match_reference(dtype):
+    """The dY pass at sm90's wide-layer row block (configs.WIDE_DY_ROWS = 256, 8 warps): two row blocks (the
+    second partial), three column tiles (the last partial), a rank that is not a power of two, db."""
+    from lora_kernels.ops.configs import WIDE_DY_ROWS
+
+    b32 = ops.KernelConfig(32, 32, 32, group_m=4)
+    wide = ops.LoRAKernelConfigs(b32, b32, b32, b32, ops.KernelConfig(WIDE_DY_ROWS, 64, 0, num_warps=8), b32,
+                                 max_block_r=64, target_programs=1)
+    with ops.override_configs(wide):
+        check_against_reference((300,), 40, 130, 17, dtype, True, 0.25, ALL)
+
+
+def test_wide_dy_row_blocks_only_where_they_fill_the_gpu():
+    """256-row dY blocks on sm90 in 16 bits where row blocks x column splits still give each of the 132 SMs a
+    program (4096-wide layers at M = 8192); 128 rows where they would not (768 wide: 32 row blocks x 3 splits
+    = 96 programs), on sm80 and in fp32."""
+    from lora_kernels.ops.configs import _heuristic_configs
+
+    def dy(capability, dtype, m, width):
+        return _heuristic_configs(capability, 132 if capability[0] == 9 else 108, dtype, m, width, width, 16,
+                                  False).grad_output_pass
+
+    assert (dy((9, 0), torch.bfloat16, 8192, 4096).block_m, dy((9, 0), torch.bfloat16, 8192, 4096).num_warps) == \
+        (256, 8)
+    assert dy((9, 0), torch.float16, 4096, 4096).block_m == 256  # 16 row blocks x 16 splits
+    assert dy((9, 0), torch.bfloat16, 2048, 4096).block_m == 128  # 8 x 16 = 128 programs < 132
+    assert dy((9, 0), torch.bfloat16, 8192, 768).block_m == 128
+    assert dy((8, 0), torch.bfloat16, 8192, 4096).block_m == 128
+    assert dy((9, 0), torch.float32, 8192, 4096).block_m <= 64
+
+
 def test_non_contiguous_inputs_and_grad():
     """x, weights and dY with arbitrary strides (sliced, transposed, stride-0) are read in place."""
     dtype, scaling, p, seed = torch.float32, 0.5, 0.3, 99

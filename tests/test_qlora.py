@@ -147,19 +147,20 @@ def test_dequantize_once_path_equals_in_loop_and_reference(monkeypatch, fmt, dq,
     assert all(torch.equal(u, v) for u, v in zip(below, in_loop) if u is not None)
 
 
-def test_dequantize_once_rule_follows_the_cost_model(monkeypatch):
-    """The crossover of ops/configs.py: NF4 on sm90 from M = 448 + 1.4e9 / (N·K) (531 rows at 4096², 2822 at
-    768²), never for int8 or on sm80."""
+def test_dequantize_once_rule_switches_at_its_crossover(monkeypatch):
+    """configs.dequantize_once: NF4 on sm90 switches at min_m + fixed_cost / (N·K) rows, never for int8 or on
+    sm80. (Whether that crossover is the right one is tests/test_cost_model.py's question.)"""
     from lora_kernels.ops import configs
 
     gpu = torch.device("cuda", 0)
-    for capability, fmt, m, width, expected in [((9, 0), "nf4", 531, 4096, False), ((9, 0), "nf4", 532, 4096, True),
-                                                ((9, 0), "nf4", 8192, 4096, True), ((9, 0), "nf4", 64, 4096, False),
-                                                ((9, 0), "nf4", 2821, 768, False), ((9, 0), "nf4", 2822, 768, True),
-                                                ((9, 0), "int8", 8192, 4096, False),
-                                                ((8, 0), "nf4", 8192, 4096, False)]:
-        monkeypatch.setattr(configs, "_device_info", lambda device, c=capability: (c, 132))
-        assert configs.dequantize_once(gpu, fmt, m, width, width) is expected, (capability, fmt, m, width)
+    rule = configs.DEQUANT_ONCE[("nf4", 9)]
+    for width in (768, 4096):
+        first = math.ceil(rule.min_m + rule.fixed_cost / (width * width))
+        for capability, fmt, m, expected in [((9, 0), "nf4", first - 1, False), ((9, 0), "nf4", first, True),
+                                             ((9, 0), "nf4", 64, False), ((9, 0), "int8", 8192, False),
+                                             ((9, 0), "int8", 32768, False), ((8, 0), "nf4", 32768, False)]:
+            monkeypatch.setattr(configs, "_device_info", lambda device, c=capability: (c, 132))
+            assert configs.dequantize_once(gpu, fmt, m, width, width) is expected, (capability, fmt, m, width)
 
 
 @pytest.mark.parametrize("fmt,dq", QUANT, ids=QUANT_IDS)

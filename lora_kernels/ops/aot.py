@@ -75,8 +75,9 @@ QUANTIZED = ("nf4", "nf4-dq", "int8")  # a frozen quantized base: NF4, NF4 with 
 
 def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: bool = False) -> Iterator[Case]:
     """The sweep's cases. ``quick``: a representative subset (decode and training M, N = K = 768, ranks
-    16 and 100: rank blocks 16 and 64, a rank a multiple of 16 and one that is not, every flag) for the test
-    suite. ``full``: every (N, K) pair and the autotune candidates."""
+    16 and 100: rank blocks 16 and 64, a rank a multiple of 16 and one that is not, every flag; and one
+    training call at 4096², where sm90 takes the dY pass's 256-row blocks) for the test suite. ``full``:
+    every (N, K) pair and the autotune candidates."""
     if quick:
         ms, widths, ranks = (17, 8192), ((768, 768),), (16, 100)
     else:
@@ -89,6 +90,9 @@ def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: boo
         if not quick or rank == ranks[0]:
             for quantize, dropout in itertools.product(QUANTIZED[::2] if quick else QUANTIZED, (False, True)):
                 yield Case(precision, m, n, k, rank, True, dropout, False, quantize=quantize)
+    if quick:  # the wide layers' dY pass (configs.WIDE_DY_ROWS on sm90), rank blocks 16 and 64, with db
+        for precision, rank in itertools.product(precisions, ranks):
+            yield Case(precision, 8192, 4096, 4096, rank, True, False, False)
     if full:  # every candidate tile of the GEMM autotuner, where the launchers would tune (BLOCK_M >= 64)
         for precision, (n, k), rank in itertools.product(precisions, widths, (16, 100)):
             for bias, dropout in itertools.product((False, True), repeat=2):

@@ -121,17 +121,20 @@ class DequantOnce:
 # (one more launch, read the packed W, write and read 16-bit W). Keyed by (format, compute capability major);
 # None is the interpreter, which has no entry (tests add one). The numbers fit benchmarks/cost_model.py's
 # predictions (bf16, dropout 0.1, ranks 16 and 64), not measurements:
-# * H100 (sm90), NF4: the predicted crossover is M = 448 for W of 4096² and larger (4096×11008 too), 704 at
-#   2048² (and 4096×1024), 960 at 1536², 1728 at 1024², 2752 at 768², 6464 at 512². 448 + 1.4e9 / (N·K)
-#   follows it within one 128-row tile at every one of these shapes (531, 782, 1041, 1783, 2822, 5789). At M =
-#   8192 and 4096²: 676 µs dequantize-once against 1136 in-loop (16-bit W: 645); at M = 64: in-loop 35 µs
-#   against 71.
+# * H100 (sm90), NF4: the predicted crossover is M = 448 for W of 4096² and larger (4096×11008, 8192² too), 832
+#   at 2048² (and 4096×1024), 1472 at 1536², 2752 at 1024², 4672 at 768², 16448 at 512² (rank 16; 21824 at
+#   rank 64, the others the same). 448 + 2.5e9 / (N·K) gives 597, 1044, 1508, 2832, 4687 and 9985 rows there;
+#   over those shapes, ranks 16 and 64 and M from 64 to 32768, the path it picks is predicted at most 9% slower
+#   than the better one (512², M between 9985 and 16448), 0.1% on average (tests/test_cost_model.py). At M =
+#   8192 and 4096²: 704 µs dequantize-once against 1123 in-loop (16-bit W: 672). The model counts the dX
+#   GEMM's mask hash as serial work (its prologue), which both paths pay; until 2026-11-24 it counted it as
+#   overlapped integer work, which favoured dequantize-once (then 448 + 1.4e9 / (N·K)).
 # * int8 (any GPU): no entry; 3 instructions per element make in-loop dequantization cheaper than the 16-bit
-#   round trip up to M = 16384 (4096², M = 8192: 644 vs 681 µs on H100).
-# * A100 (sm80): no entry; its tensor cores, not integer work, bound the GEMM: in-loop is predicted as fast or
-#   faster up to M = 8192 (4096²: 1934 vs 1947 µs). Other GPUs (not modelled): in-loop.
+#   round trip up to M = 32768 (4096², M = 8192: 651 vs 708 µs on H100).
+# * A100 (sm80): no entry; its tensor cores, not integer work, bound the GEMM: in-loop is predicted faster up
+#   to M = 32768 (4096², M = 8192: 1907 vs 1989 µs). Other GPUs (not modelled): in-loop.
 DEQUANT_ONCE: Dict[Tuple[str, Optional[int]], DequantOnce] = {
-    ("nf4", 9): DequantOnce(min_m=448, fixed_cost=1.4e9),
+    ("nf4", 9): DequantOnce(min_m=448, fixed_cost=2.5e9),
 }
 
 
@@ -198,6 +201,23 @@ def _gemm_candidates(capability: Tuple[int, int], dtype: torch.dtype, tf32: bool
     return [(_fit(c, (c.block_m + c.block_n) * c.block_k, elem, limit), e) for c, e in candidates]
 
 
+# The dY pass's row block on sm90 (16-bit) where the GPU stays filled. Each row block writes one fp32 (N, r)
+# partial of dB that a second launch sums, so 256 rows halve those bytes against 128 (r/64 of dY's bytes at 128
+# rows: 25% at r = 16, 156% at r = 100). benchmarks/cost_model.py predicts the step 0.4-2.5% faster at M = 8192
+# and r = 16-100 for N = 4096 (H100), 2-10% at 512-768 wide layers from M = 16384; `python -m
+# lora_kernels.check --aot` finds no spill with 8 warps (4 warps spill 4-684 B).
+WIDE_DY_ROWS = 256
+
+
+def _fills_with_wide_dy_blocks(m_bucket: int, n: int, num_sms: int) -> bool:
+    """Whether 256-row blocks of dY still give every SM a program: row blocks times the column splits the
+    launcher can make (at least ``min_split_tiles`` = 4 tiles of 64 columns each, up to 4 programs per SM).
+    The cost model assumes full bandwidth whatever the program count; this keeps that assumption plausible."""
+    row_blocks = triton.cdiv(m_bucket, WIDE_DY_ROWS)
+    splits = max(1, min(triton.cdiv(4 * num_sms, row_blocks), triton.cdiv(n, 64) // 4))
+    return m_bucket >= 2 * WIDE_DY_ROWS and row_blocks * splits >= num_sms
+
+
 @functools.lru_cache(maxsize=1024)
 def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32) -> LoRAKernelConfigs:
     """The config cache: one entry per (device, dtype, M bucket, N, K, rank block); no tuning, no compilation.
@@ -257,6 +277,8 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
         rows = 128 if hopper or not wide_rank else 64
         dy = KernelConfig(min(rows, max(16, m_bucket)), 64, 0,
                           num_warps=4 if block_r <= 32 or not hopper else 8, num_stages=3)
+        if hopper and _fills_with_wide_dy_blocks(m_bucket, n, num_sms):
+            dy = KernelConfig(WIDE_DY_ROWS, 64, 0, num_warps=8, num_stages=3)
         da = KernelConfig(64, 0, 128 // elem, num_warps=4, num_stages=3)  # 128-byte rows (256: 20 B spills, sm90)
     else:  # fp32: 64 x 32 tiles of dY, 8 warps with a rank block of 32 (4 spill 80 B on sm90, TF32 on sm80)
         # IEEE fp32 (operands in registers): 32 rows (64 spill 8-12 B on sm90 with ds, dB and db)

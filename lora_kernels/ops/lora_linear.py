@@ -66,7 +66,8 @@ rank block); a new M only looks up its bucket, it never compiles or tunes. Defau
   of 128 bytes.
 * Skinny passes (S, dY, dA) are memory-bound: 32-128 rows x 128-256 bytes of columns, 4-8 warps, 3-4
   stages; when a pass has fewer programs than ~4 waves, its reduction
-  dimension is split over programs (fp32 partials).
+  dimension is split over programs (fp32 partials). On sm90 the dY pass takes 256-row blocks where the GPU
+  stays filled (``configs.WIDE_DY_ROWS``): half the dB partials.
 * Pipeline stages are cut to fit each arch's shared memory (232,448 B sm90, 166,912 B sm80, 101,376 B
   sm86/89); fp32 (IEEE and TF32) uses rank blocks of 32, fp16/bf16 of 64.
 
@@ -505,7 +506,10 @@ def _split(programs: int, num_tiles: int, target_programs: int, min_tiles: int) 
 
 class _Launch:
     """One kernel launch of a plan: its grid and meta-parameters and, after its first launch, the compiled
-    kernel, whose launcher every later launch calls directly with the same positional arguments."""
+    kernel, whose launcher every later launch calls directly with the same positional arguments.
+
+    ``launch(*args)`` looks the stream and the launch hooks up itself; a plan that launches several kernels
+    looks them up once (:func:`_launch_env`) and calls ``launch.run(env, *args)`` for each."""
 
     __slots__ = ("fn", "grid", "meta", "compiled", "constexprs")
 
@@ -514,6 +518,9 @@ class _Launch:
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
 
     def __call__(self, *args) -> None:
+        self.run(_launch_env() if self.compiled is not None else None, *args)
+
+    def run(self, env: Optional[tuple], *args) -> None:
         compiled = self.compiled
         if compiled is None:
             compiled = self.fn[self.grid](*args, **self.meta)
@@ -522,14 +529,25 @@ class _Launch:
                 self.constexprs = tuple(self.meta[p.name] for p in self.fn.params[len(args):])
                 self.compiled = compiled
             return
-        device = driver.active.get_current_device()
-        stream = driver.active.get_current_stream(device)
-        enter, exit_ = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+        stream, enter, exit_ = env
         metadata = None
         if enter is not None or exit_ is not None:  # a profiler is listening: give it what Triton gives it
             metadata = compiled.launch_metadata(self.grid, stream, *args, *self.constexprs)
         compiled.run(self.grid[0], self.grid[1], self.grid[2], stream, compiled.function, compiled.packed_metadata,
                      metadata, enter, exit_, *args, *self.constexprs)
+
+
+_INTERPRETED = _interpreting()  # fixed when triton.jit built this module's kernels, at import
+
+
+def _launch_env() -> Optional[tuple]:
+    """What every launch of a call needs from the runtime: (stream, enter hook, exit hook); None under the
+    interpreter, whose launches never reach a compiled kernel."""
+    if _INTERPRETED:
+        return None
+    device = driver.active.get_current_device()
+    return (driver.active.get_current_stream(device), _hook(knobs.runtime.launch_enter_hook),
+            _hook(knobs.runtime.launch_exit_hook))
 
 
 def _hook(hook):
@@ -569,18 +587,14 @@ def _sum_args(jobs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> list:
     return args
 
 
-def _key_of(t: Optional[torch.Tensor]) -> tuple:
-    """What a tensor argument contributes to a plan key: what Triton specialises on, and the grids."""
-    if t is None:
-        return ()
-    return t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0
-
-
 def _call_key(kind: str, device: torch.device, dtype: torch.dtype, tensors: Sequence[Optional[torch.Tensor]],
               flags: tuple) -> tuple:
-    # The device's (capability, SMs), the fp32 precision and an override all change the chosen kernels.
-    return (kind, device, _configs._device_info(device), _input_precision(dtype), id(_configs._OVERRIDE), flags,
-            *map(_key_of, tensors))
+    """A plan's key: the device's (capability, SMs), the fp32 precision and an override (they change the
+    chosen kernels), the flags, and per tensor what Triton specialises on and the grids depend on."""
+    key = [kind, device, _configs._device_info(device), _input_precision(dtype), id(_configs._OVERRIDE), flags]
+    for t in tensors:  # inline, not a helper per tensor: this runs on every call
+        key.append(None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0))
+    return tuple(key)
 
 
 def _cached(cache: Dict[tuple, Any], key: tuple, build: Callable[[], Any]) -> Any:
@@ -674,8 +688,9 @@ class _ForwardPlan:
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         y = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
         s = torch.empty((self.m, self.rank), device=x.device, dtype=x.dtype)
+        env = _launch_env()
         if self.down is not None:
-            self.down(x, lora_A, s, *self.down_ints, seed if dropout_p > 0 else x, float(dropout_p),
+            self.down.run(env, x, lora_A, s, *self.down_ints, seed if dropout_p > 0 else x, float(dropout_p),
                       1.0 / (1.0 - dropout_p))
         else:
             s.zero_()
@@ -683,12 +698,12 @@ class _ForwardPlan:
             s.mul_(scaling)
             scaling = 1.0
         if self.matmul is not None:
-            self._run_base(x, weight, bias, lora_B, y, s, scaling)
+            self._run_base(env, x, weight, bias, lora_B, y, s, scaling)
         return y, s
 
-    def _run_base(self, x, weight, bias, lora_B, y, s, scaling) -> None:
+    def _run_base(self, env, x, weight, bias, lora_B, y, s, scaling) -> None:
         """Launches the planned GEMM y = s·S·Bᵀ + x·Wᵀ + b."""
-        self.matmul(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, float(scaling), y,
+        self.matmul.run(env, x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, float(scaling), y,
                     0.0)
 
 
@@ -845,6 +860,7 @@ class _BackwardPlan:
         if need_b:
             db = torch.empty((n,), device=device, dtype=dtype)
         tail = []
+        env = _launch_env()
 
         if self.dy is not None:  # an output the pass does not compute gets dY as a placeholder pointer
             ds_ws = self._workspace(self.ds_count, (m, rank), ds, []) if self.need_ds else grad_y
@@ -852,37 +868,37 @@ class _BackwardPlan:
             db_ws = self._workspace(self.db_count, (n,), db, tail) if need_b else grad_y
             # A tensor scaling (mixed batch): dB = dYᵀ·S' at scale 1 (S' already scaled), dS' = (dY·B) ⊙ Scale.
             mixed = isinstance(scaling, torch.Tensor)
-            self.dy(grad_y, lora_B, s if need_bb else grad_y, ds_ws, dbb_ws, db_ws, *self.dy_ints,
+            self.dy.run(env, grad_y, lora_B, s if need_bb else grad_y, ds_ws, dbb_ws, db_ws, *self.dy_ints,
                     1.0 if mixed else float(scaling))
             if self.ds_sum is not None:
-                self.ds_sum(*_sum_args([(ds_ws, ds)]))
+                self.ds_sum.run(env, *_sum_args([(ds_ws, ds)]))
             if mixed and ds is not None:
                 ds.mul_(scaling)
 
         if need_x:
             dx = torch.empty((m, k), device=device, dtype=dtype)
             if self.dx is not None:
-                self._run_grad_input(grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep)
+                self._run_grad_input(env, grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep)
 
         if need_a:
             da = torch.empty((rank, k), device=device, dtype=dtype)
             if self.da is not None:
                 da_ws = self._workspace(self.da_count, (rank, k), da, tail)
-                self.da(ds, x, da_ws, *self.da_ints, seed if dropout_p > 0 else x, float(dropout_p), inv_keep)
+                self.da.run(env, ds, x, da_ws, *self.da_ints, seed if dropout_p > 0 else x, float(dropout_p), inv_keep)
         if self.tail_sum is not None:
-            self.tail_sum(*_sum_args(tail))
+            self.tail_sum.run(env, *_sum_args(tail))
 
         if need_w:
             dw = torch.empty((n, k), device=device, dtype=dtype)
             if self.dw is not None:
-                self.dw(grad_y, x, dw, dw, dw, dw, *self.dw_ints, 1.0, dw, 0.0)
+                self.dw.run(env, grad_y, x, dw, dw, dw, dw, *self.dw_ints, 1.0, dw, 0.0)
             else:
                 dw.zero_()
         return dx, dw, db, da, dbb
 
-    def _run_grad_input(self, grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
+    def _run_grad_input(self, env, grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
         """Launches the planned dX GEMM."""
-        self.dx(grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
+        self.dx.run(env, grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
                 seed if dropout_p > 0 else dx, float(dropout_p))
 
     @staticmethod

@@ -27,7 +27,7 @@ for bit for NF4 without double quantization and int8; with double quantization t
 ulp where the compiler fuses its multiply-add (an FMA).
 
 Dequantize-once path: from the number of rows ``configs.DEQUANT_ONCE`` gives (NF4 on sm90: M >= 448 +
-1.4e9 / (N·K), e.g. 531 at 4096²; never under the interpreter unless a test adds a rule), re-dequantizing W in
+2.5e9 / (N·K), e.g. 597 at 4096²; never under the interpreter unless a test adds a rule), re-dequantizing W in
 every 128-row tile costs more integer work than one pass (see benchmarks/cost_model.py): ``forward`` and ``backward``
 then run ``_dequant_kernel`` once per call (W in x's dtype, a temporary) and the 16-bit kernels of
 :mod:`lora_kernels.ops.lora_linear`. Memory: the temporary is N·K elements of x's dtype (2·N·K bytes in
@@ -287,8 +287,8 @@ class _ForwardPlan(_base._ForwardPlan):
         self.matmul_ints = (m, n, k, rank, k, *x.stride(), n, 1, bias.stride(0) if bias is not None else 0, rank, 1,
                             lora_B.stride(1), lora_B.stride(0))
 
-    def _run_base(self, x, qweight, bias, lora_B, y, s, scaling) -> None:
-        self.matmul(x, *_qtensors(qweight), y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
+    def _run_base(self, env, x, qweight, bias, lora_B, y, s, scaling) -> None:
+        self.matmul.run(env, x, *_qtensors(qweight), y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
                     float(scaling), y, 0.0)
 
 
@@ -302,8 +302,8 @@ class _BackwardPlan(_base._BackwardPlan):
         # dY (M, N), dX (M, K) contiguous, L = dS (M, r) contiguous, R = A (r, K)
         self.dx_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
 
-    def _run_grad_input(self, grad_y, qweight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
-        self.dx(grad_y, *_qtensors(qweight), dx, dx, ds, lora_A, *self.dx_ints,
+    def _run_grad_input(self, env, grad_y, qweight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
+        self.dx.run(env, grad_y, *_qtensors(qweight), dx, dx, ds, lora_A, *self.dx_ints,
                 inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else dx, float(dropout_p))
 
 
