@@ -34,7 +34,7 @@ scale per row):
   kernels;
 * ``launched-nf4``: the path ``lora_kernels/ops/quantized.py`` takes on that GPU: dequantize-once (the row
   above) where ``lora_kernels/ops/configs.py``'s ``DEQUANT_ONCE`` rule, chosen from this model, says so
-  (NF4 on H100 from M = 448 + 2.5e9 / (N·K)), else in-loop (``ours-nf4``).
+  (NF4 on H100 from M = 448 + 1.4e9 / (N·K)), else in-loop (``ours-nf4``).
 
 GPU figures (dense, no sparsity): H100 SXM 989 TFLOP/s bf16, 3.35 TB/s HBM3, 132 SMs; A100 SXM 312 TFLOP/s
 bf16, 2.04 TB/s, 108 SMs. INT32 throughput: 64 lanes per SM per clock (1.98 GHz H100, 1.41 GHz A100).
@@ -280,8 +280,8 @@ def ours_quantized(s: Shape, fmt: str, gpu: Optional[GPU] = None) -> List[Kernel
     out = []
     for kernel in ours(s, gpu):
         if kernel.name.startswith(("y = ", "dX = ")):  # the two GEMMs that read W
-            kernel = Kernel(kernel.name + f" [{fmt} W]", kernel.bytes - n * k * e + quantized_weight_bytes(fmt, n, k),
-                            kernel.flops, kernel.int_ops + dequant)
+            kernel = dataclasses.replace(kernel, name=kernel.name + f" [{fmt} W]", int_ops=kernel.int_ops + dequant,
+                                         bytes=kernel.bytes - n * k * e + quantized_weight_bytes(fmt, n, k))
         out.append(kernel)
     return out
 

@@ -122,19 +122,20 @@ class DequantOnce:
 # None is the interpreter, which has no entry (tests add one). The numbers fit benchmarks/cost_model.py's
 # predictions (bf16, dropout 0.1, ranks 16 and 64), not measurements:
 # * H100 (sm90), NF4: the predicted crossover is M = 448 for W of 4096² and larger (4096×11008, 8192² too), 832
-#   at 2048² (and 4096×1024), 1472 at 1536², 2752 at 1024², 4672 at 768², 16448 at 512² (rank 16; 21824 at
-#   rank 64, the others the same). 448 + 2.5e9 / (N·K) gives 597, 1044, 1508, 2832, 4687 and 9985 rows there;
-#   over those shapes, ranks 16 and 64 and M from 64 to 32768, the path it picks is predicted at most 9% slower
-#   than the better one (512², M between 9985 and 16448), 0.1% on average (tests/test_cost_model.py). At M =
-#   8192 and 4096²: 704 µs dequantize-once against 1123 in-loop (16-bit W: 672). The model counts the dX
-#   GEMM's mask hash as serial work (its prologue), which both paths pay; until 2026-11-24 it counted it as
-#   overlapped integer work, which favoured dequantize-once (then 448 + 1.4e9 / (N·K)).
+#   at 2048² (and 4096×1024), 1088 at 1536², 1984 at 1024², 3392 at 768², 9280 at 512² (rank 16; 10048 at
+#   rank 64, the others the same). 448 + 1.4e9 / (N·K) gives 469-531, 782, 1041, 1783, 2822 and 5789 rows
+#   there; over those shapes, ranks 16 and 64 and M from 64 to 32768, the path it picks is predicted at most
+#   10% slower than the better one (8192² at M = 448, next to the crossover), 0.05% on average
+#   (tests/test_cost_model.py). At M = 8192 and 4096²: 701 µs dequantize-once against 1141 in-loop (16-bit W:
+#   670); at M = 64: in-loop 35 µs against 72. (The model counts the dX GEMM's mask hash as serial work, its
+#   prologue, which both paths pay; until 2026-11-24 it counted it as overlapped integer work. The crossovers
+#   above are the corrected model's; the rule fitted to the old one stays within the same bounds.)
 # * int8 (any GPU): no entry; 3 instructions per element make in-loop dequantization cheaper than the 16-bit
-#   round trip up to M = 32768 (4096², M = 8192: 651 vs 708 µs on H100).
+#   round trip up to M = 32768 (4096², M = 8192: 670 vs 706 µs on H100).
 # * A100 (sm80): no entry; its tensor cores, not integer work, bound the GEMM: in-loop is predicted faster up
-#   to M = 32768 (4096², M = 8192: 1907 vs 1989 µs). Other GPUs (not modelled): in-loop.
+#   to M = 32768 (4096², M = 8192: 1941 vs 1989 µs). Other GPUs (not modelled): in-loop.
 DEQUANT_ONCE: Dict[Tuple[str, Optional[int]], DequantOnce] = {
-    ("nf4", 9): DequantOnce(min_m=448, fixed_cost=2.5e9),
+    ("nf4", 9): DequantOnce(min_m=448, fixed_cost=1.4e9),
 }
 
 

@@ -27,7 +27,7 @@ for bit for NF4 without double quantization and int8; with double quantization t
 ulp where the compiler fuses its multiply-add (an FMA).
 
 Dequantize-once path: from the number of rows ``configs.DEQUANT_ONCE`` gives (NF4 on sm90: M >= 448 +
-2.5e9 / (N·K), e.g. 597 at 4096²; never under the interpreter unless a test adds a rule), re-dequantizing W in
+1.4e9 / (N·K), e.g. 531 at 4096²; never under the interpreter unless a test adds a rule), re-dequantizing W in
 every 128-row tile costs more integer work than one pass (see benchmarks/cost_model.py): ``forward`` and ``backward``
 then run ``_dequant_kernel`` once per call (W in x's dtype, a temporary) and the 16-bit kernels of
 :mod:`lora_kernels.ops.lora_linear`. Memory: the temporary is N·K elements of x's dtype (2·N·K bytes in
