@@ -204,9 +204,11 @@ def _gemm_candidates(capability: Tuple[int, int], dtype: torch.dtype, tf32: bool
 
 # The dY pass's row block on sm90 (16-bit) where the GPU stays filled. Each row block writes one fp32 (N, r)
 # partial of dB that a second launch sums, so 256 rows halve those bytes against 128 (r/64 of dY's bytes at 128
-# rows: 25% at r = 16, 156% at r = 100). benchmarks/cost_model.py predicts the step 0.4-2.5% faster at M = 8192
-# and r = 16-100 for N = 4096 (H100), 2-10% at 512-768 wide layers from M = 16384; `python -m
-# lora_kernels.check --aot` finds no spill with 8 warps (4 warps spill 4-684 B).
+# rows: 25% at r = 16, 156% at r = 100). benchmarks/cost_model.py predicts the step (H100, M = 8192) 0.4%, 1.4%
+# and 3.6% faster at 4096² and r = 16, 64, 100, 1.2-4.4% at 2048². 512-768 wide layers would gain 1-9% by the
+# same model, but 256-row blocks leave SMs idle there (M = 8192, N = 768: 32 row blocks x 3 column splits =
+# 96 programs), which the model does not see. `python -m lora_kernels.check --aot` finds no spill on sm90
+# with 8 warps (4 warps spill 4-684 B); on sm80, 8 warps spill 32-128 B at rank blocks of 64.
 WIDE_DY_ROWS = 256
 
 
