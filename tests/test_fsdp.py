@@ -131,8 +131,10 @@ def test_fsdp2_two_processes_match_one(quantize, tmp_path):
 def _torchrun(args, script=("-m", "minimind.train_lora")):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
            *script, *args]
+    # The checkout on PYTHONPATH: a script given by path (not -m) imports minimind from it, installed or not.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
 
 
 def _half_batch(args):
