@@ -1,6 +1,6 @@
 """Host (Python) time of one LoRA-linear training step, with the GPU's work taken out.
 
-    python -m benchmarks.host_overhead [--arch 90] [--rounds 15] [--calls 200] [--dropout 0.1]
+    python -m benchmarks.host_overhead [--arch 90] [--rounds 15] [--calls 200] [--dropout 0.1] [--depth 8]
 
 At MiniMind widths (512-768) a fused LoRA linear's GPU work is tens of microseconds, so the Python a call
 spends before its launches decides whether the fused path can beat eager on a real GPU. This measures that
@@ -21,10 +21,14 @@ Python on a machine without one:
 * **linear**: ``F.linear`` forward and backward on the same tiny tensors (the frozen base alone: the floor);
 * **peft**: HF PEFT's ``lora.Linear`` around an ``nn.Linear``, forward and backward, the same way.
 
-Every provider runs with x requiring grad and the base frozen, as a LoRA layer in a model does. The three are
-measured interleaved, ``--rounds`` times ``--calls`` steps each; the figure is the median over rounds of the
-mean µs per step. The last line is JSON: ``{"ours_us": ..., "launchers_us": ..., "floor_us": ...,
-"linear_us": ..., "peft_us": ...}``.
+Every provider runs with x requiring grad and the base frozen, as a LoRA layer in a model does, twice: one
+layer and its own ``backward()``, and a stack of ``--depth`` layers (K = N) with one ``backward()`` from the
+last, reported per layer: in a model the engine's fixed cost per ``backward()`` call is shared by every
+layer, so the stack's figure is what a layer adds to a training step. All steps are measured interleaved,
+``--rounds`` times ``--calls`` steps each; the figure is the median over rounds of the mean µs per step. The
+last line is JSON: ``{"ours_us": ..., "ours_stack_us": ..., "launchers_us": ..., "floor_us": ...,
+"floor_stack_us": ..., "linear_us": ..., "linear_stack_us": ..., "peft_us": ..., "peft_stack_us": ...,
+"depth": ..., "launches": ...}`` (``*_stack_us`` per layer).
 
 Run it in a process without ``TRITON_INTERPRET=1`` (the stand-in needs compiled kernels).
 """
