@@ -163,6 +163,31 @@ def test_dequantize_once_rule_switches_at_its_crossover(monkeypatch):
             assert configs.dequantize_once(gpu, fmt, m, width, width) is expected, (capability, fmt, m, width)
 
 
+def test_quantized_plans_see_the_gpu_they_compile_for(monkeypatch):
+    """The quantized GEMMs' launches are planned for the device's capability: in TF32 on sm86/sm89 decode tiles
+    and int8 tiles take 8 warps (4 spill there, per the compile gate), on sm80 the same shapes keep 4. (The
+    plans only pick launches; nothing is compiled or run.)"""
+    ops, quantized = _triton_ops()
+    from lora_kernels.ops import configs
+
+    monkeypatch.setattr(configs, "_tf32", lambda: True)
+    warps = {}
+    for capability in ((8, 0), (8, 6), (8, 9)):
+        monkeypatch.setattr(configs, "_device_info", lambda device, c=capability: (c, 84))
+        for fmt, m in (("nf4", 1), ("nf4", 17), ("int8", 512), ("nf4", 512)):
+            q = quantize(torch.randn(64, 64), fmt)
+            x = torch.randn(m, 64)
+            a, b = torch.randn(8, 64), torch.randn(64, 8)
+            forward = quantized._ForwardPlan(x, q, None, a, b, False)
+            backward = quantized._BackwardPlan(torch.randn(m, 64), x, q, a, b, torch.randn(m, 8),
+                                               (True, False, False, True, True), False)
+            warps[capability, fmt, m] = (forward.matmul.meta["num_warps"], backward.dx.meta["num_warps"])
+    for fmt, m in (("nf4", 1), ("nf4", 17), ("int8", 512)):
+        assert warps[(8, 6), fmt, m] == warps[(8, 9), fmt, m] == (8, 8), (fmt, m)
+        assert warps[(8, 0), fmt, m] == (4, 4), (fmt, m)
+    assert warps[(8, 6), "nf4", 512] == warps[(8, 0), "nf4", 512]
+
+
 @pytest.mark.parametrize("fmt,dq", QUANT, ids=QUANT_IDS)
 def test_dequantize_kernel_equals_dequantize(fmt, dq):
     """The dequantize-once kernel writes QuantizedWeight.dequantize's W (up to double quantization's FMA)."""

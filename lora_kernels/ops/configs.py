@@ -168,6 +168,12 @@ def _shared_limit(capability: Tuple[int, int]) -> int:
     return 101_376 if capability >= (8, 6) else 65_536
 
 
+def consumer_sm8x(capability: Optional[Tuple[int, int]]) -> bool:
+    """sm86 and sm89 (GA10x, AD10x): sm80's instruction set with 101,376 B of shared memory, and a ptxas that
+    allocates registers differently: a few fp32 tiles that fit sm80's 255 registers spill 4-16 B there."""
+    return capability is not None and capability[0] == 8 and capability not in _SHARED_MEMORY
+
+
 def _fit(cfg: KernelConfig, tile_elements: int, elem_bytes: int, limit: int) -> KernelConfig:
     """``cfg`` with as many pipeline stages as fit ``limit`` (at least 2): Triton keeps up to num_stages
     copies of the operand tiles of a pipelined loop (``tile_elements`` per stage) in shared memory, plus
@@ -266,6 +272,8 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
     grad_weight = _pick_gemm_tile(n, k, _gemm_candidates(capability, dtype, tf32), num_sms)
     if not wide and m_bucket <= 64:  # IEEE fp32 dW over a decode-sized reduction: 64x128x32 spills 56 B (sm80)
         grad_weight = _gemm_candidates(capability, dtype, tf32)[-1][0]
+        if consumer_sm8x(capability):  # 64x64x16 with 4 warps: 12 B spilled in dW on sm86/sm89
+            grad_weight = dataclasses.replace(grad_weight, num_warps=8)
     # Memory-bound passes. IEEE fp32 dots run on CUDA cores and keep their operands in registers: smaller
     # tiles and rank blocks of 32 (larger ones spill, per ptxas on sm80/sm90). Column blocks of 256 bytes
     # (128 fp16, 64 fp32) in S and dA, halved with a rank block of 64 (12 B of spills in S on sm90).

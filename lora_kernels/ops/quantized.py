@@ -232,8 +232,10 @@ def _dequantize_once(qweight, m: int) -> bool:
 
 
 def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, has_bias: bool, has_dropout: bool,
-                    config: KernelConfig, max_block_r: int, dtype: torch.dtype) -> _Launch:
-    """The launch of ``_qlora_matmul_kernel`` for C (m, n) over a reduction of k."""
+                    config: KernelConfig, max_block_r: int, dtype: torch.dtype,
+                    capability: Optional[Tuple[int, int]] = None) -> _Launch:
+    """The launch of ``_qlora_matmul_kernel`` for C (m, n) over a reduction of k on a GPU of ``capability``
+    (None: the interpreter)."""
     precision = _input_precision(dtype)
     ieee_fp32 = dtype == torch.float32 and precision == "ieee"
     max_n, max_k = _IEEE_MAX_BLOCK_NK if ieee_fp32 else (_MAX_BLOCK_N, _MAX_BLOCK_K)
@@ -257,6 +259,12 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
     if dtype == torch.float32 and precision != "ieee" and config.block_m == 64:
         max_n = min(max_n, 64)  # TF32 64x128x16 tiles, 8 warps: 4 B spilled on sm80 (int8 dX, M = 64)
     block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
+    warps = max(config.num_warps, 8) if config.block_m * block_n >= wide_tile else config.num_warps
+    if (dtype == torch.float32 and precision != "ieee" and _configs.consumer_sm8x(capability)
+            and (config.block_m <= 32 or qweight.format == "int8")):
+        # TF32 on sm86/sm89: 4 warps spill 4-16 B in decode tiles (NF4, NF4-dq) and in int8's 64x64x32 forward at
+        # M = 512; 8 warps do not (but spill 4 B in the NF4-dq 64x64x16 forward at M = 64, which keeps 4)
+        warps = 8
     numel = qweight.shape[0] * qweight.shape[1]
     return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
         FORMAT=FORMAT_IDS[qweight.format], DOUBLE_QUANT=qweight.double_quant, QBLOCK=qweight.blocksize,
@@ -264,8 +272,7 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
         HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
         BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
-        num_warps=max(config.num_warps, 8) if config.block_m * block_n >= wide_tile else config.num_warps,
-        num_stages=min(config.num_stages, _MAX_STAGES)))
+        num_warps=warps, num_stages=min(config.num_stages, _MAX_STAGES)))
 
 
 def _qtensors(qweight) -> tuple:
@@ -282,7 +289,8 @@ class _ForwardPlan(_base._ForwardPlan):
     def _plan_base(self, x, qweight, bias, lora_B, cfgs, precision) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
         self.matmul = _qmatmul_launch(m, n, k, rank, qweight, w_t=True, has_bias=bias is not None, has_dropout=False,
-                                      config=cfgs.forward, max_block_r=cfgs.forward_block_cap(rank), dtype=x.dtype)
+                                      config=cfgs.forward, max_block_r=cfgs.forward_block_cap(rank), dtype=x.dtype,
+                                      capability=_configs._device_info(x.device)[0])
         # x (M, K), y (M, N) contiguous, bias (N,), L = S (M, r) contiguous, R = lora_Bᵀ (r, N)
         self.matmul_ints = (m, n, k, rank, k, *x.stride(), n, 1, bias.stride(0) if bias is not None else 0, rank, 1,
                             lora_B.stride(1), lora_B.stride(0))
@@ -298,7 +306,8 @@ class _BackwardPlan(_base._BackwardPlan):
     def _plan_grad_input(self, grad_y, qweight, lora_A, cfgs, precision, has_dropout) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
         self.dx = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
-                                  config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(), dtype=lora_A.dtype)
+                                  config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(), dtype=lora_A.dtype,
+                                  capability=_configs._device_info(grad_y.device)[0])
         # dY (M, N), dX (M, K) contiguous, L = dS (M, r) contiguous, R = A (r, K)
         self.dx_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
 
