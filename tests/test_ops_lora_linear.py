@@ -166,16 +166,18 @@ def test_wide_dy_row_blocks_only_where_they_fill_the_gpu():
     assert dy((9, 0), torch.float32, 8192, 4096).block_m <= 64
 
 
-def test_ieee_fp32_dw_over_decode_rows_takes_8_warps_on_sm86_sm89():
-    """The IEEE fp32 dW GEMM over a decode-sized reduction (64x64x16 tile): 4 warps spill 12 B on sm86/sm89
-    (the compile gate's full sweep), so they take 8; sm80 keeps 4 (8 spill in its forward GEMM)."""
+@pytest.mark.parametrize("m", [64, 512])
+def test_ieee_fp32_dw_small_tile_takes_8_warps_on_sm86_sm89(m):
+    """The IEEE fp32 dW GEMM in its 64x64x16 tile (a decode-sized reduction, or 512-wide layers): 4 warps spill
+    12 B on sm86/sm89 (the compile gate's full sweep), so they take 8; sm80 keeps 4 (8 spill in its forward
+    GEMM, which shares the tile)."""
     from lora_kernels.ops.configs import _heuristic_configs
 
     def dw(capability):
-        return _heuristic_configs(capability, 84, torch.float32, 64, 512, 512, 16, False).grad_weight
+        return _heuristic_configs(capability, 84, torch.float32, m, 512, 512, 16, False).grad_weight
 
     assert (dw((8, 6)).num_warps, dw((8, 9)).num_warps, dw((8, 0)).num_warps) == (8, 8, 4)
-    assert dw((8, 6)).block_m == dw((8, 0)).block_m and dw((8, 6)).block_n == dw((8, 0)).block_n
+    assert dw((8, 6)).block_m == dw((8, 0)).block_m == 64 and dw((8, 6)).block_n == dw((8, 0)).block_n == 64
 
 
 def test_non_contiguous_inputs_and_grad():

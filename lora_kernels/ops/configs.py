@@ -272,8 +272,8 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
     grad_weight = _pick_gemm_tile(n, k, _gemm_candidates(capability, dtype, tf32), num_sms)
     if not wide and m_bucket <= 64:  # IEEE fp32 dW over a decode-sized reduction: 64x128x32 spills 56 B (sm80)
         grad_weight = _gemm_candidates(capability, dtype, tf32)[-1][0]
-        if consumer_sm8x(capability):  # 64x64x16 with 4 warps: 12 B spilled in dW on sm86/sm89
-            grad_weight = dataclasses.replace(grad_weight, num_warps=8)
+    if not wide and consumer_sm8x(capability) and grad_weight.num_warps == 4:
+        grad_weight = dataclasses.replace(grad_weight, num_warps=8)  # 64x64x16, 4 warps: dW spills 12 B (sm86/89)
     # Memory-bound passes. IEEE fp32 dots run on CUDA cores and keep their operands in registers: smaller
     # tiles and rank blocks of 32 (larger ones spill, per ptxas on sm80/sm90). Column blocks of 256 bytes
     # (128 fp16, 64 fp32) in S and dA, halved with a rank block of 64 (12 B of spills in S on sm90).
