@@ -194,8 +194,8 @@ def ours(s: Shape, gpu: Optional[GPU] = None, dy_block_m: Optional[int] = None,
     kernels += [
         _gemm("dX = keep ⊙ dS·A/(1-p) + dY·W", m, k, n, e, (m * r + r * k) * e + bits,
               serial_int_ops=waves * gi.block_m * gi.block_n * per_element),
-        Kernel("dA = dSᵀ·(keep ⊙ x)/(1-p)", (m * k + m * r) * e + (da_partials or r * k * e) + bits, 2.0 * m * k * r,
-               per_element * m * k),
+        Kernel("dA = dSᵀ·(keep ⊙ x)/(1-p)", (m * k + m * r) * e + (da_partials or r * k * e) + bits,
+               2.0 * m * k * r, per_element * m * k),
     ]
     if db_partials or da_partials:
         kernels.append(Kernel("sum dB, dA partials", db_partials + n * r * e + da_partials + r * k * e))

@@ -133,7 +133,8 @@ def test_partial_sums_follow_the_launchers_splits():
     assert kernels["dY pass: dS, dB partials"].bytes == (m * n + n * r + m * r) * e + ds_splits * m * r * 4 \
         + row_blocks * n * r * 4
     assert kernels["sum dS partials"].bytes == ds_splits * m * r * 4 + m * r * e
-    assert kernels["sum dB, dA partials"].bytes == row_blocks * n * r * 4 + n * r * e + da_splits * r * k * 4 + r * k * e
+    assert kernels["sum dB, dA partials"].bytes == (row_blocks * n * r * 4 + n * r * e
+                                                     + da_splits * r * k * 4 + r * k * e)
     # A row block of 256 halves the dB partials.
     halved = {k.name: k for k in ours(s, gpu, dy_block_m=256)}
     assert halved["sum dB, dA partials"].bytes == (row_blocks // 2) * n * r * 4 + n * r * e + da_splits * r * k * 4 \

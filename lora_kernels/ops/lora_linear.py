@@ -62,6 +62,8 @@ rank block); a new M only looks up its bucket, it never compiles or tunes. Defau
   the tile count gives a badly quantised last wave (a waves x tile-area model picks); GROUP_M = 8.
 * Ampere/Ada (sm80/86/89): 128x128x32, 8 warps, 4 stages (64 KB of shared memory, so sm86/89 fit too).
 * fp32: 64x128x32, 8 warps under IEEE (CUDA cores); under TF32 128x128x32 tiles (128x256 spill on sm90).
+  On sm86/sm89 (``configs.consumer_sm8x``) the IEEE dW GEMM's 64x64x16 tile and the TF32 quantized decode
+  and int8 tiles take 8 warps: with 4, ptxas spills 4-16 B there that it does not on sm80.
 * Small M (decode, M <= 64): BLOCK_M = max(16, next_pow2(M)), narrower N tiles for more programs, K blocks
   of 128 bytes.
 * Skinny passes (S, dY, dA) are memory-bound: 32-128 rows x 128-256 bytes of columns, 4-8 warps, 3-4
@@ -703,8 +705,8 @@ class _ForwardPlan:
 
     def _run_base(self, env, x, weight, bias, lora_B, y, s, scaling) -> None:
         """Launches the planned GEMM y = s·S·Bᵀ + x·Wᵀ + b."""
-        self.matmul.run(env, x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, float(scaling), y,
-                    0.0)
+        self.matmul.run(env, x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
+                        float(scaling), y, 0.0)
 
 
 def forward(
@@ -899,7 +901,7 @@ class _BackwardPlan:
     def _run_grad_input(self, env, grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
         """Launches the planned dX GEMM."""
         self.dx.run(env, grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
-                seed if dropout_p > 0 else dx, float(dropout_p))
+                    seed if dropout_p > 0 else dx, float(dropout_p))
 
     @staticmethod
     def _workspace(count: int, shape: Tuple[int, ...], out: torch.Tensor, tail: list) -> torch.Tensor:

@@ -296,8 +296,8 @@ class _ForwardPlan(_base._ForwardPlan):
                             lora_B.stride(1), lora_B.stride(0))
 
     def _run_base(self, env, x, qweight, bias, lora_B, y, s, scaling) -> None:
-        self.matmul.run(env, x, *_qtensors(qweight), y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
-                    float(scaling), y, 0.0)
+        self.matmul.run(env, x, *_qtensors(qweight), y, bias if bias is not None else y, s, lora_B,
+                        *self.matmul_ints, float(scaling), y, 0.0)
 
 
 class _BackwardPlan(_base._BackwardPlan):
@@ -313,7 +313,7 @@ class _BackwardPlan(_base._BackwardPlan):
 
     def _run_grad_input(self, env, grad_y, qweight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
         self.dx.run(env, grad_y, *_qtensors(qweight), dx, dx, ds, lora_A, *self.dx_ints,
-                inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else dx, float(dropout_p))
+                    inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else dx, float(dropout_p))
 
 
 def _qkey(qweight) -> tuple:
