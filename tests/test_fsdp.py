@@ -88,6 +88,9 @@ def _worker(rank, port, quantize, results, tmp):
         if rank == 0:
             results.put((losses / WORLD).tolist())
             results.put((tuple(full), tuple(local), in_optimizer, refused, state))
+        # Both ranks tear gloo down together: a rank that destroyed its group while the other was still
+        # finishing was seen to abort at exit ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
