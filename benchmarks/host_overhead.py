@@ -83,17 +83,21 @@ def _triton_accepts_cpu_tensors() -> Iterator[None]:
 # Each provider gives a training step over the first ``depth`` layers: the layers' forwards, then one
 # backward() from the last output, as a model's step does.
 
+def _chain(t: Dict[str, object], layers: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[], None]:
+    def step():
+        h = t["x"]
+        for layer in layers:
+            h = layer(h)
+        h.backward(t["grad"])
+    return step
+
+
 def step_ours(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
     from lora_kernels import lora_linear
 
-    layers = t["layers"][:depth]
-
-    def step():
-        h = t["x"]
-        for w, b, a, bb in layers:
-            h = lora_linear(h, w, b, a, bb, 2.0, dropout_p=dropout_p, backend="triton")
-        h.backward(t["grad"])
-    return step
+    return _chain(t, [lambda h, w=w, b=b, a=a, bb=bb: lora_linear(h, w, b, a, bb, 2.0, dropout_p=dropout_p,
+                                                                  backend="triton")
+                      for w, b, a, bb in t["layers"][:depth]])
 
 
 def step_launchers(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
@@ -127,25 +131,12 @@ class _Floor(torch.autograd.Function):
 
 
 def step_floor(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
-    layers = t["layers"][:depth]
-
-    def step():
-        h = t["x"]
-        for w, b, a, bb in layers:
-            h = _Floor.apply(h, w, b, a, bb)
-        h.backward(t["grad"])
-    return step
+    return _chain(t, [lambda h, w=w, b=b, a=a, bb=bb: _Floor.apply(h, w, b, a, bb)
+                      for w, b, a, bb in t["layers"][:depth]])
 
 
 def step_linear(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
-    layers = t["layers"][:depth]
-
-    def step():
-        h = t["x"]
-        for w, b, _, _ in layers:
-            h = F.linear(h, w, b)
-        h.backward(t["grad"])
-    return step
+    return _chain(t, [lambda h, w=w, b=b: F.linear(h, w, b) for w, b, _, _ in t["layers"][:depth]])
 
 
 def step_peft(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Optional[Callable[[], None]]:
@@ -167,13 +158,7 @@ def step_peft(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Optiona
         else:
             layer = Linear(base, "default", **kwargs)
         modules.append(layer.train())
-
-    def step():
-        h = t["x"]
-        for layer in modules:
-            h = layer(h)
-        h.backward(t["grad"])
-    return step
+    return _chain(t, modules)
 
 
 PROVIDERS = {"ours": step_ours, "launchers": step_launchers, "floor": step_floor, "linear": step_linear,
