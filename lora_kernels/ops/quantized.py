@@ -230,7 +230,6 @@ def _dequantize_once(qweight, m: int) -> bool:
     return _configs.dequantize_once(qweight.device, qweight.format, m, *qweight.shape)
 
 
-
 def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, has_bias: bool, has_dropout: bool,
                     config: KernelConfig, max_block_r: int, dtype: torch.dtype,
                     capability: Optional[Tuple[int, int]] = None) -> _Launch:
