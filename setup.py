@@ -7,8 +7,12 @@ TEST_REQUIRES = [
     "hypothesis>=6",
     "peft>=0.10",
     "safetensors>=0.4",
-    "bitsandbytes>=0.49",  # NF4/int8 bit-for-bit tests (its CPU backend); tests skip where it does not run
+    "bitsandbytes>=0.49",  # checked against the NF4/int8 definitions; tests skip where it does not run
+    "transformers>=4.40",  # the real-clients tests (PEFT pulls it in as well)
 ]
+# Only for converting bitsandbytes layers (from_bitsandbytes, fuse_peft_model over Linear4bit/Linear8bitLt);
+# our own NF4/int8 path needs none of it.
+BITSANDBYTES_REQUIRES = ["bitsandbytes>=0.49"]
 
 setup(
     name="lora-kernels",
@@ -22,16 +26,17 @@ setup(
     include_package_data=True,
     package_data={"minimind": ["assets/*", "assets/**/*"]},
     install_requires=[
-        "torch>=2.4",
+        # The supported range's lower ends are the oldest stack CI runs (torch 2.13, Triton 3.8); its upper
+        # end is whatever the index serves newest, which CI installs on every run.
+        "torch>=2.13",
         # Triton ships Linux wheels only; elsewhere the fused torch backend is used.
-        'triton>=3.0; platform_system == "Linux"',
+        'triton>=3.8; platform_system == "Linux"',
         "safetensors>=0.4",
-    "bitsandbytes>=0.49",  # NF4/int8 bit-for-bit tests (its CPU backend); tests skip where it does not run
         "tokenizers>=0.15",
         "tqdm>=4.60",
         "matplotlib>=3.5",
     ],
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "bitsandbytes": BITSANDBYTES_REQUIRES},
     entry_points={
         "console_scripts": [
             "minimind-train-lora=minimind.train_lora:main",
