@@ -288,11 +288,27 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def _unpack_bnb_cpu_layout(packed: torch.Tensor, shape: Tuple[int, int], block_n: int = 32) -> torch.Tensor:
+    """NF4 codes in bitsandbytes' CPU layout (``packing_format_for_cpu``: (N, K/2) bytes, each group of 32 rows
+    by 2 columns stored as 32 low nibbles then 32 high nibbles) back to the row-major packing (two codes per
+    byte, the even element in the high nibble)."""
+    n, k = shape
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2) or n % block_n or k % 2:
+        raise ValueError(f"bitsandbytes' CPU NF4 layout of a ({n}, {k}) weight must be ({n}, {k // 2}) uint8 with "
+                         f"N a multiple of {block_n}; got {tuple(packed.shape)} {packed.dtype}")
+    groups = packed.reshape(-1, block_n)
+    pairs = torch.cat((groups & 15, groups >> 4), dim=1)  # (N/32 · K/2, 64): (row, column of the pair)
+    codes = pairs.reshape(n // block_n, k // 2, block_n, 2).transpose(1, 2).reshape(-1)  # (N·K,) row-major
+    return ((codes[0::2] << 4) | codes[1::2]).contiguous()
+
+
 def from_bitsandbytes(layer: torch.nn.Module) -> Optional[Tuple[QuantizedWeight, torch.dtype]]:
     """The packed data of a bitsandbytes ``Linear4bit`` (NF4) or ``Linear8bitLt`` (int8, frozen) as a
     :class:`QuantizedWeight` sharing its tensors (no requantization, no copy), with the dtype the layer
     computes in; None when ``layer`` is not one of them. bitsandbytes is not imported: the layer is read
-    by its attributes.
+    by its attributes, and never changed. A ``Linear4bit`` that bitsandbytes repacked for its CPU kernel
+    (at an eval forward on an AVX-512 CPU) is read from that layout into a copy, with the bf16 absmax the
+    repack left it (what the layer itself computes with from then on).
 
     Raises:
         ValueError: a bitsandbytes layer that cannot be converted (FP4, a weight not yet quantized,
@@ -307,12 +323,13 @@ def from_bitsandbytes(layer: torch.nn.Module) -> Optional[Tuple[QuantizedWeight,
         if state.quant_type != "nf4":
             raise ValueError(f"only NF4 converts without requantizing; this {kind} holds {state.quant_type!r}")
         if getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # its CPU-only layout
-
-            data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        else:
-            data = weight.data
-        q = QuantizedWeight("nf4", tuple(state.shape), data.view(torch.uint8).reshape(-1), state.absmax,
+            # bitsandbytes repacked the layer for its AVX-512 kernel at an eval forward: read that layout as it
+            # stands, without changing the layer (its own inverse rewrites the layer's state in place and
+            # leaves the layer unusable). The repack rounded absmax to bf16 and folded double quantization in.
+            return QuantizedWeight("nf4", tuple(state.shape), _unpack_bnb_cpu_layout(weight.data, state.shape),
+                                   state.absmax.t().reshape(-1).float(), state.code, state.blocksize), \
+                state.original_dtype
+        q = QuantizedWeight("nf4", tuple(state.shape), weight.data.view(torch.uint8).reshape(-1), state.absmax,
                             state.code, state.blocksize)
         if state.nested:
             if state.state2.blocksize != ABSMAX_BLOCKSIZE:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_close
+from helpers import assert_close, checked_bitsandbytes
 from lora_kernels import FusedLoRALinear, lora_linear, lora_summary, merge_and_unload, replace_linear_with_fused_lora
 from lora_kernels import torch_backend
 from lora_kernels.quant import quantize, weight_bytes
@@ -352,18 +352,9 @@ def test_merge_and_unload_dequantizes_and_merges(fmt):
 # ---------------------------------------------------------------------------------- bitsandbytes interop
 
 
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-        bnb.functional.quantize_4bit(torch.ones(64), blocksize=64, quant_type="nf4")
-    except Exception as err:  # noqa: BLE001 - any reason it cannot run here is the skip reason
-        pytest.skip(f"bitsandbytes does not run on the CPU here: {type(err).__name__}: {err}")
-    return bnb
-
-
 def _peft_on_bnb(double_quant):
     """A PEFT LoRA model whose bases are bitsandbytes' Linear4bit (NF4) and Linear8bitLt, quantized on the CPU."""
-    bnb = _bnb()
+    bnb = checked_bitsandbytes()
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -386,24 +377,83 @@ def test_fuse_peft_model_reuses_bitsandbytes_packed_data(double_quant):
     inner = peft.base_model.model
     l4, l8 = inner["q"].base_layer, inner["v"].base_layer
     x = torch.randn(6, 70)
-    with torch.no_grad():
-        expected_q = inner["q"](x)  # bitsandbytes' fp32 4-bit path: its dequantized W, then a matmul
-    w8 = bnb.functional.int8_vectorwise_dequant(l8.weight.CB, l8.weight.SCB)
-    a8, b8, s8 = inner["v"].lora_A["default"].weight, inner["v"].lora_B["default"].weight, inner["v"].scaling["default"]
-    expected_v = x @ w8.t() + s8 * (x @ a8.t()) @ b8.t()
+    w4 = _nf4_definition(l4.weight.data, l4.weight.quant_state)  # from the packed data, not bitsandbytes' math
+    w8 = l8.weight.CB.double() * l8.weight.SCB.double()[:, None] / 127
+    lora = {k: (inner[k].lora_A["default"].weight.double(), inner[k].lora_B["default"].weight.double(),
+                inner[k].scaling["default"]) for k in ("q", "v")}
+    expected = {"q": x.double() @ w4.t() + l4.bias.double(), "v": x.double() @ w8.t()}
+    for k, (a, b, s) in lora.items():
+        expected[k] = expected[k] + s * (x.double() @ a.t()) @ b.t()
 
     fuse_peft_model(peft, backend="torch")
     fq, fv = inner["q"], inner["v"]
     assert (fq.quantize, fv.quantize) == ("nf4", "int8")
     assert fq.weight_data.data_ptr() == l4.weight.data.data_ptr(), "NF4 codes shared, not requantized"
     assert fv.weight_data.data_ptr() == l8.weight.CB.data_ptr()
-    assert torch.equal(fq.qweight.dequantize(), bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state))
+    assert torch.allclose(fq.qweight.dequantize().double(), w4, rtol=0, atol=1e-6)
     with torch.no_grad():
-        assert_close(fq(x), expected_q.double(), torch.float32, "q")
-        assert_close(fv(x), expected_v.double(), torch.float32, "v")
+        assert_close(fq(x), expected["q"], torch.float32, "q")
+        assert_close(fv(x), expected["v"], torch.float32, "v")
     # the adapters are PEFT's own parameters, still trainable; the quantized bases have none
     assert fq.lora_A.requires_grad and fq.lora_A.shape == (4, 70)
     assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)
+
+
+def _nf4_definition(packed, state, absmax=None):
+    """code[nibble] · absmax[block] (float64) of a bitsandbytes NF4 weight in its row-major packing, nested
+    scales expanded by their own definition (or the given ``absmax``, one per block)."""
+    byte = packed.reshape(-1).long()
+    numel = state.shape[0] * state.shape[1]
+    nibbles = torch.stack((byte >> 4, byte & 15), dim=1).reshape(-1)[:numel]
+    if absmax is not None:
+        return (state.code.double()[nibbles] * absmax.double().repeat_interleave(64)[:numel]).reshape(state.shape)
+    absmax = state.absmax.double()
+    if state.nested:
+        blocks = torch.arange(absmax.numel()) // state.state2.blocksize
+        absmax = state.state2.code.double()[state.absmax.long()] * state.state2.absmax.double()[blocks] \
+            + state.offset.double()
+    return (state.code.double()[nibbles] * absmax.repeat_interleave(state.blocksize)[:numel]).reshape(state.shape)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])
+def test_fuse_peft_model_after_bitsandbytes_repacked_for_its_cpu_kernel(double_quant):
+    """An eval forward on an AVX-512 CPU makes bitsandbytes repack a Linear4bit (its CPU layout, absmax in bf16,
+    double quantization folded in); converting it then must read that layout and leave the layer working."""
+    bnb = checked_bitsandbytes()
+    from peft import LoraConfig, get_peft_model
+
+    from lora_kernels import fuse_peft_model
+
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    l4 = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                           compress_statistics=double_quant)
+    l4.load_state_dict(linear.state_dict())
+    peft = get_peft_model(nn.ModuleDict({"q": l4.to("cpu")}), LoraConfig(r=4, lora_alpha=8, target_modules=["q"],
+                                                                         init_lora_weights=False)).eval()
+    original = l4.weight.data.clone()  # the row-major packing
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        peft.base_model.model["q"](x)  # bitsandbytes may repack here
+    state = l4.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):  # a CPU without AVX-512 bf16: repack by hand
+        l4.weight.data, state = bnb.functional._convert_weight_packed_for_cpu(l4.weight.data, state)
+        l4.weight.quant_state = state
+    # the original codes with the absmax the repack left (bf16, (K/64, N)): what the layer computes with now
+    w_now = _nf4_definition(original, state, absmax=state.absmax.t().reshape(-1))
+    data, layout = l4.weight.data.clone(), state.packing_format_for_cpu
+
+    fuse_peft_model(peft, backend="torch")
+    layer = peft.base_model.model["q"]
+    assert layer.quantize == "nf4"
+    assert torch.allclose(layer.qweight.dequantize().double(), w_now, rtol=0, atol=1e-6)
+    a, b, s = layer.lora_A.double(), layer.lora_B.double(), layer.scaling
+    with torch.no_grad():
+        for _ in range(2):  # the forward after the conversion, and the one after that
+            expected = x.double() @ w_now.t() + linear.bias.double() + s * (x.double() @ a.t()) @ b.t()
+            assert_close(layer(x), expected, torch.float32, "q")
+    assert torch.equal(l4.weight.data, data) and l4.weight.quant_state.packing_format_for_cpu == layout, \
+        "the bitsandbytes layer was changed"
 
 
 def test_merge_and_unload_requantizes_on_request():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from helpers import checked_bitsandbytes
 
 from lora_kernels.quant import (
     ABSMAX_BLOCKSIZE,
@@ -17,16 +18,6 @@ from lora_kernels.quant import (
 )
 
 SHAPES = [(128, 96), (33, 71), (7, 5), (1, 1), (3, 64), (300, 257)]
-
-
-def _bnb():
-    """bitsandbytes.functional where it imports and runs on the CPU here, else skip with the reason."""
-    try:
-        import bitsandbytes.functional as F
-        F.quantize_4bit(torch.ones(64), blocksize=64, quant_type="nf4")
-    except Exception as err:  # noqa: BLE001 - any reason it cannot run here is a skip reason
-        pytest.skip(f"bitsandbytes does not run on the CPU here: {type(err).__name__}: {err}")
-    return F
 
 
 def _nf4_by_definition(w: torch.Tensor, blocksize: int = BLOCKSIZE):
@@ -144,7 +135,7 @@ def test_chunked_products_equal_dense():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_nf4_bit_for_bit_with_bitsandbytes(shape, dtype):
-    F = _bnb()
+    F = checked_bitsandbytes("quantize_4bit").functional
     torch.manual_seed(5)
     w = torch.randn(shape).to(dtype)
     w.view(-1)[:3] = 0.0
@@ -153,30 +144,50 @@ def test_nf4_bit_for_bit_with_bitsandbytes(shape, dtype):
     assert torch.equal(packed.view(-1), ours.data)
     assert torch.equal(state.absmax, ours.absmax)
     assert torch.equal(state.code, ours.code)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nf4_dequantize_against_bitsandbytes(shape, dtype):
+    torch.manual_seed(5)
+    w = torch.randn(shape).to(dtype)
+    ours = quantize_nf4(w)
+    f = torch.arange(w.numel())
+    byte = ours.data[f // 2].long()
+    definition = torch.tensor(NF4_CODE)[torch.where(f % 2 == 0, byte >> 4, byte & 15)] * ours.absmax[f // BLOCKSIZE]
+    assert torch.equal(ours.dequantize(dtype), definition.view(shape).to(dtype))  # checked whatever follows
+    F = checked_bitsandbytes("quantize_4bit", "dequantize_4bit").functional
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
     assert torch.equal(F.dequantize_4bit(packed, state), ours.dequantize(dtype))
 
 
 @pytest.mark.parametrize("shape", [(128, 96), (300, 257), (600, 130)])
 def test_nf4_double_quant_against_bitsandbytes(shape):
-    F = _bnb()
     torch.manual_seed(6)
     w = torch.randn(shape)
-    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     ours = quantize_nf4(w, double_quant=True)
+    F = checked_bitsandbytes("quantize_4bit").functional
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     assert torch.equal(dynamic_map(), F.create_dynamic_map(signed=True))
     assert torch.equal(packed.view(-1), ours.data)
     assert torch.equal(state.offset.view(1), ours.offset) and torch.equal(state.state2.absmax, ours.absmax2)
     # bitsandbytes' CPU binary search and our nearest code agree except next to a midpoint of two codes
     differ = (state.absmax.long() - ours.absmax.long()).abs()
     assert int(differ.max()) <= 1 and float((differ > 0).float().mean()) < 0.01
-    # bitsandbytes' own data, viewed by us, dequantizes bit for bit as bitsandbytes does
+    # bitsandbytes' own data, viewed by us, dequantizes by the definition (code · second-level scale)
     theirs = QuantizedWeight("nf4", shape, packed.view(-1), state.absmax, state.code, 64,
                              state.state2.absmax, state.state2.code, state.offset.view(1))
+    f = torch.arange(w.numel())
+    byte = packed.view(-1)[f // 2].long()
+    scales = state.state2.code[state.absmax.long()] * state.state2.absmax[torch.arange(state.absmax.numel()) // 256]
+    definition = state.code[torch.where(f % 2 == 0, byte >> 4, byte & 15)] * (scales + state.offset)[f // 64]
+    assert torch.allclose(theirs.dequantize(), definition.view(shape), rtol=0, atol=1e-6)
+    F = checked_bitsandbytes("dequantize_4bit").functional
     assert torch.equal(theirs.dequantize(), F.dequantize_4bit(packed, state))
 
 
 def test_int8_bit_for_bit_with_bitsandbytes():
-    F = _bnb()
+    F = checked_bitsandbytes("int8_vectorwise_quant", "int8_vectorwise_dequant").functional
     torch.manual_seed(7)
     w = torch.randn(65, 31, dtype=torch.float16)
     cb, scb, _ = F.int8_vectorwise_quant(w)
