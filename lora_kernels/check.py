@@ -32,6 +32,32 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 ARCHS = (90, 80, 86, 89)
+# The Triton versions whose full default sweep is committed under benchmarks/results/compile-gate/, and the
+# archs each covers (a test keeps this equal to the committed reports).
+SWEPT = {"3.9.0": (90, 80, 86, 89)}
+
+
+def stack_lines() -> List[str]:
+    """torch, Triton, CUDA and the GPU this process sees, and whether a committed sweep covers this Triton;
+    the lines every report of ``check`` starts with."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    lines = [f"Stack: torch {torch.__version__}, Triton {triton_version or 'not installed'}, CUDA "
+             f"{torch.version.cuda or 'none (a CPU build)'}, GPU: {gpu}."]
+    if triton_version in SWEPT:
+        lines.append(f"The committed compile-gate sweep covers Triton {triton_version} "
+                     f"(sm{', sm'.join(map(str, SWEPT[triton_version]))}).")
+    else:
+        lines.append(f"WARNING: no committed compile-gate sweep covers Triton {triton_version} (swept: "
+                     f"{', '.join(SWEPT)}); run `python -m lora_kernels.check --aot` to gate this Triton.")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- --aot
@@ -140,7 +166,8 @@ def run_aot(args) -> int:
     elapsed = time.time() - start
 
     lines = [f"# Compile gate: `python -m lora_kernels.check --aot {' '.join(args.argv)}`".rstrip(), "",
-             f"Triton {aot.triton_version()}, ptxas {aot.ptxas_version()}; {elapsed:.0f} s on this machine.", ""]
+             f"Triton {aot.triton_version()}, ptxas {aot.ptxas_version()}; {elapsed:.0f} s on this machine.", "",
+             *stack_lines(), ""]
     lines += _summary(args.arch, reports, errors) + [""]
     lines += _table(reports) + [""]
     if errors:
@@ -190,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = [a for a in argv if a != "--aot"]
     if args.interpret and "triton" not in sys.modules:  # must precede the first import of triton
         os.environ["TRITON_INTERPRET"] = "1"
+    for line in stack_lines():
+        print(line, file=sys.stderr)
     if args.aot:
         return run_aot(args)
     return run_device(args)
@@ -358,6 +387,7 @@ def run_device(args) -> int:
         precisions = [p for p in precisions if p != "bf16"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "Triton CPU interpreter"
     print(f"# lora_kernels check on {name}\n")
+    print("\n".join(stack_lines()) + "\n")
     print("| shape (MxKxN:r) | precision | bias | dropout | worst output | rel. error | tolerance | result |")
     print("|---|---|---|---|---|---|---|---|")
     failed = 0

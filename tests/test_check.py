@@ -50,3 +50,26 @@ def test_interpreter_correctness_passes_and_a_mismatch_fails(capsys, monkeypatch
     assert check.main(args[:-2]) == 1
     out = capsys.readouterr().out
     assert out.count("MISMATCH") == 4 and "4 mismatch(es)" in out
+
+
+def test_swept_tritons_are_the_committed_reports():
+    """check.SWEPT (what `check` tells users is covered) equals the committed full sweeps: their Triton and
+    archs, read from each report.json."""
+    import json
+
+    committed = {}
+    for report in (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile-gate").rglob("report.json"):
+        data = json.loads(report.read_text())
+        archs = {int(line.split(":")[0][2:]) for line in data["summary"]}
+        committed.setdefault(data["triton"], set()).update(archs)
+    assert {v: set(a) for v, a in check.SWEPT.items()} == committed
+
+
+def test_stack_lines_name_the_stack_and_warn_without_a_sweep(monkeypatch):
+    import triton
+
+    lines = check.stack_lines()
+    assert f"torch {torch.__version__}" in lines[0] and f"Triton {triton.__version__}" in lines[0]
+    monkeypatch.setattr(triton, "__version__", "0.0.1")
+    lines = check.stack_lines()
+    assert "Triton 0.0.1" in lines[0] and lines[1].startswith("WARNING: no committed compile-gate sweep covers Triton 0.0.1")

@@ -6,6 +6,7 @@ weights, or the quantized codes) sharded over the two ranks and only the LoRA pa
 ``gathered_lora`` gives the whole adapter, and ``save_lora`` refuses the shards. Then the trainer's
 ``--fsdp`` under torchrun: the losses, saved adapters and a resumed run equal one process's.
 """
+import gc
 import json
 import os
 import socket
@@ -88,11 +89,18 @@ def _worker(rank, port, quantize, results, tmp):
         if rank == 0:
             results.put((losses / WORLD).tolist())
             results.put((tuple(full), tuple(local), in_optimizer, refused, state))
-        # Both ranks tear gloo down together: a rank that destroyed its group while the other was still
-        # finishing was seen to abort at exit ("terminate called without an active exception", SIGABRT).
+            results.close()
+            results.join_thread()  # sent before this process starts to exit
+        # The sharded model, its optimizer state and the device mesh hold the gloo group: destroyed only at
+        # interpreter exit, its threads were seen to abort there ("terminate called without an active
+        # exception", SIGABRT, one run in a few dozen). Release them now, while Python is whole, and let both
+        # ranks reach the teardown together.
+        del model, optimizer, mesh
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _free_port() -> int:
