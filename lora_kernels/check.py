@@ -217,8 +217,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = [a for a in argv if a != "--aot"]
     if args.interpret and "triton" not in sys.modules:  # must precede the first import of triton
         os.environ["TRITON_INTERPRET"] = "1"
-    for line in stack_lines():
-        print(line, file=sys.stderr)
     if args.aot:
         return run_aot(args)
     return run_device(args)
@@ -367,6 +365,8 @@ def time_providers(shape, precision: str, device) -> dict:
 def run_device(args) -> int:
     import torch
 
+    print("\n".join(stack_lines()) + "\n")  # first, so that a "cannot run here" below names the stack too
+
     if args.interpret:
         device = torch.device("cpu")
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -387,7 +387,6 @@ def run_device(args) -> int:
         precisions = [p for p in precisions if p != "bf16"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "Triton CPU interpreter"
     print(f"# lora_kernels check on {name}\n")
-    print("\n".join(stack_lines()) + "\n")
     print("| shape (MxKxN:r) | precision | bias | dropout | worst output | rel. error | tolerance | result |")
     print("|---|---|---|---|---|---|---|---|")
     failed = 0

@@ -134,11 +134,27 @@ def two_peft_adapters(tmp_path, up_rank: Optional[int] = None):
 # our result against the definition before that, so nothing goes unchecked.
 
 
-def _nf4_definition(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, numel: int) -> torch.Tensor:
-    """code[nibble] * absmax[block] in float64, even elements in the high nibble, blocks of 64."""
+def nf4_definition(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, numel: int,
+                   blocksize: int = 64) -> torch.Tensor:
+    """code[nibble] * absmax[block] in float64 (exact: both are fp32 values), flat, even elements in the high
+    nibble."""
     byte = packed.reshape(-1).to(torch.int64)
     nibbles = torch.stack((byte >> 4, byte & 15), dim=1).reshape(-1)[:numel]
-    return code.double()[nibbles] * absmax.double().repeat_interleave(64)[:numel]
+    return code.double()[nibbles] * absmax.double().repeat_interleave(blocksize)[:numel]
+
+
+def bnb_nf4_weight(packed: torch.Tensor, state, absmax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (N, K) float64 weight a bitsandbytes NF4 ``QuantState`` defines over ``packed`` (row-major
+    packing), nested scales expanded by their own definition (code2[absmax] · absmax2[group] + offset), or
+    with the given per-block ``absmax`` instead."""
+    if absmax is None:
+        absmax = state.absmax.double()
+        if state.nested:
+            groups = torch.arange(absmax.numel()) // state.state2.blocksize
+            absmax = (state.state2.code.double()[state.absmax.long()] * state.state2.absmax.double()[groups]
+                      + state.offset.double())
+    numel = state.shape[0] * state.shape[1]
+    return nf4_definition(packed, absmax, state.code, numel, state.blocksize).reshape(tuple(state.shape))
 
 
 def _bitsandbytes_errors(bnb) -> dict:
@@ -154,12 +170,12 @@ def _bitsandbytes_errors(bnb) -> dict:
         wrong["quantize_4bit"] = "its absmax is not each block's largest magnitude"
     else:  # each code the nearest NF4 value to w / absmax (ties may go either way: compare distances)
         scaled = (w.reshape(-1, 64) / blocks[:, None]).reshape(-1).double()
-        chosen = _nf4_definition(packed, torch.ones_like(blocks), state.code, w.numel())
+        chosen = nf4_definition(packed, torch.ones_like(blocks), state.code, w.numel())
         best = (scaled[:, None] - state.code.double()[None, :]).abs().min(dim=1).values
         if not torch.all((scaled - chosen).abs() <= best + 1e-7):
             wrong["quantize_4bit"] = "a code is not the nearest NF4 value"
     got = F.dequantize_4bit(packed, state).reshape(-1).double()
-    err = (got - _nf4_definition(packed, state.absmax, state.code, w.numel())).abs().max().item()
+    err = (got - nf4_definition(packed, state.absmax, state.code, w.numel())).abs().max().item()
     if err > 1e-6 * blocks.max().item():
         wrong["dequantize_4bit"] = f"up to {err:.3g} from code[nibble]·absmax[block] (NF4 rounds by at most 0.47 here)"
     cb, scb, _ = F.int8_vectorwise_quant(w.half())
@@ -175,8 +191,7 @@ def _bitsandbytes_errors(bnb) -> dict:
     layer = layer.to("cpu")
     x = torch.randn(5, 96, generator=g)
     with torch.no_grad():
-        wq = _nf4_definition(layer.weight.data, layer.weight.quant_state.absmax, layer.weight.quant_state.code,
-                             w.numel()).reshape(64, 96)
+        wq = bnb_nf4_weight(layer.weight.data, layer.weight.quant_state)
         err = (layer(x).double() - x.double() @ wq.t()).abs().max().item()
     if err > 1e-4:
         wrong["Linear4bit.forward"] = f"up to {err:.3g} from x·(code[nibble]·absmax)ᵀ"

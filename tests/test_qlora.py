@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_close, checked_bitsandbytes
+from helpers import assert_close, bnb_nf4_weight, checked_bitsandbytes
 from lora_kernels import FusedLoRALinear, lora_linear, lora_summary, merge_and_unload, replace_linear_with_fused_lora
 from lora_kernels import torch_backend
 from lora_kernels.quant import quantize, weight_bytes
@@ -377,7 +377,7 @@ def test_fuse_peft_model_reuses_bitsandbytes_packed_data(double_quant):
     inner = peft.base_model.model
     l4, l8 = inner["q"].base_layer, inner["v"].base_layer
     x = torch.randn(6, 70)
-    w4 = _nf4_definition(l4.weight.data, l4.weight.quant_state)  # from the packed data, not bitsandbytes' math
+    w4 = bnb_nf4_weight(l4.weight.data, l4.weight.quant_state)  # from the packed data, not bitsandbytes' math
     w8 = l8.weight.CB.double() * l8.weight.SCB.double()[:, None] / 127
     lora = {k: (inner[k].lora_A["default"].weight.double(), inner[k].lora_B["default"].weight.double(),
                 inner[k].scaling["default"]) for k in ("q", "v")}
@@ -397,22 +397,6 @@ def test_fuse_peft_model_reuses_bitsandbytes_packed_data(double_quant):
     # the adapters are PEFT's own parameters, still trainable; the quantized bases have none
     assert fq.lora_A.requires_grad and fq.lora_A.shape == (4, 70)
     assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)
-
-
-def _nf4_definition(packed, state, absmax=None):
-    """code[nibble] · absmax[block] (float64) of a bitsandbytes NF4 weight in its row-major packing, nested
-    scales expanded by their own definition (or the given ``absmax``, one per block)."""
-    byte = packed.reshape(-1).long()
-    numel = state.shape[0] * state.shape[1]
-    nibbles = torch.stack((byte >> 4, byte & 15), dim=1).reshape(-1)[:numel]
-    if absmax is not None:
-        return (state.code.double()[nibbles] * absmax.double().repeat_interleave(64)[:numel]).reshape(state.shape)
-    absmax = state.absmax.double()
-    if state.nested:
-        blocks = torch.arange(absmax.numel()) // state.state2.blocksize
-        absmax = state.state2.code.double()[state.absmax.long()] * state.state2.absmax.double()[blocks] \
-            + state.offset.double()
-    return (state.code.double()[nibbles] * absmax.repeat_interleave(state.blocksize)[:numel]).reshape(state.shape)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])
@@ -440,7 +424,7 @@ def test_fuse_peft_model_after_bitsandbytes_repacked_for_its_cpu_kernel(double_q
         l4.weight.data, state = bnb.functional._convert_weight_packed_for_cpu(l4.weight.data, state)
         l4.weight.quant_state = state
     # the original codes with the absmax the repack left (bf16, (K/64, N)): what the layer computes with now
-    w_now = _nf4_definition(original, state, absmax=state.absmax.t().reshape(-1))
+    w_now = bnb_nf4_weight(original, state, absmax=state.absmax.t().reshape(-1))
     data, layout = l4.weight.data.clone(), state.packing_format_for_cpu
 
     fuse_peft_model(peft, backend="torch")

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import checked_bitsandbytes
+from helpers import bnb_nf4_weight, checked_bitsandbytes, nf4_definition
 
 from lora_kernels.quant import (
     ABSMAX_BLOCKSIZE,
@@ -152,10 +152,8 @@ def test_nf4_dequantize_against_bitsandbytes(shape, dtype):
     torch.manual_seed(5)
     w = torch.randn(shape).to(dtype)
     ours = quantize_nf4(w)
-    f = torch.arange(w.numel())
-    byte = ours.data[f // 2].long()
-    definition = torch.tensor(NF4_CODE)[torch.where(f % 2 == 0, byte >> 4, byte & 15)] * ours.absmax[f // BLOCKSIZE]
-    assert torch.equal(ours.dequantize(dtype), definition.view(shape).to(dtype))  # checked whatever follows
+    definition = nf4_definition(ours.data, ours.absmax, torch.tensor(NF4_CODE), w.numel(), BLOCKSIZE)
+    assert torch.equal(ours.dequantize(dtype), definition.view(shape).float().to(dtype))  # checked whatever follows
     F = checked_bitsandbytes("quantize_4bit", "dequantize_4bit").functional
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
     assert torch.equal(F.dequantize_4bit(packed, state), ours.dequantize(dtype))
@@ -177,11 +175,7 @@ def test_nf4_double_quant_against_bitsandbytes(shape):
     # bitsandbytes' own data, viewed by us, dequantizes by the definition (code · second-level scale)
     theirs = QuantizedWeight("nf4", shape, packed.view(-1), state.absmax, state.code, 64,
                              state.state2.absmax, state.state2.code, state.offset.view(1))
-    f = torch.arange(w.numel())
-    byte = packed.view(-1)[f // 2].long()
-    scales = state.state2.code[state.absmax.long()] * state.state2.absmax[torch.arange(state.absmax.numel()) // 256]
-    definition = state.code[torch.where(f % 2 == 0, byte >> 4, byte & 15)] * (scales + state.offset)[f // 64]
-    assert torch.allclose(theirs.dequantize(), definition.view(shape), rtol=0, atol=1e-6)
+    assert torch.allclose(theirs.dequantize().double(), bnb_nf4_weight(packed, state), rtol=0, atol=1e-6)
     F = checked_bitsandbytes("dequantize_4bit").functional
     assert torch.equal(theirs.dequantize(), F.dequantize_4bit(packed, state))
 

@@ -275,9 +275,9 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
         forward = _pick_gemm_tile(m_bucket, n, candidates, num_sms)
         grad_input = _pick_gemm_tile(m_bucket, k, candidates, num_sms)
     grad_weight = _pick_gemm_tile(n, k, _gemm_candidates(capability, dtype, tf32), num_sms)
-    if not wide and m_bucket <= 64:  # IEEE fp32 dW over a decode-sized reduction: 64x128x32 spills 56 B (sm80)
-        grad_weight = _gemm_candidates(capability, dtype, tf32)[-1][0]
-    if not wide and hopper and TRITON_VERSION < (3, 9):  # Triton 3.8 spills 4 B in 64x128x32 (8 warps) on sm90
+    # IEEE fp32 dW takes the small tile where 64x128x32 spills: over a decode-sized reduction (56 B on sm80),
+    # and on sm90 with Triton < 3.9 (4 B with 8 warps on 3.8; none on 3.9)
+    if not wide and (m_bucket <= 64 or (hopper and TRITON_VERSION < (3, 9))):
         grad_weight = _gemm_candidates(capability, dtype, tf32)[-1][0]
     if not wide and consumer_sm8x(capability) and grad_weight.num_warps == 4:
         grad_weight = dataclasses.replace(grad_weight, num_warps=8)  # 64x64x16, 4 warps: dW spills 12 B (sm86/89)
