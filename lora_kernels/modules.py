@@ -70,6 +70,13 @@ def _make_config(config: Optional[LoRAConfig], rank, alpha, dropout, use_rslora,
     return config
 
 
+def _rename_saved_keys(layer: "FusedLoRALinear", destination, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: the layer's keys (its named adapters' included) under their saved names."""
+    for name, saved in layer._saved_names().items():
+        if prefix + name in destination:
+            destination[prefix + saved] = destination.pop(prefix + name)
+
+
 class LoRAAdapter(nn.Module):
     """The parameters of one named (non-default) adapter of a :class:`FusedLoRALinear`."""
 
@@ -212,8 +219,9 @@ class FusedLoRALinear(nn.Module):
         self._merged_adapter = None  # [(A, B, scaling), ...] folded in by merge(keep_original=False)
         self._tied_weight = None  # (shared weight,) while merge_lora gives a tied weight its own copy
         self._warned_merged_training = False
-        # Names under which state_dict saves the parameters (fuse_peft_model uses PEFT's names).
-        self._state_dict_names = {}
+        # True: state_dict saves (and load_state_dict reads) the parameters under PEFT's names (fuse_peft_model).
+        self._peft_names = False
+        self.register_state_dict_post_hook(_rename_saved_keys)
         self.lora_enabled = True  # False: run the base layer alone (see lora_kernels.disable_lora)
         self._mixed = None  # the per-row adapters inside lora_kernels.mixed_adapters (a _MixedRows)
         self.register_buffer("_weight_before_merge", None, persistent=False)
@@ -569,17 +577,28 @@ class FusedLoRALinear(nn.Module):
         self._tied_weight = (self.weight,)  # a tuple: not registered as a parameter of this module
         self.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.weight.requires_grad)
 
+    def _saved_names(self) -> Dict[str, str]:
+        """Our state-dict keys (relative to the layer) -> the keys they are saved under: PEFT's
+        (``base_layer.weight``, ``lora_A.<adapter>.weight``, ...) for a layer made by ``fuse_peft_model``,
+        else none."""
+        if not self._peft_names:
+            return {}
+        names = {"weight": "base_layer.weight", "bias": "base_layer.bias"}
+        for adapter in self.lora_configs:
+            ours = "" if adapter == DEFAULT_ADAPTER else f"lora_adapters.{adapter}."
+            for leaf in ("lora_A", "lora_B"):
+                names[ours + leaf] = f"{leaf}.{adapter}.weight"
+        return names
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._merged:
             destination[prefix + "weight"] = self._unmerged_weight().clone()
-        for name, saved in self._state_dict_names.items():
-            if prefix + name in destination:
-                destination[prefix + saved] = destination.pop(prefix + name)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for name, saved in self._state_dict_names.items():
+        # Renamed before anything reads them: the named adapters' children get their keys from this dict.
+        for name, saved in self._saved_names().items():
             if prefix + saved in state_dict:
                 state_dict[prefix + name] = state_dict.pop(prefix + saved)
         was_merged, keep_original = self._merged, self._weight_before_merge is not None

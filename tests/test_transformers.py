@@ -142,3 +142,140 @@ def test_gpt2_conv1d_is_refused_with_a_clear_message():
         replace_linear_with_fused_lora(model, target_modules="all-linear")
     with pytest.raises(TypeError, match="c_attn' is a Conv1D.*transposed"):
         replace_linear_with_fused_lora(model, target_modules=["c_attn"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# fuse_peft_model inside transformers.Trainer and with several live PEFT adapters
+
+
+def peft_model(family, two_adapters=False):
+    """A PEFT model over the tiny base; with ``two_adapters``, a second adapter "other" (another rank,
+    rsLoRA, partly other layers) is added and made active, as a user would train it."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(family)
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    if two_adapters:
+        model.add_adapter("other", LoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "up_proj"]))
+        model.set_adapter("other")
+    return model
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def _trainer_run(model, out_dir, stop_after=None, resume=None):
+    """6 steps of transformers.Trainer (AdamW, linear decay, a checkpoint every 3 steps, gradient
+    accumulation over 2 batches); ``stop_after``: interrupted after that step, as a killed job would be."""
+    import transformers
+
+    class Stop(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_after:
+                control.should_training_stop = True
+
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir), max_steps=6, save_steps=3, save_strategy="steps", per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, learning_rate=1e-2, seed=3, report_to=[], use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[Stop()])
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+@pytest.mark.parametrize("family,two_adapters", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_trainer_resume_after_fuse_peft_model_continues_the_trained_adapter(tmp_path, family, two_adapters):
+    """Trainer(resume_from_checkpoint=...) calls PEFT's load_adapter, which finds only PEFT's own layer
+    classes: unrouted, it loaded nothing into the converted layers and the resumed run restarted from the
+    untrained adapter (logits 0.18-0.34 away). Resumed, the run must end where the uninterrupted one does:
+    the adapter, AdamW's moments and the schedule all restored."""
+    fused = lambda: fuse_peft_model(peft_model(family, two_adapters))  # noqa: E731
+    whole = _trainer_run(fused(), tmp_path / "whole")
+    _trainer_run(fused(), tmp_path / "cut", stop_after=3)
+    resumed = _trainer_run(fused(), tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
+    ids = batch(7)["input_ids"]
+    with torch.no_grad():
+        expected, got = whole(ids).logits, resumed(ids).logits
+        untrained = fused()(ids).logits
+    assert (expected - untrained).abs().max() > 1e-3  # training moved the adapter, so the test can fail
+    assert_close(got, expected, torch.float32, "logits after resuming")
+
+
+def _requires_grad(model):
+    """Which adapter parameters train, by the model's state-dict names (PEFT's, also after fuse_peft_model)."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) in trainable}
+
+
+def test_fuse_peft_model_keeps_two_live_adapters_switched_by_peft_set_adapter(tmp_path):
+    from peft import PeftModel
+
+    peft = peft_model("llama", two_adapters=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    twin = copy.deepcopy(peft)
+    state = peft.state_dict()
+    fused = fuse_peft_model(peft)
+    assert sum(isinstance(m, FusedLoRALinear) for m in fused.modules()) == 2 * 4  # q, v, down, up per block
+    assert fused.state_dict().keys() == state.keys()
+    ids = batch(5)["input_ids"]
+    with torch.no_grad():
+        logits = {}
+        for name in ("other", "default", "other"):
+            twin.set_adapter(name)
+            fused.set_adapter(name)
+            assert fused.active_adapter == name and fused.active_adapters == [name]
+            assert _requires_grad(fused) == _requires_grad(twin)  # PEFT: the active adapter trains, others frozen
+            logits[name] = twin(ids).logits
+            assert_close(fused(ids).logits, logits[name], torch.float32, f"logits with {name!r} active")
+        assert (logits["default"] - logits["other"]).abs().max() > 1e-3
+
+        fused.save_pretrained(tmp_path / "saved")  # "default" at the root, "other" in saved/other, as PEFT does
+        again = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "saved")
+        again.load_adapter(tmp_path / "saved" / "other", "other")
+        again.set_adapter("other")
+        assert_close(again(ids).logits, logits["other"], torch.float32, "PEFT reloading the saved 'other'")
+
+        fused.delete_adapter("other")
+        assert list(fused.peft_config) == ["default"] and fused.active_adapters == ["default"]
+        assert_close(fused(ids).logits, logits["default"], torch.float32, "logits after deleting 'other'")
+
+
+def test_peft_load_adapter_after_fuse_adds_a_new_adapter_as_peft_does(tmp_path):
+    donor = peft_model("qwen2", two_adapters=True)
+    with torch.no_grad():
+        for name, param in donor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    donor.save_pretrained(tmp_path / "donor")
+    plain, fused = peft_model("qwen2"), fuse_peft_model(peft_model("qwen2"))
+    ids = batch(6)["input_ids"]
+    with torch.no_grad():
+        for model in (plain, fused):
+            model.load_adapter(tmp_path / "donor" / "other", "other", is_trainable=True)
+        assert _requires_grad(fused) == _requires_grad(plain)
+        assert fused.training == plain.training
+        for name in ("other", "default"):
+            plain.set_adapter(name)
+            fused.set_adapter(name)
+            assert_close(fused(ids).logits, plain(ids).logits, torch.float32, f"logits with {name!r} active")
+
+
+def test_peft_add_adapter_after_fuse_is_refused_before_anything_changes():
+    from peft import LoraConfig
+
+    fused = fuse_peft_model(peft_model("llama"))
+    state = fused.state_dict()
+    with pytest.raises(RuntimeError, match="add_adapter after fuse_peft_model.*before fuse_peft_model"):
+        fused.add_adapter("more", LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    assert list(fused.peft_config) == ["default"] and fused.state_dict().keys() == state.keys()
