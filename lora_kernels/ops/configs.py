@@ -302,6 +302,8 @@ def _heuristic_configs(capability, num_sms, dtype, m_bucket, n, k, block_r, tf32
         # IEEE fp32 (operands in registers): 32 rows (64 spill 8-12 B on sm90 with ds, dB and db)
         dy = KernelConfig(min(64 if wide else 32, max(16, m_bucket)), 32, 0, num_warps=4 if block_r <= 16 else 8,
                           num_stages=3)
+        if not wide and hopper and dy.block_m == 16 and TRITON_VERSION < (3, 9):
+            dy = dataclasses.replace(dy, num_warps=8)  # 16x32, 4 warps, ds/dB/db: 4 B spilled on 3.8 (none on 3.9)
         da = KernelConfig(64 if wide else 32, 0, 64, num_warps=4, num_stages=3)
     dy = _fit(dy, dy.block_m * dy.block_n + dy.block_n * block_r, elem, limit)
     da = _fit(da, da.block_m * (da.block_k + block_r), elem, limit)

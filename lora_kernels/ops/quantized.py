@@ -255,6 +255,13 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
         max_n, max_k = (min(max_n, 64), min(max_k, 16)) if config.block_m <= 32 else (max_n, min(max_k, 32))
     if config.block_m <= 32:  # decode: rank blocks of 16 (32 spilled 8 B in the sm90 NF4 dX GEMM at M = 1)
         max_block_r = min(max_block_r, 16)
+    if qweight.double_quant and not w_t and _configs.TRITON_VERSION < (3, 9):
+        # Triton < 3.9, NF4-dq dX GEMM (none of these spill on 3.9): 128x128x64 tiles spilled 4 B on sm90
+        # (fp16/bf16, M = 512, N = K = 4096), TF32 64x64x32 tiles at a rank block of 32 8 B on sm80 (M = 512, r = 100)
+        if config.block_m > 32:
+            max_k = min(max_k, 32)
+        if dtype == torch.float32 and precision != "ieee":
+            max_block_r = min(max_block_r, 16)
     if dtype == torch.float32 and precision != "ieee" and config.block_m == 64:
         max_n = min(max_n, 64)  # TF32 64x128x16 tiles, 8 warps: 4 B spilled on sm80 (int8 dX, M = 64)
     block_n, block_k = min(config.block_n, max_n), min(config.block_k, max_k)
