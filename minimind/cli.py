@@ -2,7 +2,8 @@
 
 An expected failure (a bad argument value, an unreadable or malformed file, a wrong checkpoint, a device
 that is not there, a full disk) ends with one line on stderr that names the value, file or field, and exit
-status 2; Ctrl-C ends with status 130. Anything else is a bug and keeps its traceback.
+status 2; Ctrl-C ends with status 130. Anything else is a bug and keeps its traceback. A warning is one line
+too (``prog: warning: message``), not Python's file, line number and source line.
 
 Tools: :class:`CLIError` and :func:`run_cli` (the error path), :class:`ArgumentParser` (argument errors
 as a CLIError, without the usage block), :func:`number` (finite, ranged numeric arguments), and the
@@ -17,6 +18,7 @@ import errno
 import math
 import os
 import sys
+import warnings
 from typing import Callable, Iterator, NoReturn, Optional, Sequence, Union
 
 from lora_kernels.io import READ_ERRORS, SAFETENSORS_ERRORS, file_error_reason
@@ -42,8 +44,14 @@ def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], Optional[int]],
     Returns:
         ``main``'s status (0 when it returns None), 2 after a :class:`CLIError`, 130 after Ctrl-C.
     """
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        print(f"{prog}: warning{kind}: {message}", file=sys.stderr if file is None else file)
+
     try:
-        status = main(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            status = main(argv)
     except CLIError as err:
         # One line, whatever the message: multi-line reports (lists of keys) are joined.
         text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())

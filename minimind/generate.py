@@ -216,8 +216,15 @@ def generate_batch(
     for row in out[:, input_ids.shape[1]:].tolist():
         if eos is not None and eos in row:
             row = row[:row.index(eos)]
-        answers.append(tokenizer.decode(row, skip_special_tokens=True))
+        answers.append(decode_reply(tokenizer, row))
     return answers
+
+
+def decode_reply(tokenizer: MiniMindTokenizer, ids: Sequence[int]) -> str:
+    """The text of a reply's token ids, without the incomplete character a reply cut off by
+    ``max_new_tokens`` can end in (byte-level BPE spreads a character over several tokens; decoding the first
+    bytes alone gives U+FFFD)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).rstrip("\ufffd")
 
 
 def stream_text(tokenizer: MiniMindTokenizer, tokens: Iterable[torch.Tensor], stop_id: Optional[int] = 2) -> Iterator[str]:
@@ -232,7 +239,8 @@ def stream_text(tokenizer: MiniMindTokenizer, tokens: Iterable[torch.Tensor], st
         stop_id: stop at this id (not decoded).
 
     Yields:
-        New text, in order; their concatenation is the decoded reply.
+        New text, in order; their concatenation is the decoded reply (:func:`decode_reply`: a character the
+        last token leaves incomplete is dropped, never shown as U+FFFD).
     """
     ids, emitted = [], ""
     for tok in tokens:
@@ -244,6 +252,6 @@ def stream_text(tokenizer: MiniMindTokenizer, tokens: Iterable[torch.Tensor], st
         if not text.endswith("\ufffd") and len(text) > len(emitted):
             yield text[len(emitted):]
             emitted = text
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    text = decode_reply(tokenizer, ids)
     if len(text) > len(emitted):
         yield text[len(emitted):]

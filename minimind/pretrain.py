@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .checkpoint import BUNDLED_BASE, load_minimind, save_minimind
 from .cli import ArgumentParser, CLIError, number, reading, run_cli, writing
 from .dataset import PretrainDataset, SFTDataset, pad_batch
-from .generate import generate
+from .generate import decode_reply, generate
 from .model import MiniMindConfig, MiniMindForCausalLM
 from .tokenizer import ASSETS, MiniMindTokenizer
 from .training import cosine_lr, evaluate
@@ -157,7 +157,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     for question in ("Who are you?", "What is the capital of France?", "讲一个关于熊猫的故事。"):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
         out = generate(model, torch.tensor([prompt]), max_new_tokens=60, temperature=0)
-        print(f"> {question}\n{tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)}")
+        print(f"> {question}\n{decode_reply(tokenizer, out[0, len(prompt):].tolist())}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

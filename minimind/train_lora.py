@@ -83,6 +83,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_BASE = ASSETS / "base.safetensors"
 BUNDLED_DATA = ASSETS / "lora_identity.jsonl"
 MINIMIND_HIDDEN_SIZE, MINIMIND_LAYERS = 768, 8  # MiniMind's defaults, used to resolve --from_weight
+DEFAULT_LR, MINIMIND_LR = 5e-3, 1e-4  # ours: the bundled job's (rank 16, a few hundred steps); MiniMind's train_lora.py
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,7 +114,8 @@ class TrainConfig:
     targets: str = "square"
     epochs: int = 20
     batch_size: int = 16
-    learning_rate: float = 5e-3
+    learning_rate: float = DEFAULT_LR
+    default_lr: bool = False           # --learning_rate not given (the header says so: MiniMind's default differs)
     lr_schedule: str = "minimind2"
     warmup_iters: int = 0
     loraplus_lr_ratio: Optional[float] = None
@@ -226,7 +228,9 @@ def build_parser() -> ArgumentParser:
     o = p.add_argument_group("optimization")
     o.add_argument("--epochs", type=count, default=20)
     o.add_argument("--batch_size", type=count, default=16, help="sequences per step and process")
-    o.add_argument("--learning_rate", type=positive, default=5e-3)
+    o.add_argument("--learning_rate", type=positive, default=None,
+                   help=f"peak learning rate (default {DEFAULT_LR:g}, for the bundled job; MiniMind's train_lora.py "
+                        f"uses {MINIMIND_LR:g})")
     o.add_argument("--lr_schedule", choices=["minimind2", "minimind3"], default="minimind2",
                    help="minimind2: lr/10 + 0.5·lr·(1+cos(π·t/T)), t from 0; "
                         "minimind3: lr·(0.1 + 0.45·(1+cos(π·t/T))), t from 1")
@@ -274,6 +278,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     if ns.quantize is not None and not ns.fused:
         raise CLIError(f"--quantize {ns.quantize} needs --fused (the eager path is MiniMind's LoRA on a 16-bit base)")
     cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
+    if ns.learning_rate is None:
+        cfg.learning_rate, cfg.default_lr = DEFAULT_LR, True
     # MiniMind's layout with --save_dir, or with --from_weight alone (MiniMind's save_dir defaults to ../out).
     minimind_layout = ns.save_dir is not None or (ns.from_weight is not None and ns.out_dir is None)
     cfg.layout = "minimind" if minimind_layout else "ours"
@@ -752,6 +758,8 @@ def setup(cfg: TrainConfig) -> Run:
             run.step = load_checkpoint(run)
         if rt.main:
             run.rows = start_metrics(run)
+            if not run.rows and run.step == 0:
+                remove_earlier_plots(run)
         # Under --fsdp every process takes part in each forward, so all of them answer (rank 0 prints), and
         # only at the end: FSDP2 keeps the all-gather buffers it allocates under generation's inference mode,
         # which training could not write afterwards (the base is frozen, so "adapter off" is the same then).
@@ -800,6 +808,12 @@ def describe(run: Run) -> str:
         f"  LoRA       rank {cfg.rank}, alpha {alpha:g}, dropout {cfg.lora_dropout:g}, targets {cfg.targets!r}: "
         f"{summary.lora_layers} layers" + (f", LoRA+ ratio {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""),
         f"  trainable  {summary.trainable:,} parameters ({summary.percent:.2f}% of {summary.total:,})",
+        f"  optimizer  AdamW, learning rate {cfg.learning_rate:g}"
+        + (f" (the default; MiniMind's train_lora.py uses {MINIMIND_LR:g}: give --learning_rate to choose)"
+           if cfg.default_lr and cfg.layout == "minimind" else " (the default)" if cfg.default_lr else "")
+        + f", {cfg.lr_schedule} cosine schedule to {cfg.learning_rate / 10:g}"
+        + (f" after {cfg.warmup_iters} warm-up steps" if cfg.warmup_iters else "")
+        + f", weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
         f"  backend    {run.backend}" + (", torch.compile" if cfg.use_compile else ""),
         f"  device     {rt.device}" + (f" x {rt.world_size} processes" if rt.world_size > 1 else "")
         + (" (FSDP2, the base sharded)" if cfg.fsdp else " (DDP)" if rt.world_size > 1 else "")
@@ -1016,6 +1030,26 @@ def log_step(run: Run, epoch: int, loss: float, first: bool) -> None:
     run.tokens_since, run.time_since = 0, time.perf_counter()
 
 
+def remove_earlier_plots(run: Run) -> None:
+    """A fresh run removes the plots an earlier run drew in its output folder (the loss curve, the overview
+    and statistics, also in the per-adapter sub-folders of a run with several adapters), so that none of them
+    is taken for this run's; the earlier run's metrics are kept (start_metrics) and redraw its curve."""
+    from .plot_lora import OVERVIEW_NAME, STATS_NAME
+
+    plots = run.paths.plots
+    folders = [plots] + ([d for d in plots.iterdir() if d.is_dir() and (d / OVERVIEW_NAME).is_file()]
+                         if plots.is_dir() else [])
+    found = [f for f in [run.paths.loss_curve] + [d / n for d in folders for n in (OVERVIEW_NAME, STATS_NAME)]
+             if f.is_file()]
+    for f in found:
+        f.unlink()
+    for d in folders[1:]:
+        if not any(d.iterdir()):
+            d.rmdir()
+    if found:
+        run.rt.notes.append(f"removed {len(found)} plot file(s) of an earlier run ({found[0].name}...)")
+
+
 def start_metrics(run: Run) -> List[dict]:
     """The metrics rows this run continues: on resume the earlier rows up to the checkpoint's step; in a
     fresh run none, and an earlier run's file is kept under a new name instead of being overwritten."""
@@ -1112,6 +1146,7 @@ def load_checkpoint(run: Run) -> int:
             not isinstance(state["step"], int) or state["step"] < 0:
         raise CLIError(f"{flag}: {str(path)!r} has a malformed 'config', 'lora' or 'step' field")
     keys = resume_keys(cfg) + (("lora_name",) if "lora_name" in state["config"] and not cfg.multi else ())
+    keys = tuple(k for k in keys if k != "max_steps")  # may change: the run is extended (or cut short)
     changed = [f"--{k} {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in keys
                if state["config"].get(k) != getattr(cfg, k)]
     if state.get("world_size", 1) != run.rt.world_size:  # the global batch is batch_size x processes
@@ -1120,6 +1155,16 @@ def load_checkpoint(run: Run) -> int:
         changed.append("without --fsdp -> --fsdp" if cfg.fsdp else "--fsdp -> without it")
     if changed:
         raise CLIError(f"{flag}: {path} was made with other settings: " + "; ".join(changed))
+    if state["step"] > run.total_steps:
+        raise CLIError(f"{flag}: {path} has trained {state['step']} steps, more than this run's {run.total_steps} "
+                       "(--max_steps / --epochs); give a larger --max_steps")
+    earlier = state["config"].get("max_steps")
+    if earlier != cfg.max_steps:
+        # The learning-rate schedule is a function of the run's total steps: the steps still to come follow
+        # the schedule of the new total, as if the run had been planned that long from the start.
+        run.rt.notes.append(f"{flag}: --max_steps {earlier} -> {cfg.max_steps}: steps {state['step'] + 1}-"
+                            f"{run.total_steps} follow the learning-rate schedule over {run.total_steps} steps "
+                            f"(the first {state['step']} followed the earlier run's)")
     params = trained_tensors(run)
     problems = [f"unknown tensor {k}" for k in state["lora"] if k not in params]
     problems += [f"missing tensor {k}" for k in params if k not in state["lora"]]
@@ -1221,7 +1266,7 @@ def answer(run: Run, prompts: List[List[dict]], max_new_tokens: int = 48,
     With ``adapters`` (one name or None per prompt) all prompts are answered in one batch, each through its
     own adapter (:func:`minimind.generate.generate_batch`); without, one by one with the active adapters.
     """
-    from .generate import generate, generate_batch
+    from .generate import decode_reply, generate, generate_batch
 
     model, tok = run.model, run.tokenizer
     was_training = model.training
@@ -1239,7 +1284,7 @@ def answer(run: Run, prompts: List[List[dict]], max_new_tokens: int = 48,
         with run.rt.autocast():
             out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        answers.append(decode_reply(tok, out[0, ids.shape[1]:].tolist()).strip())
     model.train(was_training)
     return answers
 
@@ -1302,7 +1347,8 @@ def finish(run: Run) -> Dict[str, object]:
         with writing(folder / OVERVIEW_NAME):
             stats[name] = plot_adapter(layers, folder, str(minimind_file), per_layer=False,
                                        title=f"what {label} learned: ΔW = s·B·A per layer")
-        lines.append(f"saved {minimind_file} (MiniMind format) and {safetensors_file.name}")
+        beside = safetensors_file.parent == Path(minimind_file).parent
+        lines.append(f"saved {minimind_file} (MiniMind format) and {safetensors_file.name if beside else safetensors_file}")
     result["lora_stats"] = stats[DEFAULT_ADAPTER] if not cfg.multi else stats
     if cfg.multi:
         result["adapters"] = dict(run.adapter_files)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minimind import chat
-from minimind.generate import generate, process_logits, stream_generate, stream_text
+from minimind.generate import decode_reply, generate, process_logits, stream_generate, stream_text
 from minimind.model import BUNDLED_BASE, MiniMindConfig, MiniMindForCausalLM, load_minimind
 from minimind.tokenizer import BUNDLED_TOKENIZER, MiniMindTokenizer
 
@@ -91,6 +91,20 @@ def test_stream_text_waits_for_whole_characters():
     pieces = list(stream_text(tok, [torch.tensor([i]) for i in ids + [2, 5]]))
     assert "".join(pieces) == text  # stops at <|im_end|> (id 2)
     assert not any("\ufffd" in p for p in pieces) and len(pieces) > 1
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it():
+    """A reply cut off by max_new_tokens in the middle of a multi-byte character: the whole characters before
+    it, never U+FFFD (in the reply and in the stream alike)."""
+    if not (BUNDLED_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip("bundled tokenizer not built")
+    tok = MiniMindTokenizer.from_pretrained()
+    ids = tok.encode("Hi 😀")
+    cut = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith("\ufffd"))
+    assert tok.decode(ids[:cut]).endswith("\ufffd")  # the tokenizer alone shows the broken character
+    assert decode_reply(tok, ids[:cut]) == "Hi "
+    assert "".join(stream_text(tok, [torch.tensor([i]) for i in ids[:cut]])) == "Hi "
+    assert decode_reply(tok, ids) == "Hi 😀"
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,32 @@ def test_resume_after_sigkill_loses_nothing(tiny, tmp_path):
     assert not list(crashed.rglob("*.tmp"))
 
 
+def test_resume_extends_a_finished_run(tiny, tmp_path, capsys):
+    """--resume with a larger --max_steps continues a finished run: steps 1-4 are the 4-step run's, and steps
+    5-8 follow the learning-rate schedule of an 8-step run (as if planned that long from the start)."""
+    common = ["--fused", "--epochs", "10", "--save_interval", "2"]
+    train(parse_args(args_for(tiny, tmp_path / "planned", *common, "--max_steps", "8")))
+    train(parse_args(args_for(tiny, tmp_path / "short", *common, "--max_steps", "4")))
+    short = metrics_rows(tmp_path / "short")
+    capsys.readouterr()
+    train(parse_args(args_for(tiny, tmp_path / "short", *common, "--max_steps", "8", "--resume")))
+    assert "--max_steps 4 -> 8" in capsys.readouterr().out
+    extended, planned = metrics_rows(tmp_path / "short"), metrics_rows(tmp_path / "planned")
+    assert [r["step"] for r in extended] == list(range(1, 9)) and extended[:4] == short
+    assert [r["lr"] for r in extended[4:]] == pytest.approx([r["lr"] for r in planned[4:]], rel=1e-12)
+    assert [r["lr"] for r in extended[:4]] != pytest.approx([r["lr"] for r in planned[:4]], rel=1e-6)
+    assert torch.load(tmp_path / "short" / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert extended[-1]["loss"] < extended[3]["loss"]  # the extra steps trained
+
+
+def test_rank_warning_is_one_line(tiny, tmp_path, capsys):
+    """A rank as large as the layer (16 on 32 -> 32 linears) warns in one line, not Python's source line."""
+    assert main(args_for(tiny, tmp_path, "--max_steps", "1", "--rank", "16", "--targets", "q_proj")) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and err[0].startswith("train_lora: warning: rank 16"), err
+    assert ".py:" not in err[0]
+
+
 def test_torchrun_turns_ddp_on_and_matches_one_process(tiny, tmp_path):
     """Under torchrun without --ddp (as MiniMind): two processes of batch 2 train as one process of batch 4."""
     common = ["--fused", "--max_steps", "3", "--epochs", "10"]
@@ -218,6 +244,24 @@ def test_the_2025_names_still_parse():
 
 @pytest.mark.skipif(not (FIXTURES / "minimind3_tiny_dense.pth").is_file(),
                     reason=f"MiniMind fixtures not found under {FIXTURES} (needs the shared fixtures checkout)")
+def test_minimind_layout_header_and_saved_files(tiny, tmp_path, capsys):
+    """With --save_dir and no --learning_rate the header says our default and MiniMind's; the closing lines
+    name files that are where they say."""
+    argv = args_for(tiny, tmp_path / "unused", "--max_steps", "1", "--lora_name", "lora_x")
+    out_at = argv.index("--out_dir")
+    argv[out_at:out_at + 2] = ["--save_dir", str(tmp_path / "out")]
+    lr_at = argv.index("--learning_rate")
+    del argv[lr_at:lr_at + 2]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.strip().startswith("optimizer"))
+    assert "learning rate 0.005 (the default; MiniMind's train_lora.py uses 0.0001" in header, header
+    saved = next(line for line in out.splitlines() if line.startswith("saved "))
+    named = [Path(w) for w in saved.split() if w.endswith((".pth", ".safetensors"))]
+    assert [p.suffix for p in named] == [".pth", ".safetensors"] and all(p.is_file() for p in named), saved
+    assert named[1].parent == tmp_path / "checkpoints"  # our extra files beside the training state
+
+
 def test_from_weight_and_save_dir_use_minimind_paths(tiny, tmp_path, monkeypatch, capsys):
     save_dir = tmp_path / "out"
     save_dir.mkdir()
@@ -341,6 +385,25 @@ def test_two_adapters_at_once_equal_each_trained_alone(tiny, tmp_path, fused):
     assert rows[0]["loss"] == pytest.approx((rows[0]["loss/qa"] + rows[0]["loss/tr"]) / 2, abs=1e-6)
     assert result["last_loss/qa"] < result["first_loss/qa"] and result["last_loss/tr"] < result["first_loss/tr"]
     assert (both / "qa" / "lora_overview.png").is_file() and (both / "tr" / "lora_overview.png").is_file()
+
+
+def test_a_new_run_removes_the_plots_of_an_earlier_one(tiny, tmp_path, monkeypatch):
+    """A run with two adapters draws a curve and an overview per adapter; a later one-adapter run in the same
+    folder, interrupted before it draws its own, leaves none of them to be taken for its own."""
+    tr_data = write_translations(tmp_path / "tr.jsonl")
+    train(parse_args(args_for(tiny, tmp_path, "--fused", "--max_steps", "1", "--data_path",
+                              f"{tiny / 'data.jsonl'},{tr_data}", "--lora_name", "qa,tr")))
+    drawn = [tmp_path / "loss_curve.png"] + [tmp_path / n / f for n in ("qa", "tr")
+                                             for f in ("lora_overview.png", "lora_stats.json")]
+    assert all(p.is_file() for p in drawn)
+
+    def interrupt(run, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_lora, "log_step", interrupt)
+    assert main(args_for(tiny, tmp_path, "--fused", "--max_steps", "2")) == 130
+    assert not any(p.exists() for p in drawn) and not (tmp_path / "qa").exists()
+    assert len(list(tmp_path.glob("metrics.*.jsonl"))) == 1  # the earlier run's metrics are kept
 
 
 def test_two_adapters_resume_where_they_stopped(tiny, tmp_path, monkeypatch):

@@ -111,6 +111,8 @@ CASES = [
     ("resume-pickle-payload", ["--resume", "ROOT/payload_checkpoint.pt"], "payload_checkpoint.pt", None),
     ("resume-other-settings", ["--resume", "ROOT/run/checkpoint.pt", *SAME, "--rank", "8"], "--rank 4 -> 8", None),
     ("resume-damaged-metrics", ["--resume", *SAME], "metrics.jsonl:2", damaged_metrics),
+    ("resume-fewer-steps", ["--resume", "ROOT/run/checkpoint.pt", "--max_steps", "1", "--save_interval", "1"],
+     "has trained 2 steps", None),
     # several adapters at once
     ("adapters-fewer-names", ["--data_path", "ROOT/data.jsonl,ROOT/data.jsonl", "--lora_name", "qa"],
      "--data_path gives 2 data set(s)", None),
