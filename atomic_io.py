@@ -3,7 +3,8 @@
 ``atomic_write(path, write)`` lets ``write`` fill a temporary file beside ``path``, flushes it to the disk
 (``fsync``), renames it over ``path`` and fsyncs the folder, so after a crash or a full disk ``path`` holds
 either the old bytes or the new ones, never half of each. ``remove_stale_temporaries`` deletes what a killed
-process left behind.
+process left behind. ``load_weights_only`` is the one ``torch.load`` both packages read pickled tensor files
+with: no code runs, and no warning about pickle protocols precedes the caller's own error message.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, List, Union
+from typing import Any, Callable, List, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -78,3 +79,22 @@ def remove_stale_temporaries(path: PathLike) -> List[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def load_weights_only(path: PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors and plain containers only.
+
+    torch warns when a file's pickle protocol is not the one it writes; the load either works, and the
+    warning says nothing the caller needs, or it is refused, and the caller names the file and the reason
+    itself. The warning is silenced so that a failure is one message, not two.
+
+    Raises:
+        whatever ``torch.load`` raises (OSError, pickle.UnpicklingError, RuntimeError, ...).
+    """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from atomic_io import atomic_write  # lives in atomic_io; lora_kernels.io.atomic_write stays importable
+from atomic_io import atomic_write, load_weights_only  # lora_kernels.io.atomic_write stays importable
 
 from .adapters import active_adapters, adapter_names, resolve_adapter_name, set_adapter
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_finite_number
@@ -137,7 +137,7 @@ def read_tensor_file(path: PathLike) -> Tuple[Any, Dict[str, str]]:
 
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        return torch.load(path, map_location="cpu", weights_only=True), {}
+        return load_weights_only(path), {}
     except FileNotFoundError:
         raise
     except READ_ERRORS as err:

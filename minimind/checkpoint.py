@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from atomic_io import atomic_write
+from atomic_io import atomic_write, load_weights_only
 
 from .model import MiniMindConfig, MiniMindForCausalLM
 
@@ -64,7 +64,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tens
         if CONFIG_METADATA_KEY in meta:
             config = json.loads(meta[CONFIG_METADATA_KEY])
     else:
-        sd = torch.load(str(path), weights_only=True, map_location="cpu")
+        sd = load_weights_only(path)
         if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
             sd = sd["model"]
         if isinstance(sd, dict) and isinstance(sd.get("config"), dict) and isinstance(sd.get("state_dict"), dict):

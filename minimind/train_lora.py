@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from atomic_io import atomic_write, remove_stale_temporaries
+from atomic_io import atomic_write, load_weights_only, remove_stale_temporaries
 from lora_kernels import (
     LoRAConfig,
     add_adapter,
@@ -418,14 +418,6 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 # Model, tokenizer, data
 
 
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """torch.load warns about pickle protocols on stderr; the trainer says what went wrong itself."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-        yield
-
-
 def load_base(cfg: TrainConfig, rt: Runtime):
     """The base model (all parameters frozen) and its tokenizer, checked against the configuration."""
     from .checkpoint import load_minimind
@@ -448,7 +440,7 @@ def load_base(cfg: TrainConfig, rt: Runtime):
                 base.parent.is_dir() else []
             raise CLIError(f"base {str(base)!r}: no such file" + (f" (there: {', '.join(near)})" if near else ""))
         fit = f" (with {', '.join(f'--{k} {v}' for k, v in given.items())})" if given else ""
-        with reading(f"base {str(base)!r}{fit}"), quiet_loading():
+        with reading(f"base {str(base)!r}{fit}"):
             model = load_minimind(base, **given)
         for name, value in given.items():
             if getattr(model.config, name) != value:
@@ -1136,8 +1128,8 @@ def load_checkpoint(run: Run) -> int:
             run.rt.notes.append(f"--from_resume 1: no training state at {path}; starting afresh")
             return 0
         raise CLIError(f"{flag}: no training state at {str(path)!r}")
-    with reading(f"{flag}: training state {str(path)!r}"), quiet_loading():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(f"{flag}: training state {str(path)!r}"):
+        state = load_weights_only(path)
     needed = ("lora", "optimizer", "scaler", "step", "rng_cpu", "config")
     missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:
