@@ -19,19 +19,6 @@ from lora_kernels import merge_and_unload
 from .cli import ArgumentParser, reading, run_cli, writing
 
 
-def merge_into_base(base: str, lora: str, arch: Optional[str] = None):
-    """Loads ``base``, applies the adapter ``lora`` and returns the model with plain merged linears
-    (see :func:`merge_adapter`).
-
-    Raises:
-        FileNotFoundError, ValueError: unreadable files, non-finite adapter values, or an adapter that
-            does not fit the base.
-    """
-    from .checkpoint import load_minimind
-
-    return merge_adapter(load_minimind(base, **({"arch": arch} if arch else {})), lora)
-
-
 def merge_adapter(model, lora: str):
     """Applies the adapter file ``lora`` to ``model`` and folds it in (plain ``nn.Linear`` layers); returns model.
 

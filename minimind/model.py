@@ -475,16 +475,3 @@ class MiniMindForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         """Returns: the number of distinct parameters (a tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
-
-
-# Checkpoint IO lives in minimind.checkpoint; these names stay importable from here for existing code.
-_MOVED_TO_CHECKPOINT = ("BUNDLED_BASE", "CONFIG_METADATA_KEY", "infer_config", "load_minimind",
-                        "load_state_dict_strict", "read_state_dict", "save_minimind", "strip_wrapper_prefix")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_CHECKPOINT:
-        from . import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -260,6 +260,35 @@ def plot_adapter(layers, out_dir: Path, source: str, top_k: int = 1, per_layer: 
     return stats
 
 
+def plot_loss(rows: List[dict], path: Path, title: str) -> None:
+    """The loss curve of a run's metrics rows (``minimind.train_lora``): train loss per logged step, and the
+    evaluation loss where there is one; several adapters' rows give one curve per adapter.
+
+    Raises:
+        CLIError: the picture could not be written (named).
+    """
+    from .cli import writing
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    # Several adapters log "loss/<adapter>" (and "eval_loss/<adapter>"): one curve each instead of their mean.
+    keys = [k for k in rows[0] if k.startswith("loss/")] or ["loss"]
+    for key in keys:
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"train {key}".replace("/", " "))
+    for key in dict.fromkeys(k for r in rows for k in r if k.startswith("eval_loss/")) or ["eval_loss"]:
+        evals = [r for r in rows if key in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-",
+                    label=key.replace("eval_loss", "eval loss").replace("/", " "))
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy per assistant token", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with writing(path):
+        _save(fig, path)
+    plt.close(fig)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (see the module docstring); returns the exit status."""
     return run_cli("plot_lora", _main, argv)

@@ -32,7 +32,7 @@ from lora_kernels import (
 from minimind import chat, merge_lora, pretrain, train_tokenizer
 from minimind.dataset import NoTrainableTokensError, SFTDataset
 from minimind.lora_io import load_minimind_lora, save_minimind_lora
-from minimind.model import BUNDLED_BASE, load_minimind
+from minimind.checkpoint import BUNDLED_BASE, load_minimind
 from minimind.tokenizer import MiniMindTokenizer
 from test_replace import D, TinyLM
 

@@ -5,7 +5,8 @@ import torch
 
 from minimind import chat
 from minimind.generate import decode_reply, generate, process_logits, stream_generate, stream_text
-from minimind.model import BUNDLED_BASE, MiniMindConfig, MiniMindForCausalLM, load_minimind
+from minimind.checkpoint import BUNDLED_BASE, load_minimind
+from minimind.model import MiniMindConfig, MiniMindForCausalLM
 from minimind.tokenizer import BUNDLED_TOKENIZER, MiniMindTokenizer
 
 

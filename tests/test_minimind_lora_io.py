@@ -8,7 +8,8 @@ from torch import nn
 
 from lora_kernels import FusedLoRALinear, replace_linear_with_fused_lora
 from minimind import load_minimind_lora, save_minimind_lora
-from minimind.model import MiniMindConfig, MiniMindForCausalLM, load_minimind
+from minimind.checkpoint import load_minimind
+from minimind.model import MiniMindConfig, MiniMindForCausalLM
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/minimind"
 

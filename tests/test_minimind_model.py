@@ -7,15 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimind.model import (
-    MiniMindConfig,
-    MiniMindForCausalLM,
-    RawRouter,
-    infer_config,
-    load_minimind,
-    read_state_dict,
-    save_minimind,
-)
+from minimind.checkpoint import infer_config, load_minimind, read_state_dict, save_minimind
+from minimind.model import MiniMindConfig, MiniMindForCausalLM, RawRouter
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/minimind"
 CHECKPOINTS = ["minimind2_tiny_dense", "minimind2_tiny_moe", "minimind3_tiny_dense", "minimind3_tiny_moe"]
