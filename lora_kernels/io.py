@@ -24,11 +24,11 @@ import torch.nn as nn
 
 from atomic_io import atomic_write, load_weights_only  # lora_kernels.io.atomic_write stays importable
 
-from .adapters import active_adapters, adapter_names, resolve_adapter_name, set_adapter
+from .adapters import active_adapters, adapter_names, lora_state_dict, resolve_adapter_name, set_adapter
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_finite_number
 from .fsdp import check_not_sharded
 from .modules import FusedLoRALinear
-from .replace import _set_submodule, iter_lora_layers, lora_state_dict
+from .replace import _set_submodule, iter_lora_layers
 
 try:
     from safetensors import SafetensorError
