@@ -26,7 +26,8 @@ from .io import load_lora, save_lora
 from .mixed import AdapterTerm, lora_linear_mixed
 from .modules import FusedLoRALinear
 from .optim import lora_param_groups
-from .peft_format import fuse_peft_model, load_peft_adapter, save_peft_adapter
+from .peft_format import load_peft_adapter, save_peft_adapter
+from .peft_live import fuse_peft_model
 from .reference import lora_linear_eager, lora_linear_reference
 from .replace import (
     disable_lora,
