@@ -32,11 +32,13 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from atomic_io import atomic_write, read_json_object, read_tensor_file
+
 from .adapters import adapter_names as _adapter_names
 from .config import (DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_alpha_value, is_finite_number, is_rank_value,
                      lora_scaling, pattern_problems)
 from .config import pattern_value as _pattern_value
-from .io import apply_lora_tensors, atomic_write, check_tensors, read_json_object, read_tensor_file
+from .io import apply_lora_tensors, check_tensors
 from .replace import iter_lora_layers, mark_only_lora_as_trainable
 
 PathLike = Union[str, os.PathLike]
