@@ -9,7 +9,10 @@ adapter (``adapter_name`` chooses which, on saving and loading). A ``.pth``/``.p
 alpha = rank.
 
 Every reader here checks the whole file (names, shapes, finite values, typed and range-checked metadata)
-before it changes the model, and names the file and the field in its errors.
+before it changes the model, and names the file and the field in its errors. :func:`read_adapter` is the one
+reader that tells the adapter formats apart (ours, MiniMind's, PEFT's folder), opening a file once;
+:func:`load_lora` and ``minimind.lora_io.load_adapter`` go through it. The generic file readers
+(``read_tensor_file``, ``read_json_object``, the read errors) live in the root module ``atomic_io``.
 """
 from __future__ import annotations
 
@@ -198,7 +201,7 @@ class AdapterFile:
         tensors: the file's tensors, all finite floating point (``{}`` for a folder).
         metadata: the safetensors metadata, or a ``.pth`` file's ``"metadata"`` dict (``{}`` when none).
         layers: the metadata's ``layers`` field parsed (module path -> ``{"rank", "alpha", "use_rslora",
-            "dropout"}``), its format version checked; ``{}`` when the file has none.
+            "dropout"}``), its format version checked; ``{}`` when the file has none (or is MiniMind's).
     """
 
     path: PathLike
@@ -232,13 +235,14 @@ class AdapterFile:
 
 def _read_adapter_file(path: PathLike) -> AdapterFile:
     tensors, metadata = read_lora_file(path)
-    layers = _layer_metadata(metadata, path)
     if metadata.get("format") == FORMAT:
         kind = FORMAT
     elif _has_minimind_keys(tensors):
         kind = MINIMIND_FORMAT
     else:
         kind = None
+    # MiniMind's files have no metadata of ours; any other file's is read (and checked) as load_lora reads it.
+    layers = {} if kind == MINIMIND_FORMAT else _layer_metadata(metadata, path)
     return AdapterFile(path, kind, tensors, metadata, layers)
 
 
