@@ -2,31 +2,38 @@
 
     y = x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ,   scaling = alpha / rank
 
-Public API: the functional op :func:`lora_linear`, the drop-in module :class:`FusedLoRALinear`, an
-adapter's settings :class:`LoRAConfig`, named adapters (:func:`add_adapter`, :func:`set_adapter`,
-:func:`delete_adapter`, :func:`adapter_names`, :func:`active_adapters`), mixed batches with one adapter
-per row (:func:`mixed_adapters`, :func:`lora_linear_mixed`), model-level
-helpers (:func:`replace_linear_with_fused_lora` and friends), adapter files (:func:`save_lora`,
-:func:`load_lora`; PEFT's format with :func:`save_peft_adapter`, :func:`load_peft_adapter`, and
-:func:`fuse_peft_model` for a live ``PeftModel``), optimizer groups with LoRA+ (:func:`lora_param_groups`)
-and the eager reference everything is checked against.
+Public API, in the groups of ``__all__``:
+
+* the functional op :func:`lora_linear` and its backends (:data:`BACKENDS`, :func:`resolve_backend`,
+  :func:`triton_available`; :class:`LoRABackend`, :func:`get_backend`, :func:`register_backend` to add one);
+* the drop-in module :class:`FusedLoRALinear` and an adapter's settings :class:`LoRAConfig`;
+* named adapters (:func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`adapter_names`,
+  :func:`active_adapters`);
+* mixed batches with one adapter per row (:func:`mixed_adapters`, :func:`lora_linear_mixed`,
+  :class:`AdapterTerm`);
+* model-level helpers (:func:`replace_linear_with_fused_lora` and friends, :func:`lora_state_dict`);
+* adapter files (:func:`save_lora`, :func:`load_lora`; PEFT's format with :func:`save_peft_adapter`,
+  :func:`load_peft_adapter`, and :func:`fuse_peft_model` for a live ``PeftModel``);
+* optimizer groups with LoRA+ (:func:`lora_param_groups`);
+* the eager reference everything is checked against (:func:`lora_linear_reference`, :func:`lora_linear_eager`).
 """
-from .adapters import active_adapters, adapter_names, add_adapter, delete_adapter, set_adapter
+from .adapters import (active_adapters, adapter_names, add_adapter, delete_adapter, lora_state_dict,
+                       mixed_adapters, set_adapter)
 from .backends import LoRABackend, get_backend, register_backend
 from .config import LoRAConfig
 from .functional import BACKENDS, lora_linear, resolve_backend, triton_available
 from .io import load_lora, save_lora
-from .mixed import AdapterTerm, lora_linear_mixed, mixed_adapters
+from .mixed import AdapterTerm, lora_linear_mixed
 from .modules import FusedLoRALinear
 from .optim import lora_param_groups
-from .peft_format import fuse_peft_model, load_peft_adapter, save_peft_adapter
+from .peft_format import load_peft_adapter, save_peft_adapter
+from .peft_live import fuse_peft_model
 from .reference import lora_linear_eager, lora_linear_reference
 from .replace import (
     disable_lora,
     LoRASummary,
     find_target_linears,
     iter_lora_layers,
-    lora_state_dict,
     lora_summary,
     mark_only_lora_as_trainable,
     merge_and_unload,
@@ -38,40 +45,48 @@ from .replace import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterTerm",
+    # the functional op and its backends
+    "lora_linear",
     "BACKENDS",
-    "FusedLoRALinear",
+    "resolve_backend",
+    "triton_available",
     "LoRABackend",
-    "LoRAConfig",
-    "active_adapters",
-    "adapter_names",
-    "add_adapter",
-    "delete_adapter",
     "get_backend",
     "register_backend",
+    # the drop-in module and an adapter's settings
+    "FusedLoRALinear",
+    "LoRAConfig",
+    # named adapters
+    "add_adapter",
     "set_adapter",
-    "disable_lora",
-    "LoRASummary",
-    "find_target_linears",
-    "fuse_peft_model",
-    "iter_lora_layers",
-    "load_lora",
-    "load_peft_adapter",
-    "lora_linear",
-    "lora_linear_eager",
-    "lora_linear_mixed",
-    "lora_linear_reference",
-    "lora_param_groups",
-    "lora_state_dict",
-    "lora_summary",
-    "mark_only_lora_as_trainable",
+    "delete_adapter",
+    "adapter_names",
+    "active_adapters",
+    # mixed batches, one adapter per row
     "mixed_adapters",
-    "merge_and_unload",
-    "merge_lora",
+    "lora_linear_mixed",
+    "AdapterTerm",
+    # model-level helpers
     "replace_linear_with_fused_lora",
-    "resolve_backend",
-    "save_lora",
-    "save_peft_adapter",
-    "triton_available",
+    "find_target_linears",
+    "iter_lora_layers",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "merge_lora",
     "unmerge_lora",
+    "merge_and_unload",
+    "disable_lora",
+    "lora_summary",
+    "LoRASummary",
+    # adapter files: ours, PEFT's, and a live PeftModel
+    "save_lora",
+    "load_lora",
+    "save_peft_adapter",
+    "load_peft_adapter",
+    "fuse_peft_model",
+    # optimizer groups (LoRA+)
+    "lora_param_groups",
+    # the eager reference
+    "lora_linear_reference",
+    "lora_linear_eager",
 ]

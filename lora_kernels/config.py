@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 INITS = ("minimind", "kaiming")
+# The settings of one adapter that functions also take one by one (beside config=LoRAConfig(...)).
+SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init")
 DEFAULT_ADAPTER = "default"
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
@@ -186,6 +188,33 @@ class LoRAConfig:
         if init not in INITS:
             problems.append(f"init must be one of {INITS}, got {init!r}")
         return problems
+
+    @classmethod
+    def resolve(cls, config: Optional["LoRAConfig"] = None, **settings: Any) -> "LoRAConfig":
+        """``config``, or the config of the separate ``settings`` (any of ``rank``, ``alpha``, ``dropout``,
+        ``use_rslora``, ``init``): what the functions that take either ``config=LoRAConfig(...)`` or the
+        settings one by one call. A setting left None takes this class's default (alpha None: alpha = rank).
+
+        Beside ``config``, a setting equal to its default is accepted (it says nothing new); any other value
+        is refused, since it would be ignored.
+
+        Raises:
+            TypeError: ``config`` is not a LoRAConfig, both ``config`` and a setting are given, or a setting
+                name is not one of the five.
+            ValueError: a setting out of range or of the wrong type (see the class).
+        """
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise TypeError(f"unknown LoRA setting(s) {unknown}; the settings are {list(SETTINGS)}")
+        given = {name: value for name, value in settings.items() if value is not None}
+        if config is None:
+            return cls(**given)
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a lora_kernels.LoRAConfig, got {type(config).__name__}")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        if any(value != defaults[name] for name, value in given.items()):
+            raise TypeError("give either config=LoRAConfig(...) or rank/alpha/dropout/use_rslora/init, not both")
+        return config
 
     def replace(self, **changes: Any) -> "LoRAConfig":
         """A copy with ``changes`` applied (and validated)."""

@@ -9,44 +9,37 @@ adapter (``adapter_name`` chooses which, on saving and loading). A ``.pth``/``.p
 alpha = rank.
 
 Every reader here checks the whole file (names, shapes, finite values, typed and range-checked metadata)
-before it changes the model, and names the file and the field in its errors.
+before it changes the model, and names the file and the field in its errors. :func:`read_adapter` is the one
+reader that tells the adapter formats apart (ours, MiniMind's, PEFT's folder), opening a file once;
+:func:`load_lora` and ``minimind.lora_io.load_adapter`` go through it. The generic file readers
+(``read_tensor_file``, ``read_json_object``, the read errors) live in the root module ``atomic_io``.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from atomic_io import atomic_write, load_weights_only  # lora_kernels.io.atomic_write stays importable
+# The generic readers live in atomic_io (minimind uses them too); their old names here stay importable.
+from atomic_io import (READ_ERRORS, SAFETENSORS_ERRORS, atomic_write, file_error_reason,  # noqa: F401
+                       read_json_object, read_tensor_file)
 
-from .adapters import active_adapters, adapter_names, resolve_adapter_name, set_adapter
+from .adapters import active_adapters, adapter_names, lora_state_dict, resolve_adapter_name, set_adapter
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_finite_number
 from .fsdp import check_not_sharded
 from .modules import FusedLoRALinear
-from .replace import _set_submodule, iter_lora_layers, lora_state_dict
+from .replace import _set_submodule, iter_lora_layers
 
-try:
-    from safetensors import SafetensorError
-
-    SAFETENSORS_ERRORS: Tuple[type, ...] = (SafetensorError,)
-except ImportError:  # older safetensors: its errors then surface as they come
-    SAFETENSORS_ERRORS = ()
-
-# What reading a tensor file raises when the file (not the program) is at fault: unreadable (OSError), a
-# damaged torch zip (RuntimeError), malformed content (ValueError, EOFError), a pickle that weights_only
-# refuses (UnpicklingError), a damaged safetensors file (SafetensorError).
-# torch.load's weights-only unpickler meets a text or other non-tensor file with KeyError or IndexError (an
-# opcode byte it has no entry for), not with UnpicklingError.
-READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError,
-               pickle.UnpicklingError) + SAFETENSORS_ERRORS
-
+# The formats read_adapter tells apart: ours (its metadata says FORMAT), MiniMind's, PEFT's (a folder).
 FORMAT = "lora_kernels"
 FORMAT_VERSION = "1"
+MINIMIND_FORMAT = "minimind"
+PEFT_FORMAT = "peft"
 PathLike = Union[str, os.PathLike]
 
 
@@ -86,77 +79,6 @@ def save_lora(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
         from safetensors.torch import save_file
 
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def file_error_reason(err: BaseException) -> str:
-    """One line saying why a tensor file could not be read, from the exception its reader raised.
-
-    ``torch.load`` explains a refused pickle (or a damaged zip) in a paragraph; the line kept is the one
-    that says what was found.
-    """
-    if isinstance(err, pickle.UnpicklingError):
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        found = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
-        detail = found[0] if found else (lines[-1] if lines else type(err).__name__)
-        return f"not a plain tensor file (weights_only loading refused it: {detail})"
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    if isinstance(err, (KeyError, IndexError)):
-        return "not a torch or safetensors file (its bytes are not a pickle torch can read)"
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
-    text = text.split(". This is an internal miniz error")[0]
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _is_safetensors(path: Path) -> bool:
-    """True for a safetensors file (an 8-byte header length, then the JSON header), whatever its suffix."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
-
-
-def read_tensor_file(path: PathLike) -> Tuple[Any, Dict[str, str]]:
-    """Reads a safetensors file, or a torch file (``.pth``/``.pt``/``.bin``, ...) with
-    ``weights_only=True``, never running pickled code. The format is told by the content.
-
-    Returns:
-        ``(content, metadata)``: a dict of tensors and the safetensors metadata, or whatever the torch
-        file holds and ``{}``.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file cannot be read (truncated, not a tensor file, a pickle with code in it),
-            naming the file and the reason.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file")
-    try:
-        if _is_safetensors(path):
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        return load_weights_only(path), {}
-    except FileNotFoundError:
-        raise
-    except READ_ERRORS as err:
-        raise ValueError(f"cannot read {str(path)!r}: {file_error_reason(err)}") from err
-
-
-def read_json_object(path: PathLike) -> Dict[str, Any]:
-    """The JSON object in ``path`` (a config file).
-
-    Raises:
-        ValueError: the file is not UTF-8 JSON or holds something other than an object, naming the file.
-    """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got a {type(data).__name__}")
-    return data
 
 
 def check_tensors(tensors: Any, path: PathLike) -> Dict[str, torch.Tensor]:
@@ -228,9 +150,13 @@ def check_layer_settings(settings: Any, rank: int) -> List[str]:
     return problems
 
 
+def _has_minimind_keys(keys) -> bool:
+    return any(k.endswith((".lora.A.weight", ".lora.B.weight")) for k in keys)
+
+
 def _format_hint(keys) -> str:
     """Where a file in another adapter format goes, judged from its keys ('' when they look like none)."""
-    if any(k.endswith((".lora.A.weight", ".lora.B.weight")) for k in keys):
+    if _has_minimind_keys(keys):
         return ("; its keys are MiniMind's ('<module>.lora.A.weight'): load it with "
                 "minimind.lora_io.load_minimind_lora(model, path)")
     if any(".lora_A." in k or ".lora_B." in k or ".lora_embedding_" in k for k in keys):
@@ -256,6 +182,89 @@ def _group_by_module(tensors: Dict[str, torch.Tensor], path: PathLike) -> Dict[s
     return modules
 
 
+# ---------------------------------------------------------------------------------------------------
+# One reader for every adapter format
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """An adapter read from disk once (by :func:`read_adapter`), with the format it is in.
+
+    Attributes:
+        path: the file or folder.
+        format: ``FORMAT`` (``"lora_kernels"``: a :func:`save_lora` file, whose metadata says so),
+            ``MINIMIND_FORMAT`` (``"minimind"``: MiniMind's keys ``<module>.lora.A.weight``, no metadata; read
+            by ``minimind.lora_io``), ``PEFT_FORMAT`` (``"peft"``: a folder in PEFT's layout, whose files
+            :func:`lora_kernels.load_peft_adapter` reads and checks; nothing is read here), or None (a tensor
+            file of none of these, e.g. a flat dict of ``<module>.lora_A`` tensors, which :func:`load_lora`
+            reads with alpha = rank).
+        tensors: the file's tensors, all finite floating point (``{}`` for a folder).
+        metadata: the safetensors metadata, or a ``.pth`` file's ``"metadata"`` dict (``{}`` when none).
+        layers: the metadata's ``layers`` field parsed (module path -> ``{"rank", "alpha", "use_rslora",
+            "dropout"}``), its format version checked; ``{}`` when the file has none (or is MiniMind's).
+    """
+
+    path: PathLike
+    format: Optional[str]
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    metadata: Dict[str, str] = field(default_factory=dict)
+    layers: Dict[str, dict] = field(default_factory=dict, repr=False)
+
+    def modules(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """The tensors as ``{module path: {"lora_A": A, "lora_B": B}}`` (our key names).
+
+        Raises:
+            ValueError: a key that is not ``<module>.lora_A`` / ``.lora_B`` (saying which format it looks
+                like), or a lora_A without its lora_B.
+        """
+        return _group_by_module(self.tensors, self.path)
+
+    def layer_config(self, module: str, rank: int) -> LoRAConfig:
+        """The :class:`LoRAConfig` the file records for the layer at ``module`` whose lora_A has ``rank``
+        (fields the file leaves out: alpha = rank, no dropout, no rsLoRA).
+
+        Raises:
+            ValueError: settings of the wrong type or out of range, naming the file, the layer and each field.
+        """
+        settings = self.layers.get(module, {})
+        problems = check_layer_settings(settings, rank)
+        if problems:
+            raise ValueError(f"{str(self.path)!r}: {module}: " + "; ".join(problems))
+        return LoRAConfig.from_layer_settings(settings, rank)
+
+
+def _read_adapter_file(path: PathLike) -> AdapterFile:
+    tensors, metadata = read_lora_file(path)
+    if metadata.get("format") == FORMAT:
+        kind = FORMAT
+    elif _has_minimind_keys(tensors):
+        kind = MINIMIND_FORMAT
+    else:
+        kind = None
+    # MiniMind's files have no metadata of ours; any other file's is read (and checked) as load_lora reads it.
+    layers = {} if kind == MINIMIND_FORMAT else _layer_metadata(metadata, path)
+    return AdapterFile(path, kind, tensors, metadata, layers)
+
+
+def read_adapter(path: PathLike) -> AdapterFile:
+    """Reads an adapter in any format this project knows, opening its file once, and says which format it is
+    (see :class:`AdapterFile`): ours when the metadata says ``format = "lora_kernels"``, MiniMind's by its
+    keys, PEFT's for a folder (its files are left to :func:`lora_kernels.load_peft_adapter`).
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        ValueError: an unreadable file, non-finite values, or malformed metadata (``layers`` not a JSON
+            object, another ``format_version``), naming the file.
+    """
+    if Path(path).is_dir():
+        return AdapterFile(path, PEFT_FORMAT)
+    return _read_adapter_file(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading into a model
+
+
 def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: str = "auto",
               adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Loads an adapter file into ``model`` as adapter ``adapter_name``, in place; returns ``model``.
@@ -278,10 +287,24 @@ def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: st
             shapes or settings that do not fit the model (all of them listed, with the file).
     """
     check_adapter_name(adapter_name)
-    tensors, metadata = read_lora_file(path)
-    layer_meta = _layer_metadata(metadata, path)
-    return apply_lora_tensors(model, tensors, layer_meta, source=path, strict=strict, backend=backend,
+    return apply_adapter_file(model, _read_adapter_file(path), strict=strict, backend=backend,
                               adapter_name=adapter_name)
+
+
+def apply_adapter_file(model: nn.Module, adapter: AdapterFile, strict: bool = True, backend: str = "auto",
+                       adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """:func:`load_lora` for a file :func:`read_adapter` has already read (so it is not read again).
+
+    Raises:
+        ValueError: a PEFT folder (load it with :func:`lora_kernels.load_peft_adapter`), or as
+            :func:`load_lora`.
+    """
+    check_adapter_name(adapter_name)
+    if adapter.format == PEFT_FORMAT:
+        raise ValueError(f"{str(adapter.path)!r} is a PEFT adapter folder; load it with "
+                         "lora_kernels.load_peft_adapter(model, directory)")
+    return apply_lora_tensors(model, adapter.tensors, adapter.layers, source=adapter.path, strict=strict,
+                              backend=backend, adapter_name=adapter_name)
 
 
 def apply_lora_tensors(

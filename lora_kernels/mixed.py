@@ -32,12 +32,10 @@ traces the autograd Function (no custom op for mixed batches yet).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from . import torch_backend
@@ -214,84 +212,3 @@ def lora_linear_stacked(
     scale = table[:-1].sum(0, keepdim=True)  # (1, Σr): every adapter's scale on its own columns
     return _scaled_lora_linear(x, weight, bias, [t.lora_A for t in adapters], [t.lora_B for t in adapters], scale,
                                dropout_p, seed, _impl(backend, name, _quantized(weight)))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The model-level context manager
-
-
-class _MixedRows:
-    """What a layer needs inside :func:`mixed_adapters`: its path, the per-row names, and per device the
-    layer's own (adapter names, row index) so that repeated calls copy nothing."""
-
-    def __init__(self, path: str, names: Tuple[Optional[str], ...]):
-        self.path, self.names = path, names
-        self._cache = {}
-
-    def rows_for(self, layer, device: torch.device) -> Tuple[List[str], torch.Tensor]:
-        key = (device, tuple(layer.lora_configs))
-        cached = self._cache.get(key)
-        if cached is None:
-            # Only the adapters this layer has and some row uses; a row whose adapter the layer lacks runs the
-            # base here, as set_adapter skips adapters a layer does not have.
-            used = [name for name in layer.lora_configs if name in self.names]
-            position = {name: a for a, name in enumerate(used)}
-            index = torch.tensor([position.get(name, -1) for name in self.names], dtype=torch.int64, device=device)
-            cached = self._cache[key] = (used, index)
-        return cached
-
-
-@contextlib.contextmanager
-def mixed_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[nn.Module]:
-    """Runs each row of a batch with its own adapter: ``with mixed_adapters(model, names): model(x)``.
-
-    Inside the ``with``, every :class:`lora_kernels.FusedLoRALinear` of ``model`` computes the base once for
-    the whole batch plus, for each row i (the leading dimension of the layer's input), the term of adapter
-    ``names[i]`` with its own rank, scaling and dropout (see the module docstring). Works in training
-    (each adapter's ``lora_A`` / ``lora_B`` get gradients from their own rows only) and in eval / no_grad.
-    Leaving the context restores the adapters that were active before. Backward may run after the context
-    (the Function keeps what it needs), except with activation checkpointing, whose recomputation runs in
-    backward: call ``backward()`` inside the ``with`` then.
-
-    Args:
-        model: a model with LoRA layers (named adapters, :func:`lora_kernels.add_adapter`).
-        names: one entry per row: an adapter name of the model, or None for the base alone.
-
-    Yields:
-        ``model``.
-
-    Raises:
-        TypeError: an entry is neither a string nor None.
-        ValueError: an unknown adapter name (naming it and the model's adapters), or a model without LoRA
-            layers; inside the context, a layer whose input's leading size is not ``len(names)``.
-        RuntimeError: layers are merged, or the model is already inside a ``mixed_adapters`` context.
-    """
-    from .adapters import _refuse_merged, _unknown, adapter_names
-    from .replace import iter_lora_layers
-
-    if isinstance(names, str):
-        raise TypeError(f"names must be a sequence with one adapter name (or None) per row, got the string {names!r}")
-    names = tuple(names)
-    known = adapter_names(model)
-    for i, name in enumerate(names):
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"names[{i}] must be an adapter name or None, got {type(name).__name__} {name!r}")
-        if name is not None and name not in known:
-            raise _unknown(model, name)
-    layers = list(iter_lora_layers(model))
-    if not layers:
-        raise ValueError("mixed_adapters: the model has no LoRA layers")
-    inside = [path for path, layer in layers if layer._mixed is not None]
-    if inside:
-        raise RuntimeError(f"mixed_adapters contexts do not nest: layer {inside[0]!r} is already running a mixed "
-                           "batch; leave that context first")
-    _refuse_merged(model, "run a mixed batch")
-    before = [(layer, layer._active) for _, layer in layers]
-    for path, layer in layers:
-        layer._mixed = _MixedRows(path, names)
-    try:
-        yield model
-    finally:
-        for layer, active in before:
-            layer._mixed = None
-            layer.set_adapter([name for name in active if name in layer.lora_configs], strict=False)

@@ -59,17 +59,6 @@ def _check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
 
 
-def _make_config(config: Optional[LoRAConfig], rank, alpha, dropout, use_rslora, init) -> LoRAConfig:
-    """``config``, or a LoRAConfig of the separate arguments (both at once is refused)."""
-    if config is None:
-        return LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a lora_kernels.LoRAConfig, got {type(config).__name__}")
-    if (rank, alpha, dropout, use_rslora, init) != (16, None, 0.0, False, "minimind"):
-        raise TypeError("give either config=LoRAConfig(...) or rank/alpha/dropout/use_rslora/init, not both")
-    return config
-
-
 def _rename_saved_keys(layer: "FusedLoRALinear", destination, prefix: str, local_metadata) -> None:
     """State-dict post-hook: the layer's keys (its named adapters' included) under their saved names."""
     for name, saved in layer._saved_names().items():
@@ -95,6 +84,7 @@ class FusedLoRALinear(nn.Module):
         dropout: dropout probability on the LoRA path's input, in [0, 1).
         use_rslora: scale by alpha / √rank instead of alpha / rank.
         init: ``"minimind"`` or ``"kaiming"`` initialisation of ``lora_A`` (``lora_B`` starts at zero).
+            Any of these five left None takes :class:`LoRAConfig`'s default, where the defaults live.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :func:`lora_kernels.lora_linear`).
         quantize: None, or ``"nf4"`` / ``"int8"``: a frozen quantized base (see the module docstring).
         double_quant: with ``"nf4"``, quantize the blockwise absmax too (bitsandbytes' compress_statistics).
@@ -116,11 +106,11 @@ class FusedLoRALinear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        rank: int = 16,
+        rank: Optional[int] = None,
         alpha: Optional[float] = None,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "minimind",
+        dropout: Optional[float] = None,
+        use_rslora: Optional[bool] = None,
+        init: Optional[str] = None,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -131,7 +121,8 @@ class FusedLoRALinear(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
-        config = _make_config(config, rank, alpha, dropout, use_rslora, init)
+        config = LoRAConfig.resolve(config, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                    init=init)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -146,11 +137,11 @@ class FusedLoRALinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        rank: int = 16,
+        rank: Optional[int] = None,
         alpha: Optional[float] = None,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "minimind",
+        dropout: Optional[float] = None,
+        use_rslora: Optional[bool] = None,
+        init: Optional[str] = None,
         backend: str = "auto",
         lora_dtype: Optional[torch.dtype] = None,
         freeze_base: bool = True,
@@ -183,7 +174,8 @@ class FusedLoRALinear(nn.Module):
                 f"{type(linear).__name__} is an nn.Linear subclass with its own forward, which FusedLoRALinear "
                 "would replace by a plain linear (changing the model's outputs); pass allow_custom_forward=True "
                 "to wrap it anyway, or leave it out (exclude_modules)")
-        config = _make_config(config, rank, alpha, dropout, use_rslora, init)
+        config = LoRAConfig.resolve(config, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                    init=init)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.weight = linear.weight

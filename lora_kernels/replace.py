@@ -6,12 +6,11 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 
 from . import quant
 from .config import DEFAULT_ADAPTER, LoRAConfig
-from .modules import FusedLoRALinear, _make_config
+from .modules import FusedLoRALinear
 
 Targets = Union[str, Sequence[str]]
 LORA_PARAM_NAMES = ("lora_A", "lora_B")
@@ -119,9 +118,9 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def replace_linear_with_fused_lora(
     model: nn.Module,
-    rank: int = 16,
+    rank: Optional[int] = None,
     alpha: Optional[float] = None,
-    dropout: float = 0.0,
+    dropout: Optional[float] = None,
     target_modules: Targets = "square",
     exclude_modules: Optional[Targets] = None,
     freeze_base: bool = True,
@@ -140,7 +139,8 @@ def replace_linear_with_fused_lora(
     Args:
         model: any ``nn.Module``.
         rank, alpha, dropout, backend: passed to :meth:`FusedLoRALinear.from_linear` (or all settings as
-            one ``config=LoRAConfig(...)``).
+            one ``config=LoRAConfig(...)``); rank, alpha and dropout left None take :class:`LoRAConfig`'s
+            defaults (alpha None: alpha = rank).
         rank_pattern, alpha_pattern: per-layer ranks / alphas, PEFT's rule: a key applies to the module
             paths it matches as ``(.*\\.)?(key)$`` (the path, a suffix after a dot, or a regex), first
             match wins; e.g. ``rank=4, rank_pattern={".*attn.*": 8, ".*mlp.*": 16}``. Added to
@@ -154,7 +154,8 @@ def replace_linear_with_fused_lora(
         freeze_base: set ``requires_grad=False`` on every parameter of the model except the LoRA ones.
         **kwargs: further :meth:`FusedLoRALinear.from_linear` arguments (``use_rslora``, ``init``,
             ``lora_dtype``, ``allow_custom_forward``, ``quantize="nf4"|"int8"``, ``double_quant``: a frozen
-            quantized base, each layer quantized as it is built).
+            quantized base, each layer quantized as it is built); ``use_rslora`` and ``init`` left out take
+            :class:`LoRAConfig`'s defaults.
 
     Returns:
         ``model``, modified in place.
@@ -164,8 +165,8 @@ def replace_linear_with_fused_lora(
             too, naming every selected ``nn.Linear`` subclass that overrides ``forward`` (wrapping it would
             change the model's outputs) unless ``allow_custom_forward=True``. Nothing changes then.
     """
-    config = _make_config(config, rank, alpha, dropout, kwargs.pop("use_rslora", False),
-                          kwargs.pop("init", "minimind"))
+    config = LoRAConfig.resolve(config, rank=rank, alpha=alpha, dropout=dropout,
+                                use_rslora=kwargs.pop("use_rslora", None), init=kwargs.pop("init", None))
     if rank_pattern or alpha_pattern:
         config = config.replace(rank_pattern={**config.rank_pattern, **(rank_pattern or {})},
                                 alpha_pattern={**config.alpha_pattern, **(alpha_pattern or {})})
@@ -240,8 +241,9 @@ def merge_and_unload(model: nn.Module, quantize: Optional[str] = None, double_qu
     for name, layer in list(iter_lora_layers(model)):
         merged = layer.to_linear()
         if quantize is not None:
-            merged = FusedLoRALinear.from_linear(merged, rank=layer.rank, alpha=layer.alpha, dropout=layer.dropout,
-                                                 use_rslora=layer.use_rslora, init=layer.init, backend=layer.backend,
+            # The default adapter's settings as the layer reports them (alpha resolved to a number).
+            config = layer._default_config().replace(alpha=layer.alpha)
+            merged = FusedLoRALinear.from_linear(merged, config=config, backend=layer.backend,
                                                  lora_dtype=layer.lora_A.dtype, quantize=quantize,
                                                  double_quant=double_quant)
             merged.lora_A.requires_grad_(layer.lora_A.requires_grad)
@@ -257,10 +259,11 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         RuntimeError: a layer is merged (its adapter is inside the weight; unmerge it first).
     """
-    layers = [layer for _, layer in iter_lora_layers(model)]
-    merged = [name for name, layer in iter_lora_layers(model) if layer.merged]
+    named = list(iter_lora_layers(model))
+    merged = [name for name, layer in named if layer.merged]
     if merged:
         raise RuntimeError(f"cannot disable merged adapters ({merged[:3]}...); call unmerge_lora(model) first")
+    layers = [layer for _, layer in named]
     previous = [layer.lora_enabled for layer in layers]
     for layer in layers:
         layer.lora_enabled = False
@@ -269,25 +272,6 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, enabled in zip(layers, previous):
             layer.lora_enabled = enabled
-
-
-def lora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """One adapter's weights: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``, detached, for
-    every layer that has it. ``adapter_name=None``: ``"default"``, or the model's only adapter (see
-    :func:`lora_kernels.adapters.resolve_adapter_name`)."""
-    from .adapters import resolve_adapter_name
-
-    state = {}
-    if not any(True for _ in iter_lora_layers(model)):
-        return state
-    adapter_name = resolve_adapter_name(model, adapter_name)
-    for name, layer in iter_lora_layers(model):
-        if adapter_name in layer.lora_configs:
-            prefix = f"{name}." if name else ""
-            lora_A, lora_B = layer.lora_params(adapter_name)
-            state[prefix + "lora_A"] = lora_A.detach()
-            state[prefix + "lora_B"] = lora_B.detach()
-    return state
 
 
 @dataclass(frozen=True)

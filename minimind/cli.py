@@ -21,7 +21,7 @@ import sys
 import warnings
 from typing import Callable, Iterator, NoReturn, Optional, Sequence, Union
 
-from lora_kernels.io import READ_ERRORS, SAFETENSORS_ERRORS, file_error_reason
+from atomic_io import READ_ERRORS, SAFETENSORS_ERRORS, file_error_reason
 
 
 class CLIError(Exception):
@@ -90,7 +90,7 @@ def reading(what: str) -> Iterator[None]:
 
     ``what`` names the argument and file, e.g. ``"--lora 'x.pth'"``; the loaders' messages already name the
     file and the field. Use it around loading only: a RuntimeError there is a damaged file (see
-    ``lora_kernels.io.READ_ERRORS``).
+    ``atomic_io.READ_ERRORS``).
     """
     try:
         yield

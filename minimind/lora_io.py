@@ -20,11 +20,12 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from lora_kernels import LoRAConfig, iter_lora_layers
+from atomic_io import atomic_write, read_tensor_file
+from lora_kernels import LoRAConfig, iter_lora_layers, load_peft_adapter
 from lora_kernels.adapters import resolve_adapter_name
 from lora_kernels.config import DEFAULT_ADAPTER
 from lora_kernels.fsdp import check_not_sharded
-from lora_kernels.io import apply_lora_tensors, atomic_write, check_tensors, read_tensor_file
+from lora_kernels.io import FORMAT, PEFT_FORMAT, apply_adapter_file, apply_lora_tensors, check_tensors, read_adapter
 
 from .checkpoint import strip_wrapper_prefix
 
@@ -46,7 +47,16 @@ def read_minimind_lora(path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
         ValueError: an unreadable file, non-finite values, keys that are not MiniMind LoRA keys, or an A
             without its B (all listed).
     """
-    tensors = check_tensors(read_tensor_file(path)[0], path)
+    return minimind_modules(check_tensors(read_tensor_file(path)[0], path), path)
+
+
+def minimind_modules(tensors: Dict[str, torch.Tensor], path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
+    """A MiniMind LoRA file's tensors (already read and checked finite) grouped as
+    ``{module path: {"A": (r, in), "B": (out, r)}}``; ``path`` names the file in errors.
+
+    Raises:
+        ValueError: keys that are not MiniMind LoRA keys, or an A without its B (all listed).
+    """
     modules: Dict[str, Dict[str, torch.Tensor]] = {}
     bad = []
     for key, value in tensors.items():
@@ -88,7 +98,11 @@ def load_minimind_lora(model: nn.Module, path: PathLike, adapter_name: str = DEF
         ValueError: listing every module that does not exist, is not a linear layer or does not fit
             the file's shapes.
     """
-    modules = read_minimind_lora(path)
+    return _apply_minimind(model, read_minimind_lora(path), path, adapter_name)
+
+
+def _apply_minimind(model: nn.Module, modules: Dict[str, Dict[str, torch.Tensor]], path: PathLike,
+                    adapter_name: str) -> nn.Module:
     tensors = {f"{name}.lora_{half}": pair[half] for name, pair in modules.items() for half in ("A", "B")}
     # MiniMind's LoRA is unscaled: alpha = rank. Dropout is left out: a loaded layer keeps its own.
     meta = {name: {k: v for k, v in LoRAConfig(rank=pair["A"].shape[0]).layer_settings().items() if k != "dropout"}
@@ -143,20 +157,19 @@ def save_minimind_lora(model: nn.Module, path: PathLike, adapter_name: Optional[
 def load_adapter(model: nn.Module, path: PathLike, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Applies an adapter in any format this project reads, told apart by its content, as ``adapter_name``.
 
+    The file is read once (``lora_kernels.io.read_adapter``), which says its format:
+
     * a directory with ``adapter_config.json``: a HF PEFT adapter (``lora_kernels.load_peft_adapter``);
-    * a file whose metadata says ``format: lora_kernels``: ``lora_kernels.load_lora``;
-    * any other ``.pth``/``.safetensors``: MiniMind's format (:func:`load_minimind_lora`).
+    * a file whose metadata says ``format: lora_kernels``: as ``lora_kernels.load_lora``;
+    * any other ``.pth``/``.safetensors``: MiniMind's format (as :func:`load_minimind_lora`).
 
     Raises:
         FileNotFoundError, ValueError: as the loader it picks.
     """
-    from lora_kernels import load_lora, load_peft_adapter
-    from lora_kernels.io import read_lora_file
-
     path = Path(path)
-    if path.is_dir():
+    adapter = read_adapter(path)
+    if adapter.format == PEFT_FORMAT:
         return load_peft_adapter(model, path, freeze_base=False, adapter_name=adapter_name)
-    _, metadata = read_lora_file(path)
-    if metadata.get("format") == "lora_kernels":
-        return load_lora(model, path, adapter_name=adapter_name)
-    return load_minimind_lora(model, path, adapter_name=adapter_name)
+    if adapter.format == FORMAT:
+        return apply_adapter_file(model, adapter, adapter_name=adapter_name)
+    return _apply_minimind(model, minimind_modules(adapter.tensors, path), path, adapter_name)

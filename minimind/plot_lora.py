@@ -100,10 +100,9 @@ def read_adapter_layers(adapter: Path, base: Optional[Path] = None):
     Raises:
         CLIError: a missing or unreadable file, or an adapter that does not fit ``base``.
     """
-    from lora_kernels import LoRAConfig
-    from lora_kernels.io import read_lora_file
+    from lora_kernels.io import FORMAT, read_adapter
 
-    from .lora_io import load_adapter, read_minimind_lora
+    from .lora_io import load_adapter, minimind_modules
 
     if not adapter.exists():
         raise CLIError(f"adapter {str(adapter)!r}: no such file or folder")
@@ -114,20 +113,15 @@ def read_adapter_layers(adapter: Path, base: Optional[Path] = None):
             model = load_minimind(base or BUNDLED_BASE)
             load_adapter(model, adapter)
             return model_layers(model)
-        tensors, metadata = read_lora_file(adapter)
-        if metadata.get("format") == "lora_kernels":
-            meta = json.loads(metadata.get("layers", "{}"))
-            pairs = {key[: -len(".lora_A")]: (value, tensors[key[: -len("A")] + "B"])
-                     for key, value in tensors.items() if key.endswith(".lora_A")}
+        read = read_adapter(adapter)  # the file opened once; its format, metadata and tensors checked
+        if read.format == FORMAT:
+            pairs = {name: (pair["lora_A"], pair["lora_B"]) for name, pair in read.modules().items()}
         else:  # MiniMind's format: no scaling (s = 1)
-            meta = {}
-            pairs = {name: (pair["A"], pair["B"]) for name, pair in read_minimind_lora(adapter).items()}
+            pairs = {name: (pair["A"], pair["B"]) for name, pair in minimind_modules(read.tensors, adapter).items()}
         layers = []
         for name, (a, b) in pairs.items():
-            info = meta.get(name, {}) if isinstance(meta, dict) else {}
-            # The scaling rule (and its checks) are LoRAConfig's own.
-            scaling = LoRAConfig(rank=a.shape[0], alpha=info.get("alpha"),
-                                 use_rslora=info.get("use_rslora", False) is True).scaling
+            # The scaling rule (and the checks of the file's settings) are LoRAConfig's and io's own.
+            scaling = read.layer_config(name, a.shape[0]).scaling
             delta = (b.float() @ a.float()) * scaling
             layers.append((name, delta, a.shape[0], scaling, None))
     return sorted(layers, key=lambda item: _natural_key(item[0]))

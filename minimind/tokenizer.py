@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from tokenizers import Tokenizer
 
-from lora_kernels.io import read_json_object
+from atomic_io import read_json_object
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_TOKENIZER = ASSETS / "tokenizer"
