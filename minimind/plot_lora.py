@@ -12,7 +12,7 @@ to ``DIR/lora_stats.json`` beside the PNGs:
 
 ADAPTER is a MiniMind adapter (``.pth``), ours (``lora_kernels.save_lora``), or a PEFT adapter folder
 (that one needs the base it was trained on: ``--base``). ``minimind.train_lora`` draws the overview at the
-end of every run.
+end of every run, and its loss curve with :func:`plot_loss`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 
 from atomic_io import atomic_write
 
-from .cli import CLIError, number, reading, run_cli
+from .cli import CLIError, number, reading, run_cli, writing
 
 STATS_NAME = "lora_stats.json"
 OVERVIEW_NAME = "lora_overview.png"
@@ -261,8 +261,6 @@ def plot_loss(rows: List[dict], path: Path, title: str) -> None:
     Raises:
         CLIError: the picture could not be written (named).
     """
-    from .cli import writing
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     # Several adapters log "loss/<adapter>" (and "eval_loss/<adapter>"): one curve each instead of their mean.
