@@ -184,3 +184,57 @@ def test_load_under_a_name_adds_an_adapter_of_the_files_rank(tmp_path):
     assert torch.equal(q.lora_params("qa")[1], source.layers[0].q_proj.lora_B)
     set_adapter(model, "qa")
     assert q.active_adapters == ["qa"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# read_adapter: one reader that tells the formats apart
+
+
+def test_read_adapter_tells_the_formats_apart(tmp_path):
+    from lora_kernels import save_peft_adapter
+    from lora_kernels.io import FORMAT, MINIMIND_FORMAT, PEFT_FORMAT, read_adapter
+    from minimind.lora_io import save_minimind_lora
+
+    model = adapted_model(alpha=12, dropout=0.1)
+    state = lora_state_dict(model)
+    for suffix in (".safetensors", ".pth"):
+        ours = read_adapter(save_to(model, tmp_path / f"ours{suffix}"))
+        assert ours.format == FORMAT
+        assert {k: v for m, ab in ours.modules().items() for k, v in ((f"{m}.{n}", t) for n, t in ab.items())}.keys() \
+            == state.keys()
+        assert all(torch.equal(ours.tensors[k], v) for k, v in state.items())
+        config = ours.layer_config("layers.0.up_proj", 4)
+        assert (config.rank, config.alpha, config.dropout) == (4, 12, 0.1)
+    save_minimind_lora(model, tmp_path / "minimind.pth")
+    assert read_adapter(tmp_path / "minimind.pth").format == MINIMIND_FORMAT
+    save_peft_adapter(model, tmp_path / "peft")
+    assert read_adapter(tmp_path / "peft").format == PEFT_FORMAT
+    torch.save(state, tmp_path / "flat.pth")  # a plain dict of our tensor names, no metadata
+    flat = read_adapter(tmp_path / "flat.pth")
+    assert flat.format is None and flat.layer_config("layers.0.up_proj", 4).scaling == 1.0  # alpha = rank
+
+
+def test_minimind_load_adapter_reads_the_file_once(tmp_path, monkeypatch):
+    import atomic_io
+    from lora_kernels import io
+    from minimind.lora_io import load_adapter, save_minimind_lora
+
+    model = adapted_model()
+    save_lora(model, tmp_path / "ours.safetensors")
+    save_minimind_lora(model, tmp_path / "minimind.pth")
+    opened = []
+
+    def counting(path):
+        opened.append(path)
+        return atomic_io.read_tensor_file(path)
+
+    monkeypatch.setattr(io, "read_tensor_file", counting)
+    for name in ("ours.safetensors", "minimind.pth"):
+        opened.clear()
+        load_adapter(base_model(), tmp_path / name)
+        assert len(opened) == 1, (name, opened)
+
+
+def save_to(model, path):
+    save_lora(model, path)
+    return path
