@@ -12,9 +12,9 @@ helpers (:func:`replace_linear_with_fused_lora` and friends), adapter files (:fu
 and the eager reference everything is checked against.
 """
 from .adapters import active_adapters, adapter_names, add_adapter, delete_adapter, set_adapter
-from .backends import LoRABackend, get_backend, register_backend
+from .backends import BACKENDS, LoRABackend, get_backend, register_backend, resolve_backend, triton_available
 from .config import LoRAConfig
-from .functional import BACKENDS, lora_linear, resolve_backend, triton_available
+from .functional import lora_linear
 from .io import load_lora, save_lora
 from .mixed import AdapterTerm, lora_linear_mixed, mixed_adapters
 from .modules import FusedLoRALinear

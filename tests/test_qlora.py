@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from helpers import assert_close, bnb_nf4_weight, checked_bitsandbytes
 from lora_kernels import FusedLoRALinear, lora_linear, lora_summary, merge_and_unload, replace_linear_with_fused_lora
-from lora_kernels import torch_backend
+from lora_kernels.backends import torch as torch_backend
 from lora_kernels.quant import quantize, weight_bytes
 from lora_kernels.reference import lora_linear_reference
 
