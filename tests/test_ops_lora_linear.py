@@ -16,6 +16,7 @@ from lora_kernels import lora_linear, lora_linear_reference
 from lora_kernels.backends import draw_seed_tensor
 
 ops = pytest.importorskip("lora_kernels.ops.lora_linear")
+launch = pytest.importorskip("lora_kernels.ops.launch")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -441,7 +442,7 @@ def test_config_cache_is_per_bucket_and_splits_are_sane():
     torch.set_float32_matmul_precision("high")  # TF32 for fp32, as torch.mm does (restored by the fixture)
     assert ops._input_precision(torch.float32) == "tf32"
     for programs, tiles, target, min_tiles in [(1, 100, 64, 4), (64, 7, 32, 1), (3, 1, 100, 1), (5, 50, 7, 2)]:
-        splits, per = ops._split(programs, tiles, target, min_tiles)
+        splits, per = launch.split_reduction(programs, tiles, target, min_tiles)
         assert splits >= 1 and (splits - 1) * per < tiles <= splits * per
 
 

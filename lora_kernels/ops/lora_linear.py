@@ -85,15 +85,11 @@ per new M). Under the interpreter all blocks are 32 and nothing is split, to kee
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
-from triton.compiler.compiler import CompiledKernel
-from triton.runtime.driver import driver
 
 from .configs import (  # noqa: F401 - re-exported: tests and tools reach them through this module
     KernelConfig,
@@ -108,6 +104,7 @@ from .configs import (  # noqa: F401 - re-exported: tests and tools reach them t
     override_configs,
 )
 from . import configs as _configs
+from .launch import Launch, cached, call_key, check_operands, device_guard, launch_env, seed_tensor, split_reduction
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
@@ -486,98 +483,31 @@ def _sum_partials_kernel(
 
 # --------------------------------------------------------------------------------------------- launchers
 #
-# A call does little more than its launches. Everything that depends only on a call's shapes, strides,
-# dtypes, pointer alignments, flags and device (configs, grids, splits, workspace shapes, the integer
-# arguments, and the compiled kernel of every launch) is worked out once into a plan, cached under that
-# key, and reused by every later call with the same key. A planned launch calls the compiled kernel's
-# launcher directly: Triton's ``JITFunction.run`` binds and specialises every argument and looks the kernel
-# up again on each launch, which costs more Python than the rest of the call.
-
-_PLAN_CACHE_SIZE = 512
-
-
-def _split(programs: int, num_tiles: int, target_programs: int, min_tiles: int) -> Tuple[int, int]:
-    """(number of splits, tiles per split) so that programs · splits reaches ``target_programs`` while each
-    split keeps at least ``min_tiles`` tiles of its reduction (and there is always at least one split)."""
-    splits = 1
-    if programs < target_programs and num_tiles >= 2 * min_tiles:
-        splits = min(triton.cdiv(target_programs, max(programs, 1)), num_tiles // min_tiles)
-    tiles_per_split = max(1, triton.cdiv(num_tiles, splits))
-    return max(1, triton.cdiv(num_tiles, tiles_per_split)), tiles_per_split
-
-
-class _Launch:
-    """One kernel launch of a plan: its grid and meta-parameters and, after its first launch, the compiled
-    kernel, whose launcher every later launch calls directly with the same positional arguments.
-
-    ``launch(*args)`` looks the stream and the launch hooks up itself; a plan that launches several kernels
-    looks them up once (:func:`_launch_env`) and calls ``launch.run(env, *args)`` for each."""
-
-    __slots__ = ("fn", "grid", "meta", "compiled", "constexprs")
-
-    def __init__(self, fn, grid: Tuple[int, ...], meta: Dict[str, Any]):
-        self.fn, self.meta, self.compiled, self.constexprs = fn, meta, None, ()
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
-
-    def __call__(self, *args) -> None:
-        self.run(_launch_env() if self.compiled is not None else None, *args)
-
-    def run(self, env: Optional[tuple], *args) -> None:
-        compiled = self.compiled
-        if compiled is None:
-            compiled = self.fn[self.grid](*args, **self.meta)
-            if isinstance(compiled, CompiledKernel):  # None under the interpreter: it keeps this slow path
-                # The launcher takes every parameter in order: the run-time ones given, then the constexprs.
-                self.constexprs = tuple(self.meta[p.name] for p in self.fn.params[len(args):])
-                self.compiled = compiled
-            return
-        stream, enter, exit_ = env
-        metadata = None
-        if enter is not None or exit_ is not None:  # a profiler is listening: give it what Triton gives it
-            metadata = compiled.launch_metadata(self.grid, stream, *args, *self.constexprs)
-        compiled.run(self.grid[0], self.grid[1], self.grid[2], stream, compiled.function, compiled.packed_metadata,
-                     metadata, enter, exit_, *args, *self.constexprs)
-
-
-_INTERPRETED = _interpreting()  # fixed when triton.jit built this module's kernels, at import
-
-
-def _launch_env() -> Optional[tuple]:
-    """What every launch of a call needs from the runtime: (stream, enter hook, exit hook); None under the
-    interpreter, whose launches never reach a compiled kernel."""
-    if _INTERPRETED:
-        return None
-    device = driver.active.get_current_device()
-    return (driver.active.get_current_stream(device), _hook(knobs.runtime.launch_enter_hook),
-            _hook(knobs.runtime.launch_exit_hook))
-
-
-def _hook(hook):
-    """A launch hook, or None when there is none to call (Triton >= 3.5 keeps an empty chain of hooks)."""
-    return hook if hook is not None and getattr(hook, "calls", True) else None
-
+# A call does little more than its launches: each configuration is planned once (configs, grids, splits,
+# workspace shapes, integer arguments, compiled kernels) and cached; lora_kernels.ops.launch holds that
+# machinery, shared with lora_kernels.ops.quantized.
 
 def _matmul_launch(m: int, n: int, k: int, rank: int, *, has_bias: bool, has_lora: bool, has_dropout: bool,
                    config: KernelConfig, max_block_r: int, precision: str,
-                   tune: Optional[Tuple[tuple, Callable[[KernelConfig], None]]] = None) -> _Launch:
+                   tune: Optional[Tuple[tuple, Callable[[KernelConfig], None]]] = None) -> Launch:
     """The launch of ``_lora_matmul_kernel`` for C (m, n) over a reduction of k (see its docstring)."""
     if tune is not None and _configs._OVERRIDE is None:
         config = _tuned_gemm(tune[0] + (has_lora, has_dropout, has_bias), config, tune[1])
-    return _Launch(_lora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),), dict(
+    return Launch(_lora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),), dict(
         HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DROPOUT=has_dropout,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-def _sum_launch(numels: Sequence[int]) -> Optional[_Launch]:
+def _sum_launch(numels: Sequence[int]) -> Optional[Launch]:
     """The launch that sums up to three (count, numel) fp32 workspaces into their outputs, or None."""
     numels = [n for n in numels if n > 0]
     if not numels:
         return None
     assert len(numels) <= 3, f"at most three workspaces per launch, got {len(numels)}"
     block = 1024
-    return _Launch(_sum_partials_kernel, (sum(triton.cdiv(n, block) for n in numels),), dict(BLOCK=block))
+    return Launch(_sum_partials_kernel, (sum(triton.cdiv(n, block) for n in numels),), dict(BLOCK=block))
 
 
 def _sum_args(jobs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> list:
@@ -589,26 +519,6 @@ def _sum_args(jobs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> list:
     return args
 
 
-def _call_key(kind: str, device: torch.device, dtype: torch.dtype, tensors: Sequence[Optional[torch.Tensor]],
-              flags: tuple) -> tuple:
-    """A plan's key: the device's (capability, SMs), the fp32 precision and an override (they change the
-    chosen kernels), the flags, and per tensor what Triton specialises on and the grids depend on."""
-    key = [kind, device, _configs._device_info(device), _input_precision(dtype), id(_configs._OVERRIDE), flags]
-    for t in tensors:  # inline, not a helper per tensor: this runs on every call
-        key.append(None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0))
-    return tuple(key)
-
-
-def _cached(cache: Dict[tuple, Any], key: tuple, build: Callable[[], Any]) -> Any:
-    plan = cache.get(key)
-    if plan is None:
-        plan = build()
-        if len(cache) >= _PLAN_CACHE_SIZE:  # many shapes (variable sequence lengths): start over
-            cache.clear()
-        cache[key] = plan
-    return plan
-
-
 _FORWARD_PLANS: Dict[tuple, "_ForwardPlan"] = {}
 _BACKWARD_PLANS: Dict[tuple, "_BackwardPlan"] = {}
 
@@ -617,28 +527,6 @@ def clear_plans() -> None:
     """Forget every cached launch plan (configs changed under them, or to free their compiled handles)."""
     _FORWARD_PLANS.clear()
     _BACKWARD_PLANS.clear()
-
-
-def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
-    """The seed as the one-element int64 device tensor the kernels read (an int is copied there, for tests)."""
-    if isinstance(seed, torch.Tensor):
-        return seed if seed.device == device else seed.to(device)
-    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _check(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, in_features), got shape {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1] or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A (rank, in_features) and lora_B (out_features, rank) must agree on a rank >= 1, "
-                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
 
 
 class _ForwardPlan:
@@ -653,7 +541,7 @@ class _ForwardPlan:
         self.down = None
         if k > 0:
             cfg, block_r = cfgs.down, _rank_block(rank, cfgs.max_block_r)
-            self.down = _Launch(_lora_down_kernel, (triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)), dict(
+            self.down = Launch(_lora_down_kernel, (triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)), dict(
                 HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             # sizes and strides of x (M, K), A (r, K) and S (M, r), S contiguous
@@ -690,7 +578,7 @@ class _ForwardPlan:
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         y = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
         s = torch.empty((self.m, self.rank), device=x.device, dtype=x.dtype)
-        env = _launch_env()
+        env = launch_env()
         if self.down is not None:
             self.down.run(env, x, lora_A, s, *self.down_ints, seed if dropout_p > 0 else x, float(dropout_p),
                       1.0 / (1.0 - dropout_p))
@@ -736,16 +624,16 @@ def forward(
     Raises:
         ValueError / TypeError: shapes or dtypes do not fit.
     """
-    _check(x, weight, lora_A, lora_B)
+    check_operands(x, weight, lora_A, lora_B)
     if x.shape[0] == 0:
         return (torch.empty((0, weight.shape[0]), device=x.device, dtype=x.dtype),
                 torch.empty((0, lora_A.shape[0]), device=x.device, dtype=x.dtype))
     has_dropout = dropout_p > 0
-    key = _call_key("forward", x.device, x.dtype, (x, weight, bias, lora_A, lora_B), (has_dropout,))
-    plan = _cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, weight, bias, lora_A, lora_B, has_dropout))
-    with _device_guard(x):
+    key = call_key("forward", x.device, x.dtype, (x, weight, bias, lora_A, lora_B), (has_dropout,))
+    plan = cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, weight, bias, lora_A, lora_B, has_dropout))
+    with device_guard(x):
         return plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                    _seed_tensor(seed, x.device) if has_dropout else None)
+                    seed_tensor(seed, x.device) if has_dropout else None)
 
 
 class _BackwardPlan:
@@ -767,10 +655,10 @@ class _BackwardPlan:
         if self.need_ds or need_bb or need_b:
             cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, cfgs.max_block_r)
             m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
-            splits, tiles_per_split = _split(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n), cfgs.target_programs,
+            splits, tiles_per_split = split_reduction(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n), cfgs.target_programs,
                                              cfgs.min_split_tiles)
             self.ds_count, self.dbb_count, self.db_count = splits, m_blocks, m_blocks
-            self.dy = _Launch(_lora_dy_kernel, (m_blocks, splits, r_blocks), dict(
+            self.dy = Launch(_lora_dy_kernel, (m_blocks, splits, r_blocks), dict(
                 COMPUTE_DS=self.need_ds, COMPUTE_DBB=need_bb, COMPUTE_DBIAS=need_b,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, INPUT_PRECISION=precision,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -792,10 +680,10 @@ class _BackwardPlan:
         if need_a and k > 0:
             cfg, block_r = cfgs.grad_a, _rank_block(rank, cfgs.max_block_r)
             k_blocks, r_blocks = triton.cdiv(k, cfg.block_k), triton.cdiv(rank, block_r)
-            splits, tiles_per_split = _split(k_blocks * r_blocks, triton.cdiv(m, cfg.block_m), cfgs.target_programs,
+            splits, tiles_per_split = split_reduction(k_blocks * r_blocks, triton.cdiv(m, cfg.block_m), cfgs.target_programs,
                                              cfgs.min_split_tiles)
             self.da_count = splits
-            self.da = _Launch(_lora_da_kernel, (k_blocks, r_blocks, splits), dict(
+            self.da = Launch(_lora_da_kernel, (k_blocks, r_blocks, splits), dict(
                 HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             self.da_ints = (m, k, rank, tiles_per_split, rank, 1, x.stride(0), x.stride(1), rank * k, k, 1)
@@ -862,7 +750,7 @@ class _BackwardPlan:
         if need_b:
             db = torch.empty((n,), device=device, dtype=dtype)
         tail = []
-        env = _launch_env()
+        env = launch_env()
 
         if self.dy is not None:  # an output the pass does not compute gets dY as a placeholder pointer
             ds_ws = self._workspace(self.ds_count, (m, rank), ds, []) if self.need_ds else grad_y
@@ -955,12 +843,12 @@ def backward(
                 zeros(rank, k) if need_a else None, zeros(n, rank) if need_bb else None)
 
     has_dropout = dropout_p > 0
-    key = _call_key("backward", device, dtype, (grad_y, x, weight, lora_A, lora_B, s), (has_dropout, needs))
-    plan = _cached(_BACKWARD_PLANS, key,
+    key = call_key("backward", device, dtype, (grad_y, x, weight, lora_A, lora_B, s), (has_dropout, needs))
+    plan = cached(_BACKWARD_PLANS, key,
                    lambda: _BackwardPlan(grad_y, x, weight, lora_A, lora_B, s, needs, has_dropout))
-    with _device_guard(grad_y):
+    with device_guard(grad_y):
         return plan(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p,
-                    _seed_tensor(seed, device) if has_dropout else None)
+                    seed_tensor(seed, device) if has_dropout else None)
 
 
 def dropout_mask(seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
@@ -986,9 +874,9 @@ def dropout_mask(seed, shape: Sequence[int], dropout_p: float, device: torch.dev
     if out.numel() == 0:
         return out.view(shape)
     block = 32 if _interpreting() else 64
-    with _device_guard(out):
+    with device_guard(out):
         _dropout_mask_kernel[(triton.cdiv(m, block), triton.cdiv(k, block))](
-            out, m, k, out.stride(0), out.stride(1), _seed_tensor(seed, out.device), float(dropout_p),
+            out, m, k, out.stride(0), out.stride(1), seed_tensor(seed, out.device), float(dropout_p),
             BLOCK_M=block, BLOCK_K=block,
         )
     return out.view(shape)
