@@ -47,6 +47,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+# BACKENDS, backend_names and triton_available are re-exported: lora_kernels.functional was their home.
 from .backends import (BACKENDS, backend_for, backend_names, draw_seed_tensor, resolve_backend,  # noqa: F401
                        triton_available)
 from .backends import torch as torch_backend

@@ -304,15 +304,15 @@ class _BackwardPlan(_base._BackwardPlan):
 
     def _plan_grad_input(self, grad_y, qweight, lora_A, cfgs, precision, has_dropout) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
-        self.dx = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
-                                  config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(), dtype=lora_A.dtype,
-                                  capability=_configs._device_info(grad_y.device)[0])
+        self.grad_x_gemm = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
+                                           config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(),
+                                           dtype=lora_A.dtype, capability=_configs._device_info(grad_y.device)[0])
         # dY (M, N), dX (M, K) contiguous, L = dS (M, r) contiguous, R = A (r, K)
-        self.dx_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
+        self.grad_x_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
 
-    def _run_grad_input(self, env, grad_y, qweight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
-        self.dx.run(env, grad_y, *_qtensors(qweight), dx, dx, ds, lora_A, *self.dx_ints,
-                    inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else dx, float(dropout_p))
+    def _run_grad_input(self, env, grad_y, qweight, grad_x, grad_s, lora_A, dropout_p, seed, inv_keep) -> None:
+        self.grad_x_gemm.run(env, grad_y, *_qtensors(qweight), grad_x, grad_x, grad_s, lora_A, *self.grad_x_ints,
+                             inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else grad_x, float(dropout_p))
 
 
 def _qkey(qweight) -> tuple:
@@ -342,7 +342,7 @@ def forward(x: torch.Tensor, qweight, bias: Optional[torch.Tensor], lora_A: torc
 
 def backward(grad_y: torch.Tensor, x: Optional[torch.Tensor], qweight, lora_A: torch.Tensor, lora_B: torch.Tensor,
              s: Optional[torch.Tensor], scaling: float, dropout_p: float, seed, needs_grad: Sequence[bool]) -> Grads:
-    """Fused backward on a quantized base: ``(dx, None, dbias, dA, dB)`` as
+    """Fused backward on a quantized base: ``(grad_x, None, grad_bias, grad_lora_A, grad_lora_B)`` as
     :func:`lora_kernels.ops.lora_linear.backward` (the quantized base is frozen: never a dW)."""
     needs = tuple(bool(v) for v in needs_grad)
     if needs[1]:
