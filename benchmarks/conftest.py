@@ -18,12 +18,12 @@ Providers (every one computes ``y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ`
 compute dtype, W frozen, A, B and x requiring grad as inside a network; no bias, as in LLaMA and MiniMind):
 
 * ``linear``: the frozen ``F.linear(x, W)`` alone, the floor any LoRA implementation pays;
-* ``eager``: :func:`lora_kernels.lora_linear_eager`, the plain autograd LoRA with ``F.dropout`` as MiniMind's
-  monkey-patched LoRA (and most hand-written LoRA) computes it;
+* ``eager``: :func:`lora_kernels.reference.lora_linear_unfused`, the plain autograd LoRA with ``F.dropout`` as
+  MiniMind's monkey-patched LoRA (and most hand-written LoRA) computes it;
 * ``peft``: HF PEFT's ``lora.Linear`` (skipped when peft is not installed);
 * ``torch``: ``lora_linear(..., backend="torch")``, our fused pure-PyTorch backend;
 * ``triton``: ``lora_linear(..., backend="triton")``, our Triton kernels (CUDA only);
-* ``compiled``: ``torch.compile`` of ``lora_linear_eager`` (CUDA only), what a user gets for free.
+* ``compiled``: ``torch.compile`` of ``lora_linear_unfused`` (CUDA only), what a user gets for free.
 
 Timing uses ``benchmark.pedantic`` with a setup function, so inputs, gradient reset and (for the backward
 mode) the forward pass that builds the graph all stay outside the timed region; on CUDA the timed function
@@ -43,7 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_kernels import lora_linear, lora_linear_eager
+from lora_kernels import lora_linear
+from lora_kernels.reference import lora_linear_unfused
+from lora_kernels.testing import make_peft_linear
 
 PROVIDERS = ("linear", "eager", "peft", "torch", "triton", "compiled")
 MODES = ("forward", "backward", "forward+backward")
@@ -247,22 +249,14 @@ class LoRACase:
 
 
 def _peft_linear(base: nn.Linear, r: int, alpha: float, dropout_p: float) -> nn.Module:
-    """PEFT's ``lora.Linear`` around ``base`` (PEFT >= 0.18 wants a LoraConfig, older ones keywords)."""
-    import inspect
-
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear
-
-    options = dict(r=r, lora_alpha=alpha, lora_dropout=dropout_p)
-    if "config" in inspect.signature(Linear.__init__).parameters:
-        return Linear(base, "default", config=LoraConfig(**options), r=r, lora_alpha=alpha)
-    return Linear(base, "default", **options)
+    """PEFT's ``lora.Linear`` around ``base``, built as the tests and the self-check build it."""
+    return make_peft_linear(base, r=r, alpha=alpha, dropout=dropout_p)
 
 
 _compiled_eager = None
 
 
-def _compiled_lora_linear_eager():
+def _compiled_lora_linear_unfused():
     """One ``torch.compile`` of the eager reference, specialised per shape (dynamic=False), compiled lazily."""
     global _compiled_eager
     if _compiled_eager is None:
@@ -273,7 +267,7 @@ def _compiled_lora_linear_eager():
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo_config, name):
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
-        _compiled_eager = torch.compile(lora_linear_eager, dynamic=False)
+        _compiled_eager = torch.compile(lora_linear_unfused, dynamic=False)
     return _compiled_eager
 
 
@@ -304,12 +298,12 @@ def build_case(provider: str, shape: Shape, dropout_p: float, settings: BenchSet
         trainable = [x]
         forward = lambda: F.linear(x, weight)  # noqa: E731
     elif provider == "eager":
-        forward = lambda: lora_linear_eager(x, weight, None, lora_A, lora_B, scaling, dropout_p)  # noqa: E731
+        forward = lambda: lora_linear_unfused(x, weight, None, lora_A, lora_B, scaling, dropout_p)  # noqa: E731
     elif provider in ("torch", "triton"):
         forward = lambda: lora_linear(x, weight, None, lora_A, lora_B, scaling, dropout_p,  # noqa: E731
                                       backend=provider)
     elif provider == "compiled":
-        compiled = _compiled_lora_linear_eager()
+        compiled = _compiled_lora_linear_unfused()
         forward = lambda: compiled(x, weight, None, lora_A, lora_B, scaling, dropout_p)  # noqa: E731
     elif provider == "peft":
         base = nn.Linear(k, n, bias=False, device=device, dtype=dtype)

@@ -158,7 +158,7 @@ def ours(s: Shape, gpu: Optional[GPU] = None, dy_block_m: Optional[int] = None,
     unpack (``UNPACK_OPS`` per element) instead of rehashing.
     """
     from lora_kernels.ops.configs import _rank_block
-    from lora_kernels.ops.lora_linear import _split
+    from lora_kernels.ops.launch import split_reduction as _split
 
     gpu = gpu or GPUS["h100"]
     e, m, k, n, r = s.element, s.m, s.k, s.n, s.r

@@ -70,14 +70,14 @@ def _zero_grads(tensors: Sequence[torch.Tensor]) -> None:
 
 @contextlib.contextmanager
 def _triton_accepts_cpu_tensors() -> Iterator[None]:
-    from lora_kernels import functional
+    from lora_kernels.backends import resolve  # resolve_backend asks this module's triton_refusal
 
-    refusal = functional.triton_refusal
-    functional.triton_refusal = lambda x: None
+    refusal = resolve.triton_refusal
+    resolve.triton_refusal = lambda x: None
     try:
         yield
     finally:
-        functional.triton_refusal = refusal
+        resolve.triton_refusal = refusal
 
 
 # Each provider gives a training step over the first ``depth`` layers: the layers' forwards, then one
@@ -102,7 +102,7 @@ def step_ours(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callabl
 
 def step_launchers(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Callable[[], None]:
     """Our launchers without autograd, one layer (their Python does not depend on what is around them)."""
-    from lora_kernels.functional import draw_seed_tensor
+    from lora_kernels.backends import draw_seed_tensor
     from lora_kernels.ops import lora_linear as ops
 
     w, b, a, bb = (p.detach() for p in t["layers"][0])
@@ -141,22 +141,17 @@ def step_linear(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Calla
 
 def step_peft(t: Dict[str, object], dropout_p: float, depth: int = 1) -> Optional[Callable[[], None]]:
     try:
-        from peft import LoraConfig
-        from peft.tuners.lora import Linear
+        import peft  # noqa: F401
     except ImportError:
         return None
-    import inspect
+    from lora_kernels.testing import make_peft_linear
 
     modules = []
     for w, _, a, _ in t["layers"][:depth]:
         (n, k), r = w.shape, a.shape[0]
         base = torch.nn.Linear(k, n, dtype=w.dtype)
         base.requires_grad_(False)
-        kwargs = dict(r=r, lora_alpha=2 * r, lora_dropout=dropout_p)
-        if "config" in inspect.signature(Linear.__init__).parameters:
-            layer = Linear(base, "default", config=LoraConfig(**kwargs), r=r, lora_alpha=2 * r)
-        else:
-            layer = Linear(base, "default", **kwargs)
+        layer = make_peft_linear(base, r=r, alpha=2 * r, dropout=dropout_p)
         modules.append(layer.train())
     return _chain(t, modules)
 

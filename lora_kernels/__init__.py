@@ -19,9 +19,9 @@ Public API, in the groups of ``__all__``:
 """
 from .adapters import (active_adapters, adapter_names, add_adapter, delete_adapter, lora_state_dict,
                        mixed_adapters, set_adapter)
-from .backends import LoRABackend, get_backend, register_backend
+from .backends import BACKENDS, LoRABackend, get_backend, register_backend, resolve_backend, triton_available
 from .config import LoRAConfig
-from .functional import BACKENDS, lora_linear, resolve_backend, triton_available
+from .functional import lora_linear
 from .io import load_lora, save_lora
 from .mixed import AdapterTerm, lora_linear_mixed
 from .modules import FusedLoRALinear

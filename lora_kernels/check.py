@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from . import testing as _testing
+
 ARCHS = (90, 80, 86, 89)
 # The Triton versions whose full default sweep is committed under benchmarks/results/compile-gate/, and the
 # archs each covers (a test keeps this equal to the committed reports).
@@ -230,9 +232,9 @@ BENCH_SHAPES = ((8192, 512, 512, 8), (8192, 512, 512, 16), (8192, 768, 768, 8), 
                 (8192, 4096, 4096, 16), (8192, 4096, 11008, 16))
 # --interpret: odd sizes (tile edges, rank padding) small enough for the CPU interpreter.
 INTERPRET_SHAPES = ((37, 40, 24, 5), (70, 64, 48, 16))
-# Relative error bars, as tests/helpers.py states and justifies them (a test keeps the two equal); errors
+# Relative error bars per precision: the tests' own (lora_kernels.testing states and justifies them); errors
 # are max|ours - ref| / max|ref| against the float64 reference on the same rounded inputs.
-TOLERANCES = {"fp32": 1e-5, "tf32": 4e-3, "fp16": 4e-3, "bf16": 3.2e-2}
+TOLERANCES = {name: _testing.TOLERANCES[key] for name, key in _testing.PRECISIONS.items()}
 GRADIENTS = ("x", "weight", "bias", "lora_A", "lora_B")
 
 
@@ -294,7 +296,7 @@ def check_correctness(shape, precision: str, bias: bool, dropout_p: float, devic
     import torch
 
     from lora_kernels import lora_linear, lora_linear_reference
-    from lora_kernels.functional import draw_seed_tensor
+    from lora_kernels.backends import draw_seed_tensor
     from lora_kernels.ops import lora_linear as ops
 
     dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -312,12 +314,8 @@ def check_correctness(shape, precision: str, bias: bool, dropout_p: float, devic
     y_ref = lora_linear_reference(**ref, scaling=2.0, dropout_mask=mask, dropout_p=dropout_p)
     grads_ref = torch.autograd.grad(y_ref, [ref[n] for n in names], grad_out.double())
 
-    def error(a, b):
-        scale = b.abs().max().item() or 1.0
-        return (a.double() - b).abs().max().item() / scale
-
-    errors = {"y": error(y, y_ref)}
-    errors.update({f"d{n}": error(g, gr) for n, g, gr in zip(names, grads, grads_ref)})
+    errors = {"y": _testing.relative_error(y, y_ref)}
+    errors.update({f"d{n}": _testing.relative_error(g, gr) for n, g, gr in zip(names, grads, grads_ref)})
     return errors
 
 
@@ -328,7 +326,8 @@ def time_providers(shape, precision: str, device) -> dict:
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    from lora_kernels import lora_linear, lora_linear_eager
+    from lora_kernels import lora_linear
+    from lora_kernels.reference import lora_linear_unfused
 
     dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     t = _inputs(shape, dtype, device, bias=False)
@@ -338,18 +337,11 @@ def time_providers(shape, precision: str, device) -> dict:
     steps = {
         "ours": lambda: lora_linear(x, t["weight"], None, a, b, 2.0, 0.1, backend="triton"),
         "linear": lambda: F.linear(x, t["weight"]),
-        "eager": lambda: lora_linear_eager(x, t["weight"], None, a, b, 2.0, 0.1),
+        "eager": lambda: lora_linear_unfused(x, t["weight"], None, a, b, 2.0, 0.1),
     }
     try:
-        from peft import LoraConfig
-        from peft.tuners.lora import Linear as PeftLinear
-
         base = torch.nn.Linear(shape[1], shape[2], bias=False, device=device, dtype=dtype).requires_grad_(False)
-        kwargs = dict(r=shape[3], lora_alpha=2 * shape[3], lora_dropout=0.1)
-        try:
-            peft = PeftLinear(base, "default", config=LoraConfig(**kwargs), r=shape[3], lora_alpha=2 * shape[3])
-        except TypeError:  # PEFT < 0.18 takes keywords
-            peft = PeftLinear(base, "default", **kwargs)
+        peft = _testing.make_peft_linear(base, r=shape[3], alpha=2 * shape[3], dropout=0.1)
         peft.to(device=device, dtype=dtype)
         steps["peft"] = lambda: peft(x)
     except ImportError:

@@ -2,17 +2,23 @@
 
     y = x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ
 
+This module holds the op: its input checks, the autocast rule, the ``autograd.Function`` (with the one helper
+that decides what is saved for backward) and its ``torch.library`` twin for ``torch.compile``, and the eager
+path shared with :mod:`lora_kernels.mixed`. The backends, their registry and the resolution of ``backend=``
+names are in :mod:`lora_kernels.backends`.
+
 Backends:
 
 * ``"triton"``: the fused Triton kernels in :mod:`lora_kernels.ops.lora_linear` (CUDA tensors, or any
   tensors under ``TRITON_INTERPRET=1``);
-* ``"torch"``: the fused pure-PyTorch backend in :mod:`lora_kernels.torch_backend` (every device);
+* ``"torch"``: the fused pure-PyTorch backend in :mod:`lora_kernels.backends.torch` (every device);
 * ``"eager"``: the reference (:func:`lora_kernels.reference.lora_linear_reference`) differentiated by
   autograd, with the same seeded dropout mask as ``"torch"``, so both agree under one ``torch.manual_seed``;
 * ``"auto"``: ``"triton"`` for CUDA tensors in fp32/fp16/bf16 when Triton and the kernels import, else
   ``"torch"``. A configuration (device, dtype, shape bucket, rank, dropout) whose kernels fail to compile
   or launch on the user's GPU warns once, naming the shape, dtype and error, and runs on the torch backend
-  (with the kernels' own dropout mask) from then on; ``"triton"`` raises with that message instead.
+  (with the kernels' own dropout mask) from then on; ``"triton"`` raises with that message instead
+  (:mod:`lora_kernels.backends.triton`).
 
 Dropout never stores a mask: each call draws a seed, a one-element int64 tensor on x's device, from that
 device's default generator (``torch.randint``), and the backend regenerates the mask from it in forward and
@@ -35,188 +41,22 @@ with dropout does not compile with ``fullgraph=True`` (its seed is a Python int)
 from __future__ import annotations
 
 import functools
-import importlib
 import math
-import os
-import warnings
-from types import ModuleType
-from typing import Any, List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import torch_backend
-from .backends import get_backend, register_backend, registered_backends
+# BACKENDS, backend_names and triton_available are re-exported: lora_kernels.functional was their home.
+from .backends import (BACKENDS, backend_for, backend_names, draw_seed_tensor, resolve_backend,  # noqa: F401
+                       triton_available)
+from .backends import torch as torch_backend
 from .reference import lora_linear_reference
-
-BACKENDS = ("auto", "triton", "torch", "eager")
-
-
-def backend_names() -> Tuple[str, ...]:
-    """Every name ``backend=`` accepts: :data:`BACKENDS` and any backend registered since
-    (:func:`lora_kernels.backends.register_backend`)."""
-    return BACKENDS + tuple(name for name in registered_backends() if name not in BACKENDS)
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_module(name: str = "lora_linear") -> Optional[ModuleType]:
-    """The Triton backend module ``lora_kernels.ops.<name>`` (``"quantized"``: the kernels for a quantized
-    base), or None when Triton or the kernels cannot be imported here."""
-    try:
-        return importlib.import_module(f"lora_kernels.ops.{name}")
-    except ImportError:
-        return None
 
 
 def _quantized(weight) -> bool:
     """True for a frozen quantized base (:class:`lora_kernels.quant.QuantizedWeight`) instead of a tensor."""
     return not isinstance(weight, torch.Tensor)
-
-
-def triton_available() -> bool:
-    """True when the Triton backend can be imported on this machine."""
-    return _triton_module() is not None
-
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_refusal(x: torch.Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot run on ``x`` here, or None when they can."""
-    if not triton_available():
-        return "backend='triton' needs triton and lora_kernels.ops, which do not import here"
-    if x.dtype not in TRITON_DTYPES:
-        return (f"the Triton kernels support float32, float16 and bfloat16, got {x.dtype}; "
-                "use backend='torch' or 'auto' (which runs the torch backend for it)")
-    if not x.is_cuda:
-        if not _interpreting():
-            return (f"backend='triton' needs CUDA tensors (x is on {x.device}); set TRITON_INTERPRET=1 before "
-                    "importing triton to run the kernels on the CPU interpreter, or use backend='torch'")
-        if x.dtype == torch.bfloat16:
-            return ("Triton's CPU interpreter computes bf16 tl.dot wrongly (a known upstream bug), so bf16 is "
-                    "refused under TRITON_INTERPRET=1; use float16/float32 there, or a GPU")
-    return None
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend (``"triton"``, ``"torch"`` or ``"eager"``) that ``backend`` means for ``x``.
-
-    Raises:
-        ValueError: ``backend`` is not one of :data:`BACKENDS`.
-        TypeError: ``"triton"`` was asked for a dtype the kernels do not support (float64, ...).
-        RuntimeError: ``"triton"`` was asked for where it cannot run.
-    """
-    if backend not in backend_names():
-        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and triton_refusal(x) is None else "torch"
-    if backend == "triton":
-        why = triton_refusal(x)
-        if why is not None:
-            raise (TypeError if x.dtype not in TRITON_DTYPES else RuntimeError)(why)
-    return backend
-
-
-def draw_seed_tensor(device: Optional[torch.device] = None) -> torch.Tensor:
-    """A dropout seed: a one-element int64 tensor on ``device`` (default: CPU) from that device's generator.
-
-    A traceable RNG op: under ``torch.compile`` it neither breaks the graph nor recompiles per call, and on a
-    GPU it advances the device generator's offset, which CUDA graphs replay correctly.
-    """
-    return torch.randint(0, 2**31 - 1, (1,), device=device)
-
-
-def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator: the value a CPU call draws after the same
-    ``torch.manual_seed``."""
-    return int(draw_seed_tensor().item())
-
-
-class _KernelsWithFallback:
-    """The Triton backend behind the backend protocol (:class:`lora_kernels.backends.LoRABackend`), with a
-    guard for GPU problems nobody could test.
-
-    When a kernel fails to compile or launch (out of resources, an unknown arch, a Triton bug) for a
-    configuration, ``strict`` (``backend="triton"``) raises a RuntimeError naming the shape, dtype and error;
-    otherwise (``"auto"``) it warns once and runs that configuration on the torch backend with the kernels'
-    own dropout mask from then on, so a forward made by the kernels and a backward made by torch agree.
-    """
-
-    def __init__(self, strict: bool, module: str = "lora_linear"):
-        self.strict, self.module = strict, module
-        self.failed: Set[tuple] = set()
-
-    @staticmethod
-    def _key(t: torch.Tensor, m: int, n: int, k: int, rank: int, dropout_p: float) -> tuple:
-        """The configuration of a call, the same for its forward and its backward: device, dtype, M bucket,
-        (N, K), rank, dropout. A failure in either pass sends both to the torch backend."""
-        return t.device, t.dtype, 1 << max(m - 1, 0).bit_length(), (n, k), rank, dropout_p > 0
-
-    def _fail(self, key: tuple, what: str, err: BaseException) -> None:
-        device, dtype, m_bucket, (n, k), rank, has_dropout = key
-        message = (f"lora_kernels: the Triton {what} kernels failed for x (M<={m_bucket}, {k}) -> ({n}), rank "
-                   f"{rank}, {dtype}, dropout={has_dropout} on {device}: "
-                   f"{type(err).__name__}: {err}")
-        if self.strict:
-            raise RuntimeError(message) from err
-        warnings.warn(message + "; this configuration runs on the torch backend from now on", RuntimeWarning,
-                      stacklevel=4)
-        self.failed.add(key)
-
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        if not (self.failed and self._forward_key(x, lora_B, dropout_p) in self.failed):
-            try:
-                return _triton_module(self.module).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-            except Exception as err:  # noqa: BLE001 - any kernel failure: raise with context, or fall back
-                self._fail(self._forward_key(x, lora_B, dropout_p), "forward", err)
-        return torch_backend.KERNEL_MASK.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-
-    def backward(self, grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs_grad):
-        args = (grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs_grad)
-        if not (self.failed and self._backward_key(grad_y, lora_A, dropout_p) in self.failed):
-            try:
-                return _triton_module(self.module).backward(*args)
-            except Exception as err:  # noqa: BLE001
-                self._fail(self._backward_key(grad_y, lora_A, dropout_p), "backward", err)
-        return torch_backend.KERNEL_MASK.backward(*args)
-
-    def _forward_key(self, x, lora_B, dropout_p) -> tuple:
-        (m, k), (n, rank) = x.shape, lora_B.shape
-        return self._key(x, m, n, k, rank, dropout_p)
-
-    def _backward_key(self, grad_y, lora_A, dropout_p) -> tuple:
-        (m, n), (rank, k) = grad_y.shape, lora_A.shape
-        return self._key(grad_y, m, n, k, rank, dropout_p)
-
-    @staticmethod
-    def dropout_mask(seed, shape, dropout_p, device):
-        """The kernels' keep-mask (the torch backend's copy of it where the kernels cannot run)."""
-        module = _triton_module()
-        if module is None or not (torch.device(device).type == "cuda" or _interpreting()):
-            return torch_backend.KERNEL_MASK.dropout_mask(seed, shape, dropout_p, device)
-        return module.dropout_mask(seed, shape, dropout_p, device)
-
-
-_TRITON_STRICT = _KernelsWithFallback(strict=True)
-_TRITON_AUTO = _KernelsWithFallback(strict=False)
-# A quantized base: the kernels that dequantize W tiles in their main loops (lora_kernels.ops.quantized).
-_QUANTIZED_STRICT = _KernelsWithFallback(strict=True, module="quantized")
-_QUANTIZED_AUTO = _KernelsWithFallback(strict=False, module="quantized")
-register_backend("torch", lambda strict: torch_backend.DEFAULT)
-register_backend("triton", lambda strict: _TRITON_STRICT if strict else _TRITON_AUTO)
-
-
-def _impl(backend: str, name: str, quantized: bool = False) -> Any:
-    """The backend object (:class:`lora_kernels.backends.LoRABackend`) for a resolved backend ``name``:
-    strict when the user named it, so Triton raises instead of falling back. A quantized base on Triton
-    runs the quantized kernels; the torch backend takes either kind of W."""
-    if quantized and name == "triton":
-        return _QUANTIZED_STRICT if backend == name else _QUANTIZED_AUTO
-    return get_backend(name, strict=backend == name)
 
 
 def _first_order_only(backward):
@@ -283,6 +123,29 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
 
 
+def _save_for_backward(ctx, x2d, weight, lora_A, lora_B, s, seed) -> None:
+    """Saves only what the requested gradients read: x for dA/dW, W for dX, S for dB, and never a mask. A
+    quantized base is not a tensor: the context keeps the view (its tensors are the module's buffers, never
+    copied). Used by the autograd Function and by the custom op's autograd alike."""
+    need_x, need_weight, _, need_lora_A, need_lora_B = ctx.needs_input_grad[:5]
+    ctx.qweight = weight if _quantized(weight) and need_x else None
+    ctx.save_for_backward(
+        x2d if (need_weight or need_lora_A) else None,
+        weight if need_x and ctx.qweight is None else None,
+        lora_A,
+        lora_B,
+        s if need_lora_B else None,
+        seed,
+    )
+
+
+def _saved_for_backward(ctx) -> tuple:
+    """``(x2d, weight, lora_A, lora_B, s, seed)`` as :func:`_save_for_backward` saved them (None where not
+    needed), the quantized base put back in W's place."""
+    x2d, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+    return x2d, ctx.qweight if ctx.qweight is not None else weight, lora_A, lora_B, s, seed
+
+
 class _LoRALinearFunction(torch.autograd.Function):
     """Runs a backend on 2-D x (M, K) and saves x, S, the seed and the (parameter) weights: no mask, no x̃.
 
@@ -293,33 +156,22 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, impl):
         y, s = impl.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        need_x, need_w, _, need_a, need_bb = ctx.needs_input_grad[:5]
-        # Save only what the requested gradients read: x for dA/dW, W for dX, S for dB. A quantized base is
-        # not a tensor: the context keeps the view (its tensors are the module's buffers, never copied).
-        ctx.qweight = weight if _quantized(weight) and need_x else None
-        ctx.save_for_backward(
-            x2d if (need_w or need_a) else None,
-            weight if need_x and ctx.qweight is None else None,
-            lora_A,
-            lora_B,
-            s if need_bb else None,
-            seed,
-        )
+        _save_for_backward(ctx, x2d, weight, lora_A, lora_B, s, seed)
         ctx.scaling, ctx.dropout_p, ctx.impl = scaling, dropout_p, impl
         return y
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_y):
-        x2d, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
-        weight = ctx.qweight if ctx.qweight is not None else weight
+        x2d, weight, lora_A, lora_B, s, seed = _saved_for_backward(ctx)
         args = (grad_y, x2d, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, ctx.needs_input_grad[:5])
         if _autocast_enabled(grad_y.device.type):  # backward called inside autocast: compute in saved dtypes
             with torch.autocast(grad_y.device.type, enabled=False):
-                dx, dw, db, da, dbb = ctx.impl.backward(*args)
+                grads = ctx.impl.backward(*args)
         else:
-            dx, dw, db, da, dbb = ctx.impl.backward(*args)
-        return dx, dw, db, da, dbb, None, None, None, None
+            grads = ctx.impl.backward(*args)
+        grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B = grads
+        return grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B, None, None, None, None
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -327,6 +179,33 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type without autocast, such as "meta"
         return False
+
+
+def _outside_autocast(op: Callable[..., torch.Tensor], x: torch.Tensor, weight, bias: Optional[torch.Tensor],
+                      *args) -> torch.Tensor:
+    """``op(x, weight, bias, *args)`` under autocast, as autocast runs a linear layer: x, a tensor W, the bias
+    and every floating-point tensor among ``args`` cast to the autocast dtype, then ``op`` run with autocast
+    off so that no inner op re-casts (the in-place addmm_ would see mixed dtypes). A quantized W stays as it
+    is (it is dequantized in x's dtype). The one autocast rule of :func:`lora_linear` and the mixed ops."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+    weight = weight if _quantized(weight) else weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    with torch.autocast(device_type, enabled=False):
+        return op(x.to(dtype), weight, bias, *args)
+
+
+def _eager_inputs(x: torch.Tensor, weight, seed: Optional[torch.Tensor],
+                  dropout_ps: Sequence[float]) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], list]:
+    """What ``backend="eager"`` hands the reference (:mod:`lora_kernels.reference`), for :func:`lora_linear`
+    and the mixed ops alike: W dense in x's dtype, and per dropout probability the keep-mask the fused torch
+    backend regenerates from ``seed`` (None for p = 0) and the probability that mask realises, so that
+    ``"eager"`` and ``"torch"`` agree under one ``torch.manual_seed``."""
+    dense = weight.dequantize(x.dtype) if _quantized(weight) else weight
+    masks = [torch_backend.dropout_mask(seed, x.shape, p, x.device) if p > 0 else None for p in dropout_ps]
+    realised = [torch_backend.DEFAULT.realised_p(p, x.device) for p in dropout_ps]
+    return dense, masks, realised
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -343,7 +222,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _impl_for(backend: str, x: torch.Tensor) -> Any:
     # Resolved at run time, inside the op, so that tracing never imports Triton.
-    return _impl(backend, resolve_backend(backend, x))
+    return backend_for(backend, resolve_backend(backend, x))
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_forward", mutates_args=())
@@ -384,7 +263,8 @@ def _backward_op(
     backend: str,
     needs_grad: List[bool],
 ) -> List[torch.Tensor]:
-    """The backend's ``(dx, dweight, dbias, dA, dB)``; an empty tensor stands for a gradient not asked for."""
+    """The backend's ``(grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B)``; an empty tensor stands for a
+    gradient not asked for."""
     impl = _impl_for(backend, grad_y)
     with torch.autocast(grad_y.device.type, enabled=False):
         grads = impl.backward(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, tuple(needs_grad))
@@ -400,16 +280,13 @@ def _(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, backend, n
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    need_x, need_w, _, need_a, need_bb = ctx.needs_input_grad[:5]
-    # The same savings as _LoRALinearFunction: x for dA/dW, W for dX, S for dB, and never a mask.
-    ctx.save_for_backward(x if (need_w or need_a) else None, weight if need_x else None, lora_A, lora_B,
-                          output[1] if need_bb else None, seed)
+    _save_for_backward(ctx, x, weight, lora_A, lora_B, output[1], seed)  # as _LoRALinearFunction saves
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_s):
-    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, s, seed = _saved_for_backward(ctx)
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = _backward_op(grad_y, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, ctx.backend,
                          needs)
@@ -462,16 +339,8 @@ def lora_linear(
         RuntimeError: ``backend="triton"`` where Triton cannot run, or its kernels failed.
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    device_type = x.device.type
-    if _autocast_enabled(device_type):
-        # Mirror autocast's rule for linear layers: compute in the autocast dtype, then run the op with
-        # autocast off so that no inner op re-casts (the in-place addmm_ would see mixed dtypes).
-        dtype = torch.get_autocast_dtype(device_type)
-        x, lora_A, lora_B = (t.to(dtype) for t in (x, lora_A, lora_B))
-        weight = weight if _quantized(weight) else weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
+    if _autocast_enabled(x.device.type):  # compute in the autocast dtype, as autocast runs a linear layer
+        return _outside_autocast(lora_linear, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
 
     quantized = _quantized(weight)
     if (not quantized and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
@@ -488,12 +357,8 @@ def lora_linear(
     seed = draw_seed_tensor(x.device) if p > 0 else None
 
     if name == "eager":
-        mask = None
-        if p > 0:
-            mask = torch_backend.dropout_mask(seed, x.shape, p, x.device)
-        dense = weight.dequantize(x.dtype) if quantized else weight
-        return lora_linear_reference(x, dense, bias, lora_A, lora_B, float(scaling), mask,
-                                     torch_backend.DEFAULT.realised_p(p, x.device))
+        dense, (mask,), (realised,) = _eager_inputs(x, weight, seed, [p])
+        return lora_linear_reference(x, dense, bias, lora_A, lora_B, float(scaling), mask, realised)
     y = _LoRALinearFunction.apply(_rows(x), weight, bias, lora_A, lora_B, float(scaling), p, seed,
-                                  _impl(backend, name, quantized))
+                                  backend_for(backend, name, quantized))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])

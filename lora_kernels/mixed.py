@@ -38,10 +38,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import torch_backend
-from .functional import (_autocast_enabled, _impl, _LoRALinearFunction, _quantized, _rows, draw_seed_tensor,
-                         resolve_backend)
-from .reference import lora_linear_mixed_reference
+from .backends import backend_for, draw_seed_tensor, resolve_backend
+from .backends import torch as torch_backend
+from .functional import _autocast_enabled, _eager_inputs, _LoRALinearFunction, _outside_autocast, _quantized, _rows
+from .reference import lora_linear_mixed_reference, lora_linear_stacked_reference
 
 
 class AdapterTerm(NamedTuple):
@@ -112,14 +112,8 @@ def lora_linear_mixed(
     """
     if x.dim() < 2:
         raise ValueError(f"a mixed batch needs x of shape (B, ..., in_features), got shape {tuple(x.shape)}")
-    device_type = x.device.type
-    if _autocast_enabled(device_type):  # as lora_linear: compute in the autocast dtype, with autocast off
-        dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
-        weight = weight if _quantized(weight) else weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return lora_linear_mixed(x, weight, bias, adapters, row_adapter, training, backend)
+    if _autocast_enabled(x.device.type):  # as lora_linear: compute in the autocast dtype, with autocast off
+        return _outside_autocast(lora_linear_mixed, x, weight, bias, adapters, row_adapter, training, backend)
 
     batch, n = x.shape[0], len(adapters)
     index = _row_index(row_adapter, n, batch, x.device)
@@ -138,14 +132,12 @@ def lora_linear_mixed(
     seed = draw_seed_tensor(x.device) if any(p > 0 for p in ps) else None
 
     if name == "eager":
-        realised = [torch_backend.DEFAULT.realised_p(p, x.device) for p in ps]
-        masks = [torch_backend.dropout_mask(seed, x.shape, p, x.device) if p > 0 else None for p in ps]
-        dense = weight.dequantize(x.dtype) if _quantized(weight) else weight
+        dense, masks, realised = _eager_inputs(x, weight, seed, ps)
         terms = [(t.lora_A.to(x.dtype), t.lora_B.to(x.dtype), float(t.scaling)) for t in adapters]
         return lora_linear_mixed_reference(x, dense, bias, terms, index.masked_fill(index == n, -1), masks, realised)
 
     uniform_p = len(set(ps)) == 1
-    impl = _impl(backend, name, _quantized(weight))
+    impl = backend_for(backend, name, _quantized(weight))
     if name == "triton" and not uniform_p:
         # The kernels take one p per launch; the torch backend with the kernels' own mask thresholds per row.
         impl = torch_backend.KERNEL_MASK
@@ -200,15 +192,11 @@ def lora_linear_stacked(
     dropout_p = ps.pop()
     seed = draw_seed_tensor(x.device) if dropout_p > 0 else None
     if name == "eager":  # the reference's terms, one per adapter, on the shared mask
-        mask = torch_backend.dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 else None
-        realised = torch_backend.DEFAULT.realised_p(dropout_p, x.device)
-        x_lora = x if mask is None else x * mask.to(x.dtype) / (1.0 - realised)
-        y = F.linear(x, weight.dequantize(x.dtype) if _quantized(weight) else weight, bias)
-        for t in adapters:
-            y = y + float(t.scaling) * F.linear(F.linear(x_lora, t.lora_A.to(x.dtype)), t.lora_B.to(x.dtype))
-        return y
+        dense, (mask,), (realised,) = _eager_inputs(x, weight, seed, [dropout_p])
+        terms = [(t.lora_A.to(x.dtype), t.lora_B.to(x.dtype), float(t.scaling)) for t in adapters]
+        return lora_linear_stacked_reference(x, dense, bias, terms, mask, realised)
     ranks = tuple(t.lora_A.shape[0] for t in adapters)
     table = _scale_table(ranks, tuple(float(t.scaling) for t in adapters), x.device, x.dtype)
     scale = table[:-1].sum(0, keepdim=True)  # (1, Σr): every adapter's scale on its own columns
     return _scaled_lora_linear(x, weight, bias, [t.lora_A for t in adapters], [t.lora_B for t in adapters], scale,
-                               dropout_p, seed, _impl(backend, name, _quantized(weight)))
+                               dropout_p, seed, backend_for(backend, name, _quantized(weight)))

@@ -51,7 +51,7 @@ def lora_linear_reference(
     return base + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
 
 
-def lora_linear_eager(
+def lora_linear_unfused(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -61,14 +61,43 @@ def lora_linear_eager(
     dropout_p: float = 0.0,
     training: bool = True,
 ) -> torch.Tensor:
-    """Eager LoRA linear with ordinary dropout (``F.dropout``), as MiniMind and PEFT run it.
+    """The unfused LoRA linear as MiniMind and PEFT write it: plain autograd ops and ordinary dropout
+    (``F.dropout``, its own random mask, kept for backward).
 
-    This is the ``"eager"`` baseline of the benchmarks; :func:`lora_kernels.lora_linear` with
-    ``backend="eager"`` instead uses :func:`lora_linear_reference` with the seeded mask of the fused
-    backends so that both give the same numbers under the same ``torch.manual_seed``.
+    This is the ``"eager"`` provider of the benchmarks (``lora_linear_eager`` is its older name); the
+    ``backend="eager"`` of :func:`lora_kernels.lora_linear` instead uses :func:`lora_linear_reference` with the
+    seeded mask of the fused backends so that both give the same numbers under the same ``torch.manual_seed``.
     """
     x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
+
+
+lora_linear_eager = lora_linear_unfused  # the older name, still exported by lora_kernels
+
+
+def lora_linear_stacked_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    adapters: Sequence[Tuple[torch.Tensor, torch.Tensor, float]],
+    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Eager sum of several adapters on every row (PEFT's several active adapters): the base plus each
+    adapter's term of :func:`lora_linear_reference`, all on one shared dropout mask.
+
+    Args:
+        x, weight, bias, dropout_mask, dropout_p: as for :func:`lora_linear_reference`.
+        adapters: ``(lora_A, lora_B, scaling)`` per adapter.
+
+    Returns:
+        x·Wᵀ + b + Σ_a s_a·(dropout(x)·A_aᵀ)·B_aᵀ, shape (..., out_features), in x's dtype.
+    """
+    x_lora = x if dropout_mask is None else x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    y = F.linear(x, weight, bias)
+    for lora_A, lora_B, scaling in adapters:
+        y = y + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
+    return y
 
 
 def lora_linear_mixed_reference(

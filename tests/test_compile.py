@@ -16,6 +16,7 @@ import torch._dynamo
 import torch.nn as nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import lora_kernels.backends.triton as triton_backend
 import lora_kernels.functional as functional
 from helpers import assert_close
 from lora_kernels import FusedLoRALinear, replace_linear_with_fused_lora, triton_available
@@ -140,7 +141,7 @@ def test_compiled_layer_runs_our_triton_kernels(monkeypatch):
     expected = outputs_and_grads(layer, x, params, seed=0)
     for compiler in compilers:
         torch._dynamo.reset()
-        calls = count_calls(monkeypatch, functional._triton_module())
+        calls = count_calls(monkeypatch, triton_backend._triton_module())
         with torch._inductor.config.patch(fallback_random=True):
             got = outputs_and_grads(torch.compile(layer, fullgraph=True, backend=compiler), x, params, seed=0)
         monkeypatch.undo()

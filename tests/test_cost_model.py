@@ -118,7 +118,7 @@ def test_partial_sums_follow_the_launchers_splits():
     import torch
 
     from lora_kernels.ops.configs import _heuristic_configs
-    from lora_kernels.ops.lora_linear import _split
+    from lora_kernels.ops.launch import split_reduction as _split
 
     gpu = GPUS["h100"]
     s = Shape(8192, 768, 768, 16, 0.1)

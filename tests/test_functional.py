@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from helpers import assert_close, make_peft_linear
 from lora_kernels import lora_linear, lora_linear_reference
-from lora_kernels import torch_backend
-from lora_kernels.functional import draw_seed, resolve_backend
+from lora_kernels.backends import draw_seed_tensor, resolve_backend
+from lora_kernels.backends import torch as torch_backend
 from lora_kernels.memory import saved_activation_bytes
 
 # (leading dims of x, in_features K, out_features N, rank r): odd sizes, M = 0 and 1, rank 1, ranks that
@@ -76,7 +76,7 @@ def test_matches_reference(backend, dtype, lead, k, n, r, bias, p):
     scaling = 0.75
     m = math.prod(lead)
     torch.manual_seed(1234)
-    seed = draw_seed()
+    seed = draw_seed_tensor(torch.device("cpu"))  # what the op draws on the CPU
     mask = torch_backend.dropout_mask(seed, (m, k), p, torch.device("cpu")).view(*lead, k) if p else None
     grad_out = torch.randn(*lead, n, generator=torch.Generator().manual_seed(7)).to(dtype)
 
@@ -281,7 +281,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 def test_any_shape_matches_reference(lead, k, n, r, bias, p, scaling):
     inputs = make_inputs(tuple(lead), k, n, r, torch.float32, bias=bias, grads=("x", "lora_A", "lora_B", "weight"))
     torch.manual_seed(99)
-    seed = draw_seed()
+    seed = draw_seed_tensor(torch.device("cpu"))  # what the op draws on the CPU
     m = math.prod(lead)
     mask = torch_backend.dropout_mask(seed, (m, k), p, torch.device("cpu")).view(*lead, k) if p else None
     grad_out = torch.randn(*lead, n)
@@ -386,8 +386,6 @@ def test_float64_gets_exact_results_from_auto_and_a_clear_error_from_triton():
 def test_dropout_seed_is_a_tensor_on_the_input_device_and_advances_per_call():
     # The seed is drawn on x's device (the CPU here), from that device's generator: two calls, two seeds,
     # and the same two again after the same manual_seed.
-    from lora_kernels.functional import draw_seed_tensor
-
     torch.manual_seed(3)
     first = [draw_seed_tensor(torch.device("cpu")) for _ in range(2)]
     torch.manual_seed(3)
@@ -403,24 +401,24 @@ def test_dropout_seed_is_a_tensor_on_the_input_device_and_advances_per_call():
 
 def test_builtin_backends_follow_the_protocol():
     from lora_kernels.backends import LoRABackend, get_backend, registered_backends
-    from lora_kernels import functional
+    from lora_kernels.backends.triton import kernels
 
     assert {"torch", "triton"} <= set(registered_backends())
     assert get_backend("torch") is torch_backend.DEFAULT
-    assert get_backend("triton", strict=True) is functional._TRITON_STRICT
-    assert get_backend("triton", strict=False) is functional._TRITON_AUTO
-    for backend in (torch_backend.DEFAULT, torch_backend.KERNEL_MASK, functional._TRITON_STRICT):
+    assert get_backend("triton", strict=True) is kernels(strict=True)
+    assert get_backend("triton", strict=False) is kernels(strict=False)
+    for backend in (torch_backend.DEFAULT, torch_backend.KERNEL_MASK, kernels(strict=True)):
         assert isinstance(backend, LoRABackend)
     # The Triton wrapper's mask is the kernels' (the torch copy of it where the kernels cannot run).
     seed = torch.tensor([5])
-    assert torch.equal(functional._TRITON_AUTO.dropout_mask(seed, (6, 10), 0.3, "cpu"),
+    assert torch.equal(kernels(strict=False).dropout_mask(seed, (6, 10), 0.3, "cpu"),
                        torch_backend.KERNEL_MASK.dropout_mask(seed, (6, 10), 0.3, "cpu"))
     with pytest.raises(ValueError, match="no backend named 'nope'"):
         get_backend("nope")
 
 
 def test_a_registered_backend_is_used_by_name(monkeypatch):
-    from lora_kernels import backends
+    from lora_kernels.backends import base
 
     calls = []
 
@@ -435,8 +433,8 @@ def test_a_registered_backend_is_used_by_name(monkeypatch):
 
         dropout_mask = staticmethod(torch_backend.DEFAULT.dropout_mask)
 
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
-    backends.register_backend("recording", lambda strict: Recording())
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    base.register_backend("recording", lambda strict: Recording())
     assert resolve_backend("recording", torch.randn(2, 3)) == "recording"
     x, w, a, b = torch.randn(4, 6, requires_grad=True), torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
     y = lora_linear(x, w, None, a, b, 0.5, backend="recording")
@@ -445,4 +443,4 @@ def test_a_registered_backend_is_used_by_name(monkeypatch):
     assert_close(y, lora_linear_reference(x.double(), w.double(), None, a.double(), b.double(), 0.5), torch.float32)
     for name in ("auto", "eager", ""):
         with pytest.raises(ValueError, match="backend name"):
-            backends.register_backend(name, lambda strict: Recording())
+            base.register_backend(name, lambda strict: Recording())

@@ -13,9 +13,10 @@ import torch
 
 from helpers import TOLERANCES, assert_close
 from lora_kernels import lora_linear, lora_linear_reference
-from lora_kernels.functional import draw_seed
+from lora_kernels.backends import draw_seed_tensor
 
 ops = pytest.importorskip("lora_kernels.ops.lora_linear")
+launch = pytest.importorskip("lora_kernels.ops.launch")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -82,7 +83,7 @@ def run_backend(inputs, grad_out, scaling, p, wanted, seed):
 def seed_drawn_by_op(seed):
     """The dropout seed ``lora_linear`` draws after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
-    return draw_seed()
+    return draw_seed_tensor(DEVICE)
 
 
 def check_against_reference(lead, k, n, r, dtype, bias, p, wanted, scaling=0.75, tolerance=None):
@@ -441,7 +442,7 @@ def test_config_cache_is_per_bucket_and_splits_are_sane():
     torch.set_float32_matmul_precision("high")  # TF32 for fp32, as torch.mm does (restored by the fixture)
     assert ops._input_precision(torch.float32) == "tf32"
     for programs, tiles, target, min_tiles in [(1, 100, 64, 4), (64, 7, 32, 1), (3, 1, 100, 1), (5, 50, 7, 2)]:
-        splits, per = ops._split(programs, tiles, target, min_tiles)
+        splits, per = launch.split_reduction(programs, tiles, target, min_tiles)
         assert splits >= 1 and (splits - 1) * per < tiles <= splits * per
 
 
@@ -470,7 +471,9 @@ def test_tolerances_are_the_shared_ones():
 # ---------------------------------------------------------------------------------------------------
 # The torch backend's kernel-mask twin, the bf16 refusal on the interpreter, and the fallback of "auto".
 
-from lora_kernels import functional, torch_backend  # noqa: E402
+from lora_kernels import functional  # noqa: E402
+from lora_kernels.backends import torch as torch_backend  # noqa: E402
+from lora_kernels.backends.triton import kernels  # noqa: E402
 
 
 @pytest.mark.parametrize("shape,p,seed", [((37, 53), 0.3, 7), ((5, 4, 19), 0.05, 2**31 - 2), ((64, 8), 0.9, 0)])
@@ -517,7 +520,7 @@ def auto_means_triton(monkeypatch, fresh_plans):
     every configuration starts unfailed."""
     resolve = functional.resolve_backend
     monkeypatch.setattr(functional, "resolve_backend", lambda b, x: "triton" if b == "auto" else resolve(b, x))
-    monkeypatch.setattr(functional._TRITON_AUTO, "failed", set())
+    monkeypatch.setattr(kernels(strict=False), "failed", set())
 
 
 @pytest.mark.parametrize("broken", ["_lora_matmul_kernel", "_lora_da_kernel"])  # forward+dX, or dA alone

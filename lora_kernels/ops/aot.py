@@ -219,8 +219,8 @@ class KernelReport:
         parts = [f"{k}={c[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in c]
         if "FORMAT" in c:  # a quantized GEMM (lora_kernels.ops.quantized)
             parts.append(("nf4" + ("-dq" if c.get("DOUBLE_QUANT") else "")) if c["FORMAT"] == 0 else "int8")
-        flags = [k.split("_", 1)[1].lower() for k in ("HAS_BIAS", "HAS_LORA", "HAS_DROPOUT", "COMPUTE_DS",
-                                                      "COMPUTE_DBB", "COMPUTE_DBIAS") if c.get(k)]
+        flags = [k.split("_", 1)[1].lower() for k in ("HAS_BIAS", "HAS_LORA", "HAS_DROPOUT", "COMPUTE_GRAD_S",
+                                                      "COMPUTE_GRAD_LORA_B", "COMPUTE_GRAD_BIAS") if c.get(k)]
         parts.append(f"w{c.get('num_warps')}s{c.get('num_stages')}")
         return " ".join(parts + flags)
 

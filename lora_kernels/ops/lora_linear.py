@@ -4,17 +4,17 @@
 
 Shapes: x (M, K), W (N, K), b (N,), A = lora_A (r, K), B = lora_B (N, r), keep (M, K) a Bernoulli(1 - p)
 keep-mask that is never stored. This module implements the backend contract stated in
-:mod:`lora_kernels.torch_backend` (``forward``, ``backward``, ``dropout_mask``).
+:mod:`lora_kernels.backends.base` (``forward``, ``backward``, ``dropout_mask``).
 
 Passes (one kernel launch each; ``[...]`` only when needed)::
 
     forward    _lora_down_kernel     S = (keep ⊙ x)·Aᵀ / (1-p)             (M, r), dropout fused, S kept
                _lora_matmul_kernel   acc = s·S·Bᵀ;  acc += x·Wᵀ;  y = acc + b   y written once
-    backward   _lora_dy_kernel       one pass over dY:  dS = s·dY·B,  dB = s·dYᵀ·S,  [db = Σ_rows dY]
+    backward   _lora_dy_kernel       one pass over dY:  dS = s·dY·B,  dB = s·dYᵀ·S,  [dbias = Σ_rows dY]
                [_sum_partials_kernel]  dS, when dY's columns were split over programs
                _lora_matmul_kernel   acc = (keep ⊙ dS·A)/(1-p);  acc += dY·W     dX written once
                _lora_da_kernel       dA = dSᵀ·(keep ⊙ x)/(1-p), mask regenerated, no copy of x
-               [_sum_partials_kernel]  dB, db, dA partial sums, all three in one launch
+               [_sum_partials_kernel]  dB, dbias, dA partial sums, all three in one launch
                [_lora_matmul_kernel] dW = dYᵀ·x, only when W is trainable
 
 Dropout mask. ``keep(seed, row, col)`` is a pure function of the seed and the element's global (row, col)
@@ -85,15 +85,11 @@ per new M). Under the interpreter all blocks are 32 and nothing is split, to kee
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
-from triton.compiler.compiler import CompiledKernel
-from triton.runtime.driver import driver
 
 from .configs import (  # noqa: F401 - re-exported: tests and tools reach them through this module
     KernelConfig,
@@ -108,6 +104,7 @@ from .configs import (  # noqa: F401 - re-exported: tests and tools reach them t
     override_configs,
 )
 from . import configs as _configs
+from .launch import Launch, cached, call_key, check_operands, device_guard, launch_env, seed_tensor, split_reduction
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
@@ -157,33 +154,33 @@ def _split_tiles(pid_s, tiles_per_split, size, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _dropout_mask_kernel(
     # pointers
-    out_ptr,
+    keep_ptr,
     # sizes
     M, K,
     # strides
-    stride_om, stride_ok,
+    stride_keep_m, stride_keep_k,
     # run-time scalars (the seed is read from device memory: a CUDA graph replays a pointer, not a value)
     seed_ptr, dropout_p,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out (M, K) bool = keep(seed, row, col): the mask every kernel below regenerates, for tests."""
+    """keep (M, K) bool = keep(seed, row, col): the mask every kernel below regenerates, for tests."""
     seed = tl.load(seed_ptr)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _keep_mask(seed, offs_m, offs_k, dropout_p)
-    ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :].to(tl.int64) * stride_ok
-    tl.store(ptrs, keep, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    keep_ptrs = keep_ptr + offs_m[:, None].to(tl.int64) * stride_keep_m + offs_k[None, :].to(tl.int64) * stride_keep_k
+    tl.store(keep_ptrs, keep, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 @triton.jit(do_not_specialize=["M"])
 def _lora_down_kernel(
     # pointers
-    x_ptr, a_ptr, s_ptr,
+    x_ptr, lora_A_ptr, s_ptr,
     # sizes
     M, K, R,
     # strides
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    stride_xm, stride_xk, stride_lora_A_r, stride_lora_A_k, stride_sm, stride_sr,
     # run-time scalars
     seed_ptr, dropout_p, inv_keep,
     # meta-parameters
@@ -204,9 +201,10 @@ def _lora_down_kernel(
 
     ks = offs_k.to(tl.int64)  # x's column stride may be large (a transposed view): int64 addresses
     x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
-    at_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + ks[:, None] * stride_ak  # (BLOCK_K, BLOCK_R) = Aᵀ
+    # (BLOCK_K, BLOCK_R) = Aᵀ
+    lora_At_ptrs = lora_A_ptr + offs_r[None, :].to(tl.int64) * stride_lora_A_r + ks[:, None] * stride_lora_A_k
     step_x = tl.full([], BLOCK_K, tl.int64) * stride_xk
-    step_a = tl.full([], BLOCK_K, tl.int64) * stride_ak
+    step_lora_A = tl.full([], BLOCK_K, tl.int64) * stride_lora_A_k
 
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -218,10 +216,10 @@ def _lora_down_kernel(
         x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, offs_m, k0 + offs_k, dropout_p), x, 0.0)
-        at = tl.load(at_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(x, at, acc, input_precision=INPUT_PRECISION)
+        lora_At = tl.load(lora_At_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(x, lora_At, acc, input_precision=INPUT_PRECISION)
         x_ptrs += step_x
-        at_ptrs += step_a
+        lora_At_ptrs += step_lora_A
 
     # --- epilogue
     if HAS_DROPOUT:
@@ -332,23 +330,24 @@ def _lora_matmul_kernel(
 @triton.jit(do_not_specialize=["M"])
 def _lora_dy_kernel(
     # pointers
-    dy_ptr, b_ptr, s_ptr, ds_ptr, dbb_ptr, db_ptr,
+    grad_y_ptr, lora_B_ptr, s_ptr, grad_s_ptr, grad_lora_B_ptr, grad_bias_ptr,
     # sizes
     M, N, R, tiles_per_split,
     # strides
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_dsp, stride_dsm, stride_dsr, stride_dbbp, stride_dbbn, stride_dbbr, stride_dbp, stride_dbn,
+    stride_grad_y_m, stride_grad_y_n, stride_lora_B_n, stride_lora_B_r, stride_sm, stride_sr,
+    stride_grad_s_p, stride_grad_s_m, stride_grad_s_r,
+    stride_grad_lora_B_p, stride_grad_lora_B_n, stride_grad_lora_B_r, stride_grad_bias_p, stride_grad_bias_n,
     # run-time scalars
     scaling,
     # meta-parameters
-    COMPUTE_DS: tl.constexpr, COMPUTE_DBB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr,
+    COMPUTE_GRAD_S: tl.constexpr, COMPUTE_GRAD_LORA_B: tl.constexpr, COMPUTE_GRAD_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over dY (M, N) gives, for a block of BLOCK_M rows and one split of dY's columns:
 
-        dS[split]   (M, R) += s · dY·B          B = lora_B (N, R); summed over splits afterwards
-        dB[m-block] (N, R)  = s · dYᵀ·S         S (M, R) from the forward; summed over m-blocks afterwards
-        db[m-block] (N,)    = Σ_rows dY         summed over m-blocks afterwards
+        dS[split]      (M, R) += s · dY·B       B = lora_B (N, R); summed over splits afterwards
+        dB[m-block]    (N, R)  = s · dYᵀ·S      grad_lora_B; S (M, R) from the forward; summed over m-blocks
+        dbias[m-block] (N,)    = Σ_rows dY      grad_bias; summed over m-blocks afterwards
 
     Grid (cdiv(M, BLOCK_M), number of column splits, cdiv(R, BLOCK_R)); a split covers ``tiles_per_split``
     column tiles. Partial sums go to fp32 workspaces (or straight to the output when there is one), never
@@ -359,54 +358,59 @@ def _lora_dy_kernel(
     pid_r = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_mask = offs_m < M  # rows are masked (not wrapped): they are reduced over for dB and db
+    m_mask = offs_m < M  # rows are masked (not wrapped): they are reduced over for dB and dbias
     r_mask = offs_r < R
     rows = offs_m.to(tl.int64)
     # Workspace offsets in int64: a partial-sum buffer holds (M-blocks x N x R) or (splits x M x R) values,
     # which passes 2³¹ at long sequences and wide layers (8192 M-blocks x 4096 x 64, say).
     block_m64 = pid_m.to(tl.int64)
     split64 = pid_s.to(tl.int64)
-    if COMPUTE_DBB:
+    if COMPUTE_GRAD_LORA_B:
         s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
 
     # --- stream this split's column tiles of dY once
-    ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    grad_s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     t_start, t_end = _split_tiles(pid_s, tiles_per_split, N, BLOCK_N)
     for t in range(t_start, t_end):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         cols = offs_n.to(tl.int64)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        if COMPUTE_DS:
-            b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
-        if COMPUTE_DBB:
-            dbb = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling
-            tl.store(dbb_ptr + block_m64 * stride_dbbp + cols[:, None] * stride_dbbn + offs_r[None, :] * stride_dbbr,
-                     dbb.to(dbb_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
-        if COMPUTE_DBIAS:
+        grad_y = tl.load(grad_y_ptr + rows[:, None] * stride_grad_y_m + cols[None, :] * stride_grad_y_n,
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if COMPUTE_GRAD_S:
+            lora_B = tl.load(lora_B_ptr + cols[:, None] * stride_lora_B_n + offs_r[None, :] * stride_lora_B_r,
+                             mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            grad_s_acc = tl.dot(grad_y, lora_B, grad_s_acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_GRAD_LORA_B:
+            grad_lora_B = tl.dot(tl.trans(grad_y), s, input_precision=INPUT_PRECISION) * scaling
+            grad_lora_B_ptrs = (grad_lora_B_ptr + block_m64 * stride_grad_lora_B_p
+                                + cols[:, None] * stride_grad_lora_B_n + offs_r[None, :] * stride_grad_lora_B_r)
+            tl.store(grad_lora_B_ptrs, grad_lora_B.to(grad_lora_B_ptr.dtype.element_ty),
+                     mask=n_mask[:, None] & r_mask[None, :])
+        if COMPUTE_GRAD_BIAS:
             if pid_r == 0:
-                db = tl.sum(dy.to(tl.float32), axis=0)
-                tl.store(db_ptr + block_m64 * stride_dbp + cols * stride_dbn, db.to(db_ptr.dtype.element_ty),
-                         mask=n_mask)
+                grad_bias = tl.sum(grad_y.to(tl.float32), axis=0)
+                tl.store(grad_bias_ptr + block_m64 * stride_grad_bias_p + cols * stride_grad_bias_n,
+                         grad_bias.to(grad_bias_ptr.dtype.element_ty), mask=n_mask)
 
     # --- epilogue
-    if COMPUTE_DS:
-        ds_ptrs = ds_ptr + split64 * stride_dsp + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
-        tl.store(ds_ptrs, (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+    if COMPUTE_GRAD_S:
+        grad_s_ptrs = (grad_s_ptr + split64 * stride_grad_s_p + rows[:, None] * stride_grad_s_m
+                       + offs_r[None, :] * stride_grad_s_r)
+        tl.store(grad_s_ptrs, (grad_s_acc * scaling).to(grad_s_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["M"])
 def _lora_da_kernel(
     # pointers
-    ds_ptr, x_ptr, da_ptr,
+    grad_s_ptr, x_ptr, grad_lora_A_ptr,
     # sizes
     M, K, R, tiles_per_split,
     # strides
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dap, stride_dar, stride_dak,
+    stride_grad_s_m, stride_grad_s_r, stride_xm, stride_xk,
+    stride_grad_lora_A_p, stride_grad_lora_A_r, stride_grad_lora_A_k,
     # run-time scalars
     seed_ptr, dropout_p, inv_keep,
     # meta-parameters
@@ -437,18 +441,19 @@ def _lora_da_kernel(
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         rows = offs_m.to(tl.int64)
-        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        grad_s = tl.load(grad_s_ptr + rows[:, None] * stride_grad_s_m + offs_r[None, :] * stride_grad_s_r,
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, offs_m, offs_k, dropout_p), x, 0.0)
-        acc = tl.dot(tl.trans(ds), x, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(tl.trans(grad_s), x, acc, input_precision=INPUT_PRECISION)
 
     # --- epilogue
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    da_ptrs = da_ptr + pid_s.to(tl.int64) * stride_dap + offs_r[:, None] * stride_dar + offs_k[None, :].to(tl.int64) * stride_dak
-    tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=r_mask[:, None] & (offs_k[None, :] < K))
+    grad_lora_A_ptrs = (grad_lora_A_ptr + pid_s.to(tl.int64) * stride_grad_lora_A_p
+                        + offs_r[:, None] * stride_grad_lora_A_r + offs_k[None, :].to(tl.int64) * stride_grad_lora_A_k)
+    tl.store(grad_lora_A_ptrs, acc.to(grad_lora_A_ptr.dtype.element_ty), mask=r_mask[:, None] & (offs_k[None, :] < K))
 
 
 @triton.jit
@@ -486,98 +491,31 @@ def _sum_partials_kernel(
 
 # --------------------------------------------------------------------------------------------- launchers
 #
-# A call does little more than its launches. Everything that depends only on a call's shapes, strides,
-# dtypes, pointer alignments, flags and device (configs, grids, splits, workspace shapes, the integer
-# arguments, and the compiled kernel of every launch) is worked out once into a plan, cached under that
-# key, and reused by every later call with the same key. A planned launch calls the compiled kernel's
-# launcher directly: Triton's ``JITFunction.run`` binds and specialises every argument and looks the kernel
-# up again on each launch, which costs more Python than the rest of the call.
-
-_PLAN_CACHE_SIZE = 512
-
-
-def _split(programs: int, num_tiles: int, target_programs: int, min_tiles: int) -> Tuple[int, int]:
-    """(number of splits, tiles per split) so that programs · splits reaches ``target_programs`` while each
-    split keeps at least ``min_tiles`` tiles of its reduction (and there is always at least one split)."""
-    splits = 1
-    if programs < target_programs and num_tiles >= 2 * min_tiles:
-        splits = min(triton.cdiv(target_programs, max(programs, 1)), num_tiles // min_tiles)
-    tiles_per_split = max(1, triton.cdiv(num_tiles, splits))
-    return max(1, triton.cdiv(num_tiles, tiles_per_split)), tiles_per_split
-
-
-class _Launch:
-    """One kernel launch of a plan: its grid and meta-parameters and, after its first launch, the compiled
-    kernel, whose launcher every later launch calls directly with the same positional arguments.
-
-    ``launch(*args)`` looks the stream and the launch hooks up itself; a plan that launches several kernels
-    looks them up once (:func:`_launch_env`) and calls ``launch.run(env, *args)`` for each."""
-
-    __slots__ = ("fn", "grid", "meta", "compiled", "constexprs")
-
-    def __init__(self, fn, grid: Tuple[int, ...], meta: Dict[str, Any]):
-        self.fn, self.meta, self.compiled, self.constexprs = fn, meta, None, ()
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
-
-    def __call__(self, *args) -> None:
-        self.run(_launch_env() if self.compiled is not None else None, *args)
-
-    def run(self, env: Optional[tuple], *args) -> None:
-        compiled = self.compiled
-        if compiled is None:
-            compiled = self.fn[self.grid](*args, **self.meta)
-            if isinstance(compiled, CompiledKernel):  # None under the interpreter: it keeps this slow path
-                # The launcher takes every parameter in order: the run-time ones given, then the constexprs.
-                self.constexprs = tuple(self.meta[p.name] for p in self.fn.params[len(args):])
-                self.compiled = compiled
-            return
-        stream, enter, exit_ = env
-        metadata = None
-        if enter is not None or exit_ is not None:  # a profiler is listening: give it what Triton gives it
-            metadata = compiled.launch_metadata(self.grid, stream, *args, *self.constexprs)
-        compiled.run(self.grid[0], self.grid[1], self.grid[2], stream, compiled.function, compiled.packed_metadata,
-                     metadata, enter, exit_, *args, *self.constexprs)
-
-
-_INTERPRETED = _interpreting()  # fixed when triton.jit built this module's kernels, at import
-
-
-def _launch_env() -> Optional[tuple]:
-    """What every launch of a call needs from the runtime: (stream, enter hook, exit hook); None under the
-    interpreter, whose launches never reach a compiled kernel."""
-    if _INTERPRETED:
-        return None
-    device = driver.active.get_current_device()
-    return (driver.active.get_current_stream(device), _hook(knobs.runtime.launch_enter_hook),
-            _hook(knobs.runtime.launch_exit_hook))
-
-
-def _hook(hook):
-    """A launch hook, or None when there is none to call (Triton >= 3.5 keeps an empty chain of hooks)."""
-    return hook if hook is not None and getattr(hook, "calls", True) else None
-
+# A call does little more than its launches: each configuration is planned once (configs, grids, splits,
+# workspace shapes, integer arguments, compiled kernels) and cached; lora_kernels.ops.launch holds that
+# machinery, shared with lora_kernels.ops.quantized.
 
 def _matmul_launch(m: int, n: int, k: int, rank: int, *, has_bias: bool, has_lora: bool, has_dropout: bool,
                    config: KernelConfig, max_block_r: int, precision: str,
-                   tune: Optional[Tuple[tuple, Callable[[KernelConfig], None]]] = None) -> _Launch:
+                   tune: Optional[Tuple[tuple, Callable[[KernelConfig], None]]] = None) -> Launch:
     """The launch of ``_lora_matmul_kernel`` for C (m, n) over a reduction of k (see its docstring)."""
     if tune is not None and _configs._OVERRIDE is None:
         config = _tuned_gemm(tune[0] + (has_lora, has_dropout, has_bias), config, tune[1])
-    return _Launch(_lora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),), dict(
+    return Launch(_lora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),), dict(
         HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DROPOUT=has_dropout,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-def _sum_launch(numels: Sequence[int]) -> Optional[_Launch]:
+def _sum_launch(numels: Sequence[int]) -> Optional[Launch]:
     """The launch that sums up to three (count, numel) fp32 workspaces into their outputs, or None."""
     numels = [n for n in numels if n > 0]
     if not numels:
         return None
     assert len(numels) <= 3, f"at most three workspaces per launch, got {len(numels)}"
     block = 1024
-    return _Launch(_sum_partials_kernel, (sum(triton.cdiv(n, block) for n in numels),), dict(BLOCK=block))
+    return Launch(_sum_partials_kernel, (sum(triton.cdiv(n, block) for n in numels),), dict(BLOCK=block))
 
 
 def _sum_args(jobs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> list:
@@ -589,26 +527,6 @@ def _sum_args(jobs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> list:
     return args
 
 
-def _call_key(kind: str, device: torch.device, dtype: torch.dtype, tensors: Sequence[Optional[torch.Tensor]],
-              flags: tuple) -> tuple:
-    """A plan's key: the device's (capability, SMs), the fp32 precision and an override (they change the
-    chosen kernels), the flags, and per tensor what Triton specialises on and the grids depend on."""
-    key = [kind, device, _configs._device_info(device), _input_precision(dtype), id(_configs._OVERRIDE), flags]
-    for t in tensors:  # inline, not a helper per tensor: this runs on every call
-        key.append(None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0))
-    return tuple(key)
-
-
-def _cached(cache: Dict[tuple, Any], key: tuple, build: Callable[[], Any]) -> Any:
-    plan = cache.get(key)
-    if plan is None:
-        plan = build()
-        if len(cache) >= _PLAN_CACHE_SIZE:  # many shapes (variable sequence lengths): start over
-            cache.clear()
-        cache[key] = plan
-    return plan
-
-
 _FORWARD_PLANS: Dict[tuple, "_ForwardPlan"] = {}
 _BACKWARD_PLANS: Dict[tuple, "_BackwardPlan"] = {}
 
@@ -617,28 +535,6 @@ def clear_plans() -> None:
     """Forget every cached launch plan (configs changed under them, or to free their compiled handles)."""
     _FORWARD_PLANS.clear()
     _BACKWARD_PLANS.clear()
-
-
-def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
-    """The seed as the one-element int64 device tensor the kernels read (an int is copied there, for tests)."""
-    if isinstance(seed, torch.Tensor):
-        return seed if seed.device == device else seed.to(device)
-    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _check(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, in_features), got shape {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1] or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A (rank, in_features) and lora_B (out_features, rank) must agree on a rank >= 1, "
-                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
 
 
 class _ForwardPlan:
@@ -653,7 +549,7 @@ class _ForwardPlan:
         self.down = None
         if k > 0:
             cfg, block_r = cfgs.down, _rank_block(rank, cfgs.max_block_r)
-            self.down = _Launch(_lora_down_kernel, (triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)), dict(
+            self.down = Launch(_lora_down_kernel, (triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)), dict(
                 HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             # sizes and strides of x (M, K), A (r, K) and S (M, r), S contiguous
@@ -690,7 +586,7 @@ class _ForwardPlan:
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         y = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
         s = torch.empty((self.m, self.rank), device=x.device, dtype=x.dtype)
-        env = _launch_env()
+        env = launch_env()
         if self.down is not None:
             self.down.run(env, x, lora_A, s, *self.down_ints, seed if dropout_p > 0 else x, float(dropout_p),
                       1.0 / (1.0 - dropout_p))
@@ -736,91 +632,92 @@ def forward(
     Raises:
         ValueError / TypeError: shapes or dtypes do not fit.
     """
-    _check(x, weight, lora_A, lora_B)
+    check_operands(x, weight, lora_A, lora_B)
     if x.shape[0] == 0:
         return (torch.empty((0, weight.shape[0]), device=x.device, dtype=x.dtype),
                 torch.empty((0, lora_A.shape[0]), device=x.device, dtype=x.dtype))
     has_dropout = dropout_p > 0
-    key = _call_key("forward", x.device, x.dtype, (x, weight, bias, lora_A, lora_B), (has_dropout,))
-    plan = _cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, weight, bias, lora_A, lora_B, has_dropout))
-    with _device_guard(x):
+    key = call_key("forward", x.device, x.dtype, (x, weight, bias, lora_A, lora_B), (has_dropout,))
+    plan = cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, weight, bias, lora_A, lora_B, has_dropout))
+    with device_guard(x):
         return plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                    _seed_tensor(seed, x.device) if has_dropout else None)
+                    seed_tensor(seed, x.device) if has_dropout else None)
 
 
 class _BackwardPlan:
     """The launches of one backward configuration (see the module docstring): the dY pass, [dS partial sums],
-    the dX GEMM, the dA pass, [dB/db/dA partial sums], [the dW GEMM]."""
+    the dX GEMM, the dA pass, [dB/dbias/dA partial sums], [the dW GEMM]."""
 
     def __init__(self, grad_y, x, weight, lora_A, lora_B, s, needs: Tuple[bool, ...], has_dropout: bool):
-        need_x, need_w, need_b, need_a, need_bb = needs
+        need_x, need_weight, need_bias, need_lora_A, need_lora_B = needs
         m, n = grad_y.shape
         rank, k = lora_A.shape
         device, dtype = grad_y.device, lora_A.dtype
         self.m, self.n, self.k, self.rank, self.needs = m, n, k, rank, needs
         cfgs = kernel_configs(device, dtype, m, n, k, rank)
         precision = _input_precision(dtype)
-        self.need_ds = need_x or need_a
+        self.need_grad_s = need_x or need_lora_A
 
-        # --- the dY pass: dS (split over dY's columns), dB and db (partials per row block)
-        self.dy = None
-        if self.need_ds or need_bb or need_b:
+        # --- the dY pass: dS (split over dY's columns), dB and dbias (partials per row block)
+        self.grad_y_pass = None
+        if self.need_grad_s or need_lora_B or need_bias:
             cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, cfgs.max_block_r)
             m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
-            splits, tiles_per_split = _split(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n), cfgs.target_programs,
-                                             cfgs.min_split_tiles)
-            self.ds_count, self.dbb_count, self.db_count = splits, m_blocks, m_blocks
-            self.dy = _Launch(_lora_dy_kernel, (m_blocks, splits, r_blocks), dict(
-                COMPUTE_DS=self.need_ds, COMPUTE_DBB=need_bb, COMPUTE_DBIAS=need_b,
+            splits, tiles_per_split = split_reduction(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n),
+                                                      cfgs.target_programs, cfgs.min_split_tiles)
+            self.grad_s_count, self.grad_lora_B_count, self.grad_bias_count = splits, m_blocks, m_blocks
+            self.grad_y_pass = Launch(_lora_dy_kernel, (m_blocks, splits, r_blocks), dict(
+                COMPUTE_GRAD_S=self.need_grad_s, COMPUTE_GRAD_LORA_B=need_lora_B, COMPUTE_GRAD_BIAS=need_bias,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, INPUT_PRECISION=precision,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             # sizes, then the strides of dY, B, S, and of the three workspaces: (count, M, r), (count, N, r) and
             # (count, N), contiguous whether they are fp32 partials or the outputs themselves (count 1)
-            s_strides = s.stride() if need_bb else (0, 0)
-            self.dy_ints = (m, n, rank, tiles_per_split, *grad_y.stride(), *lora_B.stride(), *s_strides,
-                            m * rank, rank, 1, n * rank, rank, 1, n, 1)
-            self.ds_sum = _sum_launch([m * rank]) if self.need_ds and splits > 1 else None
+            s_strides = s.stride() if need_lora_B else (0, 0)
+            self.grad_y_pass_ints = (m, n, rank, tiles_per_split, *grad_y.stride(), *lora_B.stride(), *s_strides,
+                                     m * rank, rank, 1, n * rank, rank, 1, n, 1)
+            self.grad_s_sum = _sum_launch([m * rank]) if self.need_grad_s and splits > 1 else None
 
         # --- dX = keep ⊙ (dS·A)/(1-p) + dY·W
-        self.dx = None
+        self.grad_x_gemm = None
         if need_x and k > 0:
             self._plan_grad_input(grad_y, weight, lora_A, cfgs, precision, has_dropout)
 
         # --- dA = dSᵀ·(keep ⊙ x)/(1-p), rows split over programs
-        self.da = None
-        self.da_count = 1
-        if need_a and k > 0:
+        self.grad_lora_A_pass = None
+        self.grad_lora_A_count = 1
+        if need_lora_A and k > 0:
             cfg, block_r = cfgs.grad_a, _rank_block(rank, cfgs.max_block_r)
             k_blocks, r_blocks = triton.cdiv(k, cfg.block_k), triton.cdiv(rank, block_r)
-            splits, tiles_per_split = _split(k_blocks * r_blocks, triton.cdiv(m, cfg.block_m), cfgs.target_programs,
-                                             cfgs.min_split_tiles)
-            self.da_count = splits
-            self.da = _Launch(_lora_da_kernel, (k_blocks, r_blocks, splits), dict(
+            splits, tiles_per_split = split_reduction(k_blocks * r_blocks, triton.cdiv(m, cfg.block_m),
+                                                      cfgs.target_programs, cfgs.min_split_tiles)
+            self.grad_lora_A_count = splits
+            self.grad_lora_A_pass = Launch(_lora_da_kernel, (k_blocks, r_blocks, splits), dict(
                 HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            self.da_ints = (m, k, rank, tiles_per_split, rank, 1, x.stride(0), x.stride(1), rank * k, k, 1)
+            self.grad_lora_A_ints = (m, k, rank, tiles_per_split, rank, 1, x.stride(0), x.stride(1), rank * k, k, 1)
 
-        # --- one launch sums the dB, db and dA partials
+        # --- one launch sums the dB, dbias and dA partials
         tail = []
-        if self.dy is not None and need_bb and self.dbb_count > 1:
+        if self.grad_y_pass is not None and need_lora_B and self.grad_lora_B_count > 1:
             tail.append(n * rank)
-        if self.dy is not None and need_b and self.db_count > 1:
+        if self.grad_y_pass is not None and need_bias and self.grad_bias_count > 1:
             tail.append(n)
-        if self.da is not None and self.da_count > 1:
+        if self.grad_lora_A_pass is not None and self.grad_lora_A_count > 1:
             tail.append(rank * k)
         self.tail_sum = _sum_launch(tail)
 
         # --- dW = dYᵀ·x, only for a trainable base
-        self.dw = None
-        if need_w and n > 0 and k > 0:
+        self.grad_weight_gemm = None
+        if need_weight and n > 0 and k > 0:
             tune = None
             if _autotune_enabled(device):
-                tune = (("grad_weight", device, dtype, n, k, _bucket(m)), self._scratch_gemm(grad_y, x, k, dw=True))
-            self.dw = _matmul_launch(n, k, m, 0, has_bias=False, has_lora=False, has_dropout=False,
-                                     config=cfgs.grad_weight, max_block_r=cfgs.max_block_r, precision=precision,
-                                     tune=tune)
-            self.dw_ints = (n, k, m, 0, grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1), k, 1, 0,
-                            0, 0, 0, 0)
+                tune = (("grad_weight", device, dtype, n, k, _bucket(m)),
+                        self._scratch_gemm(grad_y, x, k, grad_weight=True))
+            self.grad_weight_gemm = _matmul_launch(n, k, m, 0, has_bias=False, has_lora=False, has_dropout=False,
+                                                   config=cfgs.grad_weight, max_block_r=cfgs.max_block_r,
+                                                   precision=precision, tune=tune)
+            self.grad_weight_ints = (n, k, m, 0, grad_y.stride(1), grad_y.stride(0), x.stride(0), x.stride(1), k, 1,
+                                     0, 0, 0, 0, 0)
 
     def _plan_grad_input(self, grad_y, weight, lora_A, cfgs, precision, has_dropout) -> None:
         """Plans the dX GEMM keep ⊙ (dS·A)/(1-p) + dY·W (a subclass plans another kind of W: ops.quantized)."""
@@ -828,17 +725,17 @@ class _BackwardPlan:
         tune = None
         if _autotune_enabled(device):
             tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
-        self.dx = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
-                                 config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(), precision=precision,
-                                 tune=tune)
-        self.dx_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-                        k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
+        self.grad_x_gemm = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
+                                          config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(),
+                                          precision=precision, tune=tune)
+        self.grad_x_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+                            k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
 
     @staticmethod
-    def _scratch_gemm(grad_y, other, k, dw=False):
+    def _scratch_gemm(grad_y, other, k, grad_weight=False):
         """A launcher of a plain GEMM with tile ``cfg`` on a scratch output, for autotuning."""
         def launch(cfg):
-            if dw:  # dYᵀ (N, M) · x (M, K)
+            if grad_weight:  # dYᵀ (N, M) · x (M, K)
                 m_, n_, red = grad_y.shape[1], k, grad_y.shape[0]
                 strides = (grad_y.stride(1), grad_y.stride(0), other.stride(0), other.stride(1))
             else:  # dY (M, N) · W (N, K)
@@ -851,57 +748,60 @@ class _BackwardPlan:
         return launch
 
     def __call__(self, grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
-        need_x, need_w, need_b, need_a, need_bb = self.needs
+        need_x, need_weight, need_bias, need_lora_A, need_lora_B = self.needs
         m, n, k, rank = self.m, self.n, self.k, self.rank
         device, dtype = grad_y.device, lora_A.dtype
         inv_keep = 1.0 / (1.0 - dropout_p)
-        dx = dw = db = da = dbb = None
-        ds = torch.empty((m, rank), device=device, dtype=dtype) if self.need_ds else None
-        if need_bb:
-            dbb = torch.empty((n, rank), device=device, dtype=dtype)
-        if need_b:
-            db = torch.empty((n,), device=device, dtype=dtype)
+        grad_x = grad_weight = grad_bias = grad_lora_A = grad_lora_B = None
+        grad_s = torch.empty((m, rank), device=device, dtype=dtype) if self.need_grad_s else None
+        if need_lora_B:
+            grad_lora_B = torch.empty((n, rank), device=device, dtype=dtype)
+        if need_bias:
+            grad_bias = torch.empty((n,), device=device, dtype=dtype)
         tail = []
-        env = _launch_env()
+        env = launch_env()
 
-        if self.dy is not None:  # an output the pass does not compute gets dY as a placeholder pointer
-            ds_ws = self._workspace(self.ds_count, (m, rank), ds, []) if self.need_ds else grad_y
-            dbb_ws = self._workspace(self.dbb_count, (n, rank), dbb, tail) if need_bb else grad_y
-            db_ws = self._workspace(self.db_count, (n,), db, tail) if need_b else grad_y
+        if self.grad_y_pass is not None:  # an output the pass does not compute gets dY as a placeholder pointer
+            grad_s_ws = self._workspace(self.grad_s_count, (m, rank), grad_s, []) if self.need_grad_s else grad_y
+            grad_lora_B_ws = (self._workspace(self.grad_lora_B_count, (n, rank), grad_lora_B, tail) if need_lora_B
+                              else grad_y)
+            grad_bias_ws = self._workspace(self.grad_bias_count, (n,), grad_bias, tail) if need_bias else grad_y
             # A tensor scaling (mixed batch): dB = dYᵀ·S' at scale 1 (S' already scaled), dS' = (dY·B) ⊙ Scale.
             mixed = isinstance(scaling, torch.Tensor)
-            self.dy.run(env, grad_y, lora_B, s if need_bb else grad_y, ds_ws, dbb_ws, db_ws, *self.dy_ints,
-                    1.0 if mixed else float(scaling))
-            if self.ds_sum is not None:
-                self.ds_sum.run(env, *_sum_args([(ds_ws, ds)]))
-            if mixed and ds is not None:
-                ds.mul_(scaling)
+            self.grad_y_pass.run(env, grad_y, lora_B, s if need_lora_B else grad_y, grad_s_ws, grad_lora_B_ws,
+                                 grad_bias_ws, *self.grad_y_pass_ints, 1.0 if mixed else float(scaling))
+            if self.grad_s_sum is not None:
+                self.grad_s_sum.run(env, *_sum_args([(grad_s_ws, grad_s)]))
+            if mixed and grad_s is not None:
+                grad_s.mul_(scaling)
 
         if need_x:
-            dx = torch.empty((m, k), device=device, dtype=dtype)
-            if self.dx is not None:
-                self._run_grad_input(env, grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep)
+            grad_x = torch.empty((m, k), device=device, dtype=dtype)
+            if self.grad_x_gemm is not None:
+                self._run_grad_input(env, grad_y, weight, grad_x, grad_s, lora_A, dropout_p, seed, inv_keep)
 
-        if need_a:
-            da = torch.empty((rank, k), device=device, dtype=dtype)
-            if self.da is not None:
-                da_ws = self._workspace(self.da_count, (rank, k), da, tail)
-                self.da.run(env, ds, x, da_ws, *self.da_ints, seed if dropout_p > 0 else x, float(dropout_p), inv_keep)
+        if need_lora_A:
+            grad_lora_A = torch.empty((rank, k), device=device, dtype=dtype)
+            if self.grad_lora_A_pass is not None:
+                grad_lora_A_ws = self._workspace(self.grad_lora_A_count, (rank, k), grad_lora_A, tail)
+                self.grad_lora_A_pass.run(env, grad_s, x, grad_lora_A_ws, *self.grad_lora_A_ints,
+                                          seed if dropout_p > 0 else x, float(dropout_p), inv_keep)
         if self.tail_sum is not None:
             self.tail_sum.run(env, *_sum_args(tail))
 
-        if need_w:
-            dw = torch.empty((n, k), device=device, dtype=dtype)
-            if self.dw is not None:
-                self.dw.run(env, grad_y, x, dw, dw, dw, dw, *self.dw_ints, 1.0, dw, 0.0)
+        if need_weight:
+            grad_weight = torch.empty((n, k), device=device, dtype=dtype)
+            if self.grad_weight_gemm is not None:
+                self.grad_weight_gemm.run(env, grad_y, x, grad_weight, grad_weight, grad_weight, grad_weight,
+                                          *self.grad_weight_ints, 1.0, grad_weight, 0.0)
             else:
-                dw.zero_()
-        return dx, dw, db, da, dbb
+                grad_weight.zero_()
+        return grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B
 
-    def _run_grad_input(self, env, grad_y, weight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
+    def _run_grad_input(self, env, grad_y, weight, grad_x, grad_s, lora_A, dropout_p, seed, inv_keep) -> None:
         """Launches the planned dX GEMM."""
-        self.dx.run(env, grad_y, weight, dx, dx, ds, lora_A, *self.dx_ints, inv_keep if dropout_p > 0 else 1.0,
-                    seed if dropout_p > 0 else dx, float(dropout_p))
+        self.grad_x_gemm.run(env, grad_y, weight, grad_x, grad_x, grad_s, lora_A, *self.grad_x_ints,
+                             inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else grad_x, float(dropout_p))
 
     @staticmethod
     def _workspace(count: int, shape: Tuple[int, ...], out: torch.Tensor, tail: list) -> torch.Tensor:
@@ -926,7 +826,8 @@ def backward(
     seed,
     needs_grad: Sequence[bool],
 ) -> Grads:
-    """Fused backward: gradients ``(dx, dweight, dbias, dA, dB)``, None where ``needs_grad`` is False.
+    """Fused backward: gradients ``(grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B)``, None where
+    ``needs_grad`` is False.
 
     Args:
         grad_y: dY (M, N), any strides. x: (M, K), needed for dA and dW (else may be None).
@@ -936,11 +837,11 @@ def backward(
         needs_grad: five booleans for (x, weight, bias, lora_A, lora_B).
 
     Returns:
-        dX = dY·W + keep ⊙ (dS·A)/(1-p) with dS = s·dY·B; dW = dYᵀ·x; db = Σ_rows dY; dA = dSᵀ·x̃;
+        dX = dY·W + keep ⊙ (dS·A)/(1-p) with dS = s·dY·B; dW = dYᵀ·x; dbias = Σ_rows dY; dA = dSᵀ·x̃;
         dB = s·dYᵀ·S. Deterministic (fixed-order partial sums, no atomics).
     """
     needs = tuple(bool(v) for v in needs_grad)
-    need_x, need_w, need_b, need_a, need_bb = needs
+    need_x, need_weight, need_bias, need_lora_A, need_lora_B = needs
     m, n = grad_y.shape
     rank, k = lora_A.shape
     dtype = lora_A.dtype
@@ -951,16 +852,17 @@ def backward(
     if m == 0:  # nothing to launch: empty dX, zero sums
         def zeros(*shape):
             return torch.zeros(shape, device=device, dtype=dtype)
-        return (zeros(0, k) if need_x else None, zeros(n, k) if need_w else None, zeros(n) if need_b else None,
-                zeros(rank, k) if need_a else None, zeros(n, rank) if need_bb else None)
+        return (zeros(0, k) if need_x else None, zeros(n, k) if need_weight else None,
+                zeros(n) if need_bias else None, zeros(rank, k) if need_lora_A else None,
+                zeros(n, rank) if need_lora_B else None)
 
     has_dropout = dropout_p > 0
-    key = _call_key("backward", device, dtype, (grad_y, x, weight, lora_A, lora_B, s), (has_dropout, needs))
-    plan = _cached(_BACKWARD_PLANS, key,
+    key = call_key("backward", device, dtype, (grad_y, x, weight, lora_A, lora_B, s), (has_dropout, needs))
+    plan = cached(_BACKWARD_PLANS, key,
                    lambda: _BackwardPlan(grad_y, x, weight, lora_A, lora_B, s, needs, has_dropout))
-    with _device_guard(grad_y):
+    with device_guard(grad_y):
         return plan(grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p,
-                    _seed_tensor(seed, device) if has_dropout else None)
+                    seed_tensor(seed, device) if has_dropout else None)
 
 
 def dropout_mask(seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
@@ -986,9 +888,9 @@ def dropout_mask(seed, shape: Sequence[int], dropout_p: float, device: torch.dev
     if out.numel() == 0:
         return out.view(shape)
     block = 32 if _interpreting() else 64
-    with _device_guard(out):
+    with device_guard(out):
         _dropout_mask_kernel[(triton.cdiv(m, block), triton.cdiv(k, block))](
-            out, m, k, out.stride(0), out.stride(1), _seed_tensor(seed, out.device), float(dropout_p),
+            out, m, k, out.stride(0), out.stride(1), seed_tensor(seed, out.device), float(dropout_p),
             BLOCK_M=block, BLOCK_K=block,
         )
     return out.view(shape)

@@ -51,18 +51,11 @@ import triton.language as tl
 from ..quant import ABSMAX_BLOCKSIZE, INT8_SCALE
 from . import configs as _configs
 from . import lora_linear as _base
-from .lora_linear import (
-    KernelConfig,
-    _cached,
-    _call_key,
-    _check,
-    _device_guard,
+from .configs import KernelConfig, _input_precision, _rank_block
+from .launch import Launch, cached, call_key, check_operands, device_guard, seed_tensor
+from .lora_linear import (  # the 16-bit kernels' building blocks, which the quantized GEMM reuses
     _grouped_tile,
-    _input_precision,
-    _Launch,
     _lora_term,
-    _rank_block,
-    _seed_tensor,
     dropout_mask,  # noqa: F401 - the backend contract: the mask is the 16-bit kernels' own
 )
 
@@ -219,7 +212,7 @@ def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
     w = torch.empty((n, k), device=qweight.device, dtype=dtype)
     block_n, block_k = _DEQUANT_BLOCK
     grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k),)
-    with _device_guard(w):
+    with device_guard(w):
         _dequant_kernel[grid](*_qtensors(qweight), w, n, k, FORMAT=FORMAT_IDS[qweight.format],
                               DOUBLE_QUANT=qweight.double_quant, QBLOCK=qweight.blocksize, QBLOCK2=ABSMAX_BLOCKSIZE,
                               INV127=INT8_SCALE, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
@@ -232,7 +225,7 @@ def _dequantize_once(qweight, m: int) -> bool:
 
 def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, has_bias: bool, has_dropout: bool,
                     config: KernelConfig, max_block_r: int, dtype: torch.dtype,
-                    capability: Optional[Tuple[int, int]] = None) -> _Launch:
+                    capability: Optional[Tuple[int, int]] = None) -> Launch:
     """The launch of ``_qlora_matmul_kernel`` for C (m, n) over a reduction of k on a GPU of ``capability``
     (None: the interpreter)."""
     precision = _input_precision(dtype)
@@ -272,7 +265,7 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
         # M = 512; 8 warps do not (but spill 4 B in the NF4-dq 64x64x16 forward at M = 64, which keeps 4)
         warps = 8
     numel = qweight.shape[0] * qweight.shape[1]
-    return _Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
+    return Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
         FORMAT=FORMAT_IDS[qweight.format], DOUBLE_QUANT=qweight.double_quant, QBLOCK=qweight.blocksize,
         QBLOCK2=ABSMAX_BLOCKSIZE, INV127=INT8_SCALE, IDX64=numel + max(block_n, block_k) >= 2**31, W_T=w_t,
         HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
@@ -311,15 +304,15 @@ class _BackwardPlan(_base._BackwardPlan):
 
     def _plan_grad_input(self, grad_y, qweight, lora_A, cfgs, precision, has_dropout) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
-        self.dx = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
-                                  config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(), dtype=lora_A.dtype,
-                                  capability=_configs._device_info(grad_y.device)[0])
+        self.grad_x_gemm = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
+                                           config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(),
+                                           dtype=lora_A.dtype, capability=_configs._device_info(grad_y.device)[0])
         # dY (M, N), dX (M, K) contiguous, L = dS (M, r) contiguous, R = A (r, K)
-        self.dx_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
+        self.grad_x_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
 
-    def _run_grad_input(self, env, grad_y, qweight, dx, ds, lora_A, dropout_p, seed, inv_keep) -> None:
-        self.dx.run(env, grad_y, *_qtensors(qweight), dx, dx, ds, lora_A, *self.dx_ints,
-                    inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else dx, float(dropout_p))
+    def _run_grad_input(self, env, grad_y, qweight, grad_x, grad_s, lora_A, dropout_p, seed, inv_keep) -> None:
+        self.grad_x_gemm.run(env, grad_y, *_qtensors(qweight), grad_x, grad_x, grad_s, lora_A, *self.grad_x_ints,
+                             inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else grad_x, float(dropout_p))
 
 
 def _qkey(qweight) -> tuple:
@@ -331,7 +324,7 @@ def forward(x: torch.Tensor, qweight, bias: Optional[torch.Tensor], lora_A: torc
             scaling: float, dropout_p: float, seed) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward on a quantized base: ``(y (M, N), S (M, r))`` as :func:`lora_kernels.ops.lora_linear.forward`,
     with ``qweight`` a :class:`lora_kernels.quant.QuantizedWeight` on x's device."""
-    _check(x, None, lora_A, lora_B)
+    check_operands(x, None, lora_A, lora_B)
     _check_quantized(qweight, x)
     n = qweight.shape[0]
     if x.shape[0] == 0:
@@ -340,16 +333,16 @@ def forward(x: torch.Tensor, qweight, bias: Optional[torch.Tensor], lora_A: torc
     if _dequantize_once(qweight, x.shape[0]):  # the temporary W is freed on return (see the module docstring)
         return _base.forward(x, dequantize(qweight, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
     has_dropout = dropout_p > 0
-    key = _call_key("qforward", x.device, x.dtype, (x, bias, lora_A, lora_B), (has_dropout, _qkey(qweight)))
-    plan = _cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, qweight, bias, lora_A, lora_B, has_dropout))
-    with _device_guard(x):
+    key = call_key("qforward", x.device, x.dtype, (x, bias, lora_A, lora_B), (has_dropout, _qkey(qweight)))
+    plan = cached(_FORWARD_PLANS, key, lambda: _ForwardPlan(x, qweight, bias, lora_A, lora_B, has_dropout))
+    with device_guard(x):
         return plan(x, qweight, bias, lora_A, lora_B, scaling, dropout_p,
-                    _seed_tensor(seed, x.device) if has_dropout else None)
+                    seed_tensor(seed, x.device) if has_dropout else None)
 
 
 def backward(grad_y: torch.Tensor, x: Optional[torch.Tensor], qweight, lora_A: torch.Tensor, lora_B: torch.Tensor,
              s: Optional[torch.Tensor], scaling: float, dropout_p: float, seed, needs_grad: Sequence[bool]) -> Grads:
-    """Fused backward on a quantized base: ``(dx, None, dbias, dA, dB)`` as
+    """Fused backward on a quantized base: ``(grad_x, None, grad_bias, grad_lora_A, grad_lora_B)`` as
     :func:`lora_kernels.ops.lora_linear.backward` (the quantized base is frozen: never a dW)."""
     needs = tuple(bool(v) for v in needs_grad)
     if needs[1]:
@@ -365,13 +358,13 @@ def backward(grad_y: torch.Tensor, x: Optional[torch.Tensor], qweight, lora_A: t
         return _base.backward(grad_y, x, dequantize(qweight, dtype), lora_A, lora_B, s, scaling, dropout_p, seed,
                               needs)
     has_dropout = dropout_p > 0
-    key = _call_key("qbackward", grad_y.device, dtype, (grad_y, x, lora_A, lora_B, s),
+    key = call_key("qbackward", grad_y.device, dtype, (grad_y, x, lora_A, lora_B, s),
                     (has_dropout, needs, _qkey(qweight) if needs[0] else None))
-    plan = _cached(_BACKWARD_PLANS, key,
+    plan = cached(_BACKWARD_PLANS, key,
                    lambda: _BackwardPlan(grad_y, x, qweight, lora_A, lora_B, s, needs, has_dropout))
-    with _device_guard(grad_y):
+    with device_guard(grad_y):
         return plan(grad_y, x, qweight, lora_A, lora_B, s, scaling, dropout_p,
-                    _seed_tensor(seed, grad_y.device) if has_dropout else None)
+                    seed_tensor(seed, grad_y.device) if has_dropout else None)
 
 
 def _check_quantized(qweight, t: torch.Tensor) -> None:

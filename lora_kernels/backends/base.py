@@ -1,8 +1,10 @@
-"""The backend contract of :func:`lora_kernels.lora_linear`, as a ``Protocol``, and the registry of backends.
+"""The backend contract of :func:`lora_kernels.lora_linear`, as a ``Protocol``, the registry of backends,
+and the dropout seed every backend regenerates its mask from.
 
 Notation: x (M, K) 2-D, W (N, K), A (r, K), B (N, r), s = scaling, p = dropout probability; the seed is a
 one-element int64 tensor (or an int) from which forward and backward regenerate the same dropout mask, so
-no mask is ever stored. The maths of each pass is in :mod:`lora_kernels.torch_backend`'s docstring.
+no mask is ever stored (:func:`draw_seed_tensor` draws one per call). The maths of each pass is in
+:mod:`lora_kernels.backends.torch`'s docstring.
 
 Mixed batches (:mod:`lora_kernels.mixed`) pass several adapters concatenated along the rank as A and B, and
 ``scaling`` as an (M, r) (or (1, r)) tensor of per-(row, rank-column) scales: forward then returns the
@@ -12,7 +14,9 @@ backend also takes ``dropout_p`` as an (M,) tensor of per-row probabilities; the
 A backend is registered under a name with a factory ``get(strict) -> LoRABackend``; ``strict`` is True when
 the user asked for that backend by name (``backend="triton"``) and False when ``"auto"`` picked it, so a
 backend may fall back quietly under ``"auto"`` and raise under its own name (as the Triton one does).
-:func:`lora_kernels.lora_linear` resolves every name through :func:`get_backend`.
+:func:`lora_kernels.lora_linear` resolves every name through :func:`get_backend`. The built-in backends
+register themselves when :mod:`lora_kernels.backends` imports them (:mod:`lora_kernels.backends.torch` as
+``"torch"``, :mod:`lora_kernels.backends.triton` as ``"triton"``).
 """
 from __future__ import annotations
 
@@ -36,8 +40,9 @@ class LoRABackend(Protocol):
     def backward(self, grad_y: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                  lora_A: torch.Tensor, lora_B: torch.Tensor, s: Optional[torch.Tensor], scaling: float,
                  dropout_p: float, seed: Optional[Seed], needs_grad: Sequence[bool]) -> Grads:
-        """``(dx, dweight, dbias, dA, dB)``; ``needs_grad`` is five booleans in that order, and a gradient not
-        asked for is None (as is a tensor that was not saved because nothing needed it)."""
+        """``(grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B)``; ``needs_grad`` is five booleans in
+        that order, and a gradient not asked for is None (as is a tensor that was not saved because nothing
+        needed it)."""
 
     def dropout_mask(self, seed: Seed, shape: Sequence[int], dropout_p: float,
                      device: torch.device) -> torch.Tensor:
@@ -75,3 +80,12 @@ def get_backend(name: str, strict: bool = True) -> LoRABackend:
     except KeyError:
         raise ValueError(f"no backend named {name!r}; registered: {registered_backends()}") from None
     return get(strict)
+
+
+def draw_seed_tensor(device: Optional[torch.device] = None) -> torch.Tensor:
+    """A dropout seed: a one-element int64 tensor on ``device`` (default: CPU) from that device's generator.
+
+    A traceable RNG op: under ``torch.compile`` it neither breaks the graph nor recompiles per call, and on a
+    GPU it advances the device generator's offset, which CUDA graphs replay correctly.
+    """
+    return torch.randint(0, 2**31 - 1, (1,), device=device)

@@ -1,0 +1,231 @@
+"""The fused pure-PyTorch backend of :func:`lora_kernels.lora_linear`.
+
+It works on every device PyTorch supports and is the fallback wherever the Triton kernels are not used.
+Notation (the same in every backend): ``x`` (M, K), ``W`` (N, K), ``A`` (r, K), ``B`` (N, r),
+``s = scaling``, keep-mask ``m`` (M, K) drawn with drop probability ``p``, ``x̃ = m ⊙ x / (1 - p)``.
+
+Forward::
+
+    S = x̃ · Aᵀ                         (M, r)   the only LoRA activation kept for backward
+    y = x · Wᵀ + b ;  y += s · S · Bᵀ    (M, N)   one addmm_ into y: the LoRA term is never an M×N tensor
+
+Backward, with dS = s · dY · B (M, r)::
+
+    dB = s · dYᵀ · S                    (N, r)
+    dX = dY · W + (m / (1 - p)) ⊙ (dS · A)
+    dA = dSᵀ · x̃                        (r, K)   x̃ rebuilt from x and the regenerated mask
+    dW = dYᵀ · x,  db = Σ_rows dY        only when the base is trainable
+
+The dropout mask is never stored: forward and backward regenerate it from the same seed, so the layer
+saves exactly what the base linear saves plus S. The seed is a one-element int64 tensor (or an int). Two
+mask generators, one per place the backend runs:
+
+* on the CPU, 16 random bits per element from a private ``torch.Generator`` seeded with the seed (about
+  three times cheaper than a float draw each; p is rounded to a multiple of 2⁻¹⁶);
+* on every other device (CUDA, ...), the counter-based hash of the Triton kernels, computed with integer
+  tensor ops from the seed tensor: no host sync, nothing that a CUDA graph could not replay, and the very
+  mask the kernels regenerate, so the Triton backend can fall back to this one between forward and backward.
+
+Mixed batches (:func:`lora_kernels.lora_linear_mixed`): ``A``/``B`` are several adapters concatenated along
+the rank, ``scaling`` is then an (M, r) tensor (s_a on the rank columns of row m's adapter a, 0 elsewhere)
+and the returned S is already scaled, ``S' = S ⊙ scaling``; backward uses ``dB = dYᵀ·S'`` and
+``dS = (dY·B) ⊙ scaling``. ``dropout_p`` may be an (M,) tensor of per-row probabilities (adapters with
+different dropout in one batch): row m's mask is row m of the mask a single call with that row's p draws.
+
+The backend contract (``forward``, ``backward``, ``dropout_mask``) is the ``Protocol`` class
+:class:`lora_kernels.backends.LoRABackend`; this module registers this backend there as ``"torch"`` when it
+is imported (``lora_kernels.torch_backend`` is its older name and still imports).
+:func:`effective_dropout_p` gives the drop probability the CPU mask realises (1/(1-p) uses it).
+Here ``weight`` is a tensor, or a frozen quantized base (:class:`lora_kernels.quant.QuantizedWeight`, no dW)
+that the backend dequantizes in x's dtype a chunk of rows at a time.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .base import Grads, Seed, register_backend
+
+
+# The CPU mask compares 16 random bits per element with round(p·2¹⁶): four elements per 64-bit draw, about
+# three times cheaper on the CPU than one float draw each. p is thereby rounded to a multiple of 2⁻¹⁶
+# (at most 7.6e-6 away), and 1/(1-p) uses that effective p so the LoRA term stays unbiased.
+_P_STEPS = 1 << 16
+_U32 = 0xFFFFFFFF
+
+DropoutP = Union[float, torch.Tensor]  # a probability, or (M,) per-row probabilities (mixed batches)
+Scaling = Union[float, torch.Tensor]  # alpha / rank, or an (M, r) per-(row, rank-column) scale (mixed batches)
+
+
+def effective_dropout_p(dropout_p: DropoutP) -> DropoutP:
+    """The drop probability the CPU mask realises for ``dropout_p``: a multiple of 2⁻¹⁶ (elementwise for a
+    tensor of per-row probabilities)."""
+    if isinstance(dropout_p, torch.Tensor):
+        return (dropout_p.double() * _P_STEPS).round().clamp(max=_P_STEPS - 1) / _P_STEPS
+    return min(round(dropout_p * _P_STEPS), _P_STEPS - 1) / _P_STEPS
+
+
+def _generator_drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """True where an element is dropped; a pure function of (seed, shape, p, device)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if isinstance(seed, int) else int(seed.item()))  # a CPU tensor: no device sync
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    if isinstance(dropout_p, torch.Tensor):  # per-row p (a mixed batch): one threshold per row of (M, K)
+        threshold = (effective_dropout_p(dropout_p) * _P_STEPS).round().to(torch.int32) - _P_STEPS // 2
+        return bits.view(torch.int16)[:n].view(-1, shape[-1]) < threshold.to(device)[:, None]
+    threshold = round(effective_dropout_p(dropout_p) * _P_STEPS) - _P_STEPS // 2  # int16 values are signed
+    return (bits.view(torch.int16)[:n] < threshold).view(tuple(shape))
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """The kernels' 32-bit avalanche mixer on int64 tensors holding uint32 values (products stay < 2⁶³)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x21F0AAAD) & _U32
+    h = h ^ (h >> 15)
+    h = (h * 0x735A2D97) & _U32
+    return h ^ (h >> 15)
+
+
+def hash_threshold(dropout_p: DropoutP) -> Union[int, torch.Tensor]:
+    """The kernels' drop threshold: p·2³² with p rounded to fp32 (as the kernel argument is), capped
+    (an int64 tensor for per-row probabilities)."""
+    if isinstance(dropout_p, torch.Tensor):
+        return (dropout_p.float().double() * 4294967296.0).clamp(max=4294967040.0).floor().to(torch.int64)
+    p32 = struct.unpack("f", struct.pack("f", dropout_p))[0]
+    return int(min(p32 * 4294967296.0, 4294967040.0))
+
+
+def _hash_drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The Triton kernels' mask (see ``lora_kernels.ops.lora_linear``) from integer tensor ops: element
+    (row, col) of the flattened (M, K) is dropped when round(mix(row ^ mix(seed ^ c)) ^ col·φ) < p·2³²."""
+    shape = tuple(int(d) for d in shape)
+    m, k = math.prod(shape[:-1]), shape[-1]
+    if isinstance(seed, int):
+        seed = torch.tensor([seed], dtype=torch.int64)
+    seed_key = _mix32((seed.to(device=device, dtype=torch.int64) & _U32) ^ 0x3C6EF372)
+    row_key = _mix32(torch.arange(m, device=device, dtype=torch.int64) ^ seed_key)
+    col_key = (torch.arange(k, device=device, dtype=torch.int64) * 0x9E3779B1) & _U32
+    h = row_key[:, None] ^ col_key[None, :]
+    h = ((h ^ (h >> 16)) * 0x21F0AAAD) & _U32  # the kernels' one round per element
+    if isinstance(dropout_p, torch.Tensor):  # per-row p: (M, K)
+        return h < hash_threshold(dropout_p).to(device)[:, None]
+    return (h < hash_threshold(dropout_p)).view(shape)
+
+
+def _drop_mask(seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """True where an element is dropped: the generator mask on the CPU, the kernels' hash elsewhere."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return torch.empty(tuple(shape), dtype=torch.bool, device=device)
+    if device.type == "cpu":
+        return _generator_drop_mask(seed, shape, dropout_p, device)
+    return _hash_drop_mask(seed, shape, dropout_p, device)
+
+
+def _realised_p(dropout_p: DropoutP, device: torch.device) -> DropoutP:
+    return effective_dropout_p(dropout_p) if torch.device(device).type == "cpu" else dropout_p
+
+
+def _has_dropout(dropout_p: DropoutP) -> bool:
+    # A tensor of per-row probabilities is only passed when they differ, so some row drops.
+    return isinstance(dropout_p, torch.Tensor) or dropout_p > 0
+
+
+def _inv_keep(realised_p: DropoutP, like: torch.Tensor) -> Union[float, torch.Tensor]:
+    """1/(1-p) as a float, or as an (M, 1) column in ``like``'s dtype for per-row probabilities."""
+    if isinstance(realised_p, torch.Tensor):
+        return (1.0 / (1.0 - realised_p)).to(device=like.device, dtype=like.dtype)[:, None]
+    return 1.0 / (1.0 - realised_p)
+
+
+def _base_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x·Wᵀ (+ b). ``weight`` is a tensor, or a frozen quantized base (:class:`lora_kernels.quant.QuantizedWeight`)
+    that dequantizes a chunk of its rows at a time, never the whole 16-bit W of a large layer."""
+    if isinstance(weight, torch.Tensor):
+        return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return weight.linear(x, bias)
+
+
+def _base_grad_input(grad_y: torch.Tensor, weight, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dY·W, added into ``out`` when given (a tensor W, or a quantized one as in :func:`_base_linear`)."""
+    if isinstance(weight, torch.Tensor):
+        return torch.mm(grad_y, weight) if out is None else out.addmm_(grad_y, weight)
+    return weight.grad_input(grad_y, out)
+
+
+@dataclass(frozen=True)
+class TorchBackend:
+    """The fused torch backend with one mask generator (``drop_mask(seed, shape, p, device)``, True drops)
+    and the drop probability it realises (``realised_p(p, device)``)."""
+
+    name: str
+    drop_mask: Callable[..., torch.Tensor]
+    realised_p: Callable[[float, torch.device], float]
+
+    def dropout_mask(self, seed: Seed, shape: Sequence[int], dropout_p: float, device: torch.device) -> torch.Tensor:
+        """Keep-mask for ``seed``: True where an element of x survives dropout."""
+        return ~self.drop_mask(seed, shape, dropout_p, device)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: Scaling, dropout_p: DropoutP, seed: Seed) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``y`` (M, N) and ``S = x̃·Aᵀ`` (M, r), or ``S ⊙ scaling`` for a tensor ``scaling`` (a mixed
+        batch); see the module docstring."""
+        if _has_dropout(dropout_p):
+            # masked_fill, with 1/(1-p) applied to the small S: one pass over x instead of cast-multiply-scale.
+            s = torch.mm(torch.where(self.drop_mask(seed, x.shape, dropout_p, x.device), 0, x), lora_A.t())
+            s.mul_(_inv_keep(self.realised_p(dropout_p, x.device), s))
+        else:
+            s = torch.mm(x, lora_A.t())
+        y = _base_linear(x, weight, bias)
+        if isinstance(scaling, torch.Tensor):
+            s.mul_(scaling)
+            scaling = 1.0
+        y.addmm_(s, lora_B.t(), alpha=scaling)
+        return y, s
+
+    def backward(self, grad_y: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                 lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], s: Optional[torch.Tensor],
+                 scaling: Scaling, dropout_p: DropoutP, seed: Seed, needs_grad: Sequence[bool]) -> Grads:
+        """Gradients ``(grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B)``; see the module docstring."""
+        need_x, need_weight, need_bias, need_lora_A, need_lora_B = needs_grad
+        grad_x = grad_weight = grad_bias = grad_lora_A = grad_lora_B = None
+
+        if need_lora_B:  # a tensor scaling (mixed batch) is already in S
+            grad_lora_B = torch.mm(grad_y.t(), s)
+            if not isinstance(scaling, torch.Tensor):
+                grad_lora_B.mul_(scaling)
+        if need_x or need_lora_A:
+            grad_s = torch.mm(grad_y, lora_B).mul_(scaling)
+            drop = None
+            if _has_dropout(dropout_p):
+                drop = self.drop_mask(seed, (grad_y.shape[0], lora_A.shape[1]), dropout_p, grad_y.device)
+                grad_s.mul_(_inv_keep(self.realised_p(dropout_p, grad_y.device), grad_s))  # x̃'s 1/(1-p), on (M, r)
+            if need_x:
+                if drop is None:
+                    grad_x = _base_grad_input(grad_y, weight).addmm_(grad_s, lora_A)
+                else:
+                    # (m ⊙ dS·A) first, then the base GEMM accumulates into it: no separate add pass.
+                    grad_x = _base_grad_input(grad_y, weight, torch.mm(grad_s, lora_A).masked_fill_(drop, 0))
+            if need_lora_A:
+                grad_lora_A = torch.mm(grad_s.t(), x if drop is None else torch.where(drop, 0, x))
+        if need_weight:
+            grad_weight = torch.mm(grad_y.t(), x)
+        if need_bias:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B
+
+
+DEFAULT = TorchBackend("torch", _drop_mask, _realised_p)
+# The Triton kernels' mask on every device: what the torch backend runs when it stands in for the kernels.
+KERNEL_MASK = TorchBackend("torch-kernel-mask", _hash_drop_mask, lambda dropout_p, device: dropout_p)
+
+forward = DEFAULT.forward
+backward = DEFAULT.backward
+dropout_mask = DEFAULT.dropout_mask
+
+register_backend("torch", lambda strict: DEFAULT)
