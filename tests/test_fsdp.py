@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from lora_kernels import FusedLoRALinear, lora_state_dict, mark_only_lora_as_trainable, save_lora
 from lora_kernels.fsdp import gathered_lora
-from test_train_lora import ROOT, adapter, args_for, losses, tiny  # noqa: F401 (tiny: the fixture)
+from helpers import ROOT, adapter, args_for, losses
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover - every CPU build has gloo
