@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import D, F_, Q0, V, TinyLM, assert_unchanged, base_model, model_with_custom_linear, snapshot
+from helpers import D, F_, Q0, TOLERANCES, V, TinyLM, assert_unchanged, base_model, model_with_custom_linear, snapshot
 from lora_kernels import (
     disable_lora,
     merge_and_unload,
@@ -60,7 +60,7 @@ def test_output_is_unchanged_and_weights_are_shared():
     replace_linear_with_fused_lora(model, rank=4, target_modules="all-linear")
     assert model.layers[0].q_proj.weight is q_weight  # no copy
     assert model.lm_head.weight is model.embed.weight  # tying survives
-    assert torch.allclose(model(ids), before, atol=1e-6)  # B = 0
+    assert torch.allclose(model(ids), before, atol=1e-6)  # B = 0: only the base GEMM's rounding (tighter than fp32's)
 
 
 def test_freeze_base_and_training_moves_only_lora():
@@ -132,7 +132,7 @@ def test_merge_and_unmerge_model():
     y = model(ids)
     merge_lora(model)
     assert all(m.merged for _, m in model.named_modules() if isinstance(m, FusedLoRALinear))
-    assert torch.allclose(model(ids), y, atol=1e-5)
+    assert torch.allclose(model(ids), y, atol=TOLERANCES[torch.float32])  # fp32 merged vs unmerged
     unmerge_lora(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
@@ -168,7 +168,7 @@ def test_disable_lora():
     for p in lora_state_dict(model).values():
         p.normal_()
     adapted = model(ids)
-    assert not torch.allclose(adapted, expected, atol=1e-3)
+    assert not torch.allclose(adapted, expected, atol=1e-3)  # not blind: the adapter moves the output (a threshold)
     with disable_lora(model):
         assert torch.equal(model(ids), expected)
     assert torch.equal(model(ids), adapted)
@@ -188,7 +188,7 @@ def test_merge_and_unload():
     merge_and_unload(model)
     assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
     assert set(model.state_dict()) == set(TinyLM().state_dict())
-    assert torch.allclose(model(ids), adapted, atol=1e-5)
+    assert torch.allclose(model(ids), adapted, atol=TOLERANCES[torch.float32])  # fp32 merged vs unmerged
 
 
 def test_rank_and_alpha_patterns_and_config():
