@@ -39,6 +39,8 @@ from minimind.lora_io import save_minimind_lora
 from minimind.model import MiniMindConfig, MiniMindForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root (a subprocess's cwd and PYTHONPATH)
+# MiniMind's real checkpoints, logits and tokenizers, from the shared fixtures checkout beside the repository
+MINIMIND_FIXTURES = ROOT.parent / "shared/fixtures/minimind"
 
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None

@@ -4,12 +4,12 @@ prompt shortens the answer, not the prompt."""
 import io
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import (
+    ROOT,
     adapted_model,
     assert_one_line_error,
     nan_adapter,
@@ -184,7 +184,7 @@ def test_chat_non_utf8_stdin_subprocess(tmp_path):
     """The real thing once: bytes that are not UTF-8 piped into python -m minimind.chat."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "minimind.chat", "--max-new-tokens", "4"], input=b"\xff\xfe hi\n",
                           capture_output=True, env=env, timeout=120)

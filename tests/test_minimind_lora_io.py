@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_load_refused, load_file_into_base, minimind_file, nan_at, pickled_payload, tiny_minimind
+from helpers import MINIMIND_FIXTURES, assert_load_refused, load_file_into_base, minimind_file, nan_at, pickled_payload, tiny_minimind
 from lora_kernels import FusedLoRALinear, replace_linear_with_fused_lora
 from minimind import load_minimind_lora, save_minimind_lora
 from minimind.checkpoint import load_minimind
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/minimind"
+FIXTURES = MINIMIND_FIXTURES
 
 
 def fixture(name: str) -> Path:

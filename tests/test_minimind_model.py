@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import tiny_minimind
+from helpers import MINIMIND_FIXTURES, tiny_minimind
 from minimind.checkpoint import load_minimind, read_state_dict
 from minimind.model import MiniMindConfig, RawRouter
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/minimind"
+FIXTURES = MINIMIND_FIXTURES
 CHECKPOINTS = ["minimind2_tiny_dense", "minimind2_tiny_moe", "minimind3_tiny_dense", "minimind3_tiny_moe"]
 ARCH_MOE = [(arch, moe) for arch in ("minimind2", "minimind3") for moe in (False, True)]
 

@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import TRANSFORMERS_TINY, tiny_transformers
+from helpers import ROOT, TRANSFORMERS_TINY, tiny_transformers
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "benchmarks/README.md")
 VOCAB = TRANSFORMERS_TINY["vocab_size"]
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, TOLERANCES, adapter, args_for, losses
+from helpers import MINIMIND_FIXTURES, ROOT, TOLERANCES, adapter, args_for, losses
 from minimind import train_lora
 from minimind.run_dir import OutputLock
 from minimind.train_lora import main, parse_args, train
 from minimind.training import cosine_lr
 
-FIXTURES = ROOT.parent / "shared/fixtures/minimind"
+FIXTURES = MINIMIND_FIXTURES
 
 
 def assert_same_losses(got, expected, tol):

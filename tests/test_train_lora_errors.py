@@ -2,22 +2,14 @@
 nothing half-written. Runs ``main(argv)`` in-process; the base is a random hidden-32 model."""
 import errno
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import save_tiny_base
+from helpers import Payload, save_tiny_base
 from minimind.train_lora import main, parse_args, train
-
-
-class Payload:
-    """Pickles to a call of os.system: what an attacker's checkpoint holds."""
-
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
 
 
 def conversations(n, answer="I am Lumen, fine-tuned with LoRA.", question="Who are you?"):
