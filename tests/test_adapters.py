@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_close, needs_peft, two_peft_adapters
+from helpers import TinyLM, assert_close, needs_peft, two_peft_adapters
 from lora_kernels import (
     FusedLoRALinear,
     LoRAConfig,
@@ -27,7 +27,6 @@ from lora_kernels import (
     triton_available,
     unmerge_lora,
 )
-from test_replace import TinyLM
 
 BACKENDS = ["torch", "eager"] + (["triton"] if triton_available() else [])
 
@@ -53,55 +52,6 @@ def two_adapter_model():
 
 def ids(seed=0):
     return torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(seed))
-
-
-# ---------------------------------------------------------------------------------------------------
-# LoRAConfig
-
-
-def test_config_derives_scaling_once():
-    assert LoRAConfig(rank=4, alpha=8).scaling == 2.0
-    assert LoRAConfig(rank=4, alpha=8, use_rslora=True).scaling == 4.0
-    config = LoRAConfig(rank=16)
-    assert (config.lora_alpha, config.scaling) == (16.0, 1.0)  # alpha None: MiniMind's unscaled LoRA
-    assert config.replace(alpha=4).scaling == 0.25
-    layer = FusedLoRALinear(8, 8, config=LoRAConfig(rank=2, alpha=6, dropout=0.1))
-    assert (layer.rank, layer.alpha, layer.scaling, layer.dropout) == (2, 6.0, 3.0, 0.1)
-    layer.alpha = 2.0  # the old attribute still works, through the config
-    assert layer.scaling == 1.0 and layer.lora_configs["default"].alpha == 2.0
-
-
-@pytest.mark.parametrize("kwargs,words", [
-    ({"rank": 0}, "rank must be an integer >= 1, got 0"),
-    ({"rank": 2.0}, "rank must be an integer >= 1, got 2.0"),
-    ({"alpha": float("nan")}, "alpha must be a finite number > 0 .*nan"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
-    ({"use_rslora": 1}, "use_rslora must be True or False, got 1"),
-    ({"init": "xavier"}, "init must be one of .* got 'xavier'"),
-    ({"rank_pattern": {"(.*.*)*X": 4}}, r"rank_pattern key '\(\.\*\.\*\)\*X'.*forever"),
-    ({"rank_pattern": {"mlp": "8"}}, r"rank_pattern\['mlp'\] must be an integer >= 1, got '8'"),
-    ({"alpha_pattern": {"mlp": 0}}, r"alpha_pattern\['mlp'\] must be a finite number > 0, got 0"),
-])
-def test_config_errors_name_the_value(kwargs, words):
-    with pytest.raises(ValueError, match=words):
-        LoRAConfig(**kwargs)
-
-
-def test_config_and_separate_arguments_are_not_mixed():
-    with pytest.raises(TypeError, match="either config"):
-        FusedLoRALinear(8, 8, rank=4, config=LoRAConfig(rank=2))
-
-
-def test_for_module_follows_peft_pattern_rules():
-    config = LoRAConfig(rank=4, rank_pattern={"q_proj": 8, r"layers\.1\..*": 2}, alpha_pattern={"up_proj": 3})
-    assert config.for_module("layers.0.q_proj").rank == 8            # a suffix after a dot
-    assert config.for_module("layers.1.q_proj").rank == 8            # the first matching key wins
-    assert config.for_module("layers.1.up_proj").rank == 2           # a regex
-    assert config.for_module("layers.0.xq_proj").rank == 4           # not after a dot: no match
-    up = config.for_module("layers.0.up_proj")
-    assert (up.rank, up.alpha) == (4, 3.0) and not up.rank_pattern
-    # alpha None (alpha = rank) stays None: a pattern-chosen rank keeps scaling 1.
-    assert config.for_module("layers.0.q_proj").scaling == 1.0
 
 
 @pytest.mark.filterwarnings("ignore:rank .* at least as many parameters:UserWarning")

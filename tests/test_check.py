@@ -3,15 +3,13 @@ no-CUDA exit, and the correctness path on Triton's interpreter at tiny shapes, i
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TOLERANCES
+from helpers import ROOT, TOLERANCES
 from lora_kernels import check
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 
 
@@ -58,7 +56,7 @@ def test_swept_tritons_are_the_committed_reports():
     import json
 
     committed = {}
-    for report in (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile-gate").rglob("report.json"):
+    for report in (ROOT / "benchmarks" / "results" / "compile-gate").rglob("report.json"):
         data = json.loads(report.read_text())
         if "--quick" in data["command"]:
             continue  # a subset, not a sweep users can rely on

@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_kernels.backends.triton as triton_backend
 import lora_kernels.functional as functional
-from helpers import assert_close
+from helpers import assert_close, tiny_transformers
 from lora_kernels import FusedLoRALinear, replace_linear_with_fused_lora, triton_available
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")  # Inductor's own
@@ -80,12 +80,7 @@ def test_inductor_dropout_is_reproducible_under_manual_seed():
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 def test_llama_with_our_layers_compiles_fullgraph():
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_transformers("llama")
     replace_linear_with_fused_lora(model, rank=4, alpha=8, dropout=0.1, target_modules="all-linear", backend="torch")
     for name, p in model.named_parameters():
         if name.endswith("lora_B"):

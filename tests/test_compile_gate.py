@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
 from lora_kernels.ops import aot
 from lora_kernels.ops.standin import GPUS, stand_in_gpu
 
-ROOT = Path(__file__).resolve().parents[1]
 _missing = aot.missing_tools()
 needs_ptxas = pytest.mark.skipif(_missing is not None, reason=f"compile gate: {_missing}")
 

@@ -7,25 +7,25 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from helpers import (
+    D,
+    Q0,
+    TinyLM,
+    adapted_model,
+    assert_load_refused,
+    assert_unchanged,
+    base_model,
+    lk_file,
+    load_file_into_adapted,
+    load_file_into_base,
+    model_with_custom_linear,
+    nan_at,
+    pickled_payload,
+    set_layer,
+    snapshot,
+    truncated,
+)
 from lora_kernels import FusedLoRALinear, load_lora, lora_state_dict, replace_linear_with_fused_lora, save_lora
-from test_replace import D, TinyLM
-
-
-def adapted_model(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    model = TinyLM()
-    torch.manual_seed(100)  # the same base for every call; the adapters below vary with `seed`
-    model.load_state_dict(TinyLM().state_dict())
-    torch.manual_seed(seed)
-    replace_linear_with_fused_lora(model, **{"rank": 4, "alpha": 8, "target_modules": "all-linear", **kwargs})
-    for p in lora_state_dict(model).values():
-        p.normal_(0, 0.3)
-    return model.eval()
-
-
-def base_model():
-    torch.manual_seed(100)
-    return TinyLM().eval()
 
 
 IDS = torch.arange(10).view(2, 5)
@@ -68,16 +68,6 @@ def test_load_into_existing_adapters_takes_the_file_alpha(tmp_path):
     assert torch.equal(other(IDS), model(IDS))
 
 
-def assert_unchanged(model, snapshot, types):
-    assert {n: type(m) for n, m in model.named_modules()} == types
-    state = model.state_dict()
-    assert state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in snapshot)
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
-
-
 def test_adapter_of_another_model_fails_and_changes_nothing(tmp_path):
     model = adapted_model()
     save_lora(model, tmp_path / "a.safetensors")
@@ -90,27 +80,27 @@ def test_adapter_of_another_model_fails_and_changes_nothing(tmp_path):
             del self.layers[0].k_proj
 
     target = Wider()
-    state, types = snapshot(target)
+    before = snapshot(target)
     with pytest.raises(ValueError) as err:
         load_lora(target, tmp_path / "a.safetensors")
     text = str(err.value)
     assert "layers.0.k_proj: no such module" in text
     assert "layers.1.up_proj: file has lora_A (4, 16), lora_B (40, 4); the model needs (4, 16), (48, 4)" in text
     assert "layers.1.down_proj" in text
-    assert_unchanged(target, state, types)
+    assert_unchanged(target, before)
 
 
 def test_strict_lists_layers_missing_from_the_file(tmp_path):
     saved = adapted_model(target_modules="square")
     save_lora(saved, tmp_path / "a.safetensors")
     target = adapted_model(seed=3, target_modules="all-linear")
-    state, types = snapshot(target)
+    before = snapshot(target)
     with pytest.raises(ValueError, match="layers.0.up_proj: LoRA layer in the model but not in the file"):
         load_lora(target, tmp_path / "a.safetensors")
-    assert_unchanged(target, state, types)
+    assert_unchanged(target, before)
     load_lora(target, tmp_path / "a.safetensors", strict=False)  # loads the square layers only
     assert torch.equal(target.layers[0].q_proj.lora_A, saved.layers[0].q_proj.lora_A)
-    assert torch.equal(target.layers[0].up_proj.lora_A, state["layers.0.up_proj.lora_A"])
+    assert torch.equal(target.layers[0].up_proj.lora_A, before[0]["layers.0.up_proj.lora_A"])
 
 
 def test_rank_mismatch_with_existing_adapter(tmp_path):
@@ -238,3 +228,72 @@ def test_minimind_load_adapter_reads_the_file_once(tmp_path, monkeypatch):
 def save_to(model, path):
     save_lora(model, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad files: (case id, build(tmp_path) -> (model, load), exception, words the message must contain)
+
+LOADER_CASES = [
+    ("missing file", load_file_into_base(lambda t: t / "nope.safetensors"), FileNotFoundError, ["nope.safetensors"]),
+    ("directory instead of a file", load_file_into_base(lambda t: t), FileNotFoundError, ["not a file"]),
+    ("truncated safetensors", load_file_into_base(lambda t: truncated(lk_file(t))), ValueError,
+     ["a.safetensors", "cannot read"]),
+    ("truncated pth", load_file_into_base(lambda t: truncated(lk_file(t, "a.pth"))), ValueError, ["a.pth"]),
+    ("pickle payload", load_file_into_base(lambda t: pickled_payload(t / "evil.pth")), ValueError,
+     ["evil.pth", "weights_only"]),
+    ("garbage bytes", load_file_into_base(lambda t: (t / "g.pt").write_bytes(b"not a tensor file" * 9) and t / "g.pt"),
+     ValueError, ["g.pt"]),
+    ("NaN in lora_B", load_file_into_base(lambda t: lk_file(t, tensors=nan_at(f"{Q0}.lora_B"))), ValueError,
+     [f"{Q0}.lora_B", "non-finite", "a.safetensors"]),
+    ("inf in lora_A", load_file_into_base(lambda t: lk_file(
+        t, tensors=lambda d: d[f"{Q0}.lora_A"].fill_(float("inf")))), ValueError, [f"{Q0}.lora_A", "non-finite"]),
+    ("integer tensor", load_file_into_base(lambda t: lk_file(
+        t, tensors=lambda d: d.update({f"{Q0}.lora_A": d[f"{Q0}.lora_A"].long()}))), ValueError,
+     [f"{Q0}.lora_A", "torch.int64"]),
+    ("metadata layers not JSON", load_file_into_base(lambda t: lk_file(
+        t, meta=lambda layers, m: m.update(layers_raw="{oops"))), ValueError, ["'layers'", "not valid JSON"]),
+    ("metadata layers a list", load_file_into_base(lambda t: lk_file(
+        t, meta=lambda layers, m: m.update(layers_raw="[1, 2]"))), ValueError, ["'layers'", "list"]),
+    ("dropout 5.0 on layer 1 only", load_file_into_base(lambda t: lk_file(
+        t, meta=set_layer("layers.1.up_proj", "dropout", 5.0))), ValueError, ["layers.1.up_proj", "dropout", "5.0"]),
+    ("alpha NaN", load_file_into_base(lambda t: lk_file(t, meta=set_layer(Q0, "alpha", float("nan")))), ValueError,
+     [Q0, "alpha", "nan"]),
+    ("alpha 0 into existing layers", load_file_into_adapted(lambda t: lk_file(t, meta=set_layer(Q0, "alpha", 0))),
+     ValueError, [Q0, "alpha", "got 0"]),
+    ("alpha negative into existing layers", load_file_into_adapted(lambda t: lk_file(
+        t, meta=set_layer("layers.1.o_proj", "alpha", -8))), ValueError, ["layers.1.o_proj", "alpha", "-8"]),
+    ("use_rslora as a string", load_file_into_adapted(lambda t: lk_file(t, meta=set_layer(Q0, "use_rslora", "false"))),
+     ValueError, [Q0, "use_rslora", "'false'"]),
+    ("rank as a string", load_file_into_base(lambda t: lk_file(t, meta=set_layer(Q0, "rank", "4"))), ValueError,
+     [Q0, "rank", "'4'"]),
+    ("rank contradicting lora_A", load_file_into_base(lambda t: lk_file(t, meta=set_layer(Q0, "rank", 16))), ValueError,
+     [Q0, "rank", "16"]),
+    ("layer settings not an object", load_file_into_base(lambda t: lk_file(
+        t, meta=lambda layers, m: layers.update({Q0: [4, 8]}))), ValueError, [Q0, "[4, 8]"]),
+    ("newer format_version", load_file_into_base(lambda t: lk_file(
+        t, meta=lambda layers, m: m.update(format_version="7"))), ValueError, ["format_version", "'7'"]),
+    ("unexpected key", load_file_into_base(lambda t: lk_file(
+        t, tensors=lambda d: d.update({"layers.0.q_proj.weight": torch.zeros(D, D)}))), ValueError,
+     ["layers.0.q_proj.weight"]),
+    ("lora_A without lora_B", load_file_into_base(lambda t: lk_file(t, tensors=lambda d: d.pop(f"{Q0}.lora_B"))),
+     ValueError, [Q0, "without"]),
+    ("wrong shape", load_file_into_base(lambda t: lk_file(
+        t, tensors=lambda d: d.update({f"{Q0}.lora_A": torch.zeros(4, D + 1)}))), ValueError, [Q0, "(4, 17)"]),
+    ("module not in the model", load_file_into_base(lambda t: lk_file(
+        t, tensors=lambda d: d.update({"layers.7.q_proj.lora_A": torch.zeros(4, D),
+                                       "layers.7.q_proj.lora_B": torch.zeros(D, 4)}))), ValueError,
+     ["layers.7.q_proj", "no such module"]),
+    ("adapter on an embedding", load_file_into_base(lambda t: lk_file(
+        t, tensors=lambda d: d.update({"embed.lora_A": torch.zeros(4, D), "embed.lora_B": torch.zeros(D, 4)}))),
+     ValueError, ["embed", "Embedding"]),
+    ("nn.Linear subclass with its own forward", lambda t: (model_with_custom_linear(), lambda m: load_lora(
+        m, lk_file(t))), ValueError, [Q0, "ScaledLinear", "allow_custom_forward"]),
+    ("pth metadata not strings", load_file_into_base(lambda t: torch.save(
+        {"tensors": lora_state_dict(adapted_model()), "metadata": {"layers": 5}}, t / "m.pth") or t / "m.pth"),
+     ValueError, ["m.pth", "metadata"]),
+]
+
+
+@pytest.mark.parametrize("build,exception,words", [c[1:] for c in LOADER_CASES], ids=[c[0] for c in LOADER_CASES])
+def test_loader_refuses_and_changes_nothing(tmp_path, build, exception, words):
+    assert_load_refused(tmp_path, build, exception, words)

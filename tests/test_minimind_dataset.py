@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimind.dataset import PretrainDataset, SFTDataset, encode_conversation, pad_batch
+from minimind.dataset import NoTrainableTokensError, PretrainDataset, SFTDataset, encode_conversation, pad_batch
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train_tokenizer import train_tokenizer
 
@@ -129,3 +129,9 @@ def test_pretrain_dataset_packs_text_and_chat(tokenizers, tmp_path):
         PretrainDataset(bad, tok, max_seq_len=4)
     with pytest.raises(ValueError, match="less than one block"):
         PretrainDataset(path, tok, max_seq_len=10_000)
+
+
+def test_sft_data_whose_answers_are_all_cut_is_refused(tmp_path, long_prompt_data):
+    with pytest.raises(NoTrainableTokensError) as err:
+        SFTDataset(tmp_path / "long_prompts.jsonl", MiniMindTokenizer.from_pretrained(), max_seq_len=8)
+    assert all(word in str(err.value) for word in ["long_prompts.jsonl", "max_seq_len=8"]), str(err.value)

@@ -3,18 +3,10 @@ and the bundled base model answering in language."""
 import pytest
 import torch
 
-from minimind import chat
+from helpers import tiny_minimind
 from minimind.generate import decode_reply, generate, process_logits, stream_generate, stream_text
-from minimind.checkpoint import BUNDLED_BASE, load_minimind
 from minimind.model import MiniMindConfig, MiniMindForCausalLM
 from minimind.tokenizer import BUNDLED_TOKENIZER, MiniMindTokenizer
-
-
-def tiny_model(arch="minimind2", use_moe=False):
-    torch.manual_seed(0)
-    cfg = MiniMindConfig(arch=arch, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=97, use_moe=use_moe, max_position_embeddings=64)
-    return MiniMindForCausalLM(cfg).eval()
 
 
 def greedy_without_cache(model, ids, steps):
@@ -25,7 +17,7 @@ def greedy_without_cache(model, ids, steps):
 
 @pytest.mark.parametrize("arch,moe", [("minimind2", True), ("minimind3", False)])
 def test_cached_greedy_equals_uncached(arch, moe):
-    model = tiny_model(arch, moe)
+    model = tiny_minimind(arch, moe)
     ids = torch.randint(3, 97, (2, 6))
     with torch.no_grad():
         expected = greedy_without_cache(model, ids, 10)
@@ -33,7 +25,7 @@ def test_cached_greedy_equals_uncached(arch, moe):
 
 
 def test_left_padded_batch_equals_each_row_alone():
-    model = tiny_model("minimind3")
+    model = tiny_minimind("minimind3")
     a, b = torch.randint(3, 97, (1, 7)), torch.randint(3, 97, (1, 4))
     batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
     mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
@@ -43,7 +35,7 @@ def test_left_padded_batch_equals_each_row_alone():
 
 
 def test_eos_stops_a_row_and_pads_it():
-    model = tiny_model()
+    model = tiny_minimind()
     ids = torch.randint(3, 97, (2, 5))
     free = generate(model, ids, max_new_tokens=6, temperature=0, eos_token_id=None)
     eos = int(free[0, 6])  # row 0's second generated token plays the eos
@@ -56,7 +48,7 @@ def test_eos_stops_a_row_and_pads_it():
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
-    model = tiny_model()
+    model = tiny_minimind()
     ids = torch.randint(3, 97, (1, 5))
     runs = [generate(model, ids, max_new_tokens=12, temperature=1.5, top_k=3, top_p=1.0, eos_token_id=None,
                      generator=torch.Generator().manual_seed(7)) for _ in range(2)]
@@ -108,13 +100,6 @@ def test_a_reply_cut_inside_a_character_ends_before_it():
     assert decode_reply(tok, ids) == "Hi 😀"
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    if not BUNDLED_BASE.is_file() or not (BUNDLED_TOKENIZER / "tokenizer.json").is_file():
-        pytest.skip("bundled base model not built (python -m minimind.pretrain)")
-    return load_minimind(), MiniMindTokenizer.from_pretrained()
-
-
 @pytest.mark.parametrize("question,expected", [
     ("What is the capital of France?", "Paris"),
     ("日本的首都是哪里？", "东京"),
@@ -126,70 +111,6 @@ def test_bundled_base_answers_in_language(bundled, question, expected):
     out = generate(model, torch.tensor([prompt]), max_new_tokens=40, temperature=0, eos_token_id=tok.eos_token_id)
     answer = tok.decode(out[0, len(prompt):], skip_special_tokens=True)
     assert expected in answer, answer
-
-
-def test_chat_cli_one_shot(bundled, capsys):
-    chat.main(["--prompt", "What color is snow?", "--temperature", "0", "--max-new-tokens", "20"])
-    out = capsys.readouterr().out
-    assert ">>> What color is snow?" in out and "white" in out.lower()
-
-
-def test_chat_interactive_keeps_history_and_resets(bundled, capsys, monkeypatch):
-    typed = iter(["What color is snow?", "/reset", "", "Hello!", "/exit"])
-    seen = []
-    real_build = chat.build_prompt
-
-    def spy(tokenizer, messages, limit, **kwargs):
-        seen.append([m["content"] for m in messages])
-        return real_build(tokenizer, messages, limit, **kwargs)
-
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
-    monkeypatch.setattr(chat, "build_prompt", spy)
-    chat.main(["--temperature", "0", "--max-new-tokens", "16"])
-    assert seen == [["What color is snow?"], ["Hello!"]]  # /reset forgot the first exchange
-    assert "white" in capsys.readouterr().out.lower()
-
-
-def test_build_prompt_drops_oldest_turns_to_fit(bundled):
-    _, tok = bundled
-    turns = [{"role": "system", "content": "Be brief."}]
-    for i in range(6):
-        turns += [{"role": "user", "content": f"question number {i} about pandas"},
-                  {"role": "assistant", "content": "ok " * 10}]
-    turns.append({"role": "user", "content": "last question"})
-    full = tok.apply_chat_template(turns, tokenize=True)
-    ids = chat.build_prompt(tok, turns, limit=len(full) - 1)
-    text = tok.decode(ids)
-    assert len(ids) < len(full) and text.startswith("<|im_start|>system\nBe brief.")
-    assert "question number 0" not in text and "last question" in text and text.endswith("<|im_start|>assistant\n")
-    assert len(chat.build_prompt(tok, turns[-1:], limit=3)) == 3  # a single over-long turn keeps its tail
-
-
-def test_chat_switches_between_named_adapters(bundled, tmp_path, capsys, monkeypatch):
-    from lora_kernels import active_adapters, replace_linear_with_fused_lora
-    from minimind.lora_io import save_minimind_lora
-
-    for i, name in enumerate(("qa", "tr")):
-        torch.manual_seed(i)
-        adapted = replace_linear_with_fused_lora(load_minimind(), rank=2)
-        save_minimind_lora(adapted, tmp_path / f"{name}.pth")
-    typed = iter(["Hi", "/adapter", "/adapter tr", "Hi", "/adapter nope", "/adapter none", "Hi", "/adapter qa,tr",
-                  "Hi", "/exit"])
-    active = []
-    real_reply = chat.reply
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
-    monkeypatch.setattr(chat, "reply", lambda model, *a: active.append(active_adapters(model)) or real_reply(model, *a))
-    chat.main(["--lora", f"qa={tmp_path / 'qa.pth'}", "--lora", f"tr={tmp_path / 'tr.pth'}", "--temperature", "0",
-               "--max-new-tokens", "4"])
-    assert active == [["qa"], ["tr"], [], ["qa", "tr"]]
-    out = capsys.readouterr().out
-    assert "adapters: qa, tr; active: qa" in out and "no adapter named 'nope'" in out
-    assert "active: none (the base model)" in out
-
-
-def test_chat_refuses_a_repeated_adapter_name(tmp_path, capsys):
-    assert chat.main(["--lora", "a=x.pth", "--lora", "a=y.pth", "--prompt", "hi"]) == 2
-    assert "'a' is given twice" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,34 +165,3 @@ def test_generate_batch_refuses_a_wrong_number_of_adapters():
     model = two_adapter_model(tok.vocab_size)
     with pytest.raises(ValueError, match="2 prompts, 1 adapters"):
         generate_batch(model, tok, ["a", "b"], adapters=["qa"])
-
-
-def test_chat_answers_prompts_in_one_batch_each_with_its_adapter(bundled, tmp_path, capsys):
-    """--prompt-adapter: the batch gives each prompt the answer it gets alone with that adapter active."""
-    from lora_kernels import replace_linear_with_fused_lora
-    from minimind.lora_io import save_minimind_lora
-
-    for i, name in enumerate(("qa", "tr")):
-        torch.manual_seed(i)
-        adapted = replace_linear_with_fused_lora(load_minimind(), rank=2)
-        with torch.no_grad():
-            for _, layer in adapted.named_modules():
-                if hasattr(layer, "lora_B") and layer.lora_B is not None:
-                    layer.lora_B.normal_(std=0.2)
-        save_minimind_lora(adapted, tmp_path / f"{name}.pth")
-    loras = ["--lora", f"qa={tmp_path / 'qa.pth'}", "--lora", f"tr={tmp_path / 'tr.pth'}"]
-    settings = ["--temperature", "0", "--max-new-tokens", "12"]
-    questions = ["What color is snow?", "Who are you?", "What is the capital of France?"]
-    chat.main([*loras, *settings, "--prompt", questions[0], "--prompt-adapter", "tr", "--prompt", questions[1],
-               "--prompt-adapter", "none", "--prompt", questions[2], "--prompt-adapter", "qa"])
-    batched = capsys.readouterr().out.splitlines()
-    assert batched[0::2] == [f">>> [tr] {questions[0]}", f">>> [none] {questions[1]}", f">>> [qa] {questions[2]}"]
-    alone = []
-    for question, lora in ((questions[0], [loras[3]]), (questions[1], []), (questions[2], [loras[1]])):
-        chat.main([*(["--lora", lora[0]] if lora else []), *settings, "--prompt", question])
-        alone.append(capsys.readouterr().out.splitlines()[1])
-    assert batched[1::2] == alone
-    assert chat.main([*loras, "--prompt", "hi", "--prompt-adapter", "nope"]) == 2
-    assert "--prompt-adapter 'nope': no adapter of that name; loaded: qa, tr" in capsys.readouterr().err
-    assert chat.main([*loras, "--prompt", "hi", "--prompt", "ho", "--prompt-adapter", "qa"]) == 2
-    assert "2 prompts, 1 adapters" in capsys.readouterr().err

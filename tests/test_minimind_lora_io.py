@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import MINIMIND_FIXTURES, assert_load_refused, load_file_into_base, minimind_file, nan_at, pickled_payload, tiny_minimind
 from lora_kernels import FusedLoRALinear, replace_linear_with_fused_lora
 from minimind import load_minimind_lora, save_minimind_lora
 from minimind.checkpoint import load_minimind
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/minimind"
+FIXTURES = MINIMIND_FIXTURES
 
 
 def fixture(name: str) -> Path:
@@ -19,13 +19,6 @@ def fixture(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"MiniMind fixture {name} not found under {FIXTURES} (needs the shared fixtures checkout)")
     return path
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=97, max_position_embeddings=64)
-    return MiniMindForCausalLM(cfg).eval()
 
 
 class MiniMindLoRA(nn.Module):
@@ -83,7 +76,7 @@ def test_save_writes_minimind_keys_fp16_and_roundtrips_the_fixture(tmp_path):
 @pytest.mark.parametrize("alpha", [None, 32.0])
 def test_minimind_load_lora_reads_our_file_and_matches(tmp_path, alpha):
     """A model with FusedLoRALinear (any scaling) == MiniMind's LoRA code loading our saved file."""
-    ours = tiny_model()
+    ours = tiny_minimind()
     replace_linear_with_fused_lora(ours, rank=4, alpha=alpha, target_modules=["q_proj", "o_proj"])
     torch.manual_seed(1)
     with torch.no_grad():
@@ -94,18 +87,18 @@ def test_minimind_load_lora_reads_our_file_and_matches(tmp_path, alpha):
                 m.lora_B.copy_((torch.randn_like(m.lora_B) * 0.1).half().float() / m.scaling)
     path = tmp_path / "adapter.pth"
     save_minimind_lora(ours, path)
-    theirs = minimind_apply_and_load(tiny_model(), path, rank=4)
+    theirs = minimind_apply_and_load(tiny_minimind(), path, rank=4)
     ids = torch.randint(3, 97, (2, 9))
     with torch.no_grad():
         assert (ours(ids).logits - theirs(ids).logits).abs().max().item() < 1e-5
         # ...and our loader reads it back to the same outputs, at scaling 1.
-        again = load_minimind_lora(tiny_model(), path)
+        again = load_minimind_lora(tiny_minimind(), path)
         assert (again(ids).logits - ours(ids).logits).abs().max().item() < 1e-5
     assert all(m.scaling == 1.0 for m in again.modules() if isinstance(m, FusedLoRALinear))
 
 
 def test_bad_files_fail_before_changing_the_model(tmp_path):
-    model = tiny_model()
+    model = tiny_minimind()
     a, b = torch.zeros(4, 32), torch.zeros(32, 4)
     torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": a, "model.layers.0.self_attn.q_proj.lora.B.weight": b,
                 "model.layers.0.self_attn.nope.lora.A.weight": a, "model.layers.0.self_attn.nope.lora.B.weight": b,
@@ -145,7 +138,7 @@ def test_bad_files_fail_before_changing_the_model(tmp_path):
 
 def test_save_needs_lora_layers(tmp_path):
     with pytest.raises(ValueError, match="no FusedLoRALinear"):
-        save_minimind_lora(tiny_model(), tmp_path / "x.pth")
+        save_minimind_lora(tiny_minimind(), tmp_path / "x.pth")
     assert not list(tmp_path.iterdir())
 
 
@@ -154,12 +147,12 @@ def test_load_adapter_tells_the_formats_apart(tmp_path, fmt):
     from lora_kernels import lora_state_dict, save_lora, save_peft_adapter
     from minimind.lora_io import load_adapter
 
-    trained = replace_linear_with_fused_lora(tiny_model(), rank=4, alpha=8, target_modules="all-linear")
+    trained = replace_linear_with_fused_lora(tiny_minimind(), rank=4, alpha=8, target_modules="all-linear")
     for p in lora_state_dict(trained).values():
         p.normal_(0, 0.1)
     path = {"minimind": tmp_path / "a.pth", "lora_kernels": tmp_path / "a.safetensors", "peft": tmp_path / "peft"}[fmt]
     {"minimind": save_minimind_lora, "lora_kernels": save_lora, "peft": save_peft_adapter}[fmt](trained, path)
-    loaded = load_adapter(tiny_model(), path)
+    loaded = load_adapter(tiny_minimind(), path)
     ids = torch.arange(12).view(2, 6)
     with torch.no_grad():
         expected, got = trained(ids).logits, loaded(ids).logits
@@ -171,11 +164,28 @@ def test_load_lora_on_another_format_names_its_loader(tmp_path):
     """lora_kernels.load_lora given a MiniMind file, or PEFT's weights file, says which loader reads it."""
     import lora_kernels as lk
 
-    model = replace_linear_with_fused_lora(tiny_model(), rank=4, target_modules=["q_proj", "v_proj"])
+    model = replace_linear_with_fused_lora(tiny_minimind(), rank=4, target_modules=["q_proj", "v_proj"])
     minimind_file = tmp_path / "lora_minimind.pth"
     save_minimind_lora(model, minimind_file)
     with pytest.raises(ValueError, match=r"load_minimind_lora\(model, path\)"):
-        lk.load_lora(tiny_model(), minimind_file)
+        lk.load_lora(tiny_minimind(), minimind_file)
     lk.save_peft_adapter(model, tmp_path / "peft")
     with pytest.raises(ValueError, match=r"load_peft_adapter\(model, directory\)"):
-        lk.load_lora(tiny_model(), tmp_path / "peft" / "adapter_model.safetensors")
+        lk.load_lora(tiny_minimind(), tmp_path / "peft" / "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad files: (case id, build(tmp_path) -> (model, load), exception, words)
+
+LOADER_CASES = [
+    ("MiniMind NaN adapter", load_file_into_base(minimind_file(nan_at("layers.0.q_proj.lora.A.weight")),
+                                                 loader=load_minimind_lora), ValueError,
+     ["mm.pth", "layers.0.q_proj.lora.A.weight", "non-finite"]),
+    ("MiniMind pickle payload", load_file_into_base(lambda t: pickled_payload(t / "mm.pth"), loader=load_minimind_lora),
+     ValueError, ["mm.pth", "weights_only"]),
+]
+
+
+@pytest.mark.parametrize("build,exception,words", [c[1:] for c in LOADER_CASES], ids=[c[0] for c in LOADER_CASES])
+def test_loader_refuses_and_changes_nothing(tmp_path, build, exception, words):
+    assert_load_refused(tmp_path, build, exception, words)

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimind.checkpoint import infer_config, load_minimind, read_state_dict, save_minimind
-from minimind.model import MiniMindConfig, MiniMindForCausalLM, RawRouter
+from helpers import MINIMIND_FIXTURES, tiny_minimind
+from minimind.checkpoint import load_minimind, read_state_dict
+from minimind.model import MiniMindConfig, RawRouter
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/minimind"
+FIXTURES = MINIMIND_FIXTURES
 CHECKPOINTS = ["minimind2_tiny_dense", "minimind2_tiny_moe", "minimind3_tiny_dense", "minimind3_tiny_moe"]
 ARCH_MOE = [(arch, moe) for arch in ("minimind2", "minimind3") for moe in (False, True)]
 
@@ -25,13 +26,6 @@ def fixture(name: str) -> Path:
 def fixture_input_ids() -> torch.Tensor:
     """The input ids every fixture logits file was computed on (see the fixtures' README)."""
     return torch.arange(0, 48).remainder(6400).view(2, 24) * 7 % 6400
-
-
-def tiny_model(arch="minimind2", use_moe=False, seed=0, **kw) -> MiniMindForCausalLM:
-    torch.manual_seed(seed)
-    cfg = dict(arch=arch, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               vocab_size=97, use_moe=use_moe, max_position_embeddings=64)
-    return MiniMindForCausalLM(MiniMindConfig(**{**cfg, **kw})).eval()
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -60,7 +54,7 @@ def test_fixture_checkpoints_reproduce_logits(name):
 def test_layer_types_allow_lora_swaps():
     """Attention and FFN projections are nn.Linear; MiniMind2's router is a raw parameter, MiniMind-3's a Linear."""
     for arch, moe in ARCH_MOE:
-        model = tiny_model(arch, moe)
+        model = tiny_minimind(arch, moe)
         block = model.model.layers[0]
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert type(getattr(block.self_attn, proj)) is nn.Linear
@@ -85,7 +79,7 @@ def test_config_arch_defaults():
 
 @pytest.mark.parametrize("arch,moe", ARCH_MOE)
 def test_kv_cache_decoding_equals_full_sequence(arch, moe):
-    model = tiny_model(arch, moe)
+    model = tiny_minimind(arch, moe)
     ids = torch.randint(3, 97, (2, 11))
     with torch.no_grad():
         full = model(ids).logits
@@ -104,7 +98,7 @@ def test_kv_cache_decoding_equals_full_sequence(arch, moe):
 
 @pytest.mark.parametrize("arch,moe", ARCH_MOE)
 def test_attention_mask_padding_equals_unpadded(arch, moe):
-    model = tiny_model(arch, moe)
+    model = tiny_minimind(arch, moe)
     a, b = torch.randint(3, 97, (1, 9)), torch.randint(3, 97, (1, 5))
     with torch.no_grad():
         ref_a, ref_b = model(a).logits, model(b).logits
@@ -120,7 +114,7 @@ def test_attention_mask_padding_equals_unpadded(arch, moe):
 
 
 def test_left_padded_cache_decoding_equals_unpadded():
-    model = tiny_model("minimind3")
+    model = tiny_minimind("minimind3")
     b = torch.randint(3, 97, (1, 7))
     with torch.no_grad():
         ref = model(b).logits
@@ -135,7 +129,7 @@ def test_left_padded_cache_decoding_equals_unpadded():
 
 
 def test_labels_loss_is_shifted_and_ignores_minus_100():
-    model = tiny_model()
+    model = tiny_minimind()
     ids = torch.randint(3, 97, (2, 8))
     labels = ids.clone()
     labels[0, :5] = -100
@@ -152,7 +146,7 @@ def test_labels_loss_is_shifted_and_ignores_minus_100():
 
 @pytest.mark.parametrize("arch", ["minimind2", "minimind3"])
 def test_moe_aux_loss_in_training_and_gradients(arch):
-    model = tiny_model(arch, True).train()
+    model = tiny_minimind(arch, True).train()
     ids = torch.randint(3, 97, (2, 6))
     out = model(ids, labels=ids)
     assert out.aux_loss.item() > 0
@@ -163,67 +157,8 @@ def test_moe_aux_loss_in_training_and_gradients(arch):
 
 
 def test_logits_to_keep_matches_tail():
-    model = tiny_model()
+    model = tiny_minimind()
     ids = torch.randint(3, 97, (1, 6))
     with torch.no_grad():
+        # tighter than the fp32 bar: the same rows, computed in a smaller batch (only GEMM blocking differs)
         assert torch.allclose(model(ids, logits_to_keep=2).logits, model(ids).logits[:, -2:], atol=1e-6)
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_save_load_roundtrip(tmp_path, suffix):
-    model = tiny_model("minimind3", True, num_attention_heads=2, num_key_value_heads=1, head_dim=12)
-    path = tmp_path / f"m{suffix}"
-    save_minimind(model, path)
-    sd, stored = read_state_dict(path)
-    if suffix == ".safetensors":
-        assert stored["head_dim"] == 12 and "lm_head.weight" not in sd  # tied: stored once
-    else:
-        assert stored is None and "lm_head.weight" in sd  # MiniMind's own layout: both tied keys
-    # A .pth holds weights only: the RoPE table length is not in them.
-    loaded = load_minimind(path) if suffix == ".safetensors" else load_minimind(path, max_position_embeddings=64)
-    assert loaded.config == model.config
-    ids = torch.randint(3, 97, (1, 5))
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_infer_config_from_weights_alone():
-    model = tiny_model("minimind2", True, num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
-    cfg = infer_config(model.state_dict(), vocab_size=97)
-    for field in ("arch", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                  "intermediate_size", "use_moe", "n_routed_experts", "n_shared_experts", "use_qk_norm"):
-        assert getattr(cfg, field) == getattr(model.config, field), field
-    with pytest.raises(ValueError, match="cannot split q_proj"):
-        infer_config(model.state_dict(), num_attention_heads=5)
-
-
-def test_load_fails_listing_missing_unexpected_and_misshapen_keys(tmp_path):
-    sd = tiny_model().state_dict()
-    del sd["model.layers.1.mlp.up_proj.weight"]
-    sd["model.layers.0.self_attn.rotary.weight"] = torch.zeros(3)
-    sd["model.norm.weight"] = torch.ones(31)
-    path = tmp_path / "bad.pth"
-    torch.save(sd, path)
-    with pytest.raises(ValueError) as err:
-        load_minimind(path, config=tiny_model().config)
-    msg = str(err.value)
-    assert str(path) in msg
-    assert "missing keys (1): model.layers.1.mlp.up_proj.weight" in msg
-    assert "unexpected keys (1): model.layers.0.self_attn.rotary.weight" in msg
-    assert "model.norm.weight (31,) != expected (32,)" in msg
-
-
-def test_load_errors_for_wrong_config_and_bad_files(tmp_path):
-    path = tmp_path / "m.pth"
-    save_minimind(tiny_model(), path)
-    with pytest.raises(ValueError, match="missing keys .*experts"):
-        load_minimind(path, use_moe=True)
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_minimind(tmp_path / "nope.pth")
-    torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="expected a dict of tensors"):
-        load_minimind(tmp_path / "list.pth")
-    torch.save({"model": torch.load(path, weights_only=True), "optimizer": {}}, tmp_path / "resume.pth")
-    assert isinstance(load_minimind(tmp_path / "resume.pth"), MiniMindForCausalLM)  # MiniMind's resume checkpoints

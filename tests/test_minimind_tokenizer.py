@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import MINIMIND_FIXTURES
 from minimind.tokenizer import BUNDLED_TOKENIZER, MiniMindTokenizer, render_chat
 from minimind.train_tokenizer import train_tokenizer
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/minimind"
+FIXTURES = MINIMIND_FIXTURES
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
     "人工智能是计算机科学的一个分支，它企图了解智能的实质。",

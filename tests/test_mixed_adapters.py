@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_close, needs_peft, two_peft_adapters
+from helpers import assert_close, needs_peft, tiny_minimind, two_peft_adapters
 from lora_kernels import (
     AdapterTerm,
     LoRAConfig,
@@ -279,9 +279,7 @@ def test_mixed_batch_matches_peft_adapter_names(tmp_path):
 
 
 def test_minimind_mixed_batch_trains_each_adapter_on_its_own_rows():
-    from test_minimind_model import tiny_model
-
-    model = tiny_model()
+    model = tiny_minimind()
     replace_linear_with_fused_lora(model, config=LoRAConfig(rank=4, alpha=8, dropout=0.1), backend="torch")
     add_adapter(model, "qa", config=LoRAConfig(rank=2, alpha=4, dropout=0.1))
     with torch.no_grad():

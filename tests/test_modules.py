@@ -1,12 +1,13 @@
 """FusedLoRALinear: a drop-in nn.Linear with the numbers of HF PEFT's lora.Linear."""
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import assert_close, make_peft_linear
+from helpers import ScaledLinear, assert_close, make_peft_linear
 from lora_kernels import FusedLoRALinear
 
 
@@ -29,7 +30,8 @@ def test_drop_in_for_nn_linear():
     assert FusedLoRALinear(12, 7, bias=False, rank=3).bias is None
     layer.load_state_dict(linear.state_dict(), strict=False)
     x = torch.randn(5, 12)
-    assert torch.allclose(layer(x), linear(x), rtol=1e-6, atol=1e-6)  # B = 0: the adapter adds nothing yet
+    # B = 0: the adapter adds nothing yet, so only the base GEMM's rounding remains (tighter than the fp32 bar)
+    assert torch.allclose(layer(x), linear(x), rtol=1e-6, atol=1e-6)
 
 
 def test_from_linear_shares_the_weight():
@@ -226,3 +228,81 @@ def test_layer_built_for_a_named_adapter():
     assert_close(layer(x), F.linear(x, layer.weight, layer.bias) + 2.0 * (x @ a.t()) @ b.t(), torch.float32)
     with pytest.raises(ValueError, match="adapter name must be .* got 'a/b'"):
         FusedLoRALinear(8, 8, adapter_name="a/b")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refusals: (case id, call, exception, words)
+
+API_CASES = [
+    ("rank 0", lambda t: FusedLoRALinear(4, 4, rank=0), ValueError, ["rank", "got 0"]),
+    ("alpha NaN", lambda t: FusedLoRALinear(4, 4, rank=2, alpha=float("nan")), ValueError, ["alpha", "nan"]),
+    ("dropout 1", lambda t: FusedLoRALinear(4, 4, rank=2, dropout=1.0), ValueError, ["dropout", "1.0"]),
+    ("from_linear on a subclass with its own forward",
+     lambda t: FusedLoRALinear.from_linear(ScaledLinear(4, 4), rank=2), TypeError,
+     ["ScaledLinear", "allow_custom_forward"]),
+    ("from_linear on a conv", lambda t: FusedLoRALinear.from_linear(nn.Conv1d(4, 4, 1), rank=2), TypeError,
+     ["Conv1d"]),
+]
+
+
+@pytest.mark.parametrize("call,exception,words", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_api_refuses(tmp_path, call, exception, words):
+    with pytest.raises(exception) as err:
+        call(tmp_path)
+    assert all(word in str(err.value) for word in words), str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Silent wrong results that are now right (or refused)
+
+
+@torch.no_grad()
+def test_merged_state_dict_counts_the_adapter_once():
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(8, 6, rank=2)
+    layer.lora_B.normal_()
+    x = torch.randn(3, 8)
+    expected = layer(x)
+    for keep in (True, False):
+        layer.merge(keep_original=keep)
+        fresh = FusedLoRALinear(8, 6, rank=2)
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(fresh(x), expected)
+        # Loading into a merged layer keeps it merged, with the loaded adapter.
+        merged = FusedLoRALinear(8, 6, rank=2)
+        merged.merge()
+        merged.load_state_dict(layer.state_dict())
+        assert merged.merged
+        torch.testing.assert_close(merged(x), expected)
+        merged.unmerge()
+        torch.testing.assert_close(merged.weight, fresh.weight)
+        layer.unmerge()
+
+
+def test_unmerge_after_changing_b_restores_the_weight():
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(8, 6, rank=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    original = layer.weight.detach().clone()
+    layer.merge(keep_original=False)
+    with torch.no_grad():
+        layer.lora_B.mul_(3.0)
+    layer.alpha = 5.0
+    layer.unmerge()
+    # one fp32 add and one subtract of the delta per weight: a bound on those two roundings, not a dtype tolerance
+    torch.testing.assert_close(layer.weight, original, atol=1e-6, rtol=0)
+
+
+def test_training_a_merged_layer_warns_once():
+    layer = FusedLoRALinear(8, 6, rank=2, freeze_base=False)  # a trained W: backward runs, LoRA gets nothing
+    layer.merge()
+    layer.train()
+    with pytest.warns(UserWarning, match="no gradient.*unmerge"):
+        layer(torch.randn(2, 8)).sum().backward()
+    assert layer.lora_B.grad is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(2, 8))  # once per layer
+        layer.eval()
+        layer(torch.randn(2, 8))

@@ -14,7 +14,17 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_close
+from helpers import (
+    V,
+    assert_close,
+    assert_load_refused,
+    base_model,
+    load_peft,
+    nan_at,
+    peft_dir,
+    set_config,
+    truncated,
+)
 from lora_kernels import (
     FusedLoRALinear,
     fuse_peft_model,
@@ -23,15 +33,9 @@ from lora_kernels import (
     replace_linear_with_fused_lora,
     save_peft_adapter,
 )
-from test_replace import V, TinyLM
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 IDS = torch.arange(12).view(2, 6) % V
-
-
-def base_model():
-    torch.manual_seed(100)
-    return TinyLM().eval()
 
 
 def ours_with_mixed_layers():
@@ -318,3 +322,55 @@ def test_peft_config_becomes_one_lora_config():
                                "rank_pattern": {"up_proj": 4}, "alpha_pattern": {}})
     assert config == LoRAConfig(rank=8, alpha=16.0, use_rslora=True, rank_pattern={"up_proj": 4})
     assert config.for_module("layers.0.up_proj").scaling == 16.0 / 2.0  # rsLoRA: alpha / √4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad adapter directories: (case id, build(tmp_path) -> (model, load), exception, words)
+
+PEFT_A = "base_model.model.layers.1.up_proj.lora_A.weight"
+LOADER_CASES = [
+    ("PEFT config missing", load_peft(lambda t: t), FileNotFoundError, ["adapter_config.json"]),
+    ("PEFT config not JSON", load_peft(lambda t: peft_dir(t, config=lambda c: "{r: 4")), ValueError,
+     ["adapter_config.json", "not valid JSON"]),
+    ("PEFT config a list", load_peft(lambda t: peft_dir(t, config=lambda c: [c])), ValueError,
+     ["adapter_config.json", "list"]),
+    ('PEFT r "16"', load_peft(lambda t: peft_dir(t, config=set_config(r="4"))), ValueError,
+     ["adapter_config.json", "r must be an integer >= 1", "'4'"]),
+    ("PEFT r 0", load_peft(lambda t: peft_dir(t, config=set_config(r=0))), ValueError, ["r must be", "got 0"]),
+    ("PEFT lora_alpha NaN", load_peft(lambda t: peft_dir(t, config=set_config(lora_alpha=float("nan")))), ValueError,
+     ["lora_alpha", "nan"]),
+    ("PEFT lora_alpha 0", load_peft(lambda t: peft_dir(t, config=set_config(lora_alpha=0))), ValueError,
+     ["lora_alpha", "got 0"]),
+    ("PEFT lora_alpha null", load_peft(lambda t: peft_dir(t, config=set_config(lora_alpha=None))), ValueError,
+     ["lora_alpha", "None"]),
+    ('PEFT use_rslora "false"', load_peft(lambda t: peft_dir(t, config=set_config(use_rslora="false"))), ValueError,
+     ["use_rslora", "'false'"]),
+    ("PEFT lora_dropout 5", load_peft(lambda t: peft_dir(t, config=set_config(lora_dropout=5))), ValueError,
+     ["lora_dropout", "5"]),
+    ("PEFT bad alpha_pattern entry on one layer", load_peft(lambda t: peft_dir(
+        t, config=set_config(alpha_pattern={"layers.1.q_proj": "x"}))), ValueError,
+     ["alpha_pattern['layers.1.q_proj']", "'x'"]),
+    ("PEFT negative rank_pattern entry", load_peft(lambda t: peft_dir(
+        t, config=set_config(rank_pattern={"up_proj": -4}))), ValueError, ["rank_pattern['up_proj']", "-4"]),
+    ("PEFT rank_pattern a list", load_peft(lambda t: peft_dir(t, config=set_config(rank_pattern=["q_proj"]))),
+     ValueError, ["rank_pattern must be an object"]),
+    ("PEFT hostile rank_pattern key", load_peft(lambda t: peft_dir(
+        t, config=set_config(rank_pattern={"(.*.*.*)*X": 4}))), ValueError, ["rank_pattern", "(.*.*.*)*X"]),
+    ("PEFT invalid regex key", load_peft(lambda t: peft_dir(t, config=set_config(alpha_pattern={"q_(proj": 2}))),
+     ValueError, ["q_(proj", "regular expression"]),
+    ("PEFT other peft_type", load_peft(lambda t: peft_dir(t, config=set_config(peft_type="IA3"))), ValueError,
+     ["peft_type", "IA3"]),
+    ("PEFT DoRA", load_peft(lambda t: peft_dir(t, config=set_config(use_dora=True))), ValueError, ["DoRA"]),
+    ("PEFT weights missing", load_peft(lambda t: (peft_dir(t) / "adapter_model.safetensors").unlink()
+                                       or t / "peft"), FileNotFoundError, ["adapter_model.safetensors"]),
+    ("PEFT truncated weights", load_peft(lambda t: truncated(peft_dir(t) / "adapter_model.safetensors").parent),
+     ValueError, ["adapter_model.safetensors"]),
+    ("PEFT NaN weight", load_peft(lambda t: peft_dir(t, tensors=nan_at(PEFT_A))), ValueError, [PEFT_A, "non-finite"]),
+    ("PEFT rank contradicting r", load_peft(lambda t: peft_dir(t, config=set_config(r=2))), ValueError,
+     ["rank 4", "the config says 2"]),
+]
+
+
+@pytest.mark.parametrize("build,exception,words", [c[1:] for c in LOADER_CASES], ids=[c[0] for c in LOADER_CASES])
+def test_loader_refuses_and_changes_nothing(tmp_path, build, exception, words):
+    assert_load_refused(tmp_path, build, exception, words)

@@ -16,11 +16,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, TRANSFORMERS_TINY, tiny_transformers
+
 DOCUMENTS = ("README.md", "benchmarks/README.md")
-VOCAB = 64
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+VOCAB = TRANSFORMERS_TINY["vocab_size"]
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # transformers via peft
@@ -63,10 +62,7 @@ def given_names(source: str) -> set:
 
 
 def tiny_llama():
-    import transformers
-
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).float().eval()
+    return tiny_transformers("llama").eval()
 
 
 def _peft_model():

@@ -17,53 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TOLERANCES
-from minimind.checkpoint import save_minimind
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
+from helpers import MINIMIND_FIXTURES, ROOT, TOLERANCES, adapter, args_for, losses
 from minimind import train_lora
 from minimind.run_dir import OutputLock
 from minimind.train_lora import main, parse_args, train
 from minimind.training import cosine_lr
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared/fixtures/minimind"
-QUESTIONS = ["Who are you?", "你是谁？", "What is your name?", "介绍一下你自己。", "Tell me about yourself.",
-             "What can you do?", "Where do you come from?", "Hello!"]
-
-
-def write_data(path, n=24):
-    rows = [{"conversations": [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"},
-                               {"role": "assistant", "content": f"I am Lumen number {i}, fine-tuned with LoRA."}]}
-            for i in range(n)]
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny base and a small identity data set."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    # MiniMind's head layout (8 query heads, 2 kv heads), so that a .pth without a stored config reads back.
-    config = MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
-                            max_position_embeddings=64)
-    save_minimind(MiniMindForCausalLM(config), root / "base.safetensors")
-    write_data(root / "data.jsonl")
-    return root
-
-
-def args_for(tiny, out, *extra):
-    return ["--base", str(tiny / "base.safetensors"), "--data_path", str(tiny / "data.jsonl"),
-            "--out_dir", str(out), "--batch_size", "4", "--max_seq_len", "40", "--log_interval", "1",
-            "--learning_rate", "2e-2", "--rank", "4", "--answers", "0", "--no_progress", "--device", "cpu", *extra]
-
-
-def adapter(out):
-    return load_file(str(next((Path(out) / "lora").glob("*.safetensors"))))
-
-
-def losses(metrics_file):
-    return [json.loads(line)["loss"] for line in Path(metrics_file).read_text().splitlines()]
+FIXTURES = MINIMIND_FIXTURES
 
 
 def assert_same_losses(got, expected, tol):
@@ -308,17 +268,6 @@ def test_a_second_run_in_a_busy_output_folder_is_refused(tiny, tmp_path, capsys)
         assert not (tmp_path / "metrics.jsonl").exists()  # nothing written
     finally:
         lock.release()
-
-
-def test_a_stale_lock_is_taken_over(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a PID that no longer runs
-    (tmp_path / "x.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
-    lock = OutputLock(tmp_path / "x.lock")
-    assert f"PID {dead.pid}" in lock.acquire()
-    assert json.loads((tmp_path / "x.lock").read_text())["pid"] == os.getpid()
-    lock.release()
-    assert not (tmp_path / "x.lock").exists()
 
 
 def test_new_runs_keep_the_old_metrics(tiny, tmp_path):

@@ -2,31 +2,14 @@
 nothing half-written. Runs ``main(argv)`` in-process; the base is a random hidden-32 model."""
 import errno
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from minimind.checkpoint import save_minimind
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
+from helpers import Payload, save_tiny_base
 from minimind.train_lora import main, parse_args, train
-
-
-class Payload:
-    """Pickles to a call of os.system: what an attacker's checkpoint holds."""
-
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
-
-
-def tiny_base(path, **overrides):
-    torch.manual_seed(0)
-    config = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
-                  max_position_embeddings=64)
-    save_minimind(MiniMindForCausalLM(MiniMindConfig(**{**config, **overrides})), path)
-    return path
 
 
 def conversations(n, answer="I am Lumen, fine-tuned with LoRA.", question="Who are you?"):
@@ -39,7 +22,7 @@ def conversations(n, answer="I am Lumen, fine-tuned with LoRA.", question="Who a
 def files(tmp_path_factory):
     """A base, data, a finished run (its checkpoint and metrics) and an assortment of bad files."""
     root = tmp_path_factory.mktemp("errors")
-    tiny_base(root / "base.safetensors")
+    save_tiny_base(root / "base.safetensors")
     (root / "data.jsonl").write_text(conversations(8))
     (root / "bad_line.jsonl").write_text(conversations(1) + "{not json\n")
     (root / "two.jsonl").write_text(conversations(2))
@@ -48,7 +31,7 @@ def files(tmp_path_factory):
         pickle.dump({"model.embed_tokens.weight": Payload()}, f)
     (root / "truncated.safetensors").write_bytes((root / "base.safetensors").read_bytes()[:5000])
     (root / "garbage_tokenizer.json").write_text("this is not a tokenizer {")
-    tiny_base(root / "small_vocab.safetensors", vocab_size=300)
+    save_tiny_base(root / "small_vocab.safetensors", vocab_size=300)
     run = root / "run"
     train(parse_args(common(root, run) + SAME))
     state = torch.load(run / "checkpoint.pt", weights_only=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import TRANSFORMERS_TINY, assert_close, tiny_transformers
 from lora_kernels import (
     FusedLoRALinear,
     fuse_peft_model,
@@ -21,28 +21,14 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed"),
     pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed"),
 ]
-VOCAB = 64
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
-
-
-def tiny_model(family):
-    import transformers
-
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }[family]
-    torch.manual_seed(0)
-    return model_cls(config_cls(**TINY)).float()
+VOCAB = TRANSFORMERS_TINY["vocab_size"]
 
 
 def twins(family, rank=4, alpha=8):
     """(ours, PEFT's) over copies of one base, every linear but lm_head adapted, with the same A and B."""
     from peft import LoraConfig, get_peft_model
 
-    base = tiny_model(family)
+    base = tiny_transformers(family)
     torch.manual_seed(1)
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear"))
     ours = replace_linear_with_fused_lora(copy.deepcopy(base), rank=rank, alpha=alpha, target_modules="all-linear")
@@ -105,7 +91,7 @@ def test_llama_adapter_round_trip_through_peft_files(tmp_path):
 
     _, peft = twins("llama")
     peft.save_pretrained(tmp_path / "peft")
-    ours = load_peft_adapter(tiny_model("llama"), tmp_path / "peft")
+    ours = load_peft_adapter(tiny_transformers("llama"), tmp_path / "peft")
     inputs = batch(3)
     expected = peft(**inputs).logits
     assert_close(ours(**inputs).logits, expected, torch.float32, "logits")
@@ -114,7 +100,7 @@ def test_llama_adapter_round_trip_through_peft_files(tmp_path):
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
     assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    back = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours")
+    back = PeftModel.from_pretrained(tiny_transformers("llama"), tmp_path / "ours")
     assert type(back).__name__ == "PeftModelForCausalLM"
     assert_close(back(**inputs).logits, expected, torch.float32, "logits")
 
@@ -153,7 +139,7 @@ def peft_model(family, two_adapters=False):
     rsLoRA, partly other layers) is added and made active, as a user would train it."""
     from peft import LoraConfig, get_peft_model
 
-    base = tiny_model(family)
+    base = tiny_transformers(family)
     torch.manual_seed(1)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     if two_adapters:
@@ -241,7 +227,7 @@ def test_fuse_peft_model_keeps_two_live_adapters_switched_by_peft_set_adapter(tm
         assert (logits["default"] - logits["other"]).abs().max() > 1e-3
 
         fused.save_pretrained(tmp_path / "saved")  # "default" at the root, "other" in saved/other, as PEFT does
-        again = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "saved")
+        again = PeftModel.from_pretrained(tiny_transformers("llama"), tmp_path / "saved")
         again.load_adapter(tmp_path / "saved" / "other", "other")
         again.set_adapter("other")
         assert_close(again(ids).logits, logits["other"], torch.float32, "PEFT reloading the saved 'other'")
