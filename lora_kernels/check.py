@@ -36,7 +36,7 @@ from . import testing as _testing
 ARCHS = (90, 80, 86, 89)
 # The Triton versions whose full default sweep is committed under benchmarks/results/compile-gate/, and the
 # archs each covers (a test keeps this equal to the committed reports).
-SWEPT = {"3.9.0": (90, 80, 86, 89)}
+SWEPT = {"3.9.0": (90, 80, 86, 89), "3.8.0": (90, 80)}
 
 
 def stack_lines() -> List[str]:
