@@ -66,6 +66,18 @@ def _scale_table(ranks: Tuple[int, ...], scalings: Tuple[float, ...], device: to
     return table.to(device=device, dtype=dtype)
 
 
+
+def _adapters_scale_table(adapters: Sequence[AdapterTerm], x: torch.Tensor) -> torch.Tensor:
+    """:func:`_scale_table` of ``adapters`` (their ranks and scales), on x's device in x's dtype."""
+    return _scale_table(tuple(t.lora_A.shape[0] for t in adapters), tuple(float(t.scaling) for t in adapters),
+                        x.device, x.dtype)
+
+
+def _reference_terms(adapters: Sequence[AdapterTerm], dtype: torch.dtype) -> list:
+    """``adapters`` as the references (:mod:`lora_kernels.reference`) take them: (A, B, scale), A and B in
+    ``dtype``."""
+    return [(t.lora_A.to(dtype), t.lora_B.to(dtype), float(t.scaling)) for t in adapters]
+
 def _row_index(row_adapter: Union[torch.Tensor, Sequence[Optional[int]]], num_adapters: int, batch: int,
                device: torch.device) -> torch.Tensor:
     """``row_adapter`` as an int64 (batch,) tensor on ``device`` with -1 / None mapped to ``num_adapters``."""
@@ -133,7 +145,7 @@ def lora_linear_mixed(
 
     if name == "eager":
         dense, masks, realised = _eager_inputs(x, weight, seed, ps)
-        terms = [(t.lora_A.to(x.dtype), t.lora_B.to(x.dtype), float(t.scaling)) for t in adapters]
+        terms = _reference_terms(adapters, x.dtype)
         return lora_linear_mixed_reference(x, dense, bias, terms, index.masked_fill(index == n, -1), masks, realised)
 
     uniform_p = len(set(ps)) == 1
@@ -142,8 +154,7 @@ def lora_linear_mixed(
         # The kernels take one p per launch; the torch backend with the kernels' own mask thresholds per row.
         impl = torch_backend.KERNEL_MASK
     rows_per_entry = _rows(x).shape[0] // batch if batch else 0
-    ranks = tuple(t.lora_A.shape[0] for t in adapters)
-    table = _scale_table(ranks, tuple(float(t.scaling) for t in adapters), x.device, x.dtype)
+    table = _adapters_scale_table(adapters, x)
     scale = table.index_select(0, index).repeat_interleave(rows_per_entry, dim=0)  # (M, Σr)
     if uniform_p:
         dropout_p = ps[0]
@@ -193,10 +204,9 @@ def lora_linear_stacked(
     seed = draw_seed_tensor(x.device) if dropout_p > 0 else None
     if name == "eager":  # the reference's terms, one per adapter, on the shared mask
         dense, (mask,), (realised,) = _eager_inputs(x, weight, seed, [dropout_p])
-        terms = [(t.lora_A.to(x.dtype), t.lora_B.to(x.dtype), float(t.scaling)) for t in adapters]
+        terms = _reference_terms(adapters, x.dtype)
         return lora_linear_stacked_reference(x, dense, bias, terms, mask, realised)
-    ranks = tuple(t.lora_A.shape[0] for t in adapters)
-    table = _scale_table(ranks, tuple(float(t.scaling) for t in adapters), x.device, x.dtype)
+    table = _adapters_scale_table(adapters, x)
     scale = table[:-1].sum(0, keepdim=True)  # (1, Σr): every adapter's scale on its own columns
     return _scaled_lora_linear(x, weight, bias, [t.lora_A for t in adapters], [t.lora_B for t in adapters], scale,
                                dropout_p, seed, backend_for(backend, name, _quantized(weight)))
