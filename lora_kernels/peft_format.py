@@ -157,8 +157,8 @@ def _uses_dora(base: nn.Module, adapter: str) -> bool:
         return any(dora.values())
     with_dora = sorted(name for name, flag in dora.items() if flag)
     without = sorted(name for name, flag in dora.items() if not flag)
-    raise ValueError(f"adapter {adapter!r} has DoRA on {len(with_dora)} layers ({with_dora[:3]}, ...) and plain LoRA on "
-                     f"{len(without)} ({without[:3]}, ...); a PEFT adapter has one use_dora for all its layers, so "
+    raise ValueError(f"adapter {adapter!r} has DoRA on {len(with_dora)} layers ({with_dora[:3]}, ...) and plain "
+                     f"LoRA on {len(without)} ({without[:3]}, ...); a PEFT adapter has one use_dora for all its layers, so "
                      "PEFT cannot express it: give every layer of the adapter use_dora=True (or none), or save the "
                      "DoRA and the LoRA layers as two adapters")
 
@@ -253,7 +253,8 @@ def _save_one_peft_adapter(base: nn.Module, adapter: str, directory: Path, peft_
         tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_B.detach().contiguous().cpu()
         if use_dora:
-            tensors[f"{PREFIX}{name}.{MAGNITUDE_SUFFIX}"] = layer.lora_magnitude_of(adapter).detach().contiguous().cpu()
+            magnitude = layer.lora_magnitude_of(adapter)
+            tensors[f"{PREFIX}{name}.{MAGNITUDE_SUFFIX}"] = magnitude.detach().contiguous().cpu()
 
     atomic_write(directory / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -398,8 +399,8 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "aut
         raise ValueError(f"PEFT adapter {str(directory)!r} has LoRA weights lora_kernels does not support "
                          "(only nn.Linear layers): " + "; ".join(listed[:10]))
     if other:
-        raise ValueError(f"PEFT adapter {str(directory)!r} has tensors that are not LoRA weights named "
-                         f"{PREFIX}<module>.lora_A.weight / .lora_B.weight / .{MAGNITUDE_SUFFIX}: {sorted(other)[:5]}")
+        raise ValueError(f"PEFT adapter {str(directory)!r} has tensors that are not LoRA weights named {PREFIX}"
+                         f"<module>.lora_A.weight / .lora_B.weight / .{MAGNITUDE_SUFFIX}: {sorted(other)[:5]}")
 
     lora_config = peft_lora_config(config)
     layer_meta, mismatched = {}, []

@@ -1,10 +1,10 @@
 """The one-line conversion of a live ``peft.PeftModel`` to fused layers: :func:`fuse_peft_model`.
 
 Each PEFT LoRA linear (``peft.tuners.lora.Linear``, and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``
-under it), plain LoRA or DoRA, becomes a :class:`FusedLoRALinear` over the same parameters, with every adapter under its PEFT name
-and PEFT's names in the state dict. PEFT's model-level methods, which look for PEFT's own layer classes,
-are then routed to our layers (``set_adapter``, ``load_adapter``, ``save_pretrained``, ``merge_and_unload``,
-...); loading and saving go through the file format of :mod:`lora_kernels.peft_format`. Needs ``peft``.
+under it), plain LoRA or DoRA, becomes a :class:`FusedLoRALinear` over the same parameters, with every adapter
+under its PEFT name and PEFT's names in the state dict. PEFT's model-level methods, which look for PEFT's own
+layer classes, are then routed to our layers (``set_adapter``, ``load_adapter``, ``save_pretrained``,
+``merge_and_unload``, ...); loading and saving go through the file format of :mod:`lora_kernels.peft_format`. Needs ``peft``.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def _fusable(module: nn.Module, path: str, lora_linear_cls) -> Tuple[List[str], 
         # DoRA is converted (it is a lora_variant too in newer PEFT); every other variant has its own forward.
         variant = getattr(module, "lora_variant", {}).get(adapter)
         if variant is not None and not module.use_dora.get(adapter):
-            problems.append(f"{path}: a LoRA variant other than DoRA ({type(variant).__name__}, adapter {adapter!r})")
+            problems.append(f"{path}: a LoRA variant other than DoRA ({type(variant).__name__}, "
+                            f"adapter {adapter!r})")
     return (adapters if not problems else []), problems
 
 

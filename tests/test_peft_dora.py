@@ -216,3 +216,48 @@ def test_save_pretrained_after_fuse_saves_the_trained_magnitudes(tmp_path):
         assert not torch.equal(saved[key], initial[name]), f"{key} is the initial value"
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     assert_close(logits(loaded), logits(fused.eval()), torch.float32, "logits")
+
+
+def test_fused_model_loads_and_switches_dora_adapters(tmp_path):
+    other = perturb(peft_dora(), seed=11)
+    other.save_pretrained(tmp_path)
+    fused = fuse_peft_model(peft_dora())
+    fused.load_adapter(tmp_path, "other", is_trainable=True)  # PEFT's method, routed to our layers
+    fused.set_adapter("other")
+    layer = fused.base_model.model.model.layers[1].mlp.down_proj
+    assert layer.lora_magnitude_of("other").requires_grad and not layer.lora_magnitude.requires_grad
+    assert_close(logits(fused.eval()), logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()),
+                 torch.float32, "logits of the loaded adapter")
+
+
+# ---------------------------------------------------------------------------------------------------
+# fp16 and bf16: ours against PEFT evaluated in float64 on the same rounded weights
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float16, "torch"), pytest.param(torch.float16, "triton", marks=(
+    pytest.mark.skipif(not triton_available(), reason="Triton is not installed"))), (torch.bfloat16, "torch")])
+def test_half_precision(tmp_path, dtype, backend):
+    """Logits (PEFT's file read by us) and the fused training step's loss within TOLERANCES[dtype] of PEFT in
+    float64. A gradient at the end of a Llama's backward carries the rounding of every layer behind it, which
+    PEFT's own run in ``dtype`` shows (up to ~TOLERANCES[dtype] on the small k_proj gradients): each of ours
+    may exceed PEFT's own error by at most TOLERANCES[dtype]."""
+    exact = peft_dora().to(dtype).double().train()
+    half = peft_dora().to(dtype)
+    half.save_pretrained(tmp_path)
+    ours = load_peft_adapter(tiny_llama().to(dtype), tmp_path, backend=backend)
+    assert_close(logits(ours), logits(exact.eval()), dtype, "logits")
+
+    fused = peft_dora().to(dtype)
+    params = {name: p for name, p in fused.named_parameters() if p.requires_grad}
+    fuse_peft_model(fused, backend=backend)
+    losses = []
+    for model in (exact, half, fused):
+        model.train()
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert_close(losses[2], losses[0], dtype, "loss")
+    expected, peft_half = ({n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (exact, half))
+    for name, p in params.items():
+        bound = relative_error(peft_half[name], expected[name]) + TOLERANCES[dtype]
+        assert relative_error(p.grad, expected[name]) <= bound, f"grad of {name}"
