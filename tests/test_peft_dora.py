@@ -226,8 +226,14 @@ def test_fused_model_loads_and_switches_dora_adapters(tmp_path):
     fused.set_adapter("other")
     layer = fused.base_model.model.model.layers[1].mlp.down_proj
     assert layer.lora_magnitude_of("other").requires_grad and not layer.lora_magnitude.requires_grad
-    assert_close(logits(fused.eval()), logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()),
-                 torch.float32, "logits of the loaded adapter")
+    expected = logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval())
+    assert_close(logits(fused.eval()), expected, torch.float32, "logits of the loaded adapter")
+
+    magnitude = layer.lora_magnitude
+    fused.load_adapter(tmp_path, "default", is_trainable=True)  # into the adapter it has: copied in place
+    fused.set_adapter("default")
+    assert layer.lora_magnitude is magnitude and torch.equal(magnitude, layer.lora_magnitude_of("other"))
+    assert_close(logits(fused.eval()), expected, torch.float32, "logits after loading into 'default'")
 
 
 # ---------------------------------------------------------------------------------------------------
