@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -67,6 +67,52 @@ def olora_factors(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.
     return r[:rank].contiguous(), q[:, :rank].contiguous()
 
 
+def residual_init_problem(config: LoRAConfig, in_features: int, out_features: int,
+                          quantize: Optional[str] = None) -> Optional[str]:
+    """Why ``config.init`` cannot initialise an adapter of a ``in_features -> out_features`` layer whose base is
+    quantized as ``quantize`` (None: dense); None when it can, or when the init leaves the base alone.
+
+    A quantized base cannot hold the residual exactly (PEFT refuses PiSSA there, and requantizes for OLoRA); the
+    message says how to get PiSSA's QPiSSA instead: decompose the dense weight, quantize the residual.
+    """
+    if not is_residual_init(config.init):
+        return None
+    if quantize is not None:
+        return (f"init={config.init!r} writes the residual W - s*B*A into the base weight, which is quantized "
+                f"({quantize!r}) here and cannot hold it exactly; initialise on the dense weight and quantize the "
+                f"residual instead: FusedLoRALinear.from_linear(linear, init={config.init!r}, quantize={quantize!r}) "
+                f"or replace_linear_with_fused_lora(model, init={config.init!r}, quantize={quantize!r}), or add the "
+                "adapter before quantize_base()")
+    limit = min(in_features, out_features)
+    if config.rank > limit:
+        return (f"init={config.init!r} takes the first rank directions of W, so rank must be <= "
+                f"min(in_features, out_features) = {limit} for a {in_features}->{out_features} layer, "
+                f"got rank {config.rank}")
+    return None
+
+
+def check_residual_inits(model: torch.nn.Module, paths, config: LoRAConfig) -> None:
+    """Checks, before anything changes, that ``config``'s PiSSA / OLoRA init (if it is one) can initialise the
+    linear layers at ``paths`` (``config.for_module(path)`` each; a plain ``nn.Linear`` counts as dense, since
+    ``from_linear(..., quantize=...)`` decomposes the dense weight).
+
+    Raises:
+        ValueError: listing every layer it cannot initialise, and why.
+    """
+    if not is_residual_init(config.init):
+        return
+    problems = []
+    for path in paths:
+        module = model.get_submodule(path)
+        problem = residual_init_problem(config.for_module(path), module.in_features, module.out_features,
+                                        getattr(module, "quantize", None))
+        if problem is not None:
+            problems.append(f"{path}: {problem}")
+    if problems:
+        raise ValueError("; ".join(problems[:10]) + (f"; ... and {len(problems) - 10} more" if len(problems) > 10
+                                                     else ""))
+
+
 def residual_factors(weight: torch.Tensor, config: LoRAConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` of ``config.init`` (``"pissa"``, ``"pissa_niter_<n>"`` or ``"olora"``) for ``weight``.
 
@@ -76,11 +122,9 @@ def residual_factors(weight: torch.Tensor, config: LoRAConfig) -> Tuple[torch.Te
     if not is_residual_init(config.init):
         raise ValueError(f"init {config.init!r} does not rewrite the base weight (expected 'pissa', "
                          "'pissa_niter_<n>' or 'olora')")
-    limit = min(weight.shape)
-    if config.rank > limit:
-        raise ValueError(f"init={config.init!r} takes the first rank directions of W, so rank must be <= "
-                         f"min(in_features, out_features) = {limit} for a weight of shape {tuple(weight.shape)}, "
-                         f"got rank {config.rank}")
+    problem = residual_init_problem(config, weight.shape[1], weight.shape[0])
+    if problem is not None:
+        raise ValueError(problem)
     if config.init == "olora":
         return olora_factors(weight, config.rank)
     return pissa_factors(weight, config.rank, config.scaling, pissa_niter(config.init))

@@ -64,7 +64,7 @@ from . import quant
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_residual_init
 from .dora import dora_linear, weight_norm
 from .functional import _rows, backend_names, lora_linear
-from .init import residual_factors
+from .init import residual_factors, residual_init_problem
 from .mixed import AdapterTerm, lora_linear_mixed, lora_linear_stacked
 
 
@@ -116,7 +116,8 @@ class FusedLoRALinear(nn.Module):
         adapter_name: the name of the layer's first adapter (``"default"``: ``lora_A`` / ``lora_B``).
 
     Raises:
-        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init, backend or quantize.
+        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init, backend or quantize; a PiSSA /
+            OLoRA init with rank > min(in_features, out_features).
 
     Warns:
         UserWarning: when rank >= in·out / (in + out), the adapter has at least as many parameters as
@@ -284,7 +285,8 @@ class FusedLoRALinear(nn.Module):
             dtype: of the new A and B (and m); defaults to the dtype of the layer's other adapters, else the weight's.
 
         Raises:
-            ValueError: a bad or duplicate name, naming it.
+            ValueError: a bad or duplicate name, naming it; a PiSSA / OLoRA init on a quantized base or with
+                rank > min(in, out) (nothing is added then).
         """
         check_adapter_name(name)
         if not isinstance(config, LoRAConfig):
@@ -293,6 +295,9 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"the layer already has an adapter named {name!r}")
         if self._merged:
             raise RuntimeError(f"cannot add adapter {name!r} to a merged layer; unmerge it first")
+        problem = residual_init_problem(config, self.in_features, self.out_features, self.quantize)
+        if problem is not None:
+            raise ValueError(f"adapter {name!r}: {problem}")
         self._warn_large_rank(config.rank, _stacklevel + 1)
         if dtype is None:
             dtype = next((a.dtype for a, _ in map(self.lora_params, self.lora_configs)),
@@ -508,7 +513,8 @@ class FusedLoRALinear(nn.Module):
         ‖W + s·B·A‖ per row, with the residual in place (PEFT's order and initialisation).
 
         Raises:
-            RuntimeError, ValueError: a PiSSA / OLoRA init on a quantized or merged base, or rank > min(in, out).
+            ValueError: a PiSSA / OLoRA init on a quantized base, or rank > min(in, out).
+            RuntimeError: a PiSSA / OLoRA init on a merged layer.
         """
         lora_A, lora_B = self.lora_params(adapter_name)
         init = self.lora_configs[adapter_name].init
@@ -530,13 +536,9 @@ class FusedLoRALinear(nn.Module):
         call first puts W back (W_res + s·B0·A0), so resetting does not subtract twice."""
         config = self.lora_configs[adapter_name]
         lora_A, lora_B = self.lora_params(adapter_name)
-        if self.quantize is not None:
-            raise RuntimeError(
-                f"init={config.init!r} writes the residual W - s*B*A into the base weight, which is quantized "
-                f"({self.quantize!r}) here and cannot hold it exactly (PEFT refuses PiSSA on a quantized base too); "
-                f"initialise on the dense weight and quantize the residual instead: FusedLoRALinear.from_linear(linear, "
-                f"init={config.init!r}, quantize={self.quantize!r}) or replace_linear_with_fused_lora(model, "
-                f"init={config.init!r}, quantize={self.quantize!r}), or add the adapter before quantize_base()")
+        problem = residual_init_problem(config, self.in_features, self.out_features, self.quantize)
+        if problem is not None:
+            raise ValueError(f"adapter {adapter_name!r}: {problem}")
         if self._merged:
             raise RuntimeError(f"cannot initialise adapter {adapter_name!r} with init={config.init!r} on a merged "
                                "layer (its weight holds the merged adapters); unmerge it first")
