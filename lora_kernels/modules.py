@@ -154,13 +154,13 @@ class FusedLoRALinear(nn.Module):
         self._setup_lora(in_features, out_features, config, backend, factory, adapter_name)
         self._reset_base_parameters()
         self._base_initialised = True
-        for name, adapter_config in self.lora_configs.items():  # what add_adapter could not do on an empty W
+        for name, adapter_config in self.lora_configs.items():  # PiSSA / OLoRA read W: now it is initialised
             if is_residual_init(adapter_config.init):
                 self.reset_lora_parameters(name)
-            else:
-                self.reset_lora_magnitude(name)
         if quantize is not None:
             self._quantize_new_base(quantize, double_quant)
+        else:  # a DoRA magnitude is the norm of the weight just initialised
+            self.reset_lora_magnitude(adapter_name)
         if freeze_base:
             self.freeze_base()
 
