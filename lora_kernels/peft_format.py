@@ -16,7 +16,8 @@ Only plain LoRA on ``nn.Linear`` layers is supported. DoRA and the other PEFT Lo
 embeddings or convolutions, ``fan_in_fan_out`` (GPT-2's ``Conv1D``), trained biases, ``modules_to_save``
 and initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, ...) are refused with a
 message naming them when loading; our own PiSSA / OLoRA adapters are saved converted to a plain LoRA for the
-original base, as PEFT's ``path_initial_model_for_weight_conversion`` does (:mod:`lora_kernels.init`). Reading and writing files needs neither ``peft`` nor ``transformers``. The
+original base, as PEFT's ``path_initial_model_for_weight_conversion`` does (:mod:`lora_kernels.init`).
+Reading and writing files needs neither ``peft`` nor ``transformers``. The
 conversion of a live ``PeftModel`` (:func:`lora_kernels.fuse_peft_model`, which needs ``peft``) is in
 :mod:`lora_kernels.peft_live`.
 """

@@ -278,7 +278,8 @@ def test_conversion_is_peft_s(tmp_path, init):
     assert sorted(theirs) == sorted(ours)
     for key in theirs:
         assert_close(ours[key], theirs[key], torch.float32, key)
-    their_config, our_config = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "ours"))
+    their_config, our_config = (json.loads((tmp_path / d / "adapter_config.json").read_text())
+                                for d in ("peft", "ours"))
     for field in ("r", "lora_alpha", "init_lora_weights", "use_rslora"):
         assert our_config[field] == their_config[field], field
 
@@ -337,3 +338,30 @@ def test_replace_refused_for_a_custom_forward_gives_the_weights_back():
     for module, weight in zip(model, before):
         assert type(module) in (nn.Linear, Custom)
         assert_close(module.weight, weight, torch.float32, "weight")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_converted_layer_on_the_original_base_is_the_trained_layer(init, use_dora):
+    """The conversion's maths at one layer: rank 2r on W gives W_res + s·B·A (a DoRA magnitude carries over,
+    since ‖W + s'·B'·A'‖ = ‖W_res + s·B·A‖)."""
+    from lora_kernels.init import converted_adapters
+
+    base = linear(26, 19, seed=9)
+    original = copy.deepcopy(base)
+    layer = FusedLoRALinear.from_linear(base, rank=3, alpha=5, use_rslora=True, init=init, use_dora=use_dora,
+                                        backend="torch")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B) + ((layer.lora_magnitude,) if use_dora else ()):
+            p.add_(torch.randn_like(p) * 0.1 * p.abs().max())
+    config, lora_A, lora_B = converted_adapters({"layer": layer}, "default")["layer"]
+    plain = FusedLoRALinear.from_linear(original, config=config, backend="torch")
+    with torch.no_grad():
+        plain.lora_A.copy_(lora_A)
+        plain.lora_B.copy_(lora_B)
+        if use_dora:
+            plain.lora_magnitude.copy_(layer.lora_magnitude)
+    x = torch.randn(8, 26)
+    assert (plain.rank, plain.use_rslora) == (6, True) and plain.scaling == pytest.approx(layer.scaling)
+    assert_close(plain.eval()(x), layer.eval()(x), torch.float32, "output")
