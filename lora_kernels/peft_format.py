@@ -18,7 +18,9 @@ An adapter directory, as ``peft.PeftModel.save_pretrained`` writes it:
 Plain LoRA and DoRA on ``nn.Linear`` layers are supported. The other PEFT LoRA variants, LoRA on
 embeddings or convolutions, ``fan_in_fan_out`` (GPT-2's ``Conv1D``), trained biases, ``modules_to_save``
 and initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, ...) are refused with a
-message naming them. Reading and writing files needs neither ``peft`` nor ``transformers``. The
+message naming them when loading; our own PiSSA / OLoRA adapters are saved converted to a plain LoRA for the
+original base, as PEFT's ``path_initial_model_for_weight_conversion`` does (:mod:`lora_kernels.init`).
+Reading and writing files needs neither ``peft`` nor ``transformers``. The
 conversion of a live ``PeftModel`` (:func:`lora_kernels.fuse_peft_model`, which needs ``peft``) is in
 :mod:`lora_kernels.peft_live`.
 """
@@ -39,8 +41,9 @@ from atomic_io import atomic_write, read_json_object, read_tensor_file
 
 from .adapters import adapter_names as _adapter_names
 from .config import (DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_alpha_value, is_finite_number, is_rank_value,
-                     lora_scaling, pattern_problems)
+                     is_residual_init, lora_scaling, pattern_problems)
 from .config import pattern_value as _pattern_value
+from .init import converted_adapters
 from .io import apply_lora_tensors, check_tensors
 from .modules import FusedLoRALinear
 from .replace import iter_lora_layers, mark_only_lora_as_trainable
@@ -164,7 +167,7 @@ def _uses_dora(base: nn.Module, adapter: str) -> bool:
 
 
 def save_peft_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None,
-                      adapter_names: Optional[List[str]] = None) -> None:
+                      adapter_names: Optional[List[str]] = None, convert_to_lora: bool = True) -> None:
     """Writes the :class:`FusedLoRALinear` adapters of ``model`` as PEFT LoRA adapter directories, in PEFT's
     layout: the adapter ``"default"`` in ``directory`` itself, every other adapter ``NAME`` in
     ``directory/NAME`` (as ``PeftModel.save_pretrained`` writes them).
@@ -186,11 +189,19 @@ def save_peft_adapter(model: nn.Module, directory: PathLike, base_model_name_or_
         base_model_name_or_path: recorded in the config; defaults to the model's ``name_or_path`` (as set
             by ``transformers``' ``from_pretrained``), else null.
         adapter_names: the adapters to write; None: all of them.
+        convert_to_lora: layers whose adapter was initialised by PiSSA / OLoRA are written as PEFT's
+            ``save_pretrained(..., path_initial_model_for_weight_conversion=...)`` writes them: a plain LoRA of
+            rank 2r (``r``, ``lora_alpha`` and the patterns doubled, ``init_lora_weights: true``) that PEFT
+            loads onto the *original* base (:mod:`lora_kernels.init`). False: as PEFT's plain
+            ``save_pretrained``: rank r, ``init_lora_weights: "pissa"`` / ``"olora"``, which PEFT loads by
+            decomposing the original base again (deterministic for ``"pissa"`` and ``"olora"``, not for the
+            randomized ``"pissa_niter_<n>"``).
 
     Raises:
         ValueError: the model has no LoRA layers, an unknown adapter name, an adapter with DoRA on some
-            layers and plain LoRA on others (PEFT's ``use_dora`` is one flag per adapter), or the model is a
-            ``PeftModel`` with ``modules_to_save``. Nothing is written then.
+            layers and plain LoRA on others (PEFT's ``use_dora`` is one flag per adapter), the model is a
+            ``PeftModel`` with ``modules_to_save``, or (``convert_to_lora``) a PiSSA / OLoRA layer that no longer
+            holds its initial A0, B0. Nothing is written then.
     """
     base, peft_info = _unwrap_peft_model(model)
     if not any(True for _ in iter_lora_layers(base)):
@@ -204,15 +215,22 @@ def save_peft_adapter(model: nn.Module, directory: PathLike, base_model_name_or_
     directory = Path(directory)
     for name in names:
         _save_one_peft_adapter(base, name, directory if name == DEFAULT_ADAPTER else directory / name,
-                               peft_info.get(name, {}), base_model_name_or_path, use_dora[name])
+                               peft_info.get(name, {}), base_model_name_or_path, use_dora[name], convert_to_lora)
 
 
 def _save_one_peft_adapter(base: nn.Module, adapter: str, directory: Path, peft_info: Dict[str, Any],
-                           base_model_name_or_path: Optional[str], use_dora: bool) -> None:
+                           base_model_name_or_path: Optional[str], use_dora: bool,
+                           convert_to_lora: bool = True) -> None:
     from safetensors.torch import save_file
 
     layers = {name: layer for name, layer in iter_lora_layers(base) if adapter in layer.lora_configs}
     configs = {name: layer.lora_configs[adapter] for name, layer in layers.items()}
+    pairs = {name: layer.lora_params(adapter) for name, layer in layers.items()}
+    if convert_to_lora:
+        for name, (config, lora_A, lora_B) in converted_adapters(layers, adapter).items():
+            configs[name], pairs[name] = config, (lora_A, lora_B)
+    # PEFT has one init per adapter: a layer still initialised by PiSSA / OLoRA makes the file say so.
+    init_lora_weights = next((c.init for c in configs.values() if is_residual_init(c.init)), True)
     use_rslora = _most_common([c.use_rslora for c in configs.values()])
     ranks = {name: c.rank for name, c in configs.items()}
     # alpha such that PEFT's scaling (alpha / r, or alpha / √r with the file's use_rslora) is the layer's.
@@ -243,17 +261,16 @@ def _save_one_peft_adapter(base: nn.Module, adapter: str, directory: Path, peft_
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": use_dora,
-        "init_lora_weights": True,
+        "init_lora_weights": init_lora_weights,
         "modules_to_save": None,
         "inference_mode": True,
     }
     tensors = {}
-    for name, layer in layers.items():
-        lora_A, lora_B = layer.lora_params(adapter)
+    for name, (lora_A, lora_B) in pairs.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_B.detach().contiguous().cpu()
         if use_dora:
-            magnitude = layer.lora_magnitude_of(adapter)
+            magnitude = layers[name].lora_magnitude_of(adapter)
             tensors[f"{PREFIX}{name}.{MAGNITUDE_SUFFIX}"] = magnitude.detach().contiguous().cpu()
 
     atomic_write(directory / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
