@@ -23,7 +23,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 INITS = ("minimind", "kaiming")
 # The settings of one adapter that functions also take one by one (beside config=LoRAConfig(...)).
-SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init")
+SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init", "use_dora")
+# The parameter names of an adapter inside a layer (lora_magnitude only for DoRA adapters).
+LORA_PARAM_NAMES = ("lora_A", "lora_B", "lora_magnitude")
 DEFAULT_ADAPTER = "default"
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
@@ -141,6 +143,8 @@ class LoRAConfig:
         dropout: dropout probability on the LoRA path's input, in [0, 1).
         use_rslora: scale by alpha / √rank instead of alpha / rank.
         init: ``"minimind"`` (A ~ N(0, 0.02²)) or ``"kaiming"`` (Kaiming-uniform, a = √5, as PEFT); B = 0.
+        use_dora: DoRA (Liu et al. 2024, PEFT's ``use_dora=True``): the layer also gets a trainable magnitude
+            m (out_features,), initialised to ‖W + s·B·A‖ per row (:mod:`lora_kernels.dora`).
         rank_pattern, alpha_pattern: per-layer ranks / alphas by module path (PEFT's rule, module
             docstring); :meth:`for_module` applies them.
 
@@ -156,13 +160,14 @@ class LoRAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "minimind"
+    use_dora: bool = False
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     lora_alpha: float = field(init=False, repr=False, compare=False)
     scaling: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        problems = self.problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init)
+        problems = self.problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init, self.use_dora)
         problems += pattern_problems(self.rank_pattern, self.alpha_pattern)
         if problems:
             raise ValueError("; ".join(problems))
@@ -174,7 +179,8 @@ class LoRAConfig:
         object.__setattr__(self, "scaling", lora_scaling(self.rank, lora_alpha, self.use_rslora))
 
     @staticmethod
-    def problems(rank: Any, alpha: Any, dropout: Any, use_rslora: Any = False, init: Any = "minimind") -> List[str]:
+    def problems(rank: Any, alpha: Any, dropout: Any, use_rslora: Any = False, init: Any = "minimind",
+                 use_dora: Any = False) -> List[str]:
         """Every problem with these values, each naming the field and the value (empty when all are fine)."""
         problems = []
         if not is_rank_value(rank) or not isinstance(rank, int):
@@ -187,12 +193,14 @@ class LoRAConfig:
             problems.append(f"use_rslora must be True or False, got {use_rslora!r}")
         if init not in INITS:
             problems.append(f"init must be one of {INITS}, got {init!r}")
+        if not isinstance(use_dora, bool):
+            problems.append(f"use_dora must be True or False, got {use_dora!r}")
         return problems
 
     @classmethod
     def resolve(cls, config: Optional["LoRAConfig"] = None, **settings: Any) -> "LoRAConfig":
         """``config``, or the config of the separate ``settings`` (any of ``rank``, ``alpha``, ``dropout``,
-        ``use_rslora``, ``init``): what the functions that take either ``config=LoRAConfig(...)`` or the
+        ``use_rslora``, ``init``, ``use_dora``): what the functions that take either ``config=LoRAConfig(...)`` or the
         settings one by one call. A setting left None takes this class's default (alpha None: alpha = rank).
 
         Beside ``config``, a setting equal to its default is accepted (it says nothing new); any other value
@@ -200,7 +208,7 @@ class LoRAConfig:
 
         Raises:
             TypeError: ``config`` is not a LoRAConfig, both ``config`` and a setting are given, or a setting
-                name is not one of the five.
+                name is not one of the six.
             ValueError: a setting out of range or of the wrong type (see the class).
         """
         unknown = sorted(set(settings) - set(SETTINGS))
@@ -213,7 +221,8 @@ class LoRAConfig:
             raise TypeError(f"config must be a lora_kernels.LoRAConfig, got {type(config).__name__}")
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         if any(value != defaults[name] for name, value in given.items()):
-            raise TypeError("give either config=LoRAConfig(...) or rank/alpha/dropout/use_rslora/init, not both")
+            raise TypeError("give either config=LoRAConfig(...) or rank/alpha/dropout/use_rslora/init/use_dora, "
+                            "not both")
         return config
 
     def replace(self, **changes: Any) -> "LoRAConfig":
@@ -232,8 +241,10 @@ class LoRAConfig:
                                    rank_pattern={}, alpha_pattern={})
 
     def layer_settings(self) -> Dict[str, Any]:
-        """The per-layer fields our adapter files record: ``{"rank", "alpha", "use_rslora", "dropout"}``."""
-        return {"rank": self.rank, "alpha": self.lora_alpha, "use_rslora": self.use_rslora, "dropout": self.dropout}
+        """The per-layer fields our adapter files record: ``{"rank", "alpha", "use_rslora", "dropout"}``, and
+        ``"use_dora": true`` for a DoRA adapter."""
+        settings = {"rank": self.rank, "alpha": self.lora_alpha, "use_rslora": self.use_rslora, "dropout": self.dropout}
+        return {**settings, "use_dora": True} if self.use_dora else settings
 
     @classmethod
     def from_layer_settings(cls, settings: Mapping[str, Any], rank: int) -> "LoRAConfig":
@@ -241,7 +252,8 @@ class LoRAConfig:
         the file leaves out: alpha = rank, no dropout, no rsLoRA."""
         alpha = settings.get("alpha")
         return cls(rank=int(rank), alpha=None if alpha is None else float(alpha),
-                   dropout=float(settings.get("dropout", 0.0)), use_rslora=settings.get("use_rslora", False))
+                   dropout=float(settings.get("dropout", 0.0)), use_rslora=settings.get("use_rslora", False),
+                   use_dora=settings.get("use_dora", False))
 
 
 def is_rank_value(value: Any) -> bool:

@@ -3,7 +3,7 @@
 Sharding is FSDP2's own: :func:`shard_lora_model` only applies ``fully_shard`` in the usual order (each
 block, then the root), so the base (16-bit weights, or the quantized codes, which are a frozen parameter) is
 split across ranks and all-gathered one block at a time. What FSDP2 does not do for us is hand an adapter to
-code that writes files: after sharding, ``lora_A``/``lora_B`` are ``DTensor`` shards, and writing them from one
+code that writes files: after sharding, ``lora_A``/``lora_B`` (and a DoRA ``lora_magnitude``) are ``DTensor`` shards, and writing them from one
 rank gives a file with half of every matrix (or a torch pickle of ``DTensor`` objects). :func:`gathered_lora`
 makes them whole for the length of a ``with`` block, on every rank, so ``save_lora``, ``lora_state_dict`` and
 ``save_minimind_lora`` see the full adapter; ``save_lora`` refuses a ``DTensor`` outright.
@@ -16,7 +16,8 @@ from typing import Dict, Iterable, Iterator, List, Tuple
 import torch
 from torch import nn
 
-LORA_PARAM_NAMES = ("lora_A", "lora_B")
+from .config import LORA_PARAM_NAMES
+
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -76,7 +77,7 @@ def _sharded_lora(model: nn.Module) -> List[Tuple[nn.Module, str, nn.Parameter]]
 
 @contextlib.contextmanager
 def gathered_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, every ``lora_A``/``lora_B`` of ``model`` (all adapters) is a whole, ordinary tensor.
+    """Inside the block, every ``lora_A``/``lora_B``/``lora_magnitude`` of ``model`` (all adapters) is a whole, ordinary tensor.
 
     A collective: every rank must enter it, in the same order as its other collectives (then any of them, e.g.
     rank 0 alone, may save). Only the adapters are gathered, never the base. The full tensors are detached

@@ -40,17 +40,20 @@ import torch.nn.functional as F
 
 from .backends import backend_for, draw_seed_tensor, resolve_backend
 from .backends import torch as torch_backend
+from .dora import dora_impl, scaled_lora_linear, weight_norm
 from .functional import _autocast_enabled, _eager_inputs, _LoRALinearFunction, _outside_autocast, _quantized, _rows
 from .reference import lora_linear_mixed_reference, lora_linear_stacked_reference
 
 
 class AdapterTerm(NamedTuple):
-    """One adapter of a mixed call: ``lora_A`` (r, K), ``lora_B`` (N, r), its scale and dropout probability."""
+    """One adapter of a mixed call: ``lora_A`` (r, K), ``lora_B`` (N, r), its scale and dropout probability, and
+    a DoRA adapter's magnitude m (N,) (None: plain LoRA)."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
     dropout_p: float = 0.0
+    magnitude: Optional[torch.Tensor] = None
 
 
 @functools.lru_cache(maxsize=256)
@@ -75,8 +78,21 @@ def _adapters_scale_table(adapters: Sequence[AdapterTerm], x: torch.Tensor) -> t
 
 def _reference_terms(adapters: Sequence[AdapterTerm], dtype: torch.dtype) -> list:
     """``adapters`` as the references (:mod:`lora_kernels.reference`) take them: (A, B, scale), A and B in
-    ``dtype``."""
-    return [(t.lora_A.to(dtype), t.lora_B.to(dtype), float(t.scaling)) for t in adapters]
+    ``dtype``, and a DoRA adapter's magnitude (in ``dtype``) fourth."""
+    return [(t.lora_A.to(dtype), t.lora_B.to(dtype), float(t.scaling))
+            + (() if t.magnitude is None else (t.magnitude.to(dtype),)) for t in adapters]
+
+
+def _dora_row_scales(adapters: Sequence[AdapterTerm], weight, x: torch.Tensor, index: torch.Tensor,
+                     backend: str) -> torch.Tensor:
+    """The column scale of a mixed batch with DoRA adapters, (B, N) fp32: row i gets its adapter's
+    g = m / ‖W + s·B·A‖ (1 for a LoRA adapter and for no adapter), differentiable in each m."""
+    ones = torch.ones(weight.shape[0], dtype=torch.float32, device=x.device)
+    table = [ones if t.magnitude is None else
+             t.magnitude.float() / weight_norm(weight, t.lora_A.to(x.dtype), t.lora_B.to(x.dtype), float(t.scaling),
+                                               backend)
+             for t in adapters]
+    return torch.stack(table + [ones]).index_select(0, index)
 
 def _row_index(row_adapter: Union[torch.Tensor, Sequence[Optional[int]]], num_adapters: int, batch: int,
                device: torch.device) -> torch.Tensor:
@@ -161,14 +177,24 @@ def lora_linear_mixed(
     else:  # per-row probabilities, float64 so that each row's threshold is computed as for a float p
         p_table = torch.tensor(ps + [0.0], dtype=torch.float64, device=x.device)
         dropout_p = p_table.index_select(0, index).repeat_interleave(rows_per_entry)
-    return _scaled_lora_linear(x, weight, bias, [t.lora_A for t in adapters], [t.lora_B for t in adapters], scale,
-                               dropout_p, seed, impl)
+    lora_As, lora_Bs = [t.lora_A for t in adapters], [t.lora_B for t in adapters]
+    if any(t.magnitude is not None for t in adapters):  # DoRA rows: one column scale per batch row (G = B)
+        col_scale = _dora_row_scales(adapters, weight, x, index, backend)
+        lora_A, lora_B = _concatenated(lora_As, lora_Bs, x.dtype)
+        impl = torch_backend.KERNEL_MASK if impl is torch_backend.KERNEL_MASK else dora_impl(backend, name,
+                                                                                              _quantized(weight))
+        return scaled_lora_linear(x, weight, bias, lora_A, lora_B, col_scale, scale, dropout_p, seed, backend, impl)
+    return _scaled_lora_linear(x, weight, bias, lora_As, lora_Bs, scale, dropout_p, seed, impl)
+
+
+def _concatenated(lora_As, lora_Bs, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(A_cat (Σr, K), B_cat (N, Σr))`` in ``dtype``; autograd splits their gradients back per adapter."""
+    return torch.cat([a.to(dtype) for a in lora_As]), torch.cat([b.to(dtype) for b in lora_Bs], dim=1)
 
 
 def _scaled_lora_linear(x, weight, bias, lora_As, lora_Bs, scale, dropout_p, seed, impl) -> torch.Tensor:
     """One fused call over the concatenated adapters with a tensor ``scale`` ((M, Σr) or (1, Σr))."""
-    lora_A = torch.cat([a.to(x.dtype) for a in lora_As])  # (Σr, K): autograd splits dA back per adapter
-    lora_B = torch.cat([b.to(x.dtype) for b in lora_Bs], dim=1)  # (N, Σr)
+    lora_A, lora_B = _concatenated(lora_As, lora_Bs, x.dtype)
     y = _LoRALinearFunction.apply(_rows(x), weight, bias, lora_A, lora_B, scale, dropout_p, seed, impl)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 

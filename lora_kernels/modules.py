@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from . import quant
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
+from .dora import dora_linear, weight_norm
 from .functional import _rows, backend_names, lora_linear
 from .mixed import AdapterTerm, lora_linear_mixed, lora_linear_stacked
 
@@ -67,11 +68,14 @@ def _rename_saved_keys(layer: "FusedLoRALinear", destination, prefix: str, local
 
 
 class LoRAAdapter(nn.Module):
-    """The parameters of one named (non-default) adapter of a :class:`FusedLoRALinear`."""
+    """The parameters of one named (non-default) adapter of a :class:`FusedLoRALinear` (``lora_magnitude``: a
+    DoRA adapter's m, else None)."""
 
-    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter) -> None:
+    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter,
+                 lora_magnitude: Optional[nn.Parameter] = None) -> None:
         super().__init__()
         self.lora_A, self.lora_B = lora_A, lora_B
+        self.register_parameter("lora_magnitude", lora_magnitude)
 
 
 class FusedLoRALinear(nn.Module):
@@ -84,13 +88,15 @@ class FusedLoRALinear(nn.Module):
         dropout: dropout probability on the LoRA path's input, in [0, 1).
         use_rslora: scale by alpha / √rank instead of alpha / rank.
         init: ``"minimind"`` or ``"kaiming"`` initialisation of ``lora_A`` (``lora_B`` starts at zero).
-            Any of these five left None takes :class:`LoRAConfig`'s default, where the defaults live.
+        use_dora: DoRA: a trainable magnitude ``lora_magnitude`` (out_features,) beside A and B, the layer
+            computing :func:`lora_kernels.dora_linear` (PEFT's ``use_dora=True``).
+            Any of these six left None takes :class:`LoRAConfig`'s default, where the defaults live.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :func:`lora_kernels.lora_linear`).
         quantize: None, or ``"nf4"`` / ``"int8"``: a frozen quantized base (see the module docstring).
         double_quant: with ``"nf4"``, quantize the blockwise absmax too (bitsandbytes' compress_statistics).
         freeze_base: ``weight`` and ``bias`` start with ``requires_grad=False`` (as in loralib and PEFT), so
             only ``lora_A``/``lora_B`` train and backward skips the dW GEMM; pass False to train the base too.
-        config: a :class:`LoRAConfig` instead of rank/alpha/dropout/use_rslora/init (not both).
+        config: a :class:`LoRAConfig` instead of rank/alpha/dropout/use_rslora/init/use_dora (not both).
         adapter_name: the name of the layer's first adapter (``"default"``: ``lora_A`` / ``lora_B``).
 
     Raises:
@@ -111,6 +117,7 @@ class FusedLoRALinear(nn.Module):
         dropout: Optional[float] = None,
         use_rslora: Optional[bool] = None,
         init: Optional[str] = None,
+        use_dora: Optional[bool] = None,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -122,14 +129,14 @@ class FusedLoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         config = LoRAConfig.resolve(config, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                    init=init)
+                                    init=init, use_dora=use_dora)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self._setup_lora(in_features, out_features, config, backend, factory, adapter_name)
         self._reset_base_parameters()
         if quantize is not None:
-            self.quantize_base(quantize, double_quant)
+            self._quantize_new_base(quantize, double_quant)
         if freeze_base:
             self.freeze_base()
 
@@ -142,6 +149,7 @@ class FusedLoRALinear(nn.Module):
         dropout: Optional[float] = None,
         use_rslora: Optional[bool] = None,
         init: Optional[str] = None,
+        use_dora: Optional[bool] = None,
         backend: str = "auto",
         lora_dtype: Optional[torch.dtype] = None,
         freeze_base: bool = True,
@@ -175,7 +183,7 @@ class FusedLoRALinear(nn.Module):
                 "would replace by a plain linear (changing the model's outputs); pass allow_custom_forward=True "
                 "to wrap it anyway, or leave it out (exclude_modules)")
         config = LoRAConfig.resolve(config, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                    init=init)
+                                    init=init, use_dora=use_dora)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.weight = linear.weight
@@ -184,7 +192,7 @@ class FusedLoRALinear(nn.Module):
         layer._setup_lora(linear.in_features, linear.out_features, config, backend, factory, adapter_name)
         layer.train(linear.training)
         if quantize is not None:
-            layer.quantize_base(quantize, double_quant)
+            layer._quantize_new_base(quantize, double_quant)
         if freeze_base:
             layer.freeze_base()
         return layer
@@ -205,10 +213,11 @@ class FusedLoRALinear(nn.Module):
         self.lora_configs: Dict[str, LoRAConfig] = {}  # adapter name -> its settings, in the order added
         self.register_parameter("lora_A", None)
         self.register_parameter("lora_B", None)
+        self.register_parameter("lora_magnitude", None)  # the default adapter's DoRA magnitude
         self._active: Tuple[str, ...] = (adapter_name,)  # the adapters asked for (set_adapter)
         self._running: Tuple[str, ...] = ()  # those of them this layer has: what forward computes
         self._merged = False
-        self._merged_adapter = None  # [(A, B, scaling), ...] folded in by merge(keep_original=False)
+        self._merged_adapter = None  # [(A, B, scaling, g or None), ...] folded in by merge(keep_original=False)
         self._tied_weight = None  # (shared weight,) while merge_lora gives a tied weight its own copy
         self._warned_merged_training = False
         # True: state_dict saves (and load_state_dict reads) the parameters under PEFT's names (fuse_peft_model).
@@ -238,11 +247,12 @@ class FusedLoRALinear(nn.Module):
 
     def add_adapter(self, name: str, config: LoRAConfig, dtype: Optional[torch.dtype] = None,
                     _stacklevel: int = 2) -> None:
-        """Adds a new adapter ``name`` with ``config`` (A initialised by ``config.init``, B = 0), inactive
-        unless :meth:`set_adapter` already asked for ``name``.
+        """Adds a new adapter ``name`` with ``config`` (A initialised by ``config.init``, B = 0; a DoRA
+        adapter's magnitude m = ‖W + s·B·A‖ per row), inactive unless :meth:`set_adapter` already asked for
+        ``name``.
 
         Args:
-            dtype: of the new A and B; defaults to the dtype of the layer's other adapters, else the weight's.
+            dtype: of the new A and B (and m); defaults to the dtype of the layer's other adapters, else the weight's.
 
         Raises:
             ValueError: a bad or duplicate name, naming it.
@@ -261,12 +271,13 @@ class FusedLoRALinear(nn.Module):
         factory = {"device": self._base_device, "dtype": dtype}
         lora_A = nn.Parameter(torch.empty((config.rank, self.in_features), **factory))
         lora_B = nn.Parameter(torch.empty((self.out_features, config.rank), **factory))
+        magnitude = nn.Parameter(torch.empty(self.out_features, **factory)) if config.use_dora else None
         if name == DEFAULT_ADAPTER:
-            self.lora_A, self.lora_B = lora_A, lora_B
+            self.lora_A, self.lora_B, self.lora_magnitude = lora_A, lora_B, magnitude
         else:
             if "lora_adapters" not in self._modules:
                 self.lora_adapters = nn.ModuleDict()
-            self.lora_adapters[name] = LoRAAdapter(lora_A, lora_B)
+            self.lora_adapters[name] = LoRAAdapter(lora_A, lora_B, magnitude)
         self.lora_configs[name] = config
         self.reset_lora_parameters(name)
         self._update_running()
@@ -283,7 +294,7 @@ class FusedLoRALinear(nn.Module):
             raise RuntimeError(f"cannot delete adapter {name!r} from a merged layer; unmerge it first")
         del self.lora_configs[name]
         if name == DEFAULT_ADAPTER:
-            self.lora_A, self.lora_B = None, None
+            self.lora_A, self.lora_B, self.lora_magnitude = None, None, None
         else:
             del self.lora_adapters[name]
         self._active = tuple(n for n in self._active if n != name)
@@ -336,6 +347,16 @@ class FusedLoRALinear(nn.Module):
         adapter = self.lora_adapters[name]
         return adapter.lora_A, adapter.lora_B
 
+    def lora_magnitude_of(self, name: str = DEFAULT_ADAPTER) -> Optional[nn.Parameter]:
+        """Adapter ``name``'s DoRA magnitude m (out_features,), None for a plain LoRA adapter.
+
+        Raises:
+            ValueError: no such adapter.
+        """
+        if name not in self.lora_configs:
+            raise self._unknown(name)
+        return self.lora_magnitude if name == DEFAULT_ADAPTER else self.lora_adapters[name].lora_magnitude
+
     def _default_config(self) -> LoRAConfig:
         config = self.lora_configs.get(DEFAULT_ADAPTER)
         if config is None:
@@ -371,6 +392,13 @@ class FusedLoRALinear(nn.Module):
         if self._merged:
             raise RuntimeError("cannot quantize a merged layer; call unmerge() first")
         self.use_quantized(quant.quantize(self.weight, format, double_quant), self.weight.dtype)
+
+    def _quantize_new_base(self, format: str, double_quant: bool) -> None:
+        """:meth:`quantize_base` for a layer being built: a DoRA magnitude then starts at the norm of the
+        quantized weight, as PEFT's does on a bitsandbytes base."""
+        self.quantize_base(format, double_quant)
+        for name in self.lora_configs:
+            self.reset_lora_magnitude(name)
 
     def use_quantized(self, qweight: "quant.QuantizedWeight", base_dtype: torch.dtype) -> None:
         """Makes ``qweight`` (already quantized: bitsandbytes' data, say) the layer's frozen base;
@@ -426,7 +454,8 @@ class FusedLoRALinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def reset_lora_parameters(self, adapter_name: str = DEFAULT_ADAPTER) -> None:
-        """Re-initialises the adapter's A by its config's ``init`` and zeroes its B."""
+        """Re-initialises the adapter's A by its config's ``init`` and zeroes its B; a DoRA adapter's magnitude
+        becomes ‖W + s·B·A‖ per row (PEFT's initialisation)."""
         lora_A, lora_B = self.lora_params(adapter_name)
         with torch.no_grad():
             if self.lora_configs[adapter_name].init == "minimind":
@@ -434,6 +463,18 @@ class FusedLoRALinear(nn.Module):
             else:
                 nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
             nn.init.zeros_(lora_B)
+        self.reset_lora_magnitude(adapter_name)
+
+    @torch.no_grad()
+    def reset_lora_magnitude(self, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        """Sets a DoRA adapter's magnitude to ‖W + s·B·A‖ per row, the norm of the weight it sees now (a
+        no-op for plain LoRA, and on the meta device)."""
+        magnitude = self.lora_magnitude_of(adapter_name)
+        if magnitude is None or magnitude.is_meta:
+            return
+        lora_A, lora_B = self.lora_params(adapter_name)
+        weight = self.weight if self.quantize is None else self.qweight
+        magnitude.copy_(weight_norm(weight, lora_A, lora_B, self.lora_configs[adapter_name].scaling, "torch"))
 
     @property
     def scaling(self) -> float:
@@ -460,7 +501,8 @@ class FusedLoRALinear(nn.Module):
             if self.quantize is None:
                 return F.linear(x, weight, self.bias)
             return weight.linear(_rows(x), self.bias).view(*x.shape[:-1], self.out_features)
-        if len(running) > 1 and not torch.compiler.is_compiling() \
+        dora = any(self.lora_configs[n].use_dora for n in running)
+        if len(running) > 1 and not torch.compiler.is_compiling() and not dora \
                 and (not self.training or len({self.lora_configs[n].dropout for n in running}) == 1):
             # Several active adapters sharing one dropout p: one fused call over their concatenation (under
             # torch.compile the per-adapter path below, whose fused op is a traceable custom op).
@@ -469,15 +511,19 @@ class FusedLoRALinear(nn.Module):
         first = running[0]
         lora_A, lora_B = (self.lora_A, self.lora_B) if first == DEFAULT_ADAPTER else self.lora_params(first)
         config = self.lora_configs[first]
-        y = lora_linear(x, weight, self.bias, lora_A, lora_B, config.scaling,
-                        dropout_p=config.dropout, training=self.training, backend=self.backend)
-        for name in running[1:]:  # active adapters with different dropout p (training): added in eager PyTorch
-            y = y + self._lora_term(x, name)
+        if config.use_dora:
+            y = dora_linear(x, weight, self.bias, lora_A, lora_B, self.lora_magnitude_of(first), config.scaling,
+                            dropout_p=config.dropout, training=self.training, backend=self.backend)
+        else:
+            y = lora_linear(x, weight, self.bias, lora_A, lora_B, config.scaling,
+                            dropout_p=config.dropout, training=self.training, backend=self.backend)
+        for name in running[1:]:  # active adapters with different dropout p (training), or DoRA: eager PyTorch
+            y = y + self._lora_term(x, name, weight)
         return y
 
     def _adapter_term(self, name: str) -> AdapterTerm:
         config = self.lora_configs[name]
-        return AdapterTerm(*self.lora_params(name), config.scaling, config.dropout)
+        return AdapterTerm(*self.lora_params(name), config.scaling, config.dropout, self.lora_magnitude_of(name))
 
     def _forward_mixed(self, x: torch.Tensor, weight) -> torch.Tensor:
         """The mixed batch of :func:`lora_kernels.mixed_adapters`: row i of x with adapter ``names[i]``."""
@@ -491,27 +537,59 @@ class FusedLoRALinear(nn.Module):
         return lora_linear_mixed(x, weight, self.bias, [self._adapter_term(name) for name in used], index,
                                  training=self.training, backend=self.backend)
 
-    def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``scaling · (dropout(x)·Aᵀ)·Bᵀ`` of adapter ``name``, differentiable by autograd."""
+    def _lora_term(self, x: torch.Tensor, name: str, weight) -> torch.Tensor:
+        """``scaling · (dropout(x)·Aᵀ)·Bᵀ`` of adapter ``name``, differentiable by autograd; for a DoRA adapter
+        PEFT's term ``(g − 1)⊙(x̃·Wᵀ) + g⊙scaling·(x̃·Aᵀ)·Bᵀ``, g = m / ‖W + s·B·A‖ (detached norm)."""
         lora_A, lora_B = self.lora_params(name)
         config = self.lora_configs[name]
         if self.training and config.dropout > 0:
             x = F.dropout(x, config.dropout, True)
-        return F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype)) * config.scaling
+        term = F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype)) * config.scaling
+        magnitude = self.lora_magnitude_of(name)
+        if magnitude is None:
+            return term
+        g = (magnitude.float() / weight_norm(weight, lora_A, lora_B, config.scaling, "torch")).to(x.dtype)
+        base = F.linear(x, weight) if self.quantize is None else weight.linear(_rows(x)).view(term.shape)
+        return (g - 1) * base + g * term
 
     def delta_weight(self, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """``Σ scaling · B·A`` (out_features, in_features) over ``adapter_names`` (default: the active
-        adapters this layer has), computed in fp32, returned in fp32."""
+        """What merging ``adapter_names`` (default: the active adapters this layer has) adds to the unmerged
+        weight, (out_features, in_features) in fp32: ``Σ scaling · B·A``; with DoRA adapters ``W' − W`` for
+        the merged weight ``W' = c ⊙ W + Σ_a g_a ⊙ (s_a·B_a·A_a)`` (g_a = m_a / ‖W + s_a·B_a·A_a‖ per row,
+        1 for a LoRA adapter; c = 1 + Σ_a (g_a − 1)), which is ``g ⊙ (W + s·B·A) − W`` for one adapter."""
         names = self._running if adapter_names is None else adapter_names
+        if any(self.lora_configs[name].use_dora for name in names):
+            base = self._unmerged_base32()
+            return _merged_weight(base, self._merge_terms(names, base)).sub_(base)
         delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=self._base_device)
         for name in names:
             lora_A, lora_B = self.lora_params(name)
             delta.addmm_(lora_B.detach().float(), lora_A.detach().float(), alpha=self.lora_configs[name].scaling)
         return delta
 
+    def _unmerged_base32(self) -> torch.Tensor:
+        """The unmerged base weight in fp32 (a quantized base dequantized)."""
+        if self.quantize is not None:
+            return self.qweight.dequantize(torch.float32)
+        return (self._unmerged_weight() if self._merged else self.weight.detach()).float()
+
+    def _merge_terms(self, names: Sequence[str], base: torch.Tensor) -> list:
+        """``[(A, B, scaling, g or None)]`` in fp32 for merging ``names`` into the fp32 ``base``: g is a DoRA
+        adapter's m / ‖base + s·B·A‖, fixed when the merge happens (unmerge divides by the same g)."""
+        terms = []
+        for name in names:
+            lora_A, lora_B = (p.detach().float() for p in self.lora_params(name))
+            scaling, magnitude = self.lora_configs[name].scaling, self.lora_magnitude_of(name)
+            g = None if magnitude is None else magnitude.detach().float() / weight_norm(base, lora_A, lora_B, scaling,
+                                                                                         "torch")
+            terms.append((lora_A.clone(), lora_B.clone(), scaling, g))
+        return terms
+
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
-        """Folds the active adapters into ``weight`` in place: ``W ← W + Σ scaling·B·A`` (summed in fp32).
+        """Folds the active adapters into ``weight`` in place: ``W ← W + Σ scaling·B·A`` (summed in fp32); with
+        DoRA adapters ``W ← c ⊙ W + Σ_a g_a ⊙ (s_a·B_a·A_a)`` (:meth:`delta_weight`), PEFT's ``g ⊙ (W + s·B·A)``
+        for one.
 
         Args:
             keep_original: keep a copy of the unmerged weight so that :meth:`unmerge` restores it bit for
@@ -525,20 +603,14 @@ class FusedLoRALinear(nn.Module):
             raise RuntimeError(f"cannot merge into a {self.quantize} base in place (W would have to hold the "
                                "adapter in its quantized format); to_linear() / merge_and_unload(model) "
                                "dequantize, merge and return 16-bit linears")
+        base = self.weight.float()
+        terms = self._merge_terms(self._running, base)
         if keep_original:
             self._weight_before_merge = self.weight.detach().clone()
         else:
-            self._merged_adapter = [tuple(p.detach().clone() for p in self.lora_params(name))
-                                    + (self.lora_configs[name].scaling,) for name in self._running]
-        self.weight.copy_(self.weight.float() + self.delta_weight())
+            self._merged_adapter = terms
+        self.weight.copy_(_merged_weight(base, terms))
         self._merged = True
-
-    def _merged_delta(self) -> torch.Tensor:
-        """The delta that merge() added to the weight (fp32)."""
-        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=self._base_device)
-        for a, b, scaling in self._merged_adapter:
-            delta.addmm_(b.float(), a.float(), alpha=scaling)
-        return delta
 
     def _unmerged_weight(self) -> torch.Tensor:
         """The weight as it was before merge (a new tensor, or the kept copy)."""
@@ -546,7 +618,7 @@ class FusedLoRALinear(nn.Module):
             return self._tied_weight[0].detach()
         if self._weight_before_merge is not None:
             return self._weight_before_merge
-        return (self.weight.detach().float() - self._merged_delta()).to(self.weight.dtype)
+        return _unmerged_weight(self.weight.detach().float(), self._merged_adapter).to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -580,6 +652,7 @@ class FusedLoRALinear(nn.Module):
             ours = "" if adapter == DEFAULT_ADAPTER else f"lora_adapters.{adapter}."
             for leaf in ("lora_A", "lora_B"):
                 names[ours + leaf] = f"{leaf}.{adapter}.weight"
+            names[ours + "lora_magnitude"] = f"lora_magnitude_vector.{adapter}.weight"
         return names
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -616,7 +689,7 @@ class FusedLoRALinear(nn.Module):
             base = self.weight.float()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=device, dtype=dtype)
-        linear.weight.copy_(base if self._merged else base + self.delta_weight().to(device))
+        linear.weight.copy_(base if self._merged else _merged_weight(base, self._merge_terms(self._running, base)))
         linear.weight.requires_grad_(requires_grad)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
@@ -627,10 +700,35 @@ class FusedLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         head = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
         if list(self.lora_configs) == [DEFAULT_ADAPTER] and self._running == (DEFAULT_ADAPTER,):
-            head += (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, ")
+            head += (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+                     + ("use_dora=True, " if self._default_config().use_dora else ""))
         else:
             head += "adapters={" + ", ".join(f"{name!r}: rank {c.rank} alpha {c.lora_alpha:g} dropout {c.dropout:g}"
+                                             + (" dora" if c.use_dora else "")
                                              for name, c in self.lora_configs.items()) + "}, "
             head += f"active={list(self._running)}, "
         return (head + f"backend={self.backend!r}" + (", merged=True" if self._merged else "")
                 + (f", quantize={self.quantize!r}" if self.quantize is not None else ""))
+
+
+def _merged_weight(base: torch.Tensor, terms: Sequence[tuple]) -> torch.Tensor:
+    """``c ⊙ W + Σ_a g_a ⊙ (s_a·B_a·A_a)`` in fp32 for :meth:`FusedLoRALinear._merge_terms`' terms (g_a = 1, and
+    no contribution to c − 1, for a LoRA adapter): the weight whose linear is the layer's output without dropout."""
+    merged = base.clone()
+    for lora_A, lora_B, scaling, g in terms:
+        if g is None:
+            merged.addmm_(lora_B, lora_A, alpha=scaling)
+        else:
+            merged.addcmul_(base, (g - 1)[:, None]).addmm_(lora_B * g[:, None], lora_A, alpha=scaling)
+    return merged
+
+
+def _unmerged_weight(merged: torch.Tensor, terms: Sequence[tuple]) -> torch.Tensor:
+    """The inverse of :func:`_merged_weight`: ``W = (W' − Σ_a g_a ⊙ (s_a·B_a·A_a)) / c``, with the g of merge time."""
+    base = merged.clone()
+    column_scale = torch.ones_like(base[:, 0])
+    for lora_A, lora_B, scaling, g in terms:
+        base.addmm_(lora_B if g is None else lora_B * g[:, None], lora_A, alpha=-scaling)
+        if g is not None:
+            column_scale.add_(g - 1)
+    return base.div_(column_scale[:, None])

@@ -114,7 +114,8 @@ def lora_linear_mixed_reference(
 
     Args:
         x: (B, ..., in_features). weight, bias: the base, as for :func:`lora_linear_reference`.
-        adapters: ``(lora_A, lora_B, scaling)`` per adapter.
+        adapters: ``(lora_A, lora_B, scaling)`` per adapter, or ``(lora_A, lora_B, scaling, magnitude)`` for a
+            DoRA adapter (its rows get :func:`dora_linear_reference`'s term).
         row_adapter: (B,) int64, the adapter index of each leading row, -1 for the base alone.
         dropout_masks: per adapter a keep-mask of x's shape (True keeps), or None (no dropout for it).
         dropout_ps: per adapter the probability its mask was drawn with (kept values are scaled by 1/(1-p)).
@@ -123,7 +124,8 @@ def lora_linear_mixed_reference(
         (B, ..., out_features), in x's dtype.
     """
     y = F.linear(x, weight, bias)
-    for a, (lora_A, lora_B, scaling) in enumerate(adapters):
+    for a, adapter in enumerate(adapters):
+        lora_A, lora_B, scaling = adapter[:3]
         rows = (row_adapter.to(x.device) == a).nonzero().flatten()
         if rows.numel() == 0:
             continue
@@ -131,5 +133,39 @@ def lora_linear_mixed_reference(
         mask = dropout_masks[a] if dropout_masks is not None else None
         if mask is not None:
             x_lora = x_lora * mask.index_select(0, rows).to(x.dtype) / (1.0 - dropout_ps[a])
-        y = y.index_add(0, rows, scaling * F.linear(F.linear(x_lora, lora_A), lora_B))
+        term = scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
+        if len(adapter) == 4:  # DoRA: (g − 1)⊙(x̃·Wᵀ) + g⊙term
+            g = adapter[3] / torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+            term = (g - 1) * F.linear(x_lora, weight) + g * term
+        y = y.index_add(0, rows, term)
     return y
+
+
+def dora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Eager DoRA linear (Liu et al. 2024) as HF PEFT computes it (``use_dora=True``), forming B·A:
+
+        g = m / ‖W + s·B·A‖ (per output row, detached);  y = x·Wᵀ + b + (g − 1)⊙(x̃·Wᵀ) + g⊙s·(x̃·Aᵀ)·Bᵀ
+
+    x̃ = x without a mask, else ``x ⊙ mask / (1 - p)`` (PEFT then runs the base GEMM again on x̃).
+
+    Args:
+        magnitude: m, shape (out_features,). The others: as for :func:`lora_linear_reference`.
+
+    Returns:
+        y, shape (..., out_features).
+    """
+    norm = torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+    g = magnitude / norm
+    x_lora = x if dropout_mask is None else x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    return (F.linear(x, weight, bias) + (g - 1) * F.linear(x_lora, weight)
+            + g * (scaling * F.linear(F.linear(x_lora, lora_A), lora_B)))

@@ -9,11 +9,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 
 from . import quant
-from .config import DEFAULT_ADAPTER, LoRAConfig
+from .config import DEFAULT_ADAPTER, LORA_PARAM_NAMES, LoRAConfig
 from .modules import FusedLoRALinear
 
 Targets = Union[str, Sequence[str]]
-LORA_PARAM_NAMES = ("lora_A", "lora_B")
 
 
 def iter_lora_layers(model: nn.Module) -> Iterator[Tuple[str, FusedLoRALinear]]:
@@ -152,9 +151,9 @@ def replace_linear_with_fused_lora(
             that must match a module's whole path.
         exclude_modules: modules to leave alone, given as a list of names or a regex, as above.
         freeze_base: set ``requires_grad=False`` on every parameter of the model except the LoRA ones.
-        **kwargs: further :meth:`FusedLoRALinear.from_linear` arguments (``use_rslora``, ``init``,
+        **kwargs: further :meth:`FusedLoRALinear.from_linear` arguments (``use_rslora``, ``init``, ``use_dora``,
             ``lora_dtype``, ``allow_custom_forward``, ``quantize="nf4"|"int8"``, ``double_quant``: a frozen
-            quantized base, each layer quantized as it is built); ``use_rslora`` and ``init`` left out take
+            quantized base, each layer quantized as it is built); ``use_rslora``, ``init`` and ``use_dora`` left out take
             :class:`LoRAConfig`'s defaults.
 
     Returns:
@@ -166,7 +165,8 @@ def replace_linear_with_fused_lora(
             change the model's outputs) unless ``allow_custom_forward=True``. Nothing changes then.
     """
     config = LoRAConfig.resolve(config, rank=rank, alpha=alpha, dropout=dropout,
-                                use_rslora=kwargs.pop("use_rslora", None), init=kwargs.pop("init", None))
+                                use_rslora=kwargs.pop("use_rslora", None), init=kwargs.pop("init", None),
+                                use_dora=kwargs.pop("use_dora", None))
     if rank_pattern or alpha_pattern:
         config = config.replace(rank_pattern={**config.rank_pattern, **(rank_pattern or {})},
                                 alpha_pattern={**config.alpha_pattern, **(alpha_pattern or {})})

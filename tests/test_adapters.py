@@ -139,7 +139,7 @@ def test_active_adapters_are_one_fused_call(monkeypatch):
                         stacked.append([t.lora_A for t in terms]) or real_stacked(x, w, b, terms, **k))
     layer = two_adapter_model().layers[0].q_proj
     term = []
-    monkeypatch.setattr(type(layer), "_lora_term", lambda self, x, name: term.append(name) or 0)
+    monkeypatch.setattr(type(layer), "_lora_term", lambda self, x, name, weight: term.append(name) or 0)
     layer(torch.randn(2, 16))
     assert calls == [layer.lora_A] and term == [] and stacked == []
     layer.set_adapter(["b", "default"])  # the same dropout: one call over both

@@ -10,7 +10,7 @@
 Importing this package imports the built-in backends, so they are registered whenever ``lora_kernels`` is.
 """
 # No `import torch` here: the submodule .torch is an attribute of this package under that very name.
-from .base import (Grads, LoRABackend, RESERVED, Seed, draw_seed_tensor, get_backend, register_backend,
+from .base import (DoRABackend, Grads, LoRABackend, RESERVED, Seed, draw_seed_tensor, get_backend, register_backend,
                    registered_backends)
 from .resolve import BACKENDS, backend_for, backend_names, resolve_backend
 from .torch import TorchBackend
@@ -18,6 +18,7 @@ from .triton import TRITON_DTYPES, triton_available, triton_refusal
 
 __all__ = [
     "BACKENDS",
+    "DoRABackend",
     "Grads",
     "LoRABackend",
     "RESERVED",

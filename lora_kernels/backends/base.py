@@ -49,6 +49,30 @@ class LoRABackend(Protocol):
         """The keep-mask (bool, True keeps) that forward and backward regenerate from ``seed``."""
 
 
+@runtime_checkable
+class DoRABackend(Protocol):
+    """What :func:`lora_kernels.dora_linear` needs beside :class:`LoRABackend`: the column-scaled LoRA linear
+    (maths in :mod:`lora_kernels.dora`) and the low-rank weight norm. A registered backend without these runs
+    DoRA on the torch backend. ``col_scale`` c is fp32 (G, N), G dividing M (row m uses c[m // (M/G)])."""
+
+    def dora_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, scaling: float, col_scale: torch.Tensor, dropout_p: float,
+                     seed: Optional[Seed], keep_z: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(y, S, Z)``: y = x·Wᵀ + b + (c − 1)⊙Z + s·S·Bᵀ with Z = x̃·Wᵀ + s·S·Bᵀ (M, N), kept (else None)
+        only when ``keep_z``."""
+
+    def dora_backward(self, grad_y: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                      lora_A: torch.Tensor, lora_B: torch.Tensor, s: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                      col_scale: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[Seed],
+                      needs_grad: Sequence[bool]) -> Grads:
+        """``(grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B, grad_col_scale)``; ``needs_grad`` is six
+        booleans in that order, and a gradient not asked for is None. grad_col_scale is fp32 (G, N)."""
+
+    def weight_norm(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    scaling: float) -> torch.Tensor:
+        """‖W + scaling·B·A‖ per output row, (N,) fp32, without forming B·A."""
+
+
 _REGISTRY: Dict[str, Callable[[bool], LoRABackend]] = {}
 RESERVED = ("auto", "eager")  # names lora_linear handles itself: a choice, and the autograd reference
 

@@ -220,6 +220,126 @@ class TorchBackend:
         return grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B
 
 
+    # -------------------------------------------------------------------------------------------- DoRA
+    # The column-scaled LoRA linear of lora_kernels.dora (the derivation is in that module's docstring):
+    #     y = x·Wᵀ + b + (c − 1) ⊙ Z + u,   u = s·S·Bᵀ,   Z = x̃·Wᵀ + u   (= c ⊙ (x·Wᵀ + u) + b without dropout)
+
+    def dora_forward(self, x: torch.Tensor, weight, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, scaling: Scaling, col_scale: torch.Tensor, dropout_p: DropoutP,
+                     seed: Seed, keep_z: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(y, S, Z)``, Z None unless ``keep_z``; ``col_scale`` c is fp32 (G, N), G dividing M."""
+        if _has_dropout(dropout_p):
+            x_kept = torch.where(self.drop_mask(seed, x.shape, dropout_p, x.device), 0, x)
+            inv_keep = _inv_keep(self.realised_p(dropout_p, x.device), x)
+            s = torch.mm(x_kept, lora_A.t())
+            s.mul_(inv_keep if isinstance(inv_keep, float) else inv_keep.to(s.dtype))
+            z = _base_linear(x_kept, weight, None)  # x̃·Wᵀ, 1/(1-p) applied on the (M, N) product below
+            z.mul_(inv_keep)
+        else:
+            s = torch.mm(x, lora_A.t())
+            z = _base_linear(x, weight, None)
+        if isinstance(scaling, torch.Tensor):  # a mixed batch: S' = S ⊙ scale, as in forward
+            s.mul_(scaling)
+            scaling = 1.0
+        z.addmm_(s, lora_B.t(), alpha=scaling)  # Z = x̃·Wᵀ + u
+        if _has_dropout(dropout_p):
+            y = _base_linear(x, weight, bias).addmm_(s, lora_B.t(), alpha=scaling)  # x·Wᵀ + b + u
+            _grouped(y, col_scale.shape[0]).addcmul_(_grouped(z, col_scale.shape[0]),
+                                                     (col_scale - 1).to(z.dtype)[:, None, :])
+        else:
+            y = z.clone() if keep_z else z
+            _grouped(y, col_scale.shape[0]).mul_(col_scale.to(y.dtype)[:, None, :])
+            if bias is not None:
+                y.add_(bias)
+        return y, s, (z if keep_z else None)
+
+    def dora_backward(self, grad_y: torch.Tensor, x: Optional[torch.Tensor], weight, lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, s: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                      col_scale: torch.Tensor, scaling: Scaling, dropout_p: DropoutP, seed: Seed,
+                      needs_grad: Sequence[bool]) -> Grads:
+        """``(grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B, grad_col_scale)``; ``needs_grad`` is six
+        booleans in that order."""
+        need_x, need_weight, need_bias, need_lora_A, need_lora_B, need_col_scale = needs_grad
+        groups = col_scale.shape[0]
+        grad_col_scale = _grouped_column_dot(grad_y, z, groups) if need_col_scale else None
+        # dY' = c ⊙ dY: the LoRA gradients, and without dropout the base's too, are the LoRA ones on dY'.
+        scaled = grad_y.clone()
+        _grouped(scaled, groups).mul_(col_scale[:, None, :].to(grad_y.dtype))
+        if not _has_dropout(dropout_p):
+            grads = self.backward(scaled, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed,
+                                  (need_x, need_weight, False, need_lora_A, need_lora_B))
+            grad_x, grad_weight, _, grad_lora_A, grad_lora_B = grads
+        else:
+            # dX = dY·W + keep/(1-p) ⊙ [((c−1)⊙dY)·W + dS·A];  dW = dYᵀ·x + ((c−1)⊙dY)ᵀ·x̃
+            grad_x = grad_weight = grad_lora_A = grad_lora_B = None
+            if need_lora_B:
+                grad_lora_B = torch.mm(scaled.t(), s)
+                if not isinstance(scaling, torch.Tensor):
+                    grad_lora_B.mul_(scaling)
+            drop = self.drop_mask(seed, (grad_y.shape[0], lora_A.shape[1]), dropout_p, grad_y.device)
+            inv_keep = _inv_keep(self.realised_p(dropout_p, grad_y.device), grad_y)
+            grad_s = torch.mm(scaled, lora_B).mul_(scaling) if need_x or need_lora_A else None
+            x_kept = torch.where(drop, 0, x) if need_lora_A or need_weight else None
+            if need_lora_A:
+                grad_lora_A = torch.mm(grad_s.t(), x_kept).mul_(inv_keep) if isinstance(inv_keep, float) \
+                    else torch.mm((grad_s * inv_keep).t(), x_kept)
+            minus_one = scaled.sub_(grad_y)  # (c − 1) ⊙ dY, in dY''s buffer
+            if need_x:
+                inner = _base_grad_input(minus_one, weight).addmm_(grad_s, lora_A).mul_(inv_keep)
+                grad_x = _base_grad_input(grad_y, weight, inner.masked_fill_(drop, 0))
+            if need_weight:
+                grad_weight = torch.mm(grad_y.t(), x).addmm_((minus_one * inv_keep).t(), x_kept)
+        grad_bias = grad_y.sum(0) if need_bias else None
+        return grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B, grad_col_scale
+
+    @staticmethod
+    def weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+        """‖W + s·B·A‖ per row (N,), in fp32 (float64 for float64 inputs), without forming B·A:
+        n² = ‖W_n‖² + 2s·(W·Aᵀ)_n·B_n + s²·B_n·(A·Aᵀ)·B_nᵀ, one pass over W (a quantized W a chunk of rows at a
+        time, dequantized in fp32)."""
+        dtype = torch.float64 if lora_A.dtype == torch.float64 else torch.float32
+        lora_A, lora_B = lora_A.detach().to(dtype), lora_B.detach().to(dtype)
+        out_features = lora_B.shape[0]
+        squares = torch.empty(out_features, dtype=dtype, device=lora_A.device)
+        w_at = torch.empty((out_features, lora_A.shape[0]), dtype=dtype, device=lora_A.device)
+        if isinstance(weight, torch.Tensor):
+            chunks = [(0, out_features)] if weight.dtype == dtype else _row_chunks(out_features, weight.shape[1])
+            rows = lambda start, stop: weight.detach()[start:stop].to(dtype)  # noqa: E731
+        else:
+            chunks = weight.row_chunks()
+            rows = lambda start, stop: weight.dequantize(dtype, rows=(start, stop))  # noqa: E731
+        for start, stop in chunks:
+            w = rows(start, stop)
+            torch.linalg.vector_norm(w, dim=1, out=squares[start:stop])
+            torch.mm(w, lora_A.t(), out=w_at[start:stop])
+        squares.square_()
+        squares.add_((w_at * lora_B).sum(1), alpha=2 * scaling)
+        squares.add_((lora_B @ (lora_A @ lora_A.t()) * lora_B).sum(1), alpha=scaling * scaling)
+        return squares.clamp_(min=0).sqrt_()
+
+
+def _row_chunks(rows: int, columns: int, elements: int = 1 << 22):
+    """(start, stop) row ranges of at most ``elements`` values: a W cast to fp32 a chunk at a time."""
+    step = max(1, elements // max(columns, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(M, N) viewed as (G, M/G, N): the rows of each column-scale group."""
+    return t.view(groups, t.shape[0] // groups if groups else 0, t.shape[1])
+
+
+def _grouped_column_dot(a: torch.Tensor, b: torch.Tensor, groups: int, rows: int = 1024) -> torch.Tensor:
+    """Σ over each group's rows of a ⊙ b: (G, N) in fp32 (float64 for float64), a chunk of rows at a time so
+    that no (M, N) product is formed."""
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a3, b3 = _grouped(a, groups), _grouped(b, groups)
+    out = torch.zeros((groups, a.shape[1]), dtype=dtype, device=a.device)
+    for start in range(0, a3.shape[1], rows):
+        out.add_((a3[:, start:start + rows].to(dtype) * b3[:, start:start + rows].to(dtype)).sum(1))
+    return out
+
+
 DEFAULT = TorchBackend("torch", _drop_mask, _realised_p)
 # The Triton kernels' mask on every device: what the torch backend runs when it stands in for the kernels.
 KERNEL_MASK = TorchBackend("torch-kernel-mask", _hash_drop_mask, lambda dropout_p, device: dropout_p)
