@@ -115,7 +115,8 @@ def _weight_norm_kernel(
     n_mask = offs_n < N
     tl.store(w_at_ptr + offs_n[:, None].to(tl.int64) * stride_w_at_n + offs_r[None, :] * stride_w_at_r, acc,
              mask=n_mask[:, None] & r_mask[None, :])
-    tl.store(squares_ptr + offs_n, squares, mask=n_mask & (pid_r == 0))
+    if pid_r == 0:
+        tl.store(squares_ptr + offs_n, squares, mask=n_mask)
 
 
 # --------------------------------------------------------------------------------------------- launchers
