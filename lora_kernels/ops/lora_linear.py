@@ -677,12 +677,16 @@ def clear_plans() -> None:
     _BACKWARD_PLANS.clear()
 
 
-def _dora_gemm_config(config: KernelConfig, dora_dropout: bool) -> KernelConfig:
+def _dora_gemm_config(config: KernelConfig, dora_dropout: bool, dtype: torch.dtype) -> KernelConfig:
     """A DoRA GEMM with dropout carries two fp32 accumulators: N tiles of at most 128 (two 128x256 ones
-    would need 256 registers per thread at 8 warps)."""
-    if dora_dropout and config.block_n > 128:
-        return dataclasses.replace(config, block_n=128)
-    return config
+    would need 256 registers per thread at 8 warps), 64 in IEEE fp32, whose CUDA-core dots also keep their
+    operands in registers: N tiles of 64 and K blocks of 16 there (64x128x32 tiles spilled 632 B on sm90,
+    64x64x32 ones 40-204 B)."""
+    if not dora_dropout:
+        return config
+    if dtype == torch.float32 and _input_precision(dtype) == "ieee":
+        return dataclasses.replace(config, block_n=min(config.block_n, 64), block_k=min(config.block_k, 16))
+    return dataclasses.replace(config, block_n=min(config.block_n, 128))
 
 
 class _ForwardPlan:
@@ -722,7 +726,7 @@ class _ForwardPlan:
             tune = (("forward", x.device, x.dtype, _bucket(m), n, k),
                     lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.forward_block_cap(rank)))
         self.matmul = _matmul_launch(m, n, k, rank, has_bias=bias is not None, has_lora=True,
-                                     has_dropout=False, config=_dora_gemm_config(cfgs.forward, self.gemm_dora[2]),
+                                     has_dropout=False, config=_dora_gemm_config(cfgs.forward, self.gemm_dora[2], x.dtype),
                                      max_block_r=cfgs.forward_block_cap(rank),
                                      precision=precision, tune=tune, dora=self.gemm_dora)
 
@@ -731,7 +735,7 @@ class _ForwardPlan:
         y = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
         s = torch.zeros((self.m, self.rank), device=x.device, dtype=x.dtype)
         launch = _matmul_launch(self.m, self.n, self.k, self.rank, has_bias=bias is not None, has_lora=True,
-                                has_dropout=False, config=_dora_gemm_config(cfg, self.gemm_dora[2]),
+                                has_dropout=False, config=_dora_gemm_config(cfg, self.gemm_dora[2], x.dtype),
                                 max_block_r=max_block_r, precision=_input_precision(x.dtype), dora=self.gemm_dora)
         c = torch.ones((self.n,), device=x.device, dtype=torch.float32) if self.dora is not None else None
         launch(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, 1.0,
@@ -897,7 +901,7 @@ class _BackwardPlan:
         dora = self._grad_input_dora()
         self.grad_x_gemm = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True,
                                           has_dropout=has_dropout and self.dora is None,
-                                          config=_dora_gemm_config(cfgs.grad_input, dora[2]),
+                                          config=_dora_gemm_config(cfgs.grad_input, dora[2], dtype),
                                           max_block_r=cfgs.grad_input_block_cap(), precision=precision, tune=tune,
                                           dora=dora)
         self.grad_x_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),

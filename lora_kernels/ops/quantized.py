@@ -252,7 +252,7 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
                     capability: Optional[Tuple[int, int]] = None, dora: Tuple[int, bool, bool] = NO_DORA) -> Launch:
     """The launch of ``_qlora_matmul_kernel`` for C (m, n) over a reduction of k on a GPU of ``capability``
     (None: the interpreter); ``dora`` = (COL_SCALE, KEEP_Z, DORA_DROPOUT) as in ``lora_linear._matmul_launch``."""
-    config = _dora_gemm_config(config, dora[2])
+    config = _dora_gemm_config(config, dora[2], dtype)
     precision = _input_precision(dtype)
     ieee_fp32 = dtype == torch.float32 and precision == "ieee"
     max_n, max_k = _IEEE_MAX_BLOCK_NK if ieee_fp32 else (_MAX_BLOCK_N, _MAX_BLOCK_K)
