@@ -831,7 +831,9 @@ class _BackwardPlan:
         self.grad_y_pass = None
         self.grad_s_sum = None
         if self.need_grad_s or need_lora_B or need_bias or need_grad_col_scale:
-            cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, cfgs.max_block_r)
+            # DoRA's dY pass also holds c ⊙ dY and a Z tile: rank blocks of 64 spilled 48 B at 4 warps on sm80
+            max_block_r = cfgs.max_block_r if dora is None else min(cfgs.max_block_r, 32)
+            cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, max_block_r)
             m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
             splits, tiles_per_split = split_reduction(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n),
                                                       cfgs.target_programs, cfgs.min_split_tiles)
