@@ -4,7 +4,7 @@
 
 Public API, in the groups of ``__all__``:
 
-* the functional op :func:`lora_linear` and its backends (:data:`BACKENDS`, :func:`resolve_backend`,
+* the functional ops :func:`lora_linear` and :func:`dora_linear` (DoRA) and their backends (:data:`BACKENDS`, :func:`resolve_backend`,
   :func:`triton_available`; :class:`LoRABackend`, :func:`get_backend`, :func:`register_backend` to add one);
 * the drop-in module :class:`FusedLoRALinear` and an adapter's settings :class:`LoRAConfig`;
 * named adapters (:func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`adapter_names`,
@@ -21,6 +21,7 @@ from .adapters import (active_adapters, adapter_names, add_adapter, delete_adapt
                        mixed_adapters, set_adapter)
 from .backends import BACKENDS, LoRABackend, get_backend, register_backend, resolve_backend, triton_available
 from .config import LoRAConfig
+from .dora import dora_linear
 from .functional import lora_linear
 from .io import load_lora, save_lora
 from .mixed import AdapterTerm, lora_linear_mixed
@@ -45,8 +46,9 @@ from .replace import (
 __version__ = "0.1.0"
 
 __all__ = [
-    # the functional op and its backends
+    # the functional ops and their backends
     "lora_linear",
+    "dora_linear",
     "BACKENDS",
     "resolve_backend",
     "triton_available",

@@ -137,6 +137,8 @@ class FusedLoRALinear(nn.Module):
         self._reset_base_parameters()
         if quantize is not None:
             self._quantize_new_base(quantize, double_quant)
+        else:  # a DoRA magnitude is the norm of the weight just initialised
+            self.reset_lora_magnitude(adapter_name)
         if freeze_base:
             self.freeze_base()
 

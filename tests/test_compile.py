@@ -79,9 +79,11 @@ def test_inductor_dropout_is_reproducible_under_manual_seed():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_llama_with_our_layers_compiles_fullgraph():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_llama_with_our_layers_compiles_fullgraph(use_dora):
     model = tiny_transformers("llama")
-    replace_linear_with_fused_lora(model, rank=4, alpha=8, dropout=0.1, target_modules="all-linear", backend="torch")
+    replace_linear_with_fused_lora(model, rank=4, alpha=8, dropout=0.1, target_modules="all-linear", backend="torch",
+                                   use_dora=use_dora)
     for name, p in model.named_parameters():
         if name.endswith("lora_B"):
             nn.init.normal_(p, 0, 0.1)

@@ -247,10 +247,15 @@ class TorchBackend:
             _grouped(y, col_scale.shape[0]).addcmul_(_grouped(z, col_scale.shape[0]),
                                                      (col_scale - 1).to(z.dtype)[:, None, :])
         else:
-            y = z.clone() if keep_z else z
-            _grouped(y, col_scale.shape[0]).mul_(col_scale.to(y.dtype)[:, None, :])
-            if bias is not None:
-                y.add_(bias)
+            scale = col_scale.to(z.dtype)[:, None, :]
+            grouped = _grouped(z, col_scale.shape[0])
+            if keep_z:  # one pass: y = b + c ⊙ Z into a new tensor
+                y = (torch.addcmul(bias, grouped, scale) if bias is not None else grouped * scale).view(z.shape)
+            else:
+                y = z
+                grouped.mul_(scale)
+                if bias is not None:
+                    y.add_(bias)
         return y, s, (z if keep_z else None)
 
     def dora_backward(self, grad_y: torch.Tensor, x: Optional[torch.Tensor], weight, lora_A: torch.Tensor,
@@ -263,8 +268,7 @@ class TorchBackend:
         groups = col_scale.shape[0]
         grad_col_scale = _grouped_column_dot(grad_y, z, groups) if need_col_scale else None
         # dY' = c ⊙ dY: the LoRA gradients, and without dropout the base's too, are the LoRA ones on dY'.
-        scaled = grad_y.clone()
-        _grouped(scaled, groups).mul_(col_scale[:, None, :].to(grad_y.dtype))
+        scaled = (_grouped(grad_y, groups) * col_scale[:, None, :].to(grad_y.dtype)).view(grad_y.shape)
         if not _has_dropout(dropout_p):
             grads = self.backward(scaled, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed,
                                   (need_x, need_weight, False, need_lora_A, need_lora_B))
