@@ -23,7 +23,13 @@ compute dtype, W frozen, A, B and x requiring grad as inside a network; no bias,
 * ``peft``: HF PEFT's ``lora.Linear`` (skipped when peft is not installed);
 * ``torch``: ``lora_linear(..., backend="torch")``, our fused pure-PyTorch backend;
 * ``triton``: ``lora_linear(..., backend="triton")``, our Triton kernels (CUDA only);
-* ``compiled``: ``torch.compile`` of ``lora_linear_unfused`` (CUDA only), what a user gets for free.
+* ``compiled``: ``torch.compile`` of ``lora_linear_unfused`` (CUDA only), what a user gets for free;
+* ``torch_dora``, ``triton_dora``: DoRA (PEFT's ``use_dora=True``), ``FusedLoRALinear(use_dora=True)`` around the
+  same W with backend ``"torch"`` / ``"triton"`` (Triton on CUDA only), its magnitude m trainable too;
+* ``peft_dora``: HF PEFT's ``lora.Linear`` with ``LoraConfig(use_dora=True)``, the same A, B and m.
+
+The DoRA providers' magnitude is the weight norm ‖W + s·B·A‖ per row times a seeded factor in [0.9, 1.1], as
+after some training (at initialisation m equals the norm, and g = m / norm would be exactly 1).
 
 Timing uses ``benchmark.pedantic`` with a setup function, so inputs, gradient reset and (for the backward
 mode) the forward pass that builds the graph all stay outside the timed region; on CUDA the timed function
@@ -43,11 +49,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_kernels import lora_linear
+from lora_kernels import FusedLoRALinear, lora_linear
+from lora_kernels.dora import weight_norm
 from lora_kernels.reference import lora_linear_unfused
 from lora_kernels.testing import make_peft_linear
 
-PROVIDERS = ("linear", "eager", "peft", "torch", "triton", "compiled")
+PROVIDERS = ("linear", "eager", "peft", "torch", "triton", "compiled", "peft_dora", "torch_dora", "triton_dora")
+DORA_PROVIDERS = ("peft_dora", "torch_dora", "triton_dora")
 MODES = ("forward", "backward", "forward+backward")
 DROPOUTS = (0.0, 0.1)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -167,15 +175,15 @@ def _triton_skip_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def _skip_reasons(device: torch.device) -> Dict[str, str]:
+def skip_reasons(device: torch.device) -> Dict[str, str]:
     reasons = {}
     try:
         importlib.import_module("peft")
     except ImportError:
-        reasons["peft"] = "peft is not installed (pip install peft)"
+        reasons["peft"] = reasons["peft_dora"] = "peft is not installed (pip install peft)"
     triton_reason = _triton_skip_reason(device)
     if triton_reason:
-        reasons["triton"] = triton_reason
+        reasons["triton"] = reasons["triton_dora"] = triton_reason
     if device.type != "cuda" and not _env_flag("LORA_BENCH_COMPILE_ON_CPU"):
         reasons["compiled"] = (f"torch.compile is benchmarked on CUDA only (this run is on {device.type}; "
                                "LORA_BENCH_COMPILE_ON_CPU=1 forces it)")
@@ -198,7 +206,7 @@ def _make_settings() -> BenchSettings:
         warmup=_env_int("LORA_BENCH_WARMUP", default_warmup),
         quick=quick,
         shapes=_shapes(device, quick),
-        skipped=_skip_reasons(device),
+        skipped=skip_reasons(device),
     )
 
 
@@ -234,7 +242,7 @@ class LoRACase:
     forward: Callable[[], torch.Tensor]
     x: torch.Tensor
     grad_out: torch.Tensor
-    trainable: List[torch.Tensor]  # x and the LoRA factors: what a training step writes .grad into
+    trainable: List[torch.Tensor]  # x, the LoRA factors (and DoRA's m): what a training step writes .grad into
     frozen: List[torch.Tensor]  # the base weight: a parameter, never counted as an activation
 
     @property
@@ -251,6 +259,20 @@ class LoRACase:
 def _peft_linear(base: nn.Linear, r: int, alpha: float, dropout_p: float) -> nn.Module:
     """PEFT's ``lora.Linear`` around ``base``, built as the tests and the self-check build it."""
     return make_peft_linear(base, r=r, alpha=alpha, dropout=dropout_p)
+
+
+def _peft_dora_linear(base: nn.Linear, r: int, alpha: float, dropout_p: float) -> nn.Module:
+    """PEFT's ``lora.Linear`` around ``base`` with ``LoraConfig(use_dora=True)`` (PEFT >= 0.18's signature, the
+    one with ``config=``; older ones take ``use_dora`` as a keyword)."""
+    import inspect
+
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear
+
+    kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=dropout_p, use_dora=True)
+    if "config" in inspect.signature(Linear.__init__).parameters:
+        return Linear(base, "default", config=LoraConfig(**kwargs), r=r, lora_alpha=alpha)
+    return Linear(base, "default", **kwargs)
 
 
 _compiled_eager = None
@@ -275,6 +297,9 @@ def build_case(provider: str, shape: Shape, dropout_p: float, settings: BenchSet
     """The tensors of ``shape`` (seeded, on the benchmark device) and ``provider``'s forward over them.
 
     scaling = alpha / r with alpha = 2r, a common choice (any value costs the same).
+
+    Raises:
+        ValueError: an unknown ``provider``.
     """
     if provider in settings.skipped:
         pytest.skip(f"{provider}: {settings.skipped[provider]}")
@@ -314,6 +339,24 @@ def build_case(provider: str, shape: Shape, dropout_p: float, settings: BenchSet
             peft_A.copy_(lora_A)
             peft_B.copy_(lora_B)
         trainable = [x, peft_A, peft_B]
+        forward = lambda: layer(x)  # noqa: E731
+    elif provider in DORA_PROVIDERS:
+        magnitude = weight_norm(weight, lora_A, lora_B, scaling, "torch").to(dtype)
+        magnitude.mul_(torch.rand(n, generator=generator, device=device, dtype=dtype).mul_(0.2).add_(0.9))
+        base = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        if provider == "peft_dora":
+            layer = _peft_dora_linear(base, r=r, alpha=alpha, dropout_p=dropout_p).to(dtype).train()
+            params = (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                      layer.lora_magnitude_vector["default"].weight)
+        else:
+            layer = FusedLoRALinear.from_linear(base, rank=r, alpha=alpha, dropout=dropout_p, use_dora=True,
+                                                backend=provider.split("_")[0]).train()
+            params = (layer.lora_A, layer.lora_B, layer.lora_magnitude)
+        with torch.no_grad():
+            for ours, theirs in zip((lora_A, lora_B, magnitude), params):
+                theirs.copy_(ours)
+        trainable = [x, *params]
         forward = lambda: layer(x)  # noqa: E731
     else:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")

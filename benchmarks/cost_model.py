@@ -36,6 +36,17 @@ scale per row):
   above) where ``lora_kernels/ops/configs.py``'s ``DEQUANT_ONCE`` rule, chosen from this model, says so
   (NF4 on H100 from M = 448 + 1.4e9 / (N·K)), else in-loop (``ours-nf4``).
 
+DoRA (``--dora``, issue #20; ``lora_kernels/ops/dora.py``), trainable magnitude, frozen base:
+
+* ``ours-dora`` (:func:`ours_dora`): the weight-norm pass (W read once for W·Aᵀ and ‖W_n‖², then (N, r) and
+  (r, r) torch ops), the LoRA kernels with their DoRA flags: the forward GEMM writes Z and reads c; with
+  dropout it carries a second accumulator over keep ⊙ x (twice the MMA work) and regenerates the mask in every
+  N-tile's K loop (``HASH_OPS``·M·K·cdiv(N, BLOCK_N) integer work); the dY pass reads Z and c and writes
+  per-row-block dc partials; the dX GEMM reads c, and with dropout doubles its MMA work;
+* ``peft-dora`` (:func:`peft_dora`): PEFT's ``DoraLinearVariant`` op by op: B·A (N×K) formed every forward,
+  W + s·B·A and its row norm, with dropout a second base GEMM x̃·Wᵀ (and its dX GEMM), the M×N products
+  (g − 1) ⊙ x̃·Wᵀ and g ⊙ s·P and their sums, and the magnitude's gradient as M×N reductions.
+
 GPU figures (dense, no sparsity): H100 SXM 989 TFLOP/s bf16, 3.35 TB/s HBM3, 132 SMs; A100 SXM 312 TFLOP/s
 bf16, 2.04 TB/s, 108 SMs. INT32 throughput: 64 lanes per SM per clock (1.98 GHz H100, 1.41 GHz A100).
 Launch cost: 3 µs of GPU time per kernel (the host side is measured separately by
@@ -200,6 +211,86 @@ def ours(s: Shape, gpu: Optional[GPU] = None, dy_block_m: Optional[int] = None,
     if db_partials or da_partials:
         kernels.append(Kernel("sum dB, dA partials", db_partials + n * r * e + da_partials + r * k * e))
     return kernels
+
+
+def ours_dora(s: Shape, gpu: Optional[GPU] = None) -> List[Kernel]:
+    """``ours`` with DoRA's additions (see the module docstring), kernel by kernel; the magnitude is trained
+    (Z kept), the base frozen."""
+    gpu = gpu or GPUS["h100"]
+    e, m, k, n, r = s.element, s.m, s.k, s.n, s.r
+    cfgs = _launcher_configs(s, gpu)
+    dy_blocks = -(-m // cfgs.grad_output_pass.block_m)
+    dc_partials = dy_blocks * n * 4 if dy_blocks > 1 else n * 4
+    # the forward GEMM's N tiles (at most 128 wide with dropout: two fp32 accumulators)
+    block_n = min(cfgs.forward.block_n, 128) if s.dropout > 0 else cfgs.forward.block_n
+    second = 2.0 if s.dropout > 0 else 1.0
+    forward_hash = HASH_OPS * m * k * -(-n // block_n) if s.dropout > 0 else 0.0
+    kernels = [Kernel("weight norm: W·Aᵀ and ‖W_n‖² (one pass over W)", (n * k + r * k) * e + n * r * 4 + n * 4,
+                      2.0 * n * k * r + 2.0 * n * k),
+               Kernel("n² from W·Aᵀ, B and the Gram A·Aᵀ; g = m / n", r * k * e + 2 * n * r * 4 + 4 * n * 4,
+                      2.0 * r * r * k + 4.0 * n * r * r)]
+    for kernel in ours(s, gpu):
+        if kernel.name.startswith("y = "):
+            kernel = dataclasses.replace(kernel, name="y = c ⊙ (s·S·Bᵀ + x·Wᵀ) + b, Z kept" + (
+                ", second accumulator over keep ⊙ x" if s.dropout > 0 else ""),
+                bytes=kernel.bytes + m * n * e + n * 4, flops=kernel.flops * second,
+                int_ops=kernel.int_ops + forward_hash)
+        elif kernel.name.startswith("dY pass"):
+            kernel = dataclasses.replace(kernel, name="dY pass: dS, dB partials, dc partials (dY' = c ⊙ dY)",
+                                         bytes=kernel.bytes + m * n * e + n * 4 + dc_partials, flops=kernel.flops + 2.0 * m * n)
+        elif kernel.name.startswith("dX = "):
+            kernel = dataclasses.replace(kernel, name="dX = dY'·W + dS·A" + (
+                " (dropout: second accumulator over (c − 1) ⊙ dY)" if s.dropout > 0 else ""),
+                bytes=kernel.bytes + n * 4, flops=kernel.flops * second)
+        kernels.append(kernel)
+    if dy_blocks > 1:
+        kernels.append(Kernel("sum dc partials", dc_partials + n * 4))
+    return kernels
+
+
+def peft_dora(s: Shape, gpu: Optional[GPU] = None) -> List[Kernel]:
+    """PEFT's DoRA (``DoraLinearVariant``) op by op on top of its LoRA (:func:`eager`): what each op reads and
+    writes. ``gpu`` is unused (the ops are torch's), kept for the providers' signature."""
+    e, m, k, n, r = s.element, s.m, s.k, s.n, s.r
+    ks = eager(s)
+    ks += [_gemm("B·A (N×K), formed every forward", n, k, r, e),
+           Kernel("W + s·B·A", 3 * n * k * e),
+           Kernel("‖W + s·B·A‖ per row", n * k * e + n * 4),
+           Kernel("g = m / ‖·‖ (detached)", 3 * n * 4)]
+    if s.dropout > 0:  # the base output on x̃, a second full GEMM (and its dX GEMM below)
+        ks.append(_gemm("base on x̃: x̃·Wᵀ", m, n, k, e))
+    ks += [Kernel("(g − 1) ⊙ x̃·Wᵀ", 2 * m * n * e),
+           Kernel("g ⊙ s·P", 2 * m * n * e),
+           Kernel("y += both", 4 * m * n * e)]
+    # backward: dg = Σ_rows dY ⊙ (x̃·Wᵀ + s·P) as two M×N products and reductions, g ⊙ dY and (g − 1) ⊙ dY
+    ks += [Kernel("dY ⊙ x̃·Wᵀ, Σ_rows", 3 * m * n * e), Kernel("dY ⊙ s·P, Σ_rows", 3 * m * n * e),
+           Kernel("g ⊙ dY", 2 * m * n * e), Kernel("(g − 1) ⊙ dY", 2 * m * n * e)]
+    if s.dropout > 0:
+        ks += [_gemm("dx̃ += ((g − 1) ⊙ dY)·W", m, k, n, e), Kernel("dx̃ sum", 3 * m * k * e)]
+    return ks
+
+
+def kept_bytes(s: Shape, provider: str) -> float:
+    """Bytes a provider keeps for backward beyond x (which the base linear keeps anyway): ours-lora S;
+    ours-dora S and Z; peft-dora (as PEFT's autograd graph holds them) S, P = S·Bᵀ, the base output on x̃
+    for dg, and with dropout x̃ and its bool mask."""
+    e, m, k, n, r = s.element, s.m, s.k, s.n, s.r
+    dropped = (m * k * e + m * k) if s.dropout > 0 else 0
+    return {"ours": m * r * e, "ours-dora": m * r * e + m * n * e,
+            "peft-dora": m * r * e + 2 * m * n * e + dropped}[provider]
+
+
+def dora_table(shapes: Sequence[Shape], gpus: Sequence[GPU]) -> str:
+    """A markdown table of predicted µs per DoRA training step: ours (fused), our LoRA, PEFT's DoRA."""
+    lines = ["| GPU | M×K→N, r, p | our LoRA µs | ours DoRA µs | PEFT DoRA µs | DoRA / LoRA (ours) | PEFT / ours | "
+             "kept MiB ours / PEFT |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for gpu in gpus:
+        for s in shapes:
+            lora, dora, peft = (predict_us(fn(s, gpu), gpu) for fn in (ours, ours_dora, peft_dora))
+            kept = kept_bytes(s, "ours-dora") / 2**20, kept_bytes(s, "peft-dora") / 2**20
+            lines.append(f"| {gpu.name} | {s.m}×{s.k}→{s.n}, {s.r}, {s.dropout:g} | {lora:.1f} | {dora:.1f} | "
+                         f"{peft:.1f} | {dora / lora:.2f} | {peft / dora:.2f} | {kept[0]:.0f} / {kept[1]:.0f} |")
+    return "\n".join(lines)
 
 
 def ours_mixed(s: Shape, adapters: int, gpu: Optional[GPU] = None) -> List[Kernel]:
@@ -370,6 +461,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print("Design candidates of the fused step (predictions of designs not built, see ours()):")
     print(design_table(shapes, [GPUS[g] for g in args.gpu]))
+    print()
+    print("Predicted µs per DoRA training step (trainable magnitude, frozen base), dropout off and on:")
+    dora_shapes = [dataclasses.replace(sh, dropout=p) for sh in shapes for p in (0.0, args.dropout)]
+    print(dora_table(dora_shapes, [GPUS[g] for g in args.gpu]))
     return 0
 
 

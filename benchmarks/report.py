@@ -10,7 +10,8 @@ compared across runs. The rows are recognised by ``extra_info["kind"]``, which t
 
 * ``kernel`` (``bench_lora_linear.py``): median time per provider, mode, shape and dropout, with
   ``× linear`` = time / time of the frozen linear alone (1.00 would mean LoRA is free) and
-  ``vs eager``, ``vs peft`` = their time / this time (speed-ups: above 1 means faster than them);
+  ``vs eager``, ``vs peft`` = their time / this time (speed-ups: above 1 means faster than them); a DoRA
+  provider (``*_dora``) is compared with PEFT's DoRA (``peft_dora``), and there is no eager DoRA to compare with;
 * ``memory`` (``bench_memory.py``): bytes saved for backward (and peak CUDA memory) per provider, with
   ``÷ peft`` = this / PEFT's (below 1 means less memory than PEFT);
 * ``train`` (``bench_train.py``): MiniMind SFT steps/s and tokens/s per variant, with speed-ups against
@@ -28,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-PROVIDERS = ("linear", "eager", "peft", "torch", "triton", "compiled")
-OURS = ("torch", "triton")  # the providers the headline compares with PEFT and the eager baseline
+PROVIDERS = ("linear", "eager", "peft", "torch", "triton", "compiled", "peft_dora", "torch_dora", "triton_dora")
+# The providers the headline compares with PEFT and the eager baseline (a DoRA one with PEFT's DoRA only).
+OURS = ("torch", "triton", "torch_dora", "triton_dora")
 MODES = ("forward", "backward", "forward+backward")
 TRAIN_VARIANTS = ("full", "minimind_lora", "eager_lora", "fused_lora")
 TRAIN_BASELINES = (("full", "full SFT"), ("minimind_lora", "MiniMind LoRA"), ("eager_lora", "eager LoRA"))
@@ -98,12 +100,19 @@ def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[
     return numerator / denominator
 
 
+def counterpart(provider: str, baseline: str) -> str:
+    """The row ``provider`` is compared with for ``baseline`` (``"peft"``, ``"eager"``): the baseline's DoRA
+    (``peft_dora``, ``eager_dora``, the latter never measured) for a DoRA provider, else the baseline itself."""
+    return f"{baseline}_dora" if provider.endswith("_dora") else baseline
+
+
 def kernel_ratios(timings: Dict[str, Timing], provider: str) -> Dict[str, Optional[float]]:
-    """For one (shape, p, mode): ``× linear`` (time ratio) and the speed-ups ``vs eager`` and ``vs peft``."""
+    """For one (shape, p, mode): ``× linear`` (time ratio) and the speed-ups ``vs eager`` and ``vs peft``
+    (against :func:`counterpart`: PEFT's DoRA for a DoRA provider)."""
     median = lambda name: timings[name].median if name in timings else None  # noqa: E731
     own = median(provider)
-    return {"x_linear": ratio(own, median("linear")), "vs_eager": ratio(median("eager"), own),
-            "vs_peft": ratio(median("peft"), own)}
+    return {"x_linear": ratio(own, median("linear")), "vs_eager": ratio(median(counterpart(provider, "eager")), own),
+            "vs_peft": ratio(median(counterpart(provider, "peft")), own)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,16 +220,16 @@ def headline(results: Results) -> List[str]:
     providers = _present(prov for (s, p, mode), t in results.kernel.items() if mode == "forward+backward" for prov in t)
     ours = [p for p in OURS if p in providers]
     headers = ["shape", "dropout"] + [f"{p} (ms)" for p in providers]
-    headers += [f"{o} vs peft" for o in ours if "peft" in providers]
-    headers += [f"{o} vs eager" for o in ours if "eager" in providers]
+    vs_peft = [o for o in ours if counterpart(o, "peft") in providers]
+    vs_eager = [o for o in ours if counterpart(o, "eager") in providers]
+    headers += [f"{o} vs {counterpart(o, 'peft')}" for o in vs_peft]
+    headers += [f"{o} vs eager" for o in vs_eager]
     rows = []
     for shape, p in cases:
         timings = results.kernel[(shape, p, "forward+backward")]
         row = [shape, f"{p:g}"] + [fmt_ms(timings[x].median) if x in timings else MISSING for x in providers]
-        if "peft" in providers:
-            row += [fmt_ratio(kernel_ratios(timings, o)["vs_peft"]) for o in ours]
-        if "eager" in providers:
-            row += [fmt_ratio(kernel_ratios(timings, o)["vs_eager"]) for o in ours]
+        row += [fmt_ratio(kernel_ratios(timings, o)["vs_peft"]) for o in vs_peft]
+        row += [fmt_ratio(kernel_ratios(timings, o)["vs_eager"]) for o in vs_eager]
         rows.append(row)
     return (["## Forward+backward of one LoRA linear (median ms; speed-ups above 1 mean faster)", ""]
             + table(headers, rows, "ll" + "r" * (len(headers) - 2)) + [""])
@@ -229,7 +238,8 @@ def headline(results: Results) -> List[str]:
 def kernel_section(results: Results) -> List[str]:
     lines = ["## Every kernel row", "",
              "`× linear`: time / time of the frozen linear alone (the floor). `vs eager`, `vs peft`: their time / "
-             "this time (above 1: faster than them). IQR: interquartile range of the rounds.", ""]
+             "this time (above 1: faster than them); a DoRA row (`*_dora`) is compared with PEFT's DoRA. IQR: "
+             "interquartile range of the rounds.", ""]
     for mode in MODES:
         keys = [(s, p) for s in results.shape_order
                 for p in sorted({p for (s2, p, m) in results.kernel if s2 == s and m == mode})]
@@ -260,9 +270,8 @@ def memory_section(results: Results) -> List[str]:
     for shape in results.shape_order:
         for p in sorted({p for (s, p) in results.memory if s == shape}):
             case = results.memory[(shape, p)]
-            peft = case.get("peft", {})
             for provider in _present(case):
-                info = case[provider]
+                info, peft = case[provider], case.get(counterpart(provider, "peft"), {})
                 row = [shape, f"{p:g}", provider, fmt_bytes(info.get("saved_bytes")),
                        fmt_ratio(ratio(info.get("saved_bytes"), peft.get("saved_bytes")))]
                 if has_peak:
@@ -272,7 +281,8 @@ def memory_section(results: Results) -> List[str]:
     return (["## Memory of one LoRA linear", "",
              "Saved for backward: the activations autograd keeps between forward and backward (parameters "
              "excluded); `linear` keeps none since its weight is frozen. Peak: CUDA memory allocated during "
-             "forward+backward beyond the inputs. `÷ peft`: this / PEFT's (below 1: less memory).", ""]
+             "forward+backward beyond the inputs. `÷ peft`: this / PEFT's (below 1: less memory); a DoRA row "
+             "(`*_dora`) is divided by PEFT's DoRA.", ""]
             + table(headers, rows, "lll" + "r" * (len(headers) - 3)) + [""])
 
 
@@ -319,7 +329,7 @@ def render(data: dict, chart_name: Optional[str] = None) -> str:
 # Chart
 
 COLORS = {"linear": "#9e9e9e", "eager": "#ff9800", "peft": "#e53935", "torch": "#1e88e5", "triton": "#43a047",
-          "compiled": "#8e24aa"}
+          "compiled": "#8e24aa", "peft_dora": "#ef9a9a", "torch_dora": "#90caf9", "triton_dora": "#a5d6a7"}
 TRAIN_COLORS = {"full": "#9e9e9e", "minimind_lora": "#a1887f", "eager_lora": "#ff9800", "fused_lora": "#1e88e5"}
 
 

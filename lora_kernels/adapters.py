@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
+from .init import check_residual_inits
 from .modules import FusedLoRALinear
 from .replace import (Targets, _set_submodule, find_target_linears, iter_lora_layers,
                       mark_only_lora_as_trainable)
@@ -131,6 +132,7 @@ def add_adapter(
             raise ValueError(f"add_adapter({name!r}): the model has no LoRA layers; pass target_modules")
     else:
         paths = find_target_linears(model, target_modules, exclude_modules, include_lora=True)
+    check_residual_inits(model, paths, config)
     active = _active_in(layers) if known else [name]
     new_layers = {}
     for path in paths:  # plain linears are wrapped first, attached only when all succeeded

@@ -21,13 +21,33 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-INITS = ("minimind", "kaiming")
+INITS = ("minimind", "kaiming", "pissa", "olora")
+# The initialisations that rewrite the base weight (it keeps the residual W − s·B·A, lora_kernels.init);
+# "pissa_niter_<n>" is PiSSA by the randomized SVD with n subspace iterations (PEFT's fast variant).
+RESIDUAL_INITS = ("pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(?P<niter>[0-9]+)")
 # The settings of one adapter that functions also take one by one (beside config=LoRAConfig(...)).
 SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init", "use_dora")
 # The parameter names of an adapter inside a layer (lora_magnitude only for DoRA adapters).
 LORA_PARAM_NAMES = ("lora_A", "lora_B", "lora_magnitude")
 DEFAULT_ADAPTER = "default"
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+def is_init_value(init: Any) -> bool:
+    """True for an initialisation :class:`LoRAConfig` accepts: one of INITS, or ``"pissa_niter_<n>"``."""
+    return isinstance(init, str) and (init in INITS or _PISSA_NITER.fullmatch(init) is not None)
+
+
+def is_residual_init(init: Any) -> bool:
+    """True for an initialisation that rewrites the base weight: ``"pissa"``, ``"pissa_niter_<n>"``, ``"olora"``."""
+    return isinstance(init, str) and (init in RESIDUAL_INITS or _PISSA_NITER.fullmatch(init) is not None)
+
+
+def pissa_niter(init: str) -> Optional[int]:
+    """n of ``"pissa_niter_<n>"`` (the randomized SVD's subspace iterations); None for any other init."""
+    match = _PISSA_NITER.fullmatch(init)
+    return None if match is None else int(match["niter"])
 
 
 def check_adapter_name(name: Any) -> str:
@@ -142,7 +162,11 @@ class LoRAConfig:
         alpha: > 0; None means alpha = rank (scaling 1, MiniMind's unscaled LoRA).
         dropout: dropout probability on the LoRA path's input, in [0, 1).
         use_rslora: scale by alpha / √rank instead of alpha / rank.
-        init: ``"minimind"`` (A ~ N(0, 0.02²)) or ``"kaiming"`` (Kaiming-uniform, a = √5, as PEFT); B = 0.
+        init: ``"minimind"`` (A ~ N(0, 0.02²)) or ``"kaiming"`` (Kaiming-uniform, a = √5, as PEFT), B = 0 in both;
+            or one that rewrites the base weight (PEFT's ``init_lora_weights`` of the same name, see
+            :mod:`lora_kernels.init`): ``"pissa"`` (A, B from the r principal singular vectors of W),
+            ``"pissa_niter_<n>"`` (the same by the randomized SVD, n subspace iterations) or ``"olora"`` (from
+            W's QR); the base then keeps the residual W − s·B·A, so the initial output is the base's.
         use_dora: DoRA (Liu et al. 2024, PEFT's ``use_dora=True``): the layer also gets a trainable magnitude
             m (out_features,), initialised to ‖W + s·B·A‖ per row (:mod:`lora_kernels.dora`).
         rank_pattern, alpha_pattern: per-layer ranks / alphas by module path (PEFT's rule, module
@@ -191,8 +215,8 @@ class LoRAConfig:
             problems.append(f"dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
             problems.append(f"use_rslora must be True or False, got {use_rslora!r}")
-        if init not in INITS:
-            problems.append(f"init must be one of {INITS}, got {init!r}")
+        if not is_init_value(init):
+            problems.append(f"init must be one of {INITS} or 'pissa_niter_<n>' (n >= 0), got {init!r}")
         if not isinstance(use_dora, bool):
             problems.append(f"use_dora must be True or False, got {use_dora!r}")
         return problems

@@ -34,6 +34,7 @@ from atomic_io import (READ_ERRORS, SAFETENSORS_ERRORS, atomic_write, file_error
 from .adapters import active_adapters, adapter_names, lora_state_dict, resolve_adapter_name, set_adapter
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_finite_number
 from .fsdp import check_not_sharded
+from .init import converted_adapters
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers
 
@@ -49,16 +50,22 @@ def _is_torch_pickle(path: Path) -> bool:
     return path.suffix in (".pth", ".pt", ".bin")
 
 
-def save_lora(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None) -> None:
+def save_lora(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None,
+              convert_to_lora: bool = True) -> None:
     """Writes one adapter of ``model``'s :class:`FusedLoRALinear` layers to ``path``.
 
     ``.safetensors`` (recommended) or ``.pth``/``.pt``; tensors keep their dtype. Written atomically.
 
     Args:
         adapter_name: which adapter; None: ``"default"``, or the model's only adapter.
+        convert_to_lora: layers whose adapter was initialised by PiSSA / OLoRA (their base holds the
+            residual) are written as the plain LoRA of rank 2r that gives the same layer on the *original*
+            base (:mod:`lora_kernels.init`), so the file loads onto the model the adapter was made from.
+            False: A and B as they are, a file only for a base that holds the residual.
 
     Raises:
-        ValueError: the model has no LoRA layers, no adapter of that name, or several and no name given.
+        ValueError: the model has no LoRA layers, no adapter of that name, or several and no name given; a
+            PiSSA / OLoRA layer that no longer holds its initial A0, B0 (with ``convert_to_lora``).
     """
     path = Path(path)
     if not any(True for _ in iter_lora_layers(model)):
@@ -66,14 +73,18 @@ def save_lora(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
     adapter_name = resolve_adapter_name(model, adapter_name)
     layers = {name: layer for name, layer in iter_lora_layers(model) if adapter_name in layer.lora_configs}
     state = lora_state_dict(model, adapter_name)
+    configs = {name: layer.lora_configs[adapter_name] for name, layer in layers.items()}
+    if convert_to_lora:
+        for name, (config, lora_A, lora_B) in converted_adapters(layers, adapter_name).items():
+            prefix = f"{name}." if name else ""
+            configs[name], state[prefix + "lora_A"], state[prefix + "lora_B"] = config, lora_A, lora_B
     check_not_sharded(state, f"save_lora({str(path)!r})")
     tensors = {k: v.contiguous().cpu() for k, v in state.items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "targets": json.dumps(sorted(layers)),
-        "layers": json.dumps({name: layer.lora_configs[adapter_name].layer_settings()
-                              for name, layer in layers.items()}),
+        "layers": json.dumps({name: config.layer_settings() for name, config in configs.items()}),
     }
     if _is_torch_pickle(path):
         atomic_write(path, lambda tmp: torch.save({"tensors": tensors, "metadata": metadata}, tmp))

@@ -12,6 +12,18 @@ Initialisation (B = 0 in both, so a fresh adapter leaves the layer's output unch
 * ``"minimind"``: A ~ N(0, 0.02²), as MiniMind's LoRA;
 * ``"kaiming"``: A Kaiming-uniform with a = √5, as HF PEFT and loralib.
 
+Initialisations that rewrite the base (:mod:`lora_kernels.init`, PEFT's ``init_lora_weights`` of the same
+name): ``"pissa"`` / ``"pissa_niter_<n>"`` (A, B from W's principal singular vectors) and ``"olora"`` (from W's
+QR) set A and B from W and leave the residual W − s·B·A in ``weight``, in place: as in PEFT, a layer made by
+:meth:`FusedLoRALinear.from_linear` shares the linear's weight, so the user's ``nn.Linear`` (and any module
+tied to its weight) holds the residual too. The layer keeps copies of the initial A0, B0 (non-persistent
+buffers ``lora_initial_A`` / ``lora_initial_B``, or ``lora_adapters.<name>.lora_initial_*``: r·(in + out)
+more elements, not in state dicts) so that :func:`lora_kernels.save_lora` and
+:func:`lora_kernels.save_peft_adapter` can write the adapter converted to a plain LoRA on the original base,
+and so that :meth:`FusedLoRALinear.delete_adapter` puts W back. On a quantized base they are refused (it
+cannot take the residual exactly); ``from_linear(..., quantize=...)`` runs them on the dense weight (a copy:
+the linear is left unchanged) and quantizes the residual, PiSSA's QPiSSA.
+
 State dict: whether merged or not, a layer saves the *unmerged* ``weight`` next to ``lora_A``/``lora_B``,
 so a state dict loaded into a fresh layer counts the adapter once; loading into a merged layer keeps it
 merged with the loaded adapter.
@@ -49,9 +61,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quant
-from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
+from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_residual_init
 from .dora import dora_linear, weight_norm
 from .functional import _rows, backend_names, lora_linear
+from .init import residual_factors, residual_init_problem
 from .mixed import AdapterTerm, lora_linear_mixed, lora_linear_stacked
 
 
@@ -76,6 +89,9 @@ class LoRAAdapter(nn.Module):
         super().__init__()
         self.lora_A, self.lora_B = lora_A, lora_B
         self.register_parameter("lora_magnitude", lora_magnitude)
+        # A PiSSA / OLoRA adapter's initial A0, B0 (lora_kernels.init); not saved in state dicts.
+        self.register_buffer("lora_initial_A", None, persistent=False)
+        self.register_buffer("lora_initial_B", None, persistent=False)
 
 
 class FusedLoRALinear(nn.Module):
@@ -100,7 +116,8 @@ class FusedLoRALinear(nn.Module):
         adapter_name: the name of the layer's first adapter (``"default"``: ``lora_A`` / ``lora_B``).
 
     Raises:
-        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init, backend or quantize.
+        ValueError: rank < 1, alpha <= 0, dropout outside [0, 1), unknown init, backend or quantize; a PiSSA /
+            OLoRA init with rank > min(in_features, out_features).
 
     Warns:
         UserWarning: when rank >= in·out / (in + out), the adapter has at least as many parameters as
@@ -133,8 +150,13 @@ class FusedLoRALinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._base_initialised = False  # until _reset_base_parameters: inits that read W wait for it
         self._setup_lora(in_features, out_features, config, backend, factory, adapter_name)
         self._reset_base_parameters()
+        self._base_initialised = True
+        for name, adapter_config in self.lora_configs.items():  # PiSSA / OLoRA read W: now it is initialised
+            if is_residual_init(adapter_config.init):
+                self.reset_lora_parameters(name)
         if quantize is not None:
             self._quantize_new_base(quantize, double_quant)
         else:  # a DoRA magnitude is the norm of the weight just initialised
@@ -189,6 +211,9 @@ class FusedLoRALinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.weight = linear.weight
+        if quantize is not None and is_residual_init(config.init):
+            # The residual is quantized, not written back: the linear is left unchanged, as with any quantize.
+            layer.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=linear.weight.requires_grad)
         layer.bias = linear.bias
         factory = {"device": linear.weight.device, "dtype": lora_dtype or linear.weight.dtype}
         layer._setup_lora(linear.in_features, linear.out_features, config, backend, factory, adapter_name)
@@ -216,6 +241,9 @@ class FusedLoRALinear(nn.Module):
         self.register_parameter("lora_A", None)
         self.register_parameter("lora_B", None)
         self.register_parameter("lora_magnitude", None)  # the default adapter's DoRA magnitude
+        # The default adapter's initial A0, B0 after PiSSA / OLoRA (lora_kernels.init); not saved in state dicts.
+        self.register_buffer("lora_initial_A", None, persistent=False)
+        self.register_buffer("lora_initial_B", None, persistent=False)
         self._active: Tuple[str, ...] = (adapter_name,)  # the adapters asked for (set_adapter)
         self._running: Tuple[str, ...] = ()  # those of them this layer has: what forward computes
         self._merged = False
@@ -257,7 +285,8 @@ class FusedLoRALinear(nn.Module):
             dtype: of the new A and B (and m); defaults to the dtype of the layer's other adapters, else the weight's.
 
         Raises:
-            ValueError: a bad or duplicate name, naming it.
+            ValueError: a bad or duplicate name, naming it; a PiSSA / OLoRA init on a quantized base or with
+                rank > min(in, out) (nothing is added then).
         """
         check_adapter_name(name)
         if not isinstance(config, LoRAConfig):
@@ -266,6 +295,9 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"the layer already has an adapter named {name!r}")
         if self._merged:
             raise RuntimeError(f"cannot add adapter {name!r} to a merged layer; unmerge it first")
+        problem = residual_init_problem(config, self.in_features, self.out_features, self.quantize)
+        if problem is not None:
+            raise ValueError(f"adapter {name!r}: {problem}")
         self._warn_large_rank(config.rank, _stacklevel + 1)
         if dtype is None:
             dtype = next((a.dtype for a, _ in map(self.lora_params, self.lora_configs)),
@@ -294,6 +326,7 @@ class FusedLoRALinear(nn.Module):
             raise self._unknown(name)
         if self._merged:
             raise RuntimeError(f"cannot delete adapter {name!r} from a merged layer; unmerge it first")
+        self._restore_residual_base(name)
         del self.lora_configs[name]
         if name == DEFAULT_ADAPTER:
             self.lora_A, self.lora_B, self.lora_magnitude = None, None, None
@@ -348,6 +381,24 @@ class FusedLoRALinear(nn.Module):
             return self.lora_A, self.lora_B
         adapter = self.lora_adapters[name]
         return adapter.lora_A, adapter.lora_B
+
+    def lora_initial_of(self, name: str = DEFAULT_ADAPTER) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(A0, B0)``, the initial factors of adapter ``name`` if a PiSSA / OLoRA initialisation wrote the
+        residual into this layer's base, else None (:mod:`lora_kernels.init`).
+
+        Raises:
+            ValueError: no such adapter.
+        """
+        if name not in self.lora_configs:
+            raise self._unknown(name)
+        owner = self if name == DEFAULT_ADAPTER else self.lora_adapters[name]
+        if owner.lora_initial_A is None:
+            return None
+        return owner.lora_initial_A, owner.lora_initial_B
+
+    def _set_lora_initial(self, name: str, initial: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        owner = self if name == DEFAULT_ADAPTER else self.lora_adapters[name]
+        owner.lora_initial_A, owner.lora_initial_B = (None, None) if initial is None else initial
 
     def lora_magnitude_of(self, name: str = DEFAULT_ADAPTER) -> Optional[nn.Parameter]:
         """Adapter ``name``'s DoRA magnitude m (out_features,), None for a plain LoRA adapter.
@@ -456,16 +507,72 @@ class FusedLoRALinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def reset_lora_parameters(self, adapter_name: str = DEFAULT_ADAPTER) -> None:
-        """Re-initialises the adapter's A by its config's ``init`` and zeroes its B; a DoRA adapter's magnitude
-        becomes ‖W + s·B·A‖ per row (PEFT's initialisation)."""
+        """Re-initialises the adapter by its config's ``init``: A random and B = 0 (``"minimind"``,
+        ``"kaiming"``), or A and B from W with the residual left in the base (``"pissa"``,
+        ``"pissa_niter_<n>"``, ``"olora"``: :meth:`_init_residual`); then a DoRA adapter's magnitude becomes
+        ‖W + s·B·A‖ per row, with the residual in place (PEFT's order and initialisation).
+
+        Raises:
+            ValueError: a PiSSA / OLoRA init on a quantized base, or rank > min(in, out).
+            RuntimeError: a PiSSA / OLoRA init on a merged layer.
+        """
         lora_A, lora_B = self.lora_params(adapter_name)
-        with torch.no_grad():
-            if self.lora_configs[adapter_name].init == "minimind":
-                nn.init.normal_(lora_A, mean=0.0, std=0.02)
-            else:
-                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-            nn.init.zeros_(lora_B)
+        init = self.lora_configs[adapter_name].init
+        if is_residual_init(init):
+            self._init_residual(adapter_name)
+        else:
+            with torch.no_grad():
+                if init == "minimind":
+                    nn.init.normal_(lora_A, mean=0.0, std=0.02)
+                else:
+                    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+                nn.init.zeros_(lora_B)
         self.reset_lora_magnitude(adapter_name)
+
+    @torch.no_grad()
+    def _init_residual(self, adapter_name: str) -> None:
+        """PiSSA / OLoRA (:mod:`lora_kernels.init`): A and B from W (fp32, or fp64 for an fp64 base), the
+        residual W − s·B·A (with A and B as stored) written into ``weight`` in place, A0 and B0 kept. A second
+        call first puts W back (W_res + s·B0·A0), so resetting does not subtract twice."""
+        config = self.lora_configs[adapter_name]
+        lora_A, lora_B = self.lora_params(adapter_name)
+        problem = residual_init_problem(config, self.in_features, self.out_features, self.quantize)
+        if problem is not None:
+            raise ValueError(f"adapter {adapter_name!r}: {problem}")
+        if self._merged:
+            raise RuntimeError(f"cannot initialise adapter {adapter_name!r} with init={config.init!r} on a merged "
+                               "layer (its weight holds the merged adapters); unmerge it first")
+        if not getattr(self, "_base_initialised", True) or self.weight.is_meta or lora_A.is_meta:
+            # W is not there yet: the constructor comes back after initialising it; on the meta device the
+            # values come from a checkpoint anyway.
+            nn.init.zeros_(lora_A)
+            nn.init.zeros_(lora_B)
+            return
+        compute = torch.promote_types(self.weight.dtype, torch.float32)
+        weight = self.weight.detach().to(compute, copy=True)
+        initial = self.lora_initial_of(adapter_name)
+        if initial is not None:
+            weight.addmm_(initial[1].to(compute), initial[0].to(compute), alpha=config.scaling)
+        new_A, new_B = residual_factors(weight, config)
+        lora_A.copy_(new_A)
+        lora_B.copy_(new_B)
+        weight.addmm_(lora_B.to(compute), lora_A.to(compute), alpha=-config.scaling)
+        self.weight.copy_(weight)
+        self._set_lora_initial(adapter_name, (lora_A.detach().clone(), lora_B.detach().clone()))
+
+    @torch.no_grad()
+    def _restore_residual_base(self, adapter_name: str) -> None:
+        """Adds a PiSSA / OLoRA adapter's s·B0·A0 back to a dense base (W = W_res + s·B0·A0, to the base's
+        rounding) and forgets A0, B0; a quantized residual is left as it is."""
+        initial = self.lora_initial_of(adapter_name)
+        if initial is None:
+            return
+        if self.quantize is None:
+            compute = torch.promote_types(self.weight.dtype, torch.float32)
+            weight = self.weight.detach().to(compute, copy=True)
+            weight.addmm_(initial[1].to(compute), initial[0].to(compute), alpha=self.lora_configs[adapter_name].scaling)
+            self.weight.copy_(weight)
+        self._set_lora_initial(adapter_name, None)
 
     @torch.no_grad()
     def reset_lora_magnitude(self, adapter_name: str = DEFAULT_ADAPTER) -> None:

@@ -1,10 +1,10 @@
 """The one-line conversion of a live ``peft.PeftModel`` to fused layers: :func:`fuse_peft_model`.
 
 Each PEFT LoRA linear (``peft.tuners.lora.Linear``, and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``
-under it) becomes a :class:`FusedLoRALinear` over the same parameters, with every adapter under its PEFT name
-and PEFT's names in the state dict. PEFT's model-level methods, which look for PEFT's own layer classes,
-are then routed to our layers (``set_adapter``, ``load_adapter``, ``save_pretrained``, ``merge_and_unload``,
-...); loading and saving go through the file format of :mod:`lora_kernels.peft_format`. Needs ``peft``.
+under it), plain LoRA or DoRA, becomes a :class:`FusedLoRALinear` over the same parameters, with every adapter
+under its PEFT name and PEFT's names in the state dict. PEFT's model-level methods, which look for PEFT's own
+layer classes, are then routed to our layers (``set_adapter``, ``load_adapter``, ``save_pretrained``,
+``merge_and_unload``, ...); loading and saving go through the file format of :mod:`lora_kernels.peft_format`. Needs ``peft``.
 """
 from __future__ import annotations
 
@@ -51,25 +51,28 @@ def _fusable(module: nn.Module, path: str, lora_linear_cls) -> Tuple[List[str], 
     if module.merged:
         problems.append(f"{path}: merged adapter {module.merged_adapters} (call PEFT's unmerge_adapter() first)")
     for adapter in adapters:
-        dora = bool(module.use_dora.get(adapter))  # DoRA is also a lora_variant in newer PEFT: named once
-        for flag, label in ((dora, "DoRA"), (getattr(module, "lora_bias", {}).get(adapter), "lora_bias"),
-                            (not dora and getattr(module, "lora_variant", {}).get(adapter) is not None,
-                             "a LoRA variant")):
-            if flag:
-                problems.append(f"{path}: {label} (adapter {adapter!r})")
+        if getattr(module, "lora_bias", {}).get(adapter):
+            problems.append(f"{path}: lora_bias (adapter {adapter!r})")
+        # DoRA is converted (it is a lora_variant too in newer PEFT); every other variant has its own forward.
+        variant = getattr(module, "lora_variant", {}).get(adapter)
+        if variant is not None and not module.use_dora.get(adapter):
+            problems.append(f"{path}: a LoRA variant other than DoRA ({type(variant).__name__}, "
+                            f"adapter {adapter!r})")
     return (adapters if not problems else []), problems
 
 
 def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     """Converts the LoRA linears inside a live ``peft.PeftModel`` to :class:`FusedLoRALinear`, in place.
 
-    Each converted layer shares the PEFT layer's parameters (the base weight and bias, and the
-    ``lora_A`` / ``lora_B`` weights themselves), so trainability, optimizer state and outputs are kept:
+    Each converted layer shares the PEFT layer's parameters (the base weight and bias, the ``lora_A`` /
+    ``lora_B`` weights themselves and, for a DoRA adapter (``use_dora=True``), the magnitude
+    ``lora_magnitude_vector[adapter].weight`` as its ``lora_magnitude``), so trainability, optimizer state and
+    outputs are kept:
     an existing PEFT training loop speeds up with one line. Every adapter of a layer is converted under
     its PEFT name, with its rank, scaling and dropout; the active ones stay active (several add up, as in
     PEFT), and a layer inside PEFT's ``disable_adapter()`` stays off. The converted layers keep PEFT's
-    names in the state dict (``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight``, ...), so
-    the model's ``state_dict()`` is unchanged.
+    names in the state dict (``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight``,
+    ``<path>.lora_magnitude_vector.<adapter>.weight``, ...), so the model's ``state_dict()`` is unchanged.
 
     On a ``PeftModel`` (and its ``base_model``), PEFT's own methods then act on the converted layers:
     ``set_adapter`` (the active adapter trainable, the others frozen, as in PEFT), ``load_adapter`` (into
@@ -95,8 +98,9 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
 
     Raises:
         ImportError: peft is not installed.
-        ValueError: a PEFT LoRA layer cannot be converted (DoRA, embeddings, convolutions,
-            ``fan_in_fan_out``, merged adapters, ...; all listed). Nothing is changed then.
+        ValueError: a PEFT LoRA layer cannot be converted (LoRA variants other than DoRA, ``lora_bias``,
+            embeddings, convolutions, ``fan_in_fan_out``, merged adapters, ...; all listed). Nothing is
+            changed then.
     """
     try:
         from peft.tuners.lora import Linear as PeftLoraLinear, LoraLayer
@@ -124,13 +128,13 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
 
 
 def _layer_config(module: nn.Module, adapter: str) -> LoRAConfig:
-    """Our settings for one adapter of a PEFT LoRA layer: its rank, rsLoRA flag, dropout, and the alpha that
-    gives its scaling (which PEFT's ``set_scale`` / ``scale_layer`` may have changed)."""
+    """Our settings for one adapter of a PEFT LoRA layer: its rank, rsLoRA and DoRA flags, dropout, and the
+    alpha that gives its scaling (which PEFT's ``set_scale`` / ``scale_layer`` may have changed)."""
     rank, alpha, use_rslora = module.r[adapter], module.lora_alpha[adapter], module.use_rslora[adapter]
     if not math.isclose(lora_scaling(rank, alpha, use_rslora), module.scaling[adapter], rel_tol=1e-12):
         alpha = module.scaling[adapter] / lora_scaling(rank, 1.0, use_rslora)
     dropout = module.lora_dropout[adapter]
-    return LoRAConfig(rank=rank, alpha=alpha, use_rslora=use_rslora,
+    return LoRAConfig(rank=rank, alpha=alpha, use_rslora=use_rslora, use_dora=bool(module.use_dora.get(adapter)),
                       dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
 
 
@@ -153,6 +157,8 @@ def _fused_layer(module: nn.Module, adapters: List[str], backend: str) -> FusedL
     for adapter in adapters:
         owner = layer if adapter == DEFAULT_ADAPTER else layer.lora_adapters[adapter]
         owner.lora_A, owner.lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        if layer.lora_configs[adapter].use_dora:  # its magnitude was built on the meta stand-in: PEFT's replaces it
+            owner.lora_magnitude = module.lora_magnitude_vector[adapter].weight
     # PEFT's parameter names in the state dict: the model's state_dict() is what it was before the
     # conversion, so PEFT's checkpoints (and Trainer's) keep their keys.
     layer._peft_names = True
@@ -233,11 +239,17 @@ def _route_peft_methods(peft_model: nn.Module) -> None:
     peft_model.save_pretrained = types.MethodType(_fused_save_pretrained, peft_model)
 
 
+def _adapter_parameters(layer: FusedLoRALinear, adapter: str) -> List[nn.Parameter]:
+    """A, B and (for DoRA) the magnitude of one adapter: what PEFT's ``set_adapter`` makes trainable."""
+    magnitude = layer.lora_magnitude_of(adapter)
+    return [*layer.lora_params(adapter), *([] if magnitude is None else [magnitude])]
+
+
 def _set_adapters_trainable(base: nn.Module, names: List[str], trainable: bool) -> None:
     """``requires_grad`` on: the adapters ``names`` (if ``trainable``); off: every other adapter."""
     for _, layer in iter_lora_layers(base):
         for adapter in layer.lora_configs:
-            for param in layer.lora_params(adapter):
+            for param in _adapter_parameters(layer, adapter):
                 param.requires_grad_(trainable and adapter in names)
 
 
@@ -267,7 +279,7 @@ def _fused_load_adapter(self, model_id: PathLike, adapter_name: str, is_trainabl
         for _, layer in iter_lora_layers(base):
             if adapter_name in layer.lora_configs:
                 layer._peft_names = True
-                for param in layer.lora_params(adapter_name):
+                for param in _adapter_parameters(layer, adapter_name):
                     param.requires_grad_(is_trainable)
     if not is_trainable:
         self.eval()

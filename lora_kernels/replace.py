@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from . import quant
 from .config import DEFAULT_ADAPTER, LORA_PARAM_NAMES, LoRAConfig
+from .init import check_residual_inits
 from .modules import FusedLoRALinear
 
 Targets = Union[str, Sequence[str]]
@@ -171,6 +172,7 @@ def replace_linear_with_fused_lora(
         config = config.replace(rank_pattern={**config.rank_pattern, **(rank_pattern or {})},
                                 alpha_pattern={**config.alpha_pattern, **(alpha_pattern or {})})
     names = find_target_linears(model, target_modules, exclude_modules)
+    check_residual_inits(model, names, config)
     layers, refused = {}, []
     for name in names:  # every layer is built before the first is attached: a refusal changes nothing
         try:
@@ -180,6 +182,8 @@ def replace_linear_with_fused_lora(
         except TypeError as err:
             refused.append(f"{name}: {err}")
     if refused:
+        for layer in layers.values():  # a PiSSA / OLoRA layer built already gives its linear W back
+            layer.delete_adapter(adapter_name)
         raise TypeError("cannot adapt " + "; ".join(refused[:10]))
     for name, layer in layers.items():
         _set_submodule(model, name, layer)

@@ -160,6 +160,11 @@ def tiny_transformers(family="llama", **overrides):
     return model_cls(config_cls(**{**TRANSFORMERS_TINY, **overrides})).float()
 
 
+def tiny_llama():
+    """The tiny Llama the PEFT interoperability tests train (intermediate 64, 32 positions), eval mode."""
+    return tiny_transformers("llama", vocab_size=64, intermediate_size=64, max_position_embeddings=32).eval()
+
+
 # ----------------------------------------------------------------- the trainer's files
 
 

@@ -137,6 +137,25 @@ def test_duplicate_rows_are_reported():
     assert "Rows seen more than once" in report.render(data)
 
 
+def test_dora_rows_are_compared_with_peft_dora_not_with_plain_lora():
+    data = synthetic()
+    data["benchmarks"] += [kernel("peft_dora", 8.0), kernel("torch_dora", 5.0),
+                           memory("peft_dora", 8192), memory("torch_dora", 2048)]
+    results = report.collect(data)
+    r = report.kernel_ratios(results.kernel[(SHAPE["shape"], 0.1, "forward+backward")], "torch_dora")
+    assert r == {"x_linear": pytest.approx(5.0), "vs_eager": None, "vs_peft": pytest.approx(1.6)}  # 8 ms / 5 ms
+    md = report.render(data)
+    # Headline: PEFT's DoRA column beside PEFT's, ours against each family's own.
+    assert ("| shape | dropout | linear (ms) | eager (ms) | peft (ms) | torch (ms) | peft_dora (ms) | torch_dora (ms) "
+            "| torch vs peft | torch_dora vs peft_dora | torch vs eager |") in md
+    assert "| M64-K32-N32-r4 | 0.1 | 1.00 | 3.00 | 4.00 | 2.00 | 8.00 | 5.00 | 2.00× | 1.60× | 1.50× |" in md
+    assert "| M64-K32-N32-r4 | 0 | – | 5.00 | – | 2.50 | – | – | – | – | 2.00× |" in md
+    assert "| M64-K32-N32-r4 | 0.1 | torch_dora | 5.00 | 0.500 | 5.00× | – | 1.60× |" in md
+    # Memory: a DoRA row divided by PEFT's DoRA (2048 / 8192), a LoRA row still by PEFT's LoRA.
+    assert "| M64-K32-N32-r4 | 0.1 | torch_dora | 2.00 KiB | 0.25× |" in md
+    assert "| M64-K32-N32-r4 | 0.1 | torch | 2.00 KiB | 0.50× |" in md
+
+
 def test_cli_writes_markdown_and_chart(tmp_path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(synthetic()))

@@ -162,3 +162,37 @@ def test_the_dx_mask_prologue_is_serial_per_wave_of_tiles():
     bits = [k for k in ours(s, gpu, mask_bits=True) if k.name.startswith("dX = ")][0]
     assert bits.serial_int_ops == waves * gi.block_m * gi.block_n * UNPACK_OPS
     assert bits.bytes == dx.bytes + 8192 * 768 / 8
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_adds_exactly_its_passes_bytes_to_ours(dropout):
+    """ours_dora = ours + the weight-norm pass + Z written and read, c read by three kernels, dc partials; with
+    dropout twice the MMA work of the forward and dX GEMMs and the mask rebuilt per N-tile; PEFT's DoRA forms
+    B·A and, with dropout, runs a second base GEMM."""
+    from benchmarks.cost_model import HASH_OPS, _launcher_configs, kept_bytes, ours_dora, peft_dora
+
+    gpu = GPUS["h100"]
+    s = Shape(m=300, k=96, n=80, r=4, dropout=dropout, element=2)
+    e, m, k, n, r = 2, 300, 96, 80, 4
+    lora, dora = ours(s, gpu), ours_dora(s, gpu)
+    cfgs = _launcher_configs(s, gpu)
+    dy_blocks = -(-m // cfgs.grad_output_pass.block_m)
+    dc_partials = dy_blocks * n * 4 if dy_blocks > 1 else n * 4
+    norm = (n * k + r * k) * e + n * r * 4 + n * 4
+    small = r * k * e + 2 * n * r * 4 + 4 * n * 4
+    summed = dc_partials + n * 4 if dy_blocks > 1 else 0
+    extra = norm + small + (m * n * e + n * 4) + (m * n * e + n * 4 + dc_partials) + n * 4 + summed
+    assert sum(kk.bytes for kk in dora) - sum(kk.bytes for kk in lora) == pytest.approx(extra)
+    assert len(dora) == len(lora) + 2 + (dy_blocks > 1)
+    by_name = {kk.name.split(" ")[0]: kk for kk in lora}
+    forward = next(kk for kk in dora if kk.name.startswith("y = "))
+    grad_x = next(kk for kk in dora if kk.name.startswith("dX = "))
+    factor = 2 if dropout else 1
+    assert forward.flops == factor * by_name["y"].flops and grad_x.flops == factor * by_name["dX"].flops
+    block_n = min(cfgs.forward.block_n, 128)
+    assert forward.int_ops == (HASH_OPS * m * k * -(-n // block_n) if dropout else 0)
+    peft = peft_dora(s, gpu)
+    base_gemms = [kk for kk in peft if kk.flops == 2.0 * m * n * k]  # forward and dX, on x and on x̃
+    assert len(base_gemms) == (4 if dropout else 2) and any(kk.name.startswith("B·A") for kk in peft)
+    assert sum(kk.bytes for kk in peft) > sum(kk.bytes for kk in dora)
+    assert kept_bytes(s, "ours-dora") - kept_bytes(s, "ours") == m * n * e < kept_bytes(s, "peft-dora")

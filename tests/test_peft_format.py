@@ -16,9 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from helpers import (
     V,
+    adapted_model,
     assert_close,
     assert_load_refused,
     base_model,
+    load_file_into_base,
     load_peft,
     nan_at,
     peft_dir,
@@ -116,6 +118,30 @@ def test_pickled_bin_is_read_with_weights_only(tmp_path, monkeypatch):
     fresh = load_peft_adapter(base_model(), tmp_path)
     assert calls and calls[0].get("weights_only") is True
     assert_close(fresh(IDS), model(IDS), torch.float32, "logits")
+
+
+def test_dora_files_round_trip_without_peft(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)
+    model = adapted_model(use_dora=True)  # B drawn after m = ‖W‖ was set: g = m / ‖W + s·B·A‖ is not 1
+    save_peft_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert "base_model.model.layers.0.q_proj.lora_magnitude_vector" in keys and len(keys) == 3 * 10
+
+    fresh = load_peft_adapter(base_model(), tmp_path)
+    layer, original = fresh.layers[1].k_proj, model.layers[1].k_proj
+    assert layer.lora_configs["default"].use_dora and torch.equal(layer.lora_magnitude, original.lora_magnitude)
+    assert_close(fresh(IDS), model(IDS), torch.float32, "logits")
+
+
+def test_adapter_mixing_dora_and_lora_layers_is_not_saved(tmp_path):
+    model = base_model()
+    replace_linear_with_fused_lora(model, rank=2, alpha=4, use_dora=True, target_modules=["q_proj"])
+    replace_linear_with_fused_lora(model, rank=2, alpha=4, target_modules=["k_proj"])
+    with pytest.raises(ValueError, match=r"DoRA on 2 layers \(\['layers.0.q_proj'.*plain LoRA on 2 "
+                                         r"\(\['layers.0.k_proj'.*one use_dora for all its layers"):
+        save_peft_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @needs_peft
@@ -249,7 +275,7 @@ def write_adapter(directory, config_changes=(), tensors=None):
 
 @pytest.mark.parametrize("changes,words", [
     ({"peft_type": "IA3"}, "only LoRA adapters"),
-    ({"use_dora": True}, "DoRA"),
+    ({"alora_invocation_tokens": [1, 2]}, "aLoRA"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out.*Conv1D"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'.*rewrites the base weights"),
     ({"bias": "lora_only"}, "trained base biases"),
@@ -290,13 +316,13 @@ def test_adapter_that_does_not_fit_changes_nothing(tmp_path):
 
 
 @needs_peft
-def test_peft_dora_and_embedding_adapters_are_refused(tmp_path):
-    dora = peft_model(dict(r=2, target_modules=["q_proj"], use_dora=True))
-    dora.save_pretrained(tmp_path / "dora")
-    with pytest.raises(ValueError, match="DoRA"):
-        load_peft_adapter(base_model(), tmp_path / "dora")
-    with pytest.raises(ValueError, match="layers.0.q_proj: DoRA"):
-        fuse_peft_model(dora)
+def test_peft_variant_and_embedding_adapters_are_refused(tmp_path):
+    alora = peft_model(dict(r=2, target_modules=["q_proj"], alora_invocation_tokens=[1, 2]))
+    alora.save_pretrained(tmp_path / "alora")
+    with pytest.raises(ValueError, match="aLoRA"):
+        load_peft_adapter(base_model(), tmp_path / "alora")
+    with pytest.raises(ValueError, match="layers.0.q_proj: a LoRA variant other than DoRA .ALoraLinearVariant"):
+        fuse_peft_model(alora)
 
     embedding = peft_model(dict(r=2, target_modules=["embed", "q_proj"]))
     embedding.save_pretrained(tmp_path / "embedding")
@@ -328,6 +354,23 @@ def test_peft_config_becomes_one_lora_config():
 # Bad adapter directories: (case id, build(tmp_path) -> (model, load), exception, words)
 
 PEFT_A = "base_model.model.layers.1.up_proj.lora_A.weight"
+
+
+def magnitudes(extra=0, skip=None):
+    """A tensors edit: a DoRA magnitude (ones, out_features + ``extra``) beside every lora_B but ``skip``'s."""
+    def edit(data):
+        for key in [k for k in data if k.endswith(".lora_B.weight")]:
+            module = key[:-len(".lora_B.weight")]
+            if module != skip:
+                data[f"{module}.lora_magnitude_vector"] = torch.ones(data[key].shape[0] + extra)
+    return edit
+
+
+def peft_dora_dir(tensors=magnitudes()):
+    """A directory builder: the PEFT adapter of adapted_model() with use_dora: true, its tensors edited."""
+    return lambda t: peft_dir(t, config=set_config(use_dora=True), tensors=tensors)
+
+
 LOADER_CASES = [
     ("PEFT config missing", load_peft(lambda t: t), FileNotFoundError, ["adapter_config.json"]),
     ("PEFT config not JSON", load_peft(lambda t: peft_dir(t, config=lambda c: "{r: 4")), ValueError,
@@ -360,7 +403,23 @@ LOADER_CASES = [
      ValueError, ["q_(proj", "regular expression"]),
     ("PEFT other peft_type", load_peft(lambda t: peft_dir(t, config=set_config(peft_type="IA3"))), ValueError,
      ["peft_type", "IA3"]),
-    ("PEFT DoRA", load_peft(lambda t: peft_dir(t, config=set_config(use_dora=True))), ValueError, ["DoRA"]),
+    ("PEFT DoRA without magnitudes", load_peft(peft_dora_dir(tensors=None)), ValueError,
+     ["layers.0.q_proj: no lora_magnitude_vector, but the config has use_dora: true"]),
+    ("PEFT DoRA layer without its magnitude",
+     load_peft(peft_dora_dir(magnitudes(skip="base_model.model.layers.1.up_proj"))), ValueError,
+     ["layers.1.up_proj: no lora_magnitude_vector"]),
+    ("PEFT magnitude without use_dora", load_peft(lambda t: peft_dir(t, tensors=magnitudes())), ValueError,
+     ["layers.0.q_proj: a DoRA magnitude (lora_magnitude_vector), but the config has use_dora: false"]),
+    ("PEFT magnitude of the wrong shape", load_peft(peft_dora_dir(magnitudes(extra=1))), ValueError,
+     ["layers.0.k_proj: lora_magnitude_vector has shape (9,), the layer needs (8,)"]),
+    ("PEFT magnitude without A and B", load_peft(peft_dora_dir(lambda data: data.update(
+        {"base_model.model.layers.0.norm.lora_magnitude_vector": torch.ones(16)}) or magnitudes()(data))), ValueError,
+     ["layers.0.norm: lora_magnitude_vector without lora_A / lora_B"]),
+    ('PEFT use_dora "yes"', load_peft(lambda t: peft_dir(t, config=set_config(use_dora="yes"))), ValueError,
+     ["use_dora must be true or false", "'yes'"]),
+    ("PEFT DoRA into a plain LoRA adapter", load_file_into_base(peft_dora_dir(), loader=load_peft_adapter,
+                                                                model=lambda: adapted_model(seed=5)), ValueError,
+     ["adapter 'default' is plain LoRA in the model and DoRA in the file"]),
     ("PEFT weights missing", load_peft(lambda t: (peft_dir(t) / "adapter_model.safetensors").unlink()
                                        or t / "peft"), FileNotFoundError, ["adapter_model.safetensors"]),
     ("PEFT truncated weights", load_peft(lambda t: truncated(peft_dir(t) / "adapter_model.safetensors").parent),

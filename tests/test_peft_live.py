@@ -4,12 +4,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import TOLERANCES, tiny_transformers
-
-
-def tiny_llama():
-    """The tiny Llama these tests train (intermediate 64, 32 positions), eval mode."""
-    return tiny_transformers("llama", vocab_size=64, intermediate_size=64, max_position_embeddings=32).eval()
+from helpers import TOLERANCES, tiny_llama
 
 
 def test_peft_save_pretrained_after_fuse_saves_the_trained_adapter(tmp_path):

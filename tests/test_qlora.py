@@ -356,8 +356,9 @@ def test_merge_and_unload_dequantizes_and_merges(fmt):
 # ---------------------------------------------------------------------------------- bitsandbytes interop
 
 
-def _peft_on_bnb(double_quant):
-    """A PEFT LoRA model whose bases are bitsandbytes' Linear4bit (NF4) and Linear8bitLt, quantized on the CPU."""
+def _peft_on_bnb(double_quant, use_dora=False):
+    """A PEFT LoRA (or DoRA) model whose bases are bitsandbytes' Linear4bit (NF4) and Linear8bitLt, quantized on the
+    CPU."""
     bnb = checked_bitsandbytes()
     from peft import LoraConfig, get_peft_model
 
@@ -369,7 +370,8 @@ def _peft_on_bnb(double_quant):
     l8 = bnb.nn.Linear8bitLt(70, 45, bias=False, has_fp16_weights=False, threshold=0.0)
     l8.load_state_dict(v.state_dict())
     model = nn.ModuleDict({"q": l4.to("cpu"), "v": l8.to("cpu")})
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False,
+                                            use_dora=use_dora))
     return bnb, peft
 
 
@@ -402,6 +404,39 @@ def test_fuse_peft_model_reuses_bitsandbytes_packed_data(double_quant):
     # the adapters are PEFT's own parameters, still trainable; the quantized bases have none
     assert fq.lora_A.requires_grad and fq.lora_A.shape == (4, 70)
     assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)
+
+
+def test_fuse_peft_model_dora_on_bitsandbytes():
+    """PEFT's DoRA on NF4 and int8 bases (the magnitudes moved off their initial norms): after the conversion, the
+    layers share PEFT's magnitudes and give PEFT's outputs and gradients (A, B, m)."""
+    _, peft = _peft_on_bnb(double_quant=False, use_dora=True)
+    from lora_kernels import fuse_peft_model
+
+    inner = peft.base_model.model
+    params = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in params.items():
+            if "lora_magnitude" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(6, 70, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        outputs = {k: inner[k](x) for k in ("q", "v")}
+        sum((o * o).sum() for o in outputs.values()).backward()
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        peft.zero_grad()
+        return outputs, grads
+
+    expected, expected_grads = run()
+    magnitude = inner["q"].lora_magnitude_vector["default"].weight
+    fuse_peft_model(peft, backend="torch")
+    assert inner["q"].quantize == "nf4" and inner["q"].lora_magnitude is magnitude
+    outputs, grads = run()
+    for k in ("q", "v"):
+        assert_close(outputs[k], expected[k], torch.float32, k)
+    assert len(grads) == 6
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], torch.float32, f"grad of {name}")
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])

@@ -113,6 +113,42 @@ class _KernelsWithFallback:
                 self._fail(self._backward_key(grad_y, lora_A, dropout_p), "backward", err)
         return KERNEL_MASK.backward(*args)
 
+    # ---------------------------------------------------------------------------------------------- DoRA
+    # lora_kernels.ops.dora behind the DoRA methods of the protocol (lora_kernels.backends.DoRABackend), with the
+    # same per-configuration fallback to the torch backend (its kernel-mask twin). A column scale with G > 1
+    # groups (a mixed batch) always runs on the torch backend: the kernels take one group.
+
+    def dora_forward(self, x, weight, bias, lora_A, lora_B, scaling, col_scale, dropout_p, seed, keep_z):
+        args = (x, weight, bias, lora_A, lora_B, scaling, col_scale, dropout_p, seed, keep_z)
+        key = self._forward_key(x, lora_B, dropout_p)
+        if _one_group(col_scale) and not (self.failed and key in self.failed):
+            try:
+                return _triton_module("dora").forward(*args)
+            except Exception as err:  # noqa: BLE001 - any kernel failure: raise with context, or fall back
+                self._fail(key, "DoRA forward", err)
+        return KERNEL_MASK.dora_forward(*args)
+
+    def dora_backward(self, grad_y, x, weight, lora_A, lora_B, s, z, col_scale, scaling, dropout_p, seed,
+                      needs_grad):
+        args = (grad_y, x, weight, lora_A, lora_B, s, z, col_scale, scaling, dropout_p, seed, needs_grad)
+        key = self._backward_key(grad_y, lora_A, dropout_p)
+        if _one_group(col_scale) and not (self.failed and key in self.failed):
+            try:
+                return _triton_module("dora").backward(*args)
+            except Exception as err:  # noqa: BLE001
+                self._fail(key, "DoRA backward", err)
+        return KERNEL_MASK.dora_backward(*args)
+
+    def weight_norm(self, weight, lora_A, lora_B, scaling):
+        (n, k), rank = weight.shape, lora_A.shape[0]
+        key = self._key(lora_A, n, n, k, rank, 0.0)  # the norm pass: W's rows in the M slot
+        if triton_refusal(lora_A) is None and not (self.failed and key in self.failed):
+            try:
+                return _triton_module("dora").weight_norm(weight, lora_A, lora_B, scaling)
+            except Exception as err:  # noqa: BLE001
+                self._fail(key, "DoRA weight-norm", err)
+        return KERNEL_MASK.weight_norm(weight, lora_A, lora_B, scaling)
+
     def _forward_key(self, x, lora_B, dropout_p) -> tuple:
         (m, k), (n, rank) = x.shape, lora_B.shape
         return self._key(x, m, n, k, rank, dropout_p)
@@ -128,6 +164,11 @@ class _KernelsWithFallback:
         if module is None or not (torch.device(device).type == "cuda" or _interpreting()):
             return KERNEL_MASK.dropout_mask(seed, shape, dropout_p, device)
         return module.dropout_mask(seed, shape, dropout_p, device)
+
+
+def _one_group(col_scale: torch.Tensor) -> bool:
+    """True when DoRA's column scale has one group of rows ((N,) or (1, N)): what the kernels take."""
+    return col_scale.dim() == 1 or col_scale.shape[0] == 1
 
 
 _TRITON_STRICT = _KernelsWithFallback(strict=True)

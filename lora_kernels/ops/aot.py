@@ -62,11 +62,13 @@ class Case:
     train_w: bool
     autotune: Optional[int] = None  # index into autotune_candidates(default tile) of each GEMM
     quantize: Optional[str] = None  # one of QUANTIZED: the kernels of lora_kernels.ops.quantized
+    dora: bool = False  # the DoRA launchers (lora_kernels.ops.dora): forward with Z, backward with dc, weight norm
 
     def __str__(self) -> str:
         text = (f"{self.precision} M={self.m} N={self.n} K={self.k} r={self.rank}"
                 f"{' bias' if self.bias else ''}{' dropout' if self.dropout else ''}{' dW' if self.train_w else ''}")
         text += f" {self.quantize}" if self.quantize else ""
+        text += " dora" if self.dora else ""
         return text + (f" autotune#{self.autotune}" if self.autotune is not None else "")
 
 
@@ -93,11 +95,25 @@ def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: boo
     if quick:  # the wide layers' dY pass (configs.WIDE_DY_ROWS on sm90), rank blocks 16 and 64, with db
         for precision, rank in itertools.product(precisions, ranks):
             yield Case(precision, 8192, 4096, 4096, rank, True, False, False)
+    yield from dora_cases(precisions, ms, widths, ranks, quick)
     if full:  # every candidate tile of the GEMM autotuner, where the launchers would tune (BLOCK_M >= 64)
         for precision, (n, k), rank in itertools.product(precisions, widths, (16, 100)):
             for bias, dropout in itertools.product((False, True), repeat=2):
                 for index in range(_MAX_CANDIDATES):
                     yield Case(precision, 8192, n, k, rank, bias, dropout, True, index)
+
+
+def dora_cases(precisions: Sequence[str], ms: Sequence[int], widths, ranks: Sequence[int],
+               quick: bool) -> Iterator[Case]:
+    """DoRA's kernel variants (the LoRA kernels with their DoRA flags, and the weight-norm kernel): every
+    precision, M, width and rank with dropout on and off, a trainable W at the first rank; a quantized base at
+    the first rank (the quick subset: NF4 and int8)."""
+    for precision, m, (n, k), rank in itertools.product(precisions, ms, widths, ranks):
+        for dropout in (False, True):
+            yield Case(precision, m, n, k, rank, True, dropout, rank == ranks[0] and not quick, dora=True)
+            if rank == ranks[0]:
+                for quantize in QUANTIZED[::2] if quick else QUANTIZED:
+                    yield Case(precision, m, n, k, rank, True, dropout, False, quantize=quantize, dora=True)
 
 
 @contextlib.contextmanager
@@ -171,6 +187,17 @@ def _run_case(case: Case, tensors: _Tensors, launched: list) -> int:
         w = tensors.quantized(case.n, case.k, case.quantize, lambda: quantize(
             torch.zeros(case.n, case.k), case.quantize.split("-")[0], double_quant=case.quantize.endswith("-dq")))
         ops = quantized
+    if case.dora:
+        from . import dora
+
+        col_scale = tensors(case.n, dtype=torch.float32)
+        with _fp32_precision(case.precision), _override_for(case, dtype):
+            dora.weight_norm(w, lora_a, lora_b, 2.0)
+            y, s, z = dora.forward(x, w, b, lora_a, lora_b, 2.0, col_scale, p, 1234, True)
+            forward_launches = len(launched)
+            dora.backward(y, x, w, lora_a, lora_b, s, z, col_scale, 2.0, p, 1234,
+                          (True, case.train_w, case.bias, True, True, True))
+        return forward_launches
     with _fp32_precision(case.precision), _override_for(case, dtype):
         y, s = ops.forward(x, w, b, lora_a, lora_b, 2.0, p, 1234)
         forward_launches = len(launched)
@@ -180,7 +207,8 @@ def _run_case(case: Case, tensors: _Tensors, launched: list) -> int:
 
 _ROLES = {"_lora_down_kernel": "down", "_lora_dy_kernel": "dY", "_lora_da_kernel": "dA",
           "_sum_partials_kernel": "sum", "_dropout_mask_kernel": "mask",
-          "_dequant_kernel": "dequant"}  # quantized: W dequantized once, above configs.DEQUANT_ONCE's crossover
+          "_dequant_kernel": "dequant",
+          "_weight_norm_kernel": "norm"}  # DoRA's weight norm (lora_kernels.ops.dora)  # quantized: W dequantized once, above configs.DEQUANT_ONCE's crossover
 
 
 def _role(name: str, constexprs: dict, in_forward: bool) -> str:
@@ -217,10 +245,13 @@ class KernelReport:
     def config(self) -> str:
         c = self.constexprs
         parts = [f"{k}={c[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in c]
-        if "FORMAT" in c:  # a quantized GEMM (lora_kernels.ops.quantized)
+        if "FORMAT" in c and c.get("QUANTIZED", True):  # a quantized GEMM (ops.quantized) or weight norm (ops.dora)
             parts.append(("nf4" + ("-dq" if c.get("DOUBLE_QUANT") else "")) if c["FORMAT"] == 0 else "int8")
         flags = [k.split("_", 1)[1].lower() for k in ("HAS_BIAS", "HAS_LORA", "HAS_DROPOUT", "COMPUTE_GRAD_S",
-                                                      "COMPUTE_GRAD_LORA_B", "COMPUTE_GRAD_BIAS") if c.get(k)]
+                                                      "COMPUTE_GRAD_LORA_B", "COMPUTE_GRAD_BIAS", "HAS_COL_SCALE",
+                                                      "COMPUTE_GRAD_COL_SCALE", "KEEP_Z", "DORA_DROPOUT") if c.get(k)]
+        if c.get("COL_SCALE"):  # DoRA's column scale: 1 in the GEMM's epilogue (forward), 2 on dY tiles (dX)
+            flags.append("c-epilogue" if c["COL_SCALE"] == 1 else "c-prologue")
         parts.append(f"w{c.get('num_warps')}s{c.get('num_stages')}")
         return " ".join(parts + flags)
 

@@ -85,6 +85,7 @@ per new M). Under the interpreter all blocks are 32 and nothing is split, to kee
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -266,6 +267,68 @@ def _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr
 
 
 @triton.jit
+def _dora_operands(a, col_scale_ptr, seed, offs_m, kk, k_mask, dropout_p, COL_SCALE: tl.constexpr,
+                   DORA_DROPOUT: tl.constexpr):
+    """The two A operands of one K step of a DoRA GEMM (:mod:`lora_kernels.ops.dora`), from the loaded tile
+    ``a`` (BLOCK_M, BLOCK_K) whose global rows are ``offs_m`` and reduction indices ``kk``:
+
+    * ``COL_SCALE == 2`` (dX, a = dY, the reduction runs over dY's columns): without dropout ``(c ⊙ dY, ·)``,
+      the prologue dY' = c ⊙ dY; with dropout ``(dY, (c − 1) ⊙ dY)``;
+    * ``COL_SCALE == 1`` (forward, a = x) with dropout: ``(x, keep ⊙ x)``, keep(seed, row, k) the mask of the
+      S pass, regenerated here.
+
+    c (fp32, one value per reduction index) scales in fp32 and the product is rounded to a's dtype once.
+    """
+    second = a
+    if COL_SCALE == 2:
+        c = tl.load(col_scale_ptr + kk, mask=k_mask, other=0.0)
+        if DORA_DROPOUT:
+            second = (a.to(tl.float32) * (c - 1.0)[None, :]).to(a.dtype)
+        else:
+            a = (a.to(tl.float32) * c[None, :]).to(a.dtype)
+    elif DORA_DROPOUT:
+        second = tl.where(_keep_mask(seed, offs_m, kk, dropout_p), a, 0.0)
+    return a, second
+
+
+@triton.jit
+def _dora_epilogue(acc, acc_z, col_scale_ptr, z_ptr, offs_m, offs_n, cols, M, N, stride_zm, stride_zn, seed_ptr,
+                   dropout_p, inv_keep, COL_SCALE: tl.constexpr, KEEP_Z: tl.constexpr, DORA_DROPOUT: tl.constexpr):
+    """The DoRA epilogue on the fp32 accumulators of a (BLOCK_M, BLOCK_N) output tile, before the bias.
+
+    Forward (``COL_SCALE == 1``, c over the output's columns), with u = s·S·Bᵀ:
+        no dropout: acc = x·Wᵀ + u = Z;                        y = c ⊙ Z
+        dropout:    acc = x·Wᵀ + u, acc_z = (1-p)·u + (keep ⊙ x)·Wᵀ;  Z = acc_z/(1-p);  y = acc + (c − 1) ⊙ Z
+        and Z (M, N) is stored in z_ptr's dtype when ``KEEP_Z``.
+    dX with dropout (``COL_SCALE == 2``): acc = dY·W, acc_z = dS·A + ((c − 1) ⊙ dY)·W;
+        dX = acc + keep ⊙ acc_z/(1-p), keep(seed, row, col) over dX's (row, col) = x's.
+    """
+    if COL_SCALE == 1:
+        c = tl.load(col_scale_ptr + cols)[None, :]  # cols are wrapped: in bounds
+        if DORA_DROPOUT:
+            z = acc_z * inv_keep
+            acc = acc + (c - 1.0) * z
+        else:
+            z = acc
+            acc = acc * c
+        if KEEP_Z:
+            z_ptrs = z_ptr + offs_m[:, None].to(tl.int64) * stride_zm + offs_n[None, :].to(tl.int64) * stride_zn
+            tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    elif DORA_DROPOUT:
+        acc += tl.where(_keep_mask(tl.load(seed_ptr), offs_m, offs_n, dropout_p), acc_z * inv_keep, 0.0)
+    return acc
+
+
+@triton.jit
+def _dora_start(acc, dropout_p, COL_SCALE: tl.constexpr):
+    """The DoRA GEMMs' two accumulators with dropout, from the LoRA term ``acc``: forward (COL_SCALE 1)
+    (u, (1-p)·u), so that Z = acc_z/(1-p) = x̃·Wᵀ + u; dX (COL_SCALE 2) (0, dS·A)."""
+    if COL_SCALE == 1:
+        return acc, acc * (1.0 - dropout_p)
+    return tl.zeros_like(acc), acc
+
+
+@triton.jit
 def _lora_matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
@@ -276,8 +339,11 @@ def _lora_matmul_kernel(
     stride_lm, stride_lr, stride_rr, stride_rn,
     # run-time scalars
     lora_scale, seed_ptr, dropout_p,
+    # DoRA (read only under COL_SCALE / DORA_DROPOUT): column scale c (fp32), Z (M, N) output, 1/(1-p)
+    col_scale_ptr, z_ptr, stride_zm, stride_zn, inv_keep,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COL_SCALE: tl.constexpr, KEEP_Z: tl.constexpr, DORA_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -288,6 +354,11 @@ def _lora_matmul_kernel(
     gradient dW = dYᵀ·x (no LoRA term). The LoRA term is computed first so the accumulator starts at it
     and the output is written once. Grid: cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N), grouped by GROUP_M rows
     of tiles for L2 reuse.
+
+    DoRA (:mod:`lora_kernels.ops.dora`; all off for LoRA, which then compiles to the same code): a column
+    scale c (N,) fp32 applied in the epilogue (``COL_SCALE == 1``, forward, Z = the pre-scale accumulator
+    stored when ``KEEP_Z``) or as a prologue on A's columns (``COL_SCALE == 2``, dX: dY' = c ⊙ dY), and with
+    ``DORA_DROPOUT`` a second accumulator over the same B tiles (see ``_dora_operands``/``_dora_epilogue``).
     """
     # --- tile coordinates, grouped ordering
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -305,6 +376,11 @@ def _lora_matmul_kernel(
                          lora_scale, seed_ptr, dropout_p, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, INPUT_PRECISION)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_z = acc
+    seed = 0
+    if DORA_DROPOUT:
+        acc, acc_z = _dora_start(acc, dropout_p, COL_SCALE)
+        seed = tl.load(seed_ptr)
 
     # --- main loop over K
     ks = offs_k.to(tl.int64)  # for dW the K dimension is the tokens, whose stride times K can pass 2³¹
@@ -316,11 +392,19 @@ def _lora_matmul_kernel(
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        if COL_SCALE == 2 or DORA_DROPOUT:
+            a, a_second = _dora_operands(a, col_scale_ptr, seed, offs_m, k0 + offs_k, k_mask, dropout_p, COL_SCALE,
+                                         DORA_DROPOUT)
+            if DORA_DROPOUT:
+                acc_z = tl.dot(a_second, b, acc_z, input_precision=INPUT_PRECISION)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += step_a
         b_ptrs += step_b
 
     # --- epilogue
+    if COL_SCALE == 1 or DORA_DROPOUT:
+        acc = _dora_epilogue(acc, acc_z, col_scale_ptr, z_ptr, offs_m, offs_n, cols, M, N, stride_zm, stride_zn,
+                             seed_ptr, dropout_p, inv_keep, COL_SCALE, KEEP_Z, DORA_DROPOUT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
@@ -339,8 +423,12 @@ def _lora_dy_kernel(
     stride_grad_lora_B_p, stride_grad_lora_B_n, stride_grad_lora_B_r, stride_grad_bias_p, stride_grad_bias_n,
     # run-time scalars
     scaling,
+    # DoRA (read only under HAS_COL_SCALE / COMPUTE_GRAD_COL_SCALE): c (N,) fp32, Z (M, N), dc partials (·, N)
+    col_scale_ptr, z_ptr, grad_col_scale_ptr, stride_zm, stride_zn, stride_grad_col_scale_p,
+    stride_grad_col_scale_n,
     # meta-parameters
     COMPUTE_GRAD_S: tl.constexpr, COMPUTE_GRAD_LORA_B: tl.constexpr, COMPUTE_GRAD_BIAS: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, COMPUTE_GRAD_COL_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over dY (M, N) gives, for a block of BLOCK_M rows and one split of dY's columns:
@@ -352,6 +440,11 @@ def _lora_dy_kernel(
     Grid (cdiv(M, BLOCK_M), number of column splits, cdiv(R, BLOCK_R)); a split covers ``tiles_per_split``
     column tiles. Partial sums go to fp32 workspaces (or straight to the output when there is one), never
     through atomics, so the result is deterministic.
+
+    DoRA (:mod:`lora_kernels.ops.dora`): with ``HAS_COL_SCALE`` the two MMAs take dY' = c ⊙ dY (a prologue on
+    each dY tile, c (N,) fp32), so dS = s·dY'·B and dB = s·dY'ᵀ·S, while dbias stays Σ_rows dY; with
+    ``COMPUTE_GRAD_COL_SCALE`` the same dY tile gives dc[m-block] (N,) = Σ_rows dY ⊙ Z (fp32 partials),
+    Z (M, N) the forward's pre-scale output.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -378,12 +471,16 @@ def _lora_dy_kernel(
         cols = offs_n.to(tl.int64)
         grad_y = tl.load(grad_y_ptr + rows[:, None] * stride_grad_y_m + cols[None, :] * stride_grad_y_n,
                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        grad_y_mma = grad_y  # the MMAs' operand: dY, or dY' = c ⊙ dY for DoRA
+        if HAS_COL_SCALE:
+            col_scale = tl.load(col_scale_ptr + cols, mask=n_mask, other=0.0)
+            grad_y_mma = (grad_y.to(tl.float32) * col_scale[None, :]).to(grad_y.dtype)
         if COMPUTE_GRAD_S:
             lora_B = tl.load(lora_B_ptr + cols[:, None] * stride_lora_B_n + offs_r[None, :] * stride_lora_B_r,
                              mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            grad_s_acc = tl.dot(grad_y, lora_B, grad_s_acc, input_precision=INPUT_PRECISION)
+            grad_s_acc = tl.dot(grad_y_mma, lora_B, grad_s_acc, input_precision=INPUT_PRECISION)
         if COMPUTE_GRAD_LORA_B:
-            grad_lora_B = tl.dot(tl.trans(grad_y), s, input_precision=INPUT_PRECISION) * scaling
+            grad_lora_B = tl.dot(tl.trans(grad_y_mma), s, input_precision=INPUT_PRECISION) * scaling
             grad_lora_B_ptrs = (grad_lora_B_ptr + block_m64 * stride_grad_lora_B_p
                                 + cols[:, None] * stride_grad_lora_B_n + offs_r[None, :] * stride_grad_lora_B_r)
             tl.store(grad_lora_B_ptrs, grad_lora_B.to(grad_lora_B_ptr.dtype.element_ty),
@@ -393,6 +490,13 @@ def _lora_dy_kernel(
                 grad_bias = tl.sum(grad_y.to(tl.float32), axis=0)
                 tl.store(grad_bias_ptr + block_m64 * stride_grad_bias_p + cols * stride_grad_bias_n,
                          grad_bias.to(grad_bias_ptr.dtype.element_ty), mask=n_mask)
+        if COMPUTE_GRAD_COL_SCALE:
+            if pid_r == 0:
+                z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn,
+                            mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+                grad_col_scale = tl.sum(grad_y.to(tl.float32) * z.to(tl.float32), axis=0)
+                tl.store(grad_col_scale_ptr + block_m64 * stride_grad_col_scale_p + cols * stride_grad_col_scale_n,
+                         grad_col_scale, mask=n_mask)
 
     # --- epilogue
     if COMPUTE_GRAD_S:
@@ -495,14 +599,22 @@ def _sum_partials_kernel(
 # workspace shapes, integer arguments, compiled kernels) and cached; lora_kernels.ops.launch holds that
 # machinery, shared with lora_kernels.ops.quantized.
 
+NO_DORA = (0, False, False)  # a LoRA GEMM: (COL_SCALE, KEEP_Z, DORA_DROPOUT) off
+
+
 def _matmul_launch(m: int, n: int, k: int, rank: int, *, has_bias: bool, has_lora: bool, has_dropout: bool,
                    config: KernelConfig, max_block_r: int, precision: str,
-                   tune: Optional[Tuple[tuple, Callable[[KernelConfig], None]]] = None) -> Launch:
-    """The launch of ``_lora_matmul_kernel`` for C (m, n) over a reduction of k (see its docstring)."""
+                   tune: Optional[Tuple[tuple, Callable[[KernelConfig], None]]] = None,
+                   dora: Tuple[int, bool, bool] = NO_DORA) -> Launch:
+    """The launch of ``_lora_matmul_kernel`` for C (m, n) over a reduction of k (see its docstring);
+    ``dora`` = (COL_SCALE, KEEP_Z, DORA_DROPOUT), all off for LoRA. Its run-time arguments end with
+    :func:`_gemm_tail`'s."""
     if tune is not None and _configs._OVERRIDE is None:
-        config = _tuned_gemm(tune[0] + (has_lora, has_dropout, has_bias), config, tune[1])
+        config = _tuned_gemm(tune[0] + (has_lora, has_dropout, has_bias) + tuple(dora), config, tune[1])
+    col_scale, keep_z, dora_dropout = dora
     return Launch(_lora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),), dict(
         HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DROPOUT=has_dropout,
+        COL_SCALE=col_scale, KEEP_Z=keep_z, DORA_DROPOUT=dora_dropout,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages))
@@ -527,6 +639,34 @@ def _sum_args(jobs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> list:
     return args
 
 
+@dataclasses.dataclass(frozen=True)
+class DoRAFlags:
+    """What a DoRA call (:mod:`lora_kernels.ops.dora`) adds to a plan: the forward keeps Z = x̃·Wᵀ + s·S·Bᵀ
+    (``keep_z``), the backward computes dc = Σ_rows dY ⊙ Z (``need_grad_col_scale``)."""
+
+    keep_z: bool = False
+    need_grad_col_scale: bool = False
+
+
+def _gemm_tail(placeholder: torch.Tensor, seed, dropout_p: float, col_scale: Optional[torch.Tensor] = None,
+               z: Optional[torch.Tensor] = None) -> tuple:
+    """The last run-time arguments of a GEMM launch: seed_ptr, dropout_p, col_scale_ptr, z_ptr, stride_zm,
+    stride_zn, inv_keep (``placeholder`` stands for a pointer the kernel does not read)."""
+    return (seed if dropout_p > 0 else placeholder, float(dropout_p),
+            col_scale if col_scale is not None else placeholder, z if z is not None else placeholder,
+            *(z.stride() if z is not None else (0, 0)), 1.0 / (1.0 - dropout_p))
+
+
+def _dy_tail(placeholder: torch.Tensor, col_scale: Optional[torch.Tensor], z: Optional[torch.Tensor],
+             grad_col_scale_ws: Optional[torch.Tensor]) -> tuple:
+    """The DoRA run-time arguments of the dY pass: col_scale_ptr, z_ptr, grad_col_scale_ptr, the strides of Z
+    and of the dc workspace (count, N) (``placeholder`` for what it does not read)."""
+    return (col_scale if col_scale is not None else placeholder, z if z is not None else placeholder,
+            grad_col_scale_ws if grad_col_scale_ws is not None else placeholder,
+            *(z.stride() if z is not None else (0, 0)),
+            *((grad_col_scale_ws.shape[-1], 1) if grad_col_scale_ws is not None else (0, 0)))
+
+
 _FORWARD_PLANS: Dict[tuple, "_ForwardPlan"] = {}
 _BACKWARD_PLANS: Dict[tuple, "_BackwardPlan"] = {}
 
@@ -537,13 +677,29 @@ def clear_plans() -> None:
     _BACKWARD_PLANS.clear()
 
 
-class _ForwardPlan:
-    """The launches of one forward configuration: S = (keep ⊙ x)·Aᵀ/(1-p), then y = s·S·Bᵀ + x·Wᵀ + b."""
+def _dora_gemm_config(config: KernelConfig, dora_dropout: bool, dtype: torch.dtype) -> KernelConfig:
+    """A DoRA GEMM with dropout carries two fp32 accumulators: N tiles of at most 128 (two 128x256 ones
+    would need 256 registers per thread at 8 warps), 64 in IEEE fp32, whose CUDA-core dots also keep their
+    operands in registers: N tiles of 64 and K blocks of 16 there (64x128x32 tiles spilled 632 B on sm90,
+    64x64x32 ones 40-204 B)."""
+    if not dora_dropout:
+        return config
+    if dtype == torch.float32 and _input_precision(dtype) == "ieee":
+        return dataclasses.replace(config, block_n=min(config.block_n, 64), block_k=min(config.block_k, 16))
+    return dataclasses.replace(config, block_n=min(config.block_n, 128))
 
-    def __init__(self, x, weight, bias, lora_A, lora_B, has_dropout: bool):
+
+class _ForwardPlan:
+    """The launches of one forward configuration: S = (keep ⊙ x)·Aᵀ/(1-p), then y = s·S·Bᵀ + x·Wᵀ + b; for
+    DoRA (``dora`` given) the GEMM also applies the column scale and keeps Z (:mod:`lora_kernels.ops.dora`)."""
+
+    def __init__(self, x, weight, bias, lora_A, lora_B, has_dropout: bool, dora: Optional[DoRAFlags] = None):
         m, k = x.shape
         n, rank = weight.shape[0], lora_A.shape[0]
         self.m, self.n, self.k, self.rank = m, n, k, rank
+        self.dora, self.has_dropout = dora, has_dropout
+        # (COL_SCALE, KEEP_Z, DORA_DROPOUT) of the GEMM: the column scale in the epilogue
+        self.gemm_dora = NO_DORA if dora is None else (1, dora.keep_z, has_dropout)
         cfgs = kernel_configs(x.device, x.dtype, m, n, k, rank)
         precision = _input_precision(x.dtype)
         self.down = None
@@ -570,22 +726,29 @@ class _ForwardPlan:
             tune = (("forward", x.device, x.dtype, _bucket(m), n, k),
                     lambda cfg: self._launch_with(cfg, x, weight, bias, lora_B, cfgs.forward_block_cap(rank)))
         self.matmul = _matmul_launch(m, n, k, rank, has_bias=bias is not None, has_lora=True,
-                                     has_dropout=False, config=cfgs.forward,
+                                     has_dropout=False, config=_dora_gemm_config(cfgs.forward, self.gemm_dora[2], x.dtype),
                                      max_block_r=cfgs.forward_block_cap(rank),
-                                     precision=precision, tune=tune)
+                                     precision=precision, tune=tune, dora=self.gemm_dora)
 
     def _launch_with(self, cfg, x, weight, bias, lora_B, max_block_r) -> None:
         """One forward GEMM with tile ``cfg`` on scratch outputs (autotuning times this)."""
         y = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
         s = torch.zeros((self.m, self.rank), device=x.device, dtype=x.dtype)
         launch = _matmul_launch(self.m, self.n, self.k, self.rank, has_bias=bias is not None, has_lora=True,
-                                has_dropout=False, config=cfg, max_block_r=max_block_r,
-                                precision=_input_precision(x.dtype))
-        launch(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, 1.0, y, 0.0)
+                                has_dropout=False, config=_dora_gemm_config(cfg, self.gemm_dora[2], x.dtype),
+                                max_block_r=max_block_r, precision=_input_precision(x.dtype), dora=self.gemm_dora)
+        c = torch.ones((self.n,), device=x.device, dtype=torch.float32) if self.dora is not None else None
+        launch(x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints, 1.0,
+               *_gemm_tail(y, torch.zeros((1,), device=x.device, dtype=torch.int64), 0.5 if self.gemm_dora[2] else 0.0,
+                           c, y if self.gemm_dora[1] else None))
 
-    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None):
+        """``(y, S)``, or for DoRA ``(y, S, Z or None)`` with ``col_scale`` c (N,) fp32."""
         y = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
         s = torch.empty((self.m, self.rank), device=x.device, dtype=x.dtype)
+        z = None
+        if self.dora is not None and self.dora.keep_z:
+            z = torch.empty((self.m, self.n), device=x.device, dtype=x.dtype)
         env = launch_env()
         if self.down is not None:
             self.down.run(env, x, lora_A, s, *self.down_ints, seed if dropout_p > 0 else x, float(dropout_p),
@@ -595,14 +758,15 @@ class _ForwardPlan:
         if isinstance(scaling, torch.Tensor):  # a mixed batch: S' = S ⊙ Scale is kept, the GEMM scales by 1
             s.mul_(scaling)
             scaling = 1.0
-        if self.matmul is not None:
-            self._run_base(env, x, weight, bias, lora_B, y, s, scaling)
-        return y, s
+        if self.matmul is not None:  # LoRA's GEMM never reads the mask; DoRA's does, with dropout
+            tail = _gemm_tail(y, seed, dropout_p if self.gemm_dora[2] else 0.0, col_scale, z)
+            self._run_base(env, x, weight, bias, lora_B, y, s, scaling, tail)
+        return (y, s) if self.dora is None else (y, s, z)
 
-    def _run_base(self, env, x, weight, bias, lora_B, y, s, scaling) -> None:
-        """Launches the planned GEMM y = s·S·Bᵀ + x·Wᵀ + b."""
+    def _run_base(self, env, x, weight, bias, lora_B, y, s, scaling, tail) -> None:
+        """Launches the planned GEMM y = s·S·Bᵀ + x·Wᵀ + b (``tail``: :func:`_gemm_tail`'s arguments)."""
         self.matmul.run(env, x, weight, y, bias if bias is not None else y, s, lora_B, *self.matmul_ints,
-                        float(scaling), y, 0.0)
+                        float(scaling), *tail)
 
 
 def forward(
@@ -646,21 +810,27 @@ def forward(
 
 class _BackwardPlan:
     """The launches of one backward configuration (see the module docstring): the dY pass, [dS partial sums],
-    the dX GEMM, the dA pass, [dB/dbias/dA partial sums], [the dW GEMM]."""
+    the dX GEMM, the dA pass, [dB/dbias/dA partial sums], [the dW GEMM]. For DoRA (``dora`` given,
+    :mod:`lora_kernels.ops.dora`) the dY pass and the dX GEMM take dY' = c ⊙ dY, and the dY pass also
+    gives dc = Σ_rows dY ⊙ Z (summed with the dS partials); the dW GEMM stays dYᵀ·x."""
 
-    def __init__(self, grad_y, x, weight, lora_A, lora_B, s, needs: Tuple[bool, ...], has_dropout: bool):
+    def __init__(self, grad_y, x, weight, lora_A, lora_B, s, needs: Tuple[bool, ...], has_dropout: bool,
+                 dora: Optional[DoRAFlags] = None):
         need_x, need_weight, need_bias, need_lora_A, need_lora_B = needs
         m, n = grad_y.shape
         rank, k = lora_A.shape
         device, dtype = grad_y.device, lora_A.dtype
         self.m, self.n, self.k, self.rank, self.needs = m, n, k, rank, needs
+        self.dora, self.has_dropout = dora, has_dropout
+        need_grad_col_scale = dora is not None and dora.need_grad_col_scale
         cfgs = kernel_configs(device, dtype, m, n, k, rank)
         precision = _input_precision(dtype)
         self.need_grad_s = need_x or need_lora_A
 
-        # --- the dY pass: dS (split over dY's columns), dB and dbias (partials per row block)
+        # --- the dY pass: dS (split over dY's columns), dB, dbias and DoRA's dc (partials per row block)
         self.grad_y_pass = None
-        if self.need_grad_s or need_lora_B or need_bias:
+        self.grad_s_sum = None
+        if self.need_grad_s or need_lora_B or need_bias or need_grad_col_scale:
             cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, cfgs.max_block_r)
             m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
             splits, tiles_per_split = split_reduction(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n),
@@ -668,6 +838,7 @@ class _BackwardPlan:
             self.grad_s_count, self.grad_lora_B_count, self.grad_bias_count = splits, m_blocks, m_blocks
             self.grad_y_pass = Launch(_lora_dy_kernel, (m_blocks, splits, r_blocks), dict(
                 COMPUTE_GRAD_S=self.need_grad_s, COMPUTE_GRAD_LORA_B=need_lora_B, COMPUTE_GRAD_BIAS=need_bias,
+                HAS_COL_SCALE=dora is not None, COMPUTE_GRAD_COL_SCALE=need_grad_col_scale,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, INPUT_PRECISION=precision,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             # sizes, then the strides of dY, B, S, and of the three workspaces: (count, M, r), (count, N, r) and
@@ -675,7 +846,9 @@ class _BackwardPlan:
             s_strides = s.stride() if need_lora_B else (0, 0)
             self.grad_y_pass_ints = (m, n, rank, tiles_per_split, *grad_y.stride(), *lora_B.stride(), *s_strides,
                                      m * rank, rank, 1, n * rank, rank, 1, n, 1)
-            self.grad_s_sum = _sum_launch([m * rank]) if self.need_grad_s and splits > 1 else None
+            # the dS partials and dc's (complete after this pass), summed in one launch
+            self.grad_s_sum = _sum_launch([m * rank] * (self.need_grad_s and splits > 1)
+                                          + [n] * (need_grad_col_scale and m_blocks > 1))
 
         # --- dX = keep ⊙ (dS·A)/(1-p) + dY·W
         self.grad_x_gemm = None
@@ -725,11 +898,19 @@ class _BackwardPlan:
         tune = None
         if _autotune_enabled(device):
             tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
-        self.grad_x_gemm = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True, has_dropout=has_dropout,
-                                          config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(),
-                                          precision=precision, tune=tune)
+        dora = self._grad_input_dora()
+        self.grad_x_gemm = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True,
+                                          has_dropout=has_dropout and self.dora is None,
+                                          config=_dora_gemm_config(cfgs.grad_input, dora[2], dtype),
+                                          max_block_r=cfgs.grad_input_block_cap(), precision=precision, tune=tune,
+                                          dora=dora)
         self.grad_x_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
                             k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
+
+    def _grad_input_dora(self) -> Tuple[int, bool, bool]:
+        """(COL_SCALE, KEEP_Z, DORA_DROPOUT) of the dX GEMM: DoRA's prologue dY' = c ⊙ dY, and with dropout
+        the masked second accumulator (which replaces the LoRA term's own mask)."""
+        return NO_DORA if self.dora is None else (2, False, self.has_dropout)
 
     @staticmethod
     def _scratch_gemm(grad_y, other, k, grad_weight=False):
@@ -744,12 +925,15 @@ class _BackwardPlan:
             c = torch.empty((m_, n_), device=grad_y.device, dtype=grad_y.dtype)
             _matmul_launch(m_, n_, red, 0, has_bias=False, has_lora=False, has_dropout=False, config=cfg,
                            max_block_r=64, precision=_input_precision(grad_y.dtype))(
-                grad_y, other, c, c, c, c, m_, n_, red, 0, *strides, n_, 1, 0, 0, 0, 0, 0, 1.0, c, 0.0)
+                grad_y, other, c, c, c, c, m_, n_, red, 0, *strides, n_, 1, 0, 0, 0, 0, 0, 1.0, *_gemm_tail(c, None, 0.0))
         return launch
 
-    def __call__(self, grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
+    def __call__(self, grad_y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, col_scale=None, z=None):
+        """The five LoRA gradients, and for DoRA dc (N,) fp32 (None unless planned) as a sixth."""
         need_x, need_weight, need_bias, need_lora_A, need_lora_B = self.needs
+        need_grad_col_scale = self.dora is not None and self.dora.need_grad_col_scale
         m, n, k, rank = self.m, self.n, self.k, self.rank
+        grad_col_scale = torch.empty((n,), device=grad_y.device, dtype=torch.float32) if need_grad_col_scale else None
         device, dtype = grad_y.device, lora_A.dtype
         inv_keep = 1.0 / (1.0 - dropout_p)
         grad_x = grad_weight = grad_bias = grad_lora_A = grad_lora_B = None
@@ -762,23 +946,31 @@ class _BackwardPlan:
         env = launch_env()
 
         if self.grad_y_pass is not None:  # an output the pass does not compute gets dY as a placeholder pointer
-            grad_s_ws = self._workspace(self.grad_s_count, (m, rank), grad_s, []) if self.need_grad_s else grad_y
             grad_lora_B_ws = (self._workspace(self.grad_lora_B_count, (n, rank), grad_lora_B, tail) if need_lora_B
                               else grad_y)
             grad_bias_ws = self._workspace(self.grad_bias_count, (n,), grad_bias, tail) if need_bias else grad_y
+            first = []  # summed right after the pass: dS's and dc's partials
+            grad_s_ws = self._workspace(self.grad_s_count, (m, rank), grad_s, first) if self.need_grad_s else grad_y
+            grad_col_scale_ws = (self._workspace(self.grad_bias_count, (n,), grad_col_scale, first)
+                                 if need_grad_col_scale else None)
             # A tensor scaling (mixed batch): dB = dYᵀ·S' at scale 1 (S' already scaled), dS' = (dY·B) ⊙ Scale.
             mixed = isinstance(scaling, torch.Tensor)
             self.grad_y_pass.run(env, grad_y, lora_B, s if need_lora_B else grad_y, grad_s_ws, grad_lora_B_ws,
-                                 grad_bias_ws, *self.grad_y_pass_ints, 1.0 if mixed else float(scaling))
+                                 grad_bias_ws, *self.grad_y_pass_ints, 1.0 if mixed else float(scaling),
+                                 *_dy_tail(grad_y, col_scale, z if need_grad_col_scale else None, grad_col_scale_ws))
             if self.grad_s_sum is not None:
-                self.grad_s_sum.run(env, *_sum_args([(grad_s_ws, grad_s)]))
+                self.grad_s_sum.run(env, *_sum_args(first))
             if mixed and grad_s is not None:
                 grad_s.mul_(scaling)
 
         if need_x:
             grad_x = torch.empty((m, k), device=device, dtype=dtype)
             if self.grad_x_gemm is not None:
-                self._run_grad_input(env, grad_y, weight, grad_x, grad_s, lora_A, dropout_p, seed, inv_keep)
+                if self.dora is None:  # LoRA: the LoRA term keep ⊙ (dS·A)/(1-p) is masked and scaled itself
+                    lora_scale, tail_ = inv_keep if dropout_p > 0 else 1.0, _gemm_tail(grad_x, seed, dropout_p)
+                else:  # DoRA: c and the mask enter through the prologue and the second accumulator
+                    lora_scale, tail_ = 1.0, _gemm_tail(grad_x, seed, dropout_p, col_scale)
+                self._run_grad_input(env, grad_y, weight, grad_x, grad_s, lora_A, lora_scale, tail_)
 
         if need_lora_A:
             grad_lora_A = torch.empty((rank, k), device=device, dtype=dtype)
@@ -793,15 +985,16 @@ class _BackwardPlan:
             grad_weight = torch.empty((n, k), device=device, dtype=dtype)
             if self.grad_weight_gemm is not None:
                 self.grad_weight_gemm.run(env, grad_y, x, grad_weight, grad_weight, grad_weight, grad_weight,
-                                          *self.grad_weight_ints, 1.0, grad_weight, 0.0)
+                                          *self.grad_weight_ints, 1.0, *_gemm_tail(grad_weight, None, 0.0))
             else:
                 grad_weight.zero_()
+        if self.dora is not None:
+            return grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B, grad_col_scale
         return grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B
 
-    def _run_grad_input(self, env, grad_y, weight, grad_x, grad_s, lora_A, dropout_p, seed, inv_keep) -> None:
-        """Launches the planned dX GEMM."""
-        self.grad_x_gemm.run(env, grad_y, weight, grad_x, grad_x, grad_s, lora_A, *self.grad_x_ints,
-                             inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else grad_x, float(dropout_p))
+    def _run_grad_input(self, env, grad_y, weight, grad_x, grad_s, lora_A, lora_scale, tail) -> None:
+        """Launches the planned dX GEMM (``tail``: :func:`_gemm_tail`'s arguments)."""
+        self.grad_x_gemm.run(env, grad_y, weight, grad_x, grad_x, grad_s, lora_A, *self.grad_x_ints, lora_scale, *tail)
 
     @staticmethod
     def _workspace(count: int, shape: Tuple[int, ...], out: torch.Tensor, tail: list) -> torch.Tensor:

@@ -54,6 +54,11 @@ from . import lora_linear as _base
 from .configs import KernelConfig, _input_precision, _rank_block
 from .launch import Launch, cached, call_key, check_operands, device_guard, seed_tensor
 from .lora_linear import (  # the 16-bit kernels' building blocks, which the quantized GEMM reuses
+    NO_DORA,
+    _dora_epilogue,
+    _dora_gemm_config,
+    _dora_operands,
+    _dora_start,
     _grouped_tile,
     _lora_term,
     dropout_mask,  # noqa: F401 - the backend contract: the mask is the 16-bit kernels' own
@@ -118,9 +123,12 @@ def _qlora_matmul_kernel(
     stride_am, stride_ak, stride_cm, stride_cn, stride_bias, stride_lm, stride_lr, stride_rr, stride_rn,
     # run-time scalars
     lora_scale, seed_ptr, dropout_p,
+    # DoRA (read only under COL_SCALE / DORA_DROPOUT): column scale c (fp32), Z (M, N) output, 1/(1-p)
+    col_scale_ptr, z_ptr, stride_zm, stride_zn, inv_keep,
     # meta-parameters
     FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
     INV127: tl.constexpr, IDX64: tl.constexpr, W_T: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COL_SCALE: tl.constexpr, KEEP_Z: tl.constexpr, DORA_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -129,6 +137,8 @@ def _qlora_matmul_kernel(
     ``W_T``: B = Wᵀ with W (N, K) (forward: y = s·S·Bᵀ + x·Wᵀ + b; L = S (M, r), R = lora_Bᵀ (r, N)); else
     B = W with W (K, N) (dX = keep ⊙ (dS·A)/(1-p) + dY·W; L = dS (M, r), R = lora_A (r, N), keep over C's
     (row, col)). Grid: cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N), grouped by GROUP_M rows of tiles.
+    DoRA's column scale, Z and second accumulator (``COL_SCALE``, ``KEEP_Z``, ``DORA_DROPOUT``) are those of
+    ``_lora_matmul_kernel`` (the same helpers), off for LoRA.
     """
     # --- tile coordinates (grouped), and the LoRA term the accumulator starts from: as _lora_matmul_kernel
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -139,6 +149,11 @@ def _qlora_matmul_kernel(
     cols = (offs_n % N).to(tl.int64)
     acc = _lora_term(l_ptr, r_ptr, rows, cols, offs_m, offs_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
                      lora_scale, seed_ptr, dropout_p, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, INPUT_PRECISION)
+    acc_z = acc
+    seed = 0
+    if DORA_DROPOUT:
+        acc, acc_z = _dora_start(acc, dropout_p, COL_SCALE)
+        seed = tl.load(seed_ptr)
 
     # --- main loop over K: A tile loaded as usual, the W tile dequantized from its packed bytes
     offset = 0.0
@@ -159,10 +174,19 @@ def _qlora_matmul_kernel(
         else:  # B[k, n] = W[k, n]
             w = _dequant(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, kk[:, None], w_cols[None, :],
                          W_K, k_mask[:, None], FORMAT, DOUBLE_QUANT, QBLOCK, QBLOCK2, INV127)
-        acc = tl.dot(a, w.to(a_ptr.dtype.element_ty), acc, input_precision=INPUT_PRECISION)
+        w = w.to(a_ptr.dtype.element_ty)
+        if COL_SCALE == 2 or DORA_DROPOUT:
+            a, a_second = _dora_operands(a, col_scale_ptr, seed, offs_m, k0 + offs_k, k_mask, dropout_p, COL_SCALE,
+                                         DORA_DROPOUT)
+            if DORA_DROPOUT:
+                acc_z = tl.dot(a_second, w, acc_z, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
         a_ptrs += step_a
 
     # --- epilogue
+    if COL_SCALE == 1 or DORA_DROPOUT:
+        acc = _dora_epilogue(acc, acc_z, col_scale_ptr, z_ptr, offs_m, offs_n, cols, M, N, stride_zm, stride_zn,
+                             seed_ptr, dropout_p, inv_keep, COL_SCALE, KEEP_Z, DORA_DROPOUT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
@@ -225,9 +249,10 @@ def _dequantize_once(qweight, m: int) -> bool:
 
 def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, has_bias: bool, has_dropout: bool,
                     config: KernelConfig, max_block_r: int, dtype: torch.dtype,
-                    capability: Optional[Tuple[int, int]] = None) -> Launch:
+                    capability: Optional[Tuple[int, int]] = None, dora: Tuple[int, bool, bool] = NO_DORA) -> Launch:
     """The launch of ``_qlora_matmul_kernel`` for C (m, n) over a reduction of k on a GPU of ``capability``
-    (None: the interpreter)."""
+    (None: the interpreter); ``dora`` = (COL_SCALE, KEEP_Z, DORA_DROPOUT) as in ``lora_linear._matmul_launch``."""
+    config = _dora_gemm_config(config, dora[2], dtype)
     precision = _input_precision(dtype)
     ieee_fp32 = dtype == torch.float32 and precision == "ieee"
     max_n, max_k = _IEEE_MAX_BLOCK_NK if ieee_fp32 else (_MAX_BLOCK_N, _MAX_BLOCK_K)
@@ -268,7 +293,7 @@ def _qmatmul_launch(m: int, n: int, k: int, rank: int, qweight, *, w_t: bool, ha
     return Launch(_qlora_matmul_kernel, (triton.cdiv(m, config.block_m) * triton.cdiv(n, block_n),), dict(
         FORMAT=FORMAT_IDS[qweight.format], DOUBLE_QUANT=qweight.double_quant, QBLOCK=qweight.blocksize,
         QBLOCK2=ABSMAX_BLOCKSIZE, INV127=INT8_SCALE, IDX64=numel + max(block_n, block_k) >= 2**31, W_T=w_t,
-        HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
+        HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, COL_SCALE=dora[0], KEEP_Z=dora[1], DORA_DROPOUT=dora[2],
         BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=_rank_block(max(rank, 1), max_block_r), GROUP_M=config.group_m, INPUT_PRECISION=precision,
         num_warps=warps, num_stages=min(config.num_stages, _MAX_STAGES)))
@@ -289,14 +314,14 @@ class _ForwardPlan(_base._ForwardPlan):
         m, n, k, rank = self.m, self.n, self.k, self.rank
         self.matmul = _qmatmul_launch(m, n, k, rank, qweight, w_t=True, has_bias=bias is not None, has_dropout=False,
                                       config=cfgs.forward, max_block_r=cfgs.forward_block_cap(rank), dtype=x.dtype,
-                                      capability=_configs._device_info(x.device)[0])
+                                      capability=_configs._device_info(x.device)[0], dora=self.gemm_dora)
         # x (M, K), y (M, N) contiguous, bias (N,), L = S (M, r) contiguous, R = lora_Bᵀ (r, N)
         self.matmul_ints = (m, n, k, rank, k, *x.stride(), n, 1, bias.stride(0) if bias is not None else 0, rank, 1,
                             lora_B.stride(1), lora_B.stride(0))
 
-    def _run_base(self, env, x, qweight, bias, lora_B, y, s, scaling) -> None:
+    def _run_base(self, env, x, qweight, bias, lora_B, y, s, scaling, tail) -> None:
         self.matmul.run(env, x, *_qtensors(qweight), y, bias if bias is not None else y, s, lora_B,
-                        *self.matmul_ints, float(scaling), y, 0.0)
+                        *self.matmul_ints, float(scaling), *tail)
 
 
 class _BackwardPlan(_base._BackwardPlan):
@@ -304,15 +329,17 @@ class _BackwardPlan(_base._BackwardPlan):
 
     def _plan_grad_input(self, grad_y, qweight, lora_A, cfgs, precision, has_dropout) -> None:
         m, n, k, rank = self.m, self.n, self.k, self.rank
-        self.grad_x_gemm = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False, has_dropout=has_dropout,
-                                           config=cfgs.grad_input, max_block_r=cfgs.grad_input_block_cap(),
-                                           dtype=lora_A.dtype, capability=_configs._device_info(grad_y.device)[0])
+        dora = self._grad_input_dora()
+        self.grad_x_gemm = _qmatmul_launch(m, k, n, rank, qweight, w_t=False, has_bias=False,
+                                           has_dropout=has_dropout and self.dora is None, config=cfgs.grad_input,
+                                           max_block_r=cfgs.grad_input_block_cap(), dtype=lora_A.dtype,
+                                           capability=_configs._device_info(grad_y.device)[0], dora=dora)
         # dY (M, N), dX (M, K) contiguous, L = dS (M, r) contiguous, R = A (r, K)
         self.grad_x_ints = (m, k, n, rank, k, *grad_y.stride(), k, 1, 0, rank, 1, *lora_A.stride())
 
-    def _run_grad_input(self, env, grad_y, qweight, grad_x, grad_s, lora_A, dropout_p, seed, inv_keep) -> None:
+    def _run_grad_input(self, env, grad_y, qweight, grad_x, grad_s, lora_A, lora_scale, tail) -> None:
         self.grad_x_gemm.run(env, grad_y, *_qtensors(qweight), grad_x, grad_x, grad_s, lora_A, *self.grad_x_ints,
-                             inv_keep if dropout_p > 0 else 1.0, seed if dropout_p > 0 else grad_x, float(dropout_p))
+                             lora_scale, *tail)
 
 
 def _qkey(qweight) -> tuple:
