@@ -330,18 +330,19 @@ def apply_adapter_file(model: nn.Module, adapter: AdapterFile, strict: bool = Tr
         raise ValueError(f"{str(adapter.path)!r} is a PEFT adapter folder; load it with "
                          "lora_kernels.load_peft_adapter(model, directory)")
     return apply_lora_tensors(model, adapter.tensors, adapter.layers, source=adapter.path, strict=strict,
-                              backend=backend, adapter_name=adapter_name)
+                              backend=backend, adapter_name=adapter_name, with_magnitudes=True)
 
 
 def _dora_problem(name: str, magnitude: Optional[torch.Tensor], use_dora: bool, module: nn.Module,
-                  existing: Optional[str]) -> Optional[str]:
-    """What is wrong with layer ``name``'s DoRA part (None when nothing is): a magnitude and ``use_dora`` must
-    come together, the magnitude of shape (out_features,), and an ``existing`` adapter of the layer that the
-    file replaces must be of the same kind (its parameters are kept, so a LoRA adapter cannot become DoRA)."""
+                  existing: Optional[str], with_magnitudes: bool) -> Optional[str]:
+    """What is wrong with layer ``name``'s DoRA part (None when nothing is): a magnitude needs ``use_dora``
+    (and, ``with_magnitudes``, ``use_dora`` needs a magnitude), the magnitude is of shape (out_features,), and an
+    ``existing`` adapter of the layer that the file replaces must be of the same kind (its parameters are kept,
+    so a LoRA adapter cannot become DoRA)."""
     if magnitude is not None and not use_dora:
         return (f"{name}: the file has a lora_magnitude (DoRA) but the layer's settings do not say use_dora: true; "
                 "a DoRA layer records both")
-    if use_dora and magnitude is None:
+    if use_dora and magnitude is None and with_magnitudes:
         return f"{name}: the layer's settings say use_dora: true but the file has no {name}.lora_magnitude"
     if magnitude is not None and tuple(magnitude.shape) != (module.out_features,):
         return (f"{name}: file has lora_magnitude {tuple(magnitude.shape)}; the model needs "
@@ -361,6 +362,7 @@ def apply_lora_tensors(
     strict: bool = True,
     backend: str = "auto",
     adapter_name: str = DEFAULT_ADAPTER,
+    with_magnitudes: bool = False,
 ) -> nn.Module:
     """The checks and the in-place load behind :func:`load_lora` (also used for PEFT adapters).
 
@@ -371,6 +373,10 @@ def apply_lora_tensors(
             missing); a layer has a magnitude exactly when its ``use_dora`` is true.
         source: the file or directory the tensors came from, for error messages.
         strict, backend, adapter_name: as for :func:`load_lora`.
+        with_magnitudes: the tensors hold every DoRA layer's magnitude (our files: a layer whose settings say
+            ``use_dora`` without one is refused). False: a DoRA layer may come without it (the caller sets it
+            afterwards, as ``load_peft_adapter`` does; a new DoRA adapter starts at ‖W + s·B·A‖ meanwhile); a
+            magnitude given is checked and loaded either way.
 
     Raises:
         ValueError: non-finite or non-float tensors, unpaired or unknown keys, settings of the wrong type
@@ -405,7 +411,7 @@ def apply_lora_tensors(
             problems += [f"{name}: {problem}" for problem in bad_settings]
             continue
         bad_dora = _dora_problem(name, pair.get("lora_magnitude"), settings.get("use_dora", False), module,
-                                 adapter if has_it else None)
+                                 adapter if has_it else None, with_magnitudes)
         if bad_dora:
             problems.append(bad_dora)
             continue

@@ -245,6 +245,25 @@ def test_dora_file_replaces_an_existing_dora_adapter(tmp_path):
     assert_close(model(IDS).double(), float64_outputs(saved), torch.float32, "logits after loading over DoRA")
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_adapter_of_a_residual_init_loads_onto_the_original_base(tmp_path, init):
+    """PiSSA / OLoRA with DoRA: the file holds the rank-2r LoRA for the original base and the trained magnitude
+    (unchanged by the conversion: ‖W_res + s·B·A‖ = ‖W + s'·B'·A'‖), so it loads onto the original base."""
+    import copy
+
+    original = base_model()
+    model = replace_linear_with_fused_lora(copy.deepcopy(original), rank=4, alpha=8, target_modules="all-linear",
+                                           init=init, use_dora=True).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # "trained": A, B and the magnitudes away from their initial values
+        for p in lora_state_dict(model).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_lora(model, tmp_path / "dora.safetensors")
+    loaded = load_lora(copy.deepcopy(original), tmp_path / "dora.safetensors")
+    assert loaded.layers[0].q_proj.rank == 8 and loaded.layers[0].q_proj.lora_configs["default"].use_dora
+    assert_close(loaded(IDS).double(), float64_outputs(model), torch.float32, f"{init} + DoRA on the original base")
+
+
 # ---------------------------------------------------------------------------------------------------
 # read_adapter: one reader that tells the formats apart
 
