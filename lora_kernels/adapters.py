@@ -212,7 +212,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 def lora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """One adapter's weights: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``, detached, for
-    every layer that has it. ``adapter_name=None``: ``"default"``, or the model's only adapter (see
+    every layer that has it, and ``"<module path>.lora_magnitude": m`` (out_features,) where the adapter is
+    DoRA. ``adapter_name=None``: ``"default"``, or the model's only adapter (see
     :func:`resolve_adapter_name`)."""
     state = {}
     layers = list(iter_lora_layers(model))
@@ -225,6 +226,9 @@ def lora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> Dic
             lora_A, lora_B = layer.lora_params(adapter_name)
             state[prefix + "lora_A"] = lora_A.detach()
             state[prefix + "lora_B"] = lora_B.detach()
+            magnitude = layer.lora_magnitude_of(adapter_name)
+            if magnitude is not None:
+                state[prefix + "lora_magnitude"] = magnitude.detach()
     return state
 
 

@@ -1,10 +1,12 @@
 """Adapter files: ``save_lora`` / ``load_lora`` in safetensors (or ``.pth`` read with ``weights_only``).
 
 Tensors are named as in :func:`lora_kernels.lora_state_dict` (``<module path>.lora_A`` (rank, in) and
-``<module path>.lora_B`` (out, rank)). The safetensors metadata holds ``format = "lora_kernels"``,
-``format_version``, ``targets`` (JSON list of module paths) and ``layers`` (JSON object: module path to
-``{"rank", "alpha", "use_rslora", "dropout"}``, :meth:`LoRAConfig.layer_settings`). One file holds one
-adapter (``adapter_name`` chooses which, on saving and loading). A ``.pth``/``.pt`` file holds the same as the dict
+``<module path>.lora_B`` (out, rank), and for a DoRA adapter ``<module path>.lora_magnitude`` (out,), the
+trained magnitude m). The safetensors metadata holds ``format = "lora_kernels"``, ``format_version``,
+``targets`` (JSON list of module paths) and ``layers`` (JSON object: module path to ``{"rank", "alpha",
+"use_rslora", "dropout"}``, plus ``"use_dora": true`` for a DoRA layer: :meth:`LoRAConfig.layer_settings`).
+A layer's magnitude and its ``use_dora`` go together: a file with one and not the other is refused. One file
+holds one adapter (``adapter_name`` chooses which, on saving and loading). A ``.pth``/``.pt`` file holds the same as the dict
 ``{"tensors": {...}, "metadata": {...}}``; a flat dict of tensors (no metadata) is read too, with
 alpha = rank.
 
@@ -145,8 +147,8 @@ def _layer_metadata(metadata: Dict[str, str], path: PathLike) -> Dict[str, dict]
 
 
 def check_layer_settings(settings: Any, rank: int) -> List[str]:
-    """Problems with one layer's ``{"rank", "alpha", "use_rslora", "dropout"}`` (any may be missing),
-    each naming the field and the value; ``rank`` is the rank of the layer's lora_A."""
+    """Problems with one layer's ``{"rank", "alpha", "use_rslora", "dropout", "use_dora"}`` (any may be
+    missing), each naming the field and the value; ``rank`` is the rank of the layer's lora_A."""
     if not isinstance(settings, dict):
         return [f"settings must be an object with rank/alpha/use_rslora/dropout, got {settings!r:.80}"]
     problems = []
@@ -158,6 +160,8 @@ def check_layer_settings(settings: Any, rank: int) -> List[str]:
         problems.append(f"use_rslora must be true or false, got {settings['use_rslora']!r}")
     if "dropout" in settings and not (is_finite_number(settings["dropout"]) and 0 <= settings["dropout"] < 1):
         problems.append(f"dropout must be a number in [0, 1), got {settings['dropout']!r}")
+    if "use_dora" in settings and not isinstance(settings["use_dora"], bool):
+        problems.append(f"use_dora must be true or false, got {settings['use_dora']!r}")
     return problems
 
 
@@ -170,10 +174,15 @@ def _format_hint(keys) -> str:
     if _has_minimind_keys(keys):
         return ("; its keys are MiniMind's ('<module>.lora.A.weight'): load it with "
                 "minimind.lora_io.load_minimind_lora(model, path)")
-    if any(".lora_A." in k or ".lora_B." in k or ".lora_embedding_" in k for k in keys):
+    if any(".lora_A." in k or ".lora_B." in k or ".lora_embedding_" in k or ".lora_magnitude_vector" in k
+           for k in keys):
         return ("; its keys are PEFT's ('<module>.lora_A.weight'): load the adapter's directory with "
                 "lora_kernels.load_peft_adapter(model, directory)")
     return ""
+
+
+# The tensors of one layer's adapter in our files (lora_magnitude only for DoRA).
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude")
 
 
 def _group_by_module(tensors: Dict[str, torch.Tensor], path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -181,15 +190,16 @@ def _group_by_module(tensors: Dict[str, torch.Tensor], path: PathLike) -> Dict[s
     bad = []
     for key, value in tensors.items():
         module, _, leaf = key.rpartition(".")
-        if leaf not in ("lora_A", "lora_B"):
+        if leaf not in ADAPTER_TENSORS:
             bad.append(key)
             continue
         modules.setdefault(module, {})[leaf] = value
     if bad:
         raise ValueError(f"{str(path)!r} is not a lora_kernels adapter: unexpected keys {bad[:5]}{_format_hint(bad)}")
-    halves = [m for m, t in modules.items() if len(t) != 2]
+    halves = [m for m, t in modules.items() if "lora_A" not in t or "lora_B" not in t]
     if halves:
-        raise ValueError(f"{str(path)!r} has lora_A without lora_B (or the reverse) for {halves}")
+        raise ValueError(f"{str(path)!r} has lora_A without lora_B (or the reverse, or a lora_magnitude alone) "
+                         f"for {halves}")
     return modules
 
 
@@ -212,7 +222,8 @@ class AdapterFile:
         tensors: the file's tensors, all finite floating point (``{}`` for a folder).
         metadata: the safetensors metadata, or a ``.pth`` file's ``"metadata"`` dict (``{}`` when none).
         layers: the metadata's ``layers`` field parsed (module path -> ``{"rank", "alpha", "use_rslora",
-            "dropout"}``), its format version checked; ``{}`` when the file has none (or is MiniMind's).
+            "dropout"}`` and ``"use_dora"`` for DoRA), its format version checked; ``{}`` when the file has none
+            (or is MiniMind's).
     """
 
     path: PathLike
@@ -222,17 +233,18 @@ class AdapterFile:
     layers: Dict[str, dict] = field(default_factory=dict, repr=False)
 
     def modules(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """The tensors as ``{module path: {"lora_A": A, "lora_B": B}}`` (our key names).
+        """The tensors as ``{module path: {"lora_A": A, "lora_B": B}}`` (our key names), with
+        ``"lora_magnitude": m`` for a DoRA layer.
 
         Raises:
-            ValueError: a key that is not ``<module>.lora_A`` / ``.lora_B`` (saying which format it looks
-                like), or a lora_A without its lora_B.
+            ValueError: a key that is not ``<module>.lora_A`` / ``.lora_B`` / ``.lora_magnitude`` (saying which
+                format it looks like), or a lora_A without its lora_B.
         """
         return _group_by_module(self.tensors, self.path)
 
     def layer_config(self, module: str, rank: int) -> LoRAConfig:
         """The :class:`LoRAConfig` the file records for the layer at ``module`` whose lora_A has ``rank``
-        (fields the file leaves out: alpha = rank, no dropout, no rsLoRA).
+        (fields the file leaves out: alpha = rank, no dropout, no rsLoRA, no DoRA).
 
         Raises:
             ValueError: settings of the wrong type or out of range, naming the file, the layer and each field.
@@ -280,9 +292,10 @@ def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: st
               adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Loads an adapter file into ``model`` as adapter ``adapter_name``, in place; returns ``model``.
 
-    Modules named in the file that already have that adapter get the file's A and B, and its alpha and
-    rsLoRA setting when the file records them; other :class:`FusedLoRALinear` layers get it as a new
-    adapter (of the file's rank), and plain ``nn.Linear`` modules are first wrapped (with ``backend``).
+    Modules named in the file that already have that adapter get the file's A and B (and a DoRA adapter's
+    magnitude), and its alpha and rsLoRA setting when the file records them; other :class:`FusedLoRALinear`
+    layers get it as a new adapter (of the file's rank, DoRA when the file says ``use_dora``), and plain
+    ``nn.Linear`` modules are first wrapped (with ``backend``).
     A new adapter is inactive (:func:`lora_kernels.set_adapter`) unless the model had no adapter yet.
     Everything is checked before anything changes, so a failed load leaves the model as it was.
 
@@ -295,7 +308,9 @@ def load_lora(model: nn.Module, path: PathLike, strict: bool = True, backend: st
 
     Raises:
         FileNotFoundError, ValueError: unreadable file, non-finite values, malformed metadata, or names,
-            shapes or settings that do not fit the model (all of them listed, with the file).
+            shapes or settings that do not fit the model (all of them listed, with the file): among them a
+            ``lora_magnitude`` of the wrong shape, a magnitude without ``use_dora: true`` or the reverse, and a
+            DoRA file loaded onto an existing plain LoRA adapter of the same name (or the reverse).
     """
     check_adapter_name(adapter_name)
     return apply_adapter_file(model, _read_adapter_file(path), strict=strict, backend=backend,
@@ -315,7 +330,28 @@ def apply_adapter_file(model: nn.Module, adapter: AdapterFile, strict: bool = Tr
         raise ValueError(f"{str(adapter.path)!r} is a PEFT adapter folder; load it with "
                          "lora_kernels.load_peft_adapter(model, directory)")
     return apply_lora_tensors(model, adapter.tensors, adapter.layers, source=adapter.path, strict=strict,
-                              backend=backend, adapter_name=adapter_name)
+                              backend=backend, adapter_name=adapter_name, with_magnitudes=True)
+
+
+def _dora_problem(name: str, magnitude: Optional[torch.Tensor], use_dora: bool, module: nn.Module,
+                  existing: Optional[str], with_magnitudes: bool) -> Optional[str]:
+    """What is wrong with layer ``name``'s DoRA part (None when nothing is): a magnitude needs ``use_dora``
+    (and, ``with_magnitudes``, ``use_dora`` needs a magnitude), the magnitude is of shape (out_features,), and an
+    ``existing`` adapter of the layer that the file replaces must be of the same kind (its parameters are kept,
+    so a LoRA adapter cannot become DoRA)."""
+    if magnitude is not None and not use_dora:
+        return (f"{name}: the file has a lora_magnitude (DoRA) but the layer's settings do not say use_dora: true; "
+                "a DoRA layer records both")
+    if use_dora and magnitude is None and with_magnitudes:
+        return f"{name}: the layer's settings say use_dora: true but the file has no {name}.lora_magnitude"
+    if magnitude is not None and tuple(magnitude.shape) != (module.out_features,):
+        return (f"{name}: file has lora_magnitude {tuple(magnitude.shape)}; the model needs "
+                f"({module.out_features},) (one per output feature)")
+    if existing is not None and module.lora_configs[existing].use_dora != use_dora:
+        kinds = ("DoRA", "plain LoRA") if use_dora else ("plain LoRA", "DoRA")
+        return (f"{name}: the file's adapter is {kinds[0]} but the model's adapter {existing!r} is {kinds[1]}; "
+                f"load it under another adapter_name, or delete_adapter(model, {existing!r}) first")
+    return None
 
 
 def apply_lora_tensors(
@@ -326,18 +362,26 @@ def apply_lora_tensors(
     strict: bool = True,
     backend: str = "auto",
     adapter_name: str = DEFAULT_ADAPTER,
+    with_magnitudes: bool = False,
 ) -> nn.Module:
     """The checks and the in-place load behind :func:`load_lora` (also used for PEFT adapters).
 
     Args:
-        tensors: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``.
-        layer_meta: module path to ``{"rank", "alpha", "use_rslora", "dropout"}`` (any may be missing).
+        tensors: ``{"<module path>.lora_A": A, "<module path>.lora_B": B}``, and for a DoRA layer
+            ``"<module path>.lora_magnitude": m`` (out_features,).
+        layer_meta: module path to ``{"rank", "alpha", "use_rslora", "dropout", "use_dora"}`` (any may be
+            missing); a layer has a magnitude exactly when its ``use_dora`` is true.
         source: the file or directory the tensors came from, for error messages.
         strict, backend, adapter_name: as for :func:`load_lora`.
+        with_magnitudes: the tensors hold every DoRA layer's magnitude (our files: a layer whose settings say
+            ``use_dora`` without one is refused). False: a DoRA layer may come without it (the caller sets it
+            afterwards, as ``load_peft_adapter`` does; a new DoRA adapter starts at ‖W + s·B·A‖ meanwhile); a
+            magnitude given is checked and loaded either way.
 
     Raises:
         ValueError: non-finite or non-float tensors, unpaired or unknown keys, settings of the wrong type
-            or out of range, or modules and shapes that do not fit the model; nothing is changed then.
+            or out of range, a magnitude without ``use_dora`` (or the reverse), or modules, shapes and adapter
+            kinds (DoRA or not) that do not fit the model; nothing is changed then.
     """
     modules = _group_by_module(check_tensors(tensors, source), source)
     available = dict(model.named_modules())
@@ -365,6 +409,11 @@ def apply_lora_tensors(
         bad_settings = check_layer_settings(settings, rank)
         if bad_settings:
             problems += [f"{name}: {problem}" for problem in bad_settings]
+            continue
+        bad_dora = _dora_problem(name, pair.get("lora_magnitude"), settings.get("use_dora", False), module,
+                                 adapter if has_it else None, with_magnitudes)
+        if bad_dora:
+            problems.append(bad_dora)
             continue
         if isinstance(module, FusedLoRALinear):
             if module.merged:
@@ -408,6 +457,8 @@ def apply_lora_tensors(
         with torch.no_grad():
             lora_A.copy_(pair["lora_A"])
             lora_B.copy_(pair["lora_B"])
+            if "lora_magnitude" in pair:  # the layer's DoRA magnitude (checked to exist above)
+                module.lora_magnitude_of(adapter).copy_(pair["lora_magnitude"])
     if not had_adapters:
         set_adapter(model, adapter)
     return model

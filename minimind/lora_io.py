@@ -124,8 +124,9 @@ def save_minimind_lora(model: nn.Module, path: PathLike, adapter_name: Optional[
         adapter_name: which adapter; None: ``"default"``, or the model's only adapter.
 
     Raises:
-        ValueError: the model has no ``FusedLoRALinear`` layer or no such adapter, or one is merged into its
-            weight.
+        ValueError: the model has no ``FusedLoRALinear`` layer or no such adapter, one is merged into its
+            weight, or the adapter is DoRA (MiniMind's format has no magnitude: ``lora_kernels.save_lora``
+            writes it).
     """
     tensors: Dict[str, torch.Tensor] = {}
     if any(True for _ in iter_lora_layers(model)):
@@ -135,6 +136,9 @@ def save_minimind_lora(model: nn.Module, path: PathLike, adapter_name: Optional[
             continue
         if layer.merged:
             raise ValueError(f"{name}: the adapter is merged into the weight; unmerge it before saving")
+        if layer.lora_configs[adapter_name].use_dora:
+            raise ValueError(f"{name}: adapter {adapter_name!r} is DoRA (use_dora), and MiniMind's LoRA format has no "
+                             "magnitude; save it with lora_kernels.save_lora (.safetensors)")
         name = strip_wrapper_prefix(name)
         lora_A, lora_B = layer.lora_params(adapter_name)
         scaling = layer.lora_configs[adapter_name].scaling

@@ -95,7 +95,8 @@ def model_layers(model, adapter_name: Optional[str] = None) -> List[Tuple[str, t
 def read_adapter_layers(adapter: Path, base: Optional[Path] = None):
     """``[(name, ΔW, rank, scaling, W or None)]`` of an adapter file or folder, in module order.
 
-    Without ``base`` the file alone is read (W is then None); a PEFT folder needs ``base``.
+    Without ``base`` the file alone is read (W is then None); a PEFT folder needs ``base``. A DoRA adapter's
+    update ``g⊙(W + s·B·A) − W`` needs W: with ``base`` it is that, without it the direction term ``s·B·A``.
 
     Raises:
         CLIError: a missing or unreadable file, or an adapter that does not fit ``base``.

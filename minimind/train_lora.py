@@ -26,7 +26,9 @@ and beside it ``minimind.run_dir`` (where a run's files go, the lock, the metric
 Where the files go (``run_paths``): with ``--out_dir DIR`` (ours, the default ``out``)
 
 * ``DIR/lora/{lora_name}_{hidden_size}[_moe].pth``: the adapter in MiniMind's format (MiniMind's
-  ``load_lora`` reads it), and the same adapter as ``.safetensors`` (``lora_kernels.load_lora``);
+  ``load_lora`` reads it), and the same adapter as ``.safetensors`` (``lora_kernels.load_lora``); with
+  ``--use_dora`` (DoRA: a trained magnitude per output row) the ``.safetensors`` alone, since MiniMind's format
+  has no magnitude (and MiniMind's layout, which names a ``.pth`` adapter, is refused then);
 * ``DIR/checkpoint.pt``: the training state, for ``--resume``; ``DIR/metrics.jsonl``: one JSON object per
   log step, appended; ``DIR/loss_curve.png``, ``DIR/lora_overview.png`` and ``DIR/lora_stats.json``
   (``minimind.plot_lora``) at the end;
@@ -133,7 +135,7 @@ def setup(cfg: TrainConfig) -> Run:
                   backend, per_epoch, total)
         run.names, run.adapter_files = model_adapters(cfg), adapter_files(cfg, model, paths)
         if rt.main:
-            outputs = paths.outputs() + [f for files in run.adapter_files.values() for f in files]
+            outputs = paths.outputs() + [f for files in run.adapter_files.values() for f in files if f is not None]
             stale = [p for path in outputs for p in remove_stale_temporaries(path)]
             rt.notes += [note] if note else []
             if stale:
@@ -359,12 +361,14 @@ def is_save_step(run: Run) -> bool:
 
 
 def save_adapters(run: Run) -> None:
-    """Each adapter in MiniMind's format and as safetensors (several adapters: one pair of files each)."""
+    """Each adapter in MiniMind's format and as safetensors (several adapters: one pair of files each); under
+    --use_dora as safetensors only (MiniMind's format has no magnitude)."""
     from .lora_io import save_minimind_lora
 
     for name, (minimind_file, safetensors_file) in run.adapter_files.items():
-        with writing(minimind_file):
-            save_minimind_lora(run.model, minimind_file, adapter_name=name)
+        if minimind_file is not None:
+            with writing(minimind_file):
+                save_minimind_lora(run.model, minimind_file, adapter_name=name)
         with writing(safetensors_file):
             save_lora(run.model, safetensors_file, adapter_name=name)
 
@@ -384,7 +388,7 @@ def checkpoint(run: Run) -> None:
         save_checkpoint(run, optimizer)
         save_adapters(run)
     if not run.cfg.progress:
-        adapters = ", ".join(str(files[0]) for files in run.adapter_files.values())
+        adapters = ", ".join(str(files[0] or files[1]) for files in run.adapter_files.values())
         run.log(f"checkpoint: step {run.step} -> {run.paths.checkpoint}, {adapters}")
 
 

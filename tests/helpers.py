@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_kernels import (
+    iter_lora_layers,
     load_lora,
     load_peft_adapter,
     lora_state_dict,
@@ -105,6 +106,20 @@ def adapted_model(seed=0, **kwargs):
     for p in lora_state_dict(model).values():
         p.normal_(0, 0.3)
     return model.eval()
+
+
+def dora_model(seed=0, **kwargs):
+    """:func:`adapted_model` with DoRA adapters: A and B drawn as there, each magnitude m the row norms
+    ‖W + s·B·A‖ times U(0.5, 1.5) per row under ``seed``, so that m is not what a fresh layer would compute."""
+    model = adapted_model(seed, use_dora=True, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in iter_lora_layers(model):
+        for name in layer.adapter_names:
+            layer.reset_lora_magnitude(name)
+            magnitude = layer.lora_magnitude_of(name)
+            with torch.no_grad():
+                magnitude.mul_(torch.rand(magnitude.shape, generator=g) + 0.5)
+    return model
 
 
 def tiny_minimind(arch="minimind2", use_moe=False, seed=0, **overrides) -> MiniMindForCausalLM:
@@ -224,10 +239,11 @@ def assert_unchanged(model, before):
     assert not changed, f"changed by a failed load: {changed}"
 
 
-def lk_file(tmp_path, name="a.safetensors", meta=None, tensors=None):
-    """A lora_kernels adapter file of adapted_model(), with its metadata / tensors edited by the callables."""
+def lk_file(tmp_path, name="a.safetensors", meta=None, tensors=None, model=adapted_model):
+    """A lora_kernels adapter file of ``model()`` (adapted_model(); dora_model() for a DoRA file), with its
+    metadata / tensors edited by the callables."""
     path = tmp_path / name
-    save_lora(adapted_model(), path)
+    save_lora(model(), path)
     if meta is None and tensors is None:
         return path
     with safe_open(str(path), framework="pt") as f:

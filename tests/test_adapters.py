@@ -394,3 +394,59 @@ def test_param_groups_cover_every_adapter():
             a, b = layer.lora_params(name)
             assert id(a) in groups["lora_A"] and id(b) in groups["lora_B"]
     assert "other" not in groups
+
+
+# ---------------------------------------------------------------------------------------------------
+# add_adapter with DoRA
+
+
+def test_add_adapter_with_dora_beside_a_plain_lora_adapter():
+    """A DoRA adapter added to a LoRA model: on existing layers (q_proj) and on newly wrapped ones (up_proj),
+    its magnitude starts at ‖W‖ per row (so it leaves the output unchanged), it computes PEFT's DoRA (the
+    float64 reference) when active, and only its parameters get gradients then."""
+    from lora_kernels.reference import dora_linear_reference
+
+    torch.manual_seed(0)
+    model = replace_linear_with_fused_lora(TinyLM(), rank=4, alpha=8).eval()  # "default" on q_proj, o_proj
+    before = model(ids()).detach()
+    add_adapter(model, "dora", target_modules=["q_proj", "up_proj"], config=LoRAConfig(rank=2, alpha=4, use_dora=True))
+    q, up = model.layers[0].q_proj, model.layers[0].up_proj
+    assert up.adapter_names == ["dora"] and q.adapter_names == ["default", "dora"]
+    assert active_adapters(model) == ["default"] and up.active_adapters == []  # new: inactive
+    for layer in (q, up):
+        assert layer.lora_configs["dora"].use_dora and layer.lora_magnitude_of("dora").requires_grad
+        assert_close(layer.lora_magnitude_of("dora").double(), layer.weight.double().norm(dim=1), torch.float32,
+                     "a fresh magnitude is the row norm of W")
+    assert_close(model(ids()), before, torch.float32, "the inactive DoRA adapter changes nothing")
+    set_adapter(model, [])
+    base = model(ids()).detach()
+    set_adapter(model, "dora")
+    assert_close(model(ids()), base, torch.float32, "a fresh DoRA adapter (B = 0, m = ‖W‖) leaves the base")
+
+    randomize_b(model)
+    with torch.no_grad():
+        for _, layer in iter_lora_layers(model):
+            if "dora" in layer.adapter_names:
+                layer.lora_magnitude_of("dora").mul_(1.5)
+    model.train()
+    x = torch.randn(3, 16, requires_grad=True)
+    y = q(x)
+    a, b = q.lora_params("dora")
+    expected = dora_linear_reference(x.double(), q.weight.double(), None, a.double(), b.double(),
+                                     q.lora_magnitude_of("dora").double(), q.lora_configs["dora"].scaling)
+    assert_close(y.double(), expected, torch.float32, "DoRA adapter 'dora' against the float64 reference")
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in (a, b, q.lora_magnitude_of("dora")))
+    assert q.lora_A.grad is None and q.lora_B.grad is None  # "default" is not active
+
+
+def test_add_adapter_with_dora_to_a_model_without_adapters(tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    add_adapter(model, "dora", target_modules="square", config=LoRAConfig(rank=2, use_dora=True))
+    assert active_adapters(model) == ["dora"]  # the model's first adapter is active
+    randomize_b(model)
+    save_lora(model, tmp_path / "dora.safetensors")
+    torch.manual_seed(0)
+    fresh = load_lora(TinyLM().eval(), tmp_path / "dora.safetensors", adapter_name="dora")
+    assert_close(fresh(ids()), model(ids()), torch.float32, "a DoRA adapter added by name, saved and loaded")

@@ -2,8 +2,9 @@
 
 Two CPU processes (gloo, ``torch.multiprocessing`` spawn) each train on half of every global batch; their
 losses, averaged, must equal one process training on the whole batch (fp32, 1e-5), with the base (16-bit
-weights, or the quantized codes) sharded over the two ranks and only the LoRA parameters in the optimizer;
-``gathered_lora`` gives the whole adapter, and ``save_lora`` refuses the shards. Then the trainer's
+weights, or the quantized codes) sharded over the two ranks and only the LoRA parameters in the optimizer (a DoRA
+model's magnitudes among them, sharded too); ``gathered_lora`` gives the whole adapter (the magnitudes
+included), and ``save_lora`` refuses the shards. Then the trainer's
 ``--fsdp`` under torchrun: the losses, saved adapters and a resumed run equal one process's.
 """
 import gc
@@ -32,10 +33,11 @@ WORLD = 2
 STEPS = 3
 
 
-def _model(quantize):
+def _model(quantize, use_dora=False):
     torch.manual_seed(0)
-    model = nn.Sequential(FusedLoRALinear(40, 64, rank=4, quantize=quantize, backend="torch"), nn.GELU(),
-                          FusedLoRALinear(64, 40, rank=8, quantize=quantize, backend="torch"))
+    model = nn.Sequential(FusedLoRALinear(40, 64, rank=4, quantize=quantize, use_dora=use_dora, backend="torch"),
+                          nn.GELU(),
+                          FusedLoRALinear(64, 40, rank=8, quantize=quantize, use_dora=use_dora, backend="torch"))
     for layer in (model[0], model[2]):
         nn.init.normal_(layer.lora_B, std=0.1)  # B != 0 so that both adapters' gradients matter
     return mark_only_lora_as_trainable(model)
@@ -59,7 +61,7 @@ def _train(model, xs, ys):
     return torch.stack(losses), optimizer
 
 
-def _worker(rank, port, quantize, results, tmp):
+def _worker(rank, port, quantize, use_dora, results, tmp):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -67,12 +69,14 @@ def _worker(rank, port, quantize, results, tmp):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
-        model = _model(quantize)
+        model = _model(quantize, use_dora)
         for layer in (model[0], model[2]):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         base = "weight_data" if quantize else "weight"
         full, local = model[0].get_parameter(base).shape, model[0].get_parameter(base).to_local().shape
+        # A DoRA magnitude (64,) is a DTensor shard too: the rows of this rank
+        magnitude = model[0].lora_magnitude.to_local().shape[0] if use_dora else None
         xs, ys = _batches()
         rows = xs.shape[1] // WORLD
         losses, optimizer = _train(model, xs[:, rank * rows:(rank + 1) * rows], ys[:, rank * rows:(rank + 1) * rows])
@@ -88,7 +92,7 @@ def _worker(rank, port, quantize, results, tmp):
             state = {k: (type(v).__name__, v.tolist()) for k, v in lora_state_dict(model).items()}
         if rank == 0:
             results.put((losses / WORLD).tolist())
-            results.put((tuple(full), tuple(local), in_optimizer, refused, state))
+            results.put((tuple(full), tuple(local), in_optimizer, refused, state, magnitude))
             results.close()
             results.join_thread()  # sent before this process starts to exit
         # The sharded model, its optimizer state and the device mesh hold the gloo group: destroyed only at
@@ -109,24 +113,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4", "int8"])
-def test_fsdp2_two_processes_match_one(quantize, tmp_path):
+@pytest.mark.parametrize("quantize, use_dora", [(None, False), ("nf4", False), ("int8", False), (None, True)],
+                         ids=["dense", "nf4", "int8", "dora"])
+def test_fsdp2_two_processes_match_one(quantize, use_dora, tmp_path):
     xs, ys = _batches()
-    model = _model(quantize)
+    model = _model(quantize, use_dora)
     single, _ = _train(model, xs, ys)
 
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), quantize, results, str(tmp_path)),
+    torch.multiprocessing.start_processes(_worker, args=(_free_port(), quantize, use_dora, results, str(tmp_path)),
                                           nprocs=WORLD, join=True, start_method="spawn")
     sharded = results.get(timeout=300)  # generous: a loaded shared machine
-    (full, local, in_optimizer, refused, state) = results.get(timeout=300)
+    (full, local, in_optimizer, refused, state, magnitude) = results.get(timeout=300)
 
     assert torch.allclose(torch.tensor(sharded), single, rtol=0, atol=TOLERANCES[torch.float32]), \
         (sharded, single.tolist())
     assert local[0] * WORLD == full[0], f"the base is not sharded over {WORLD} ranks: {local} of {full}"
-    lora = sum(p.numel() for n, p in _model(quantize).named_parameters() if "lora_" in n)
+    lora = sum(p.numel() for n, p in _model(quantize, use_dora).named_parameters() if "lora_" in n)
     assert in_optimizer == lora, "the optimizer holds the (sharded) LoRA parameters and nothing else"
+    if use_dora:
+        assert magnitude * WORLD == 64, f"the magnitude is not sharded over {WORLD} ranks: {magnitude} of 64 rows"
+        assert sum(key.endswith(".lora_magnitude") for key in state) == 2, sorted(state)
     assert "FSDP2 shard" in refused and not list(tmp_path.glob("shards*")), f"save_lora wrote shards: {refused!r}"
     expected = lora_state_dict(model)
     assert state.keys() == expected.keys()

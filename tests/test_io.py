@@ -15,6 +15,7 @@ from helpers import (
     assert_load_refused,
     assert_unchanged,
     base_model,
+    dora_model,
     lk_file,
     load_file_into_adapted,
     load_file_into_base,
@@ -26,6 +27,7 @@ from helpers import (
     truncated,
 )
 from lora_kernels import FusedLoRALinear, load_lora, lora_state_dict, replace_linear_with_fused_lora, save_lora
+from lora_kernels.testing import assert_close
 
 
 IDS = torch.arange(10).view(2, 5)
@@ -177,6 +179,92 @@ def test_load_under_a_name_adds_an_adapter_of_the_files_rank(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# DoRA adapters: the magnitude beside A and B, use_dora in the layer settings
+
+
+def float64_outputs(model, ids=IDS):
+    """``model``'s logits computed in float64 on a copy (the reference the round trips compare with)."""
+    import copy
+
+    return copy.deepcopy(model).double()(ids)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_dora_round_trip_into_a_plain_model(tmp_path, suffix):
+    saved = dora_model(dropout=0.1)
+    path = tmp_path / f"dora{suffix}"
+    save_lora(saved, path)
+    fresh = load_lora(base_model(), path)
+    layer = fresh.layers[1].k_proj  # a non-square layer: m is (8,), not (in_features,)
+    assert layer.lora_configs["default"].use_dora and layer.lora_magnitude.shape == (8,)
+    assert (layer.rank, layer.alpha, layer.dropout) == (4, 8.0, 0.1)
+    state, expected = lora_state_dict(fresh), lora_state_dict(saved)
+    assert state.keys() == expected.keys() and sum(k.endswith(".lora_magnitude") for k in state) == 10
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    assert_close(fresh(IDS).double(), float64_outputs(saved), torch.float32, "logits after the round trip")
+
+
+def test_dora_metadata_and_keys(tmp_path):
+    save_lora(dora_model(target_modules="square"), tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        magnitude = f.get_tensor(f"{Q0}.lora_magnitude")
+    targets = json.loads(meta["targets"])
+    assert json.loads(meta["layers"])[Q0] == {"rank": 4, "alpha": 8.0, "use_rslora": False, "dropout": 0.0,
+                                              "use_dora": True}
+    assert keys == {f"{t}.{w}" for t in targets for w in ("lora_A", "lora_B", "lora_magnitude")}
+    assert magnitude.shape == (D,)
+
+
+def test_dora_loads_under_a_new_adapter_name(tmp_path):
+    from lora_kernels import adapter_names, set_adapter
+
+    saved = dora_model(seed=1)
+    save_lora(saved, tmp_path / "dora.safetensors")
+    model = adapted_model(seed=2, rank=2)  # a plain LoRA "default" of another rank
+    before = float64_outputs(model)
+    load_lora(model, tmp_path / "dora.safetensors", adapter_name="dora")
+    q = model.layers[0].q_proj
+    assert adapter_names(model) == ["default", "dora"] and q.lora_configs["dora"].use_dora
+    assert not q.lora_configs["default"].use_dora and q.lora_magnitude is None
+    assert torch.equal(q.lora_magnitude_of("dora"), saved.layers[0].q_proj.lora_magnitude)
+    assert "layers.0.q_proj.lora_adapters.dora.lora_magnitude" in model.state_dict()
+    assert_close(model(IDS).double(), before, torch.float32, "the new adapter is inactive")
+    set_adapter(model, "dora")
+    assert_close(model(IDS).double(), float64_outputs(saved), torch.float32, "logits with the loaded DoRA adapter")
+
+
+def test_dora_file_replaces_an_existing_dora_adapter(tmp_path):
+    saved = dora_model(seed=1, alpha=12)
+    save_lora(saved, tmp_path / "dora.safetensors")
+    model = dora_model(seed=2)
+    parameter = model.layers[0].q_proj.lora_magnitude
+    load_lora(model, tmp_path / "dora.safetensors")
+    assert model.layers[0].q_proj.lora_magnitude is parameter  # loaded in place: an optimizer keeps its tensors
+    assert model.layers[0].q_proj.alpha == 12.0
+    assert_close(model(IDS).double(), float64_outputs(saved), torch.float32, "logits after loading over DoRA")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_adapter_of_a_residual_init_loads_onto_the_original_base(tmp_path, init):
+    """PiSSA / OLoRA with DoRA: the file holds the rank-2r LoRA for the original base and the trained magnitude
+    (unchanged by the conversion: ‖W_res + s·B·A‖ = ‖W + s'·B'·A'‖), so it loads onto the original base."""
+    import copy
+
+    original = base_model()
+    model = replace_linear_with_fused_lora(copy.deepcopy(original), rank=4, alpha=8, target_modules="all-linear",
+                                           init=init, use_dora=True).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # "trained": A, B and the magnitudes away from their initial values
+        for p in lora_state_dict(model).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_lora(model, tmp_path / "dora.safetensors")
+    loaded = load_lora(copy.deepcopy(original), tmp_path / "dora.safetensors")
+    assert loaded.layers[0].q_proj.rank == 8 and loaded.layers[0].q_proj.lora_configs["default"].use_dora
+    assert_close(loaded(IDS).double(), float64_outputs(model), torch.float32, f"{init} + DoRA on the original base")
+
+
+# ---------------------------------------------------------------------------------------------------
 # read_adapter: one reader that tells the formats apart
 
 
@@ -288,6 +376,31 @@ LOADER_CASES = [
      ValueError, ["embed", "Embedding"]),
     ("nn.Linear subclass with its own forward", lambda t: (model_with_custom_linear(), lambda m: load_lora(
         m, lk_file(t))), ValueError, [Q0, "ScaledLinear", "allow_custom_forward"]),
+    ("DoRA magnitude of the wrong shape", load_file_into_base(lambda t: lk_file(
+        t, model=dora_model, tensors=lambda d: d.update({f"{Q0}.lora_magnitude": torch.ones(D + 1)}))), ValueError,
+     [Q0, "lora_magnitude (17,)", "(16,)"]),
+    ("DoRA magnitude without use_dora", load_file_into_base(lambda t: lk_file(
+        t, model=dora_model, meta=lambda layers, m: layers[Q0].pop("use_dora"))), ValueError,
+     [Q0, "lora_magnitude", "use_dora: true"]),
+    ("DoRA magnitude in a plain LoRA file", load_file_into_base(lambda t: lk_file(
+        t, tensors=lambda d: d.update({f"{Q0}.lora_magnitude": torch.ones(D)}))), ValueError,
+     [Q0, "lora_magnitude", "use_dora: true"]),
+    ("use_dora without a magnitude", load_file_into_base(lambda t: lk_file(
+        t, model=dora_model, tensors=lambda d: d.pop(f"{Q0}.lora_magnitude"))), ValueError,
+     [Q0, "use_dora: true", f"no {Q0}.lora_magnitude"]),
+    ("use_dora as a string", load_file_into_base(lambda t: lk_file(
+        t, model=dora_model, meta=set_layer(Q0, "use_dora", "true"))), ValueError, [Q0, "use_dora", "'true'"]),
+    ("NaN in a DoRA magnitude", load_file_into_base(lambda t: lk_file(
+        t, model=dora_model, tensors=lambda d: d[f"{Q0}.lora_magnitude"].__setitem__(0, float("nan")))),
+     ValueError, [f"{Q0}.lora_magnitude", "non-finite"]),
+    ("a DoRA magnitude alone", load_file_into_base(lambda t: lk_file(
+        t, tensors=lambda d: d.update({"layers.1.up_proj.lora_magnitude": torch.ones(40)}) or
+        d.pop("layers.1.up_proj.lora_A"))), ValueError, ["layers.1.up_proj", "lora_magnitude alone"]),
+    ("DoRA file onto an existing plain LoRA adapter", load_file_into_adapted(lambda t: lk_file(t, model=dora_model)),
+     ValueError, [Q0, "the file's adapter is DoRA", "'default' is plain LoRA", "adapter_name"]),
+    ("plain LoRA file onto an existing DoRA adapter", load_file_into_base(
+        lambda t: lk_file(t), model=lambda: dora_model(seed=5)), ValueError,
+     [Q0, "the file's adapter is plain LoRA", "'default' is DoRA"]),
     ("pth metadata not strings", load_file_into_base(lambda t: torch.save(
         {"tensors": lora_state_dict(adapted_model()), "metadata": {"layers": 5}}, t / "m.pth") or t / "m.pth"),
      ValueError, ["m.pth", "metadata"]),

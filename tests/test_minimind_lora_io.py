@@ -136,6 +136,13 @@ def test_bad_files_fail_before_changing_the_model(tmp_path):
         load_minimind_lora(model, tmp_path / "r2.pth")
 
 
+def test_save_refuses_a_dora_adapter(tmp_path):
+    model = replace_linear_with_fused_lora(tiny_minimind(), rank=2, use_dora=True)
+    with pytest.raises(ValueError, match=r"q_proj: adapter 'default' is DoRA .*lora_kernels.save_lora"):
+        save_minimind_lora(model, tmp_path / "dora.pth")
+    assert not (tmp_path / "dora.pth").exists()
+
+
 def test_save_needs_lora_layers(tmp_path):
     with pytest.raises(ValueError, match="no FusedLoRALinear"):
         save_minimind_lora(tiny_minimind(), tmp_path / "x.pth")

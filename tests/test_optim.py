@@ -77,3 +77,53 @@ def test_groups_of_one_adapter_hold_only_its_parameters():
     assert [id(p) for p in groups["lora_B"]["params"]] == [id(b) for _, b in qa]
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         lora_param_groups(model, lr=1e-3, adapter_names=["nope"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# DoRA: the magnitudes train, at B's learning rate (PEFT's LoRA+ rule for 1-D adapter parameters), no decay
+
+
+def dora_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 6))
+    return replace_linear_with_fused_lora(model, rank=2, target_modules="all-linear", use_dora=True)
+
+
+def test_dora_magnitudes_get_their_own_group_at_b_rate_without_decay():
+    model = dora_model()
+    groups = {g["name"]: g for g in lora_param_groups(model, lr=1e-3, loraplus_lr_ratio=8, weight_decay=0.1)}
+    assert list(groups) == ["lora_A", "lora_B", "lora_magnitude"]
+    magnitude = groups["lora_magnitude"]
+    assert [id(p) for p in magnitude["params"]] == [id(model[0].lora_magnitude), id(model[2].lora_magnitude)]
+    assert magnitude["lr"] == pytest.approx(8e-3) and magnitude["lr_scale"] == 8
+    assert magnitude["weight_decay"] == 0.0 and groups["lora_B"]["weight_decay"] == 0.1
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups.values() for p in g["params"]} == trainable  # nothing dropped
+
+
+def test_dora_magnitude_moves_at_b_rate_in_the_first_adam_step():
+    # Adam's first step is lr·sign(grad) (up to eps): m moves by B's learning rate, and AdamW's decay (which
+    # would also shrink m by lr·wd·m) is off for it.
+    model = dora_model()
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    opt = torch.optim.AdamW(lora_param_groups(model, lr=1e-3, loraplus_lr_ratio=4, weight_decay=0.5))
+    m0 = model[0].lora_magnitude.detach().clone()
+    model(torch.randn(5, 8)).square().sum().backward()
+    opt.step()
+    step = (model[0].lora_magnitude.detach() - m0).abs()
+    assert step.max().item() == pytest.approx(4e-3, rel=1e-3) and step.min().item() == pytest.approx(4e-3, rel=1e-3)
+
+
+def test_groups_of_one_dora_adapter_include_its_magnitudes():
+    from lora_kernels import LoRAConfig, add_adapter
+
+    model = small_model()  # plain LoRA "default"
+    add_adapter(model, "dora", config=LoRAConfig(rank=2, use_dora=True))
+    per_adapter = {name: {g["name"]: g for g in lora_param_groups(model, lr=1e-3, adapter_names=[name])}
+                   for name in ("default", "dora")}
+    assert list(per_adapter["default"]) == ["lora_A", "lora_B"]
+    assert [id(p) for p in per_adapter["dora"]["lora_magnitude"]["params"]] == \
+        [id(model[i].lora_magnitude_of("dora")) for i in (0, 2)]
+    grouped = [id(p) for groups in per_adapter.values() for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)

@@ -91,6 +91,21 @@ def test_mark_only_lora_as_trainable():
     assert all(p.requires_grad == (n.endswith("lora_A") or n.endswith("lora_B")) for n, p in model.named_parameters())
 
 
+def test_mark_only_lora_as_trainable_trains_dora_magnitudes():
+    from lora_kernels import LoRAConfig, add_adapter
+
+    model = replace_linear_with_fused_lora(TinyLM(), rank=2, use_dora=True, freeze_base=False)
+    add_adapter(model, "b", target_modules=["q_proj"], config=LoRAConfig(rank=2, use_dora=True), freeze_base=False)
+    model.requires_grad_(False)
+    mark_only_lora_as_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    magnitudes = {n for n in trainable if n.endswith("lora_magnitude")}
+    assert "layers.0.q_proj.lora_magnitude" in magnitudes and "layers.0.q_proj.lora_adapters.b.lora_magnitude" in magnitudes
+    assert len(magnitudes) == 2 * 2 + 2  # "default" on the square layers (q, o) of both blocks, "b" on both q_proj
+    assert trainable == {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B",
+                                                                                              "lora_magnitude")}
+
+
 def test_kwargs_reach_the_layers():
     model = replace_linear_with_fused_lora(TinyLM(), rank=4, alpha=16, dropout=0.1, use_rslora=True,
                                            init="kaiming", backend="eager")

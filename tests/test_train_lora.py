@@ -381,3 +381,90 @@ def test_two_adapters_resume_where_they_stopped(tiny, tmp_path, monkeypatch):
             assert (whole[key] - resumed[key]).abs().max() < 1e-6, (name, key)
     assert [r["loss/tr"] for r in metrics_rows(tmp_path / "resumed")] == \
         pytest.approx([r["loss/tr"] for r in metrics_rows(tmp_path / "whole")], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --use_dora
+
+
+def test_dora_trains_like_eager_resumes_exactly_and_its_file_merges_and_chats(tiny, tmp_path, monkeypatch, capsys):
+    """--use_dora: the header says DoRA; the adapter is written in our format only, with the magnitudes (which
+    trained, at lora_B's learning rate); fused and eager (PEFT's maths, B·A formed) runs agree (fp32); a run
+    interrupted after its checkpoint resumes bit for bit (A, B, the magnitudes and their optimizer state); the
+    file merges (minimind.merge_lora) into the logits of the adapted model and loads in minimind.chat."""
+    from lora_kernels import lora_state_dict
+    from minimind import chat, merge_lora
+    from minimind.checkpoint import load_minimind
+    from minimind.lora_io import load_adapter
+    from lora_kernels.testing import assert_close
+
+    common = ["--use_dora", "--max_steps", "6", "--epochs", "10", "--save_interval", "3", "--lora_dropout", "0.1",
+              "--loraplus_lr_ratio", "2"]
+    capsys.readouterr()
+    train(parse_args(args_for(tiny, tmp_path / "whole", "--fused", *common)))
+    out = capsys.readouterr().out
+    assert "  DoRA       rank 4" in out and "MiniMind's .pth has no DoRA" in out, out
+    files = sorted(p.name for p in (tmp_path / "whole" / "lora").iterdir())
+    assert files == ["lora_identity_32.safetensors"], files  # no MiniMind .pth: its format has no magnitude
+    saved = adapter(tmp_path / "whole")
+    magnitudes = {k: v for k, v in saved.items() if k.endswith(".lora_magnitude")}
+    assert sorted(magnitudes) == [f"model.layers.0.self_attn.{m}.lora_magnitude" for m in ("o_proj", "q_proj")]
+    base = load_minimind(tiny / "base.safetensors")
+    q_norms = base.model.layers[0].self_attn.q_proj.weight.norm(dim=1)  # m at the start (B = 0)
+    assert (magnitudes["model.layers.0.self_attn.q_proj.lora_magnitude"] - q_norms).abs().max() > 1e-3  # trained
+    state = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert set(state["lora"]) == set(saved) and state["config"]["use_dora"] is True
+    groups = state["optimizer"]["param_groups"]
+    assert len(groups) == 3 and groups[2]["lr"] == pytest.approx(groups[1]["lr"]) and groups[2]["weight_decay"] == 0
+
+    train(parse_args(args_for(tiny, tmp_path / "eager", *common)))
+    assert_same_losses(losses(tmp_path / "eager" / "metrics.jsonl"), losses(tmp_path / "whole" / "metrics.jsonl"),
+                       TOLERANCES[torch.float32])
+
+    original_log_step = train_lora.log_step
+
+    def interrupt_at_step_5(run, *args):
+        if run.step == 5:
+            raise KeyboardInterrupt  # after the checkpoint of step 3
+        original_log_step(run, *args)
+
+    monkeypatch.setattr(train_lora, "log_step", interrupt_at_step_5)
+    assert main(args_for(tiny, tmp_path / "resumed", "--fused", *common)) == 130
+    monkeypatch.undo()
+    train(parse_args(args_for(tiny, tmp_path / "resumed", "--fused", *common, "--resume")))
+    resumed = adapter(tmp_path / "resumed")
+    assert resumed.keys() == saved.keys() and all(torch.equal(resumed[k], v) for k, v in saved.items())
+    assert losses(tmp_path / "resumed" / "metrics.jsonl") == losses(tmp_path / "whole" / "metrics.jsonl")
+
+    dora_file = tmp_path / "whole" / "lora" / "lora_identity_32.safetensors"
+    merged = tmp_path / "merged.safetensors"
+    assert merge_lora.main(["--base", str(tiny / "base.safetensors"), "--lora", str(dora_file), "--out", str(merged),
+                            "--dtype", "float32"]) == 0
+    ids = torch.arange(1, 17).view(2, 8)
+    with torch.no_grad():
+        expected = load_adapter(load_minimind(tiny / "base.safetensors"), dora_file).eval()(ids).logits
+        got, before = load_minimind(merged)(ids).logits, base(ids).logits
+    assert (expected - before).abs().max() > 1e-3  # the adapter matters
+    assert_close(got, expected, torch.float32, "logits of the merged DoRA adapter")
+
+    loaded = []
+    monkeypatch.setattr(chat, "load_adapter", lambda model, *a, **k: loaded.append(load_adapter(model, *a, **k)))
+    assert chat.main(["--weights", str(tiny / "base.safetensors"), "--lora", str(dora_file), "--prompt", "Who are you?",
+                      "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert ">>> Who are you?" in capsys.readouterr().out
+    in_chat = lora_state_dict(loaded[0])
+    assert in_chat.keys() == saved.keys() and all(torch.equal(in_chat[k], v) for k, v in saved.items())
+
+
+def test_dora_resume_checks_use_dora_and_reads_older_states(tiny, tmp_path, capsys):
+    """A training state records --use_dora (a resume that changes it is refused by name); a state written before
+    the flag existed reads as a run without DoRA."""
+    common = ["--fused", "--max_steps", "2", "--save_interval", "1"]
+    train(parse_args(args_for(tiny, tmp_path, *common)))
+    assert main(args_for(tiny, tmp_path, *common, "--max_steps", "3", "--use_dora", "--resume")) == 2
+    assert "--use_dora False -> True" in capsys.readouterr().err
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["config"]["use_dora"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    train(parse_args(args_for(tiny, tmp_path, *common, "--max_steps", "3", "--resume")))
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -129,6 +129,16 @@ def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, extra, words,
     assert after == before  # nothing written, nothing changed
 
 
+def test_dora_with_minimind_layout_is_one_line(files, tmp_path, capsys):
+    """--use_dora writes our format; MiniMind's layout (--save_dir) names a MiniMind .pth adapter: refused, one line."""
+    argv = common(files, tmp_path / "out")
+    argv[argv.index("--out_dir")] = "--save_dir"
+    assert main(argv + ["--use_dora"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--use_dora" in err and "give --out_dir" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cuda_asked_on_a_machine_without_it(files, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

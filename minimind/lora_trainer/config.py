@@ -50,6 +50,7 @@ class TrainConfig:
     rank: int = 16
     alpha: Optional[float] = None
     lora_dropout: float = 0.0
+    use_dora: bool = False             # DoRA: a trained magnitude per output row; the adapter in our format only
     targets: str = "square"
     epochs: int = 20
     batch_size: int = 16
@@ -105,9 +106,11 @@ def _comma_list(text: str, files: bool = True) -> List[str]:
 
 
 # Settings that must not change when resuming (the run would otherwise silently become another run).
-RESUME_KEYS = ("base", "data_path", "quantize", "rank", "alpha", "lora_dropout", "targets", "batch_size", "accumulation_steps",
-               "epochs", "learning_rate", "lr_schedule", "warmup_iters", "loraplus_lr_ratio", "weight_decay",
-               "max_seq_len", "seed", "max_steps")
+RESUME_KEYS = ("base", "data_path", "quantize", "rank", "alpha", "lora_dropout", "use_dora", "targets", "batch_size",
+               "accumulation_steps", "epochs", "learning_rate", "lr_schedule", "warmup_iters", "loraplus_lr_ratio",
+               "weight_decay", "max_seq_len", "seed", "max_steps")
+# Settings added to RESUME_KEYS after training states were first written: a state without one was made with this value.
+RESUME_DEFAULTS = {"use_dora": False}
 
 
 def resume_keys(cfg: TrainConfig) -> Tuple[str, ...]:
@@ -162,6 +165,10 @@ def build_parser() -> ArgumentParser:
     lo.add_argument("--rank", type=count, default=16)
     lo.add_argument("--alpha", type=positive, default=None, help="default: = rank (scaling 1, MiniMind's LoRA)")
     lo.add_argument("--lora_dropout", type=number(0, 1, high_open=True), default=0.0)
+    lo.add_argument("--use_dora", action="store_true",
+                    help="DoRA (weight-decomposed LoRA, PEFT's use_dora): a trained magnitude per output row beside A "
+                    "and B; the adapter is saved in lora_kernels' format only (.safetensors), MiniMind's .pth has "
+                    "no DoRA")
     lo.add_argument("--targets", default="square",
                     help="'square' (MiniMind), 'all-linear', or comma-separated module names (q_proj,v_proj)")
     o = p.add_argument_group("optimization")
@@ -222,6 +229,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     # MiniMind's layout with --save_dir, or with --from_weight alone (MiniMind's save_dir defaults to ../out).
     minimind_layout = ns.save_dir is not None or (ns.from_weight is not None and ns.out_dir is None)
     cfg.layout = "minimind" if minimind_layout else "ours"
+    if ns.use_dora and minimind_layout:
+        raise CLIError("--use_dora saves the adapter in lora_kernels' format (.safetensors, with the DoRA magnitudes); "
+                       "MiniMind's layout (--save_dir, or --from_weight without --out_dir) saves MiniMind's .pth, which "
+                       "has no DoRA: give --out_dir DIR (the adapter is then DIR/lora/NAME_HIDDEN.safetensors)")
     cfg.out_dir = ns.save_dir or ns.out_dir or ("../out" if minimind_layout else "out")
     cfg.use_compile, cfg.progress = bool(ns.use_compile), not ns.no_progress
     cfg.resume = "if-present" if ns.from_resume else ns.resume

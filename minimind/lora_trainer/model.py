@@ -56,8 +56,8 @@ def load_base(cfg: TrainConfig, rt: Runtime):
 
 
 def lora_config(cfg: TrainConfig) -> LoRAConfig:
-    """The adapter's settings (``--rank``, ``--alpha``, ``--lora_dropout``)."""
-    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
+    """The adapter's settings (``--rank``, ``--alpha``, ``--lora_dropout``, ``--use_dora``)."""
+    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, use_dora=cfg.use_dora)
 
 
 def add_lora(model, cfg: TrainConfig, rt: Runtime) -> str:
@@ -76,7 +76,8 @@ def add_lora(model, cfg: TrainConfig, rt: Runtime) -> str:
         torch.manual_seed(cfg.seed)
         add_adapter(model, name, config=lora_config(cfg))
     if not cfg.fused:
-        return "eager (MiniMind's unfused LoRA; add --fused for lora_kernels)"
+        return ("eager (PEFT's DoRA maths in plain PyTorch, B·A formed; add --fused for lora_kernels)" if cfg.use_dora
+                else "eager (MiniMind's unfused LoRA; add --fused for lora_kernels)")
     base = f", {cfg.quantize} base" if cfg.quantize else ""
     if rt.device.type == "cuda" and triton_available():
         return "fused: Triton kernels" + base

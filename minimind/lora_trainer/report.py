@@ -27,8 +27,11 @@ def describe(run: Run) -> str:
         f"  base       {'random (--from_weight none)' if cfg.random_base else cfg.base}  ({c.arch}, hidden "
         f"{c.hidden_size}, {c.num_hidden_layers} layers{', MoE' if c.use_moe else ''}, "
         f"{summary.total - summary.trainable:,} base parameters)",
-        f"  LoRA       rank {cfg.rank}, alpha {alpha:g}, dropout {cfg.lora_dropout:g}, targets {cfg.targets!r}: "
-        f"{summary.lora_layers} layers" + (f", LoRA+ ratio {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""),
+        f"  {'DoRA' if cfg.use_dora else 'LoRA'}       rank {cfg.rank}, alpha {alpha:g}, dropout {cfg.lora_dropout:g}, "
+        f"targets {cfg.targets!r}: {summary.lora_layers} layers"
+        + (", a trained magnitude per output row (saved as .safetensors only: MiniMind's .pth has no DoRA)"
+           if cfg.use_dora else "")
+        + (f", LoRA+ ratio {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""),
         f"  trainable  {summary.trainable:,} parameters ({summary.percent:.2f}% of {summary.total:,})",
         f"  optimizer  AdamW, learning rate {cfg.learning_rate:g}"
         + (f" (the default; MiniMind's train_lora.py uses {MINIMIND_LR:g}: give --learning_rate to choose)"
@@ -148,6 +151,8 @@ def finish(run: Run) -> Dict[str, object]:
             lines.append(f"loss{which} {run.rows[0][key]:.4f} (step {run.rows[0]['step']}) -> "
                          f"{run.rows[-1][key]:.4f} (step {run.rows[-1]['step']})")
     stats = {}
+    # DoRA's update needs the base W, which the model has (the file alone, read under --fsdp, gives s·B·A).
+    update = "ΔW = g⊙(W + s·B·A) − W" if cfg.use_dora and not cfg.fsdp else "ΔW = s·B·A"
     for name, (minimind_file, safetensors_file) in run.adapter_files.items():
         # One adapter: the overview in the plots folder, as always; several: a sub-folder per adapter.
         folder = paths.plots / name if cfg.multi else paths.plots
@@ -156,8 +161,12 @@ def finish(run: Run) -> Dict[str, object]:
         layers = read_adapter_layers(safetensors_file) if cfg.fsdp else \
             model_layers(run.model, name if cfg.multi else None)
         with writing(folder / OVERVIEW_NAME):
-            stats[name] = plot_adapter(layers, folder, str(minimind_file), per_layer=False,
-                                       title=f"what {label} learned: ΔW = s·B·A per layer")
+            stats[name] = plot_adapter(layers, folder, str(minimind_file or safetensors_file), per_layer=False,
+                                       title=f"what {label} learned: {update} per layer")
+        if minimind_file is None:
+            lines.append(f"saved {safetensors_file} (lora_kernels format, with the DoRA magnitudes; MiniMind's .pth "
+                         "format has no DoRA)")
+            continue
         beside = safetensors_file.parent == Path(minimind_file).parent
         lines.append(f"saved {minimind_file} (MiniMind format) and {safetensors_file.name if beside else safetensors_file}")
     result["lora_stats"] = stats[DEFAULT_ADAPTER] if not cfg.multi else stats

@@ -43,10 +43,10 @@ class Run:
     tokens_since: int = 0
     time_since: float = field(default_factory=time.perf_counter)
     bar: object = None
-    # The adapters trained (their names in the model), each one's (MiniMind .pth, .safetensors) files and last
-    # step loss; with several adapters, the adapter each of ``prompts`` is answered with.
+    # The adapters trained (their names in the model), each one's (MiniMind .pth or None under --use_dora,
+    # .safetensors) files and last step loss; with several adapters, the adapter each of ``prompts`` is answered with.
     names: List[str] = field(default_factory=lambda: [DEFAULT_ADAPTER])
-    adapter_files: Dict[str, Tuple[Path, Path]] = field(default_factory=dict)
+    adapter_files: Dict[str, Tuple[Optional[Path], Path]] = field(default_factory=dict)
     last_losses: Dict[str, float] = field(default_factory=dict)
     prompt_adapters: List[Optional[str]] = field(default_factory=list)
 
@@ -73,11 +73,13 @@ class Run:
             dist.destroy_process_group()
 
 
-def adapter_files(cfg: TrainConfig, model, paths: RunPaths) -> Dict[str, Tuple[Path, Path]]:
+def adapter_files(cfg: TrainConfig, model, paths: RunPaths) -> Dict[str, Tuple[Optional[Path], Path]]:
     """``{adapter: (MiniMind .pth, .safetensors)}``; several adapters get the file names a run of each alone
-    would write."""
+    would write. Under ``--use_dora`` the MiniMind file is None: its format has no DoRA magnitude, so the
+    adapter is written in lora_kernels' format (the .safetensors) only."""
     if not cfg.multi:
-        return {DEFAULT_ADAPTER: (paths.adapter, paths.adapter_safetensors)}
-    own = {name: run_paths(cfg.layout, cfg.out_dir, name, model.config.hidden_size, model.config.use_moe)
-           for name in cfg.lora_names}
-    return {name: (p.adapter, p.adapter_safetensors) for name, p in own.items()}
+        own = {DEFAULT_ADAPTER: paths}
+    else:
+        own = {name: run_paths(cfg.layout, cfg.out_dir, name, model.config.hidden_size, model.config.use_moe)
+               for name in cfg.lora_names}
+    return {name: (None if cfg.use_dora else p.adapter, p.adapter_safetensors) for name, p in own.items()}

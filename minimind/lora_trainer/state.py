@@ -1,7 +1,7 @@
 """The training-state file that ``--resume`` continues from, and the metrics a run continues.
 
 The state (``save_checkpoint``, ``load_checkpoint``) is one ``torch.save``'d dict, ``"format":
-"minimind.train_lora"``: the adapters' A and B (``trained_tensors``), the optimizer's state (gathered whole
+"minimind.train_lora"``: the adapters' A and B, and DoRA's magnitudes (``trained_tensors``), the optimizer's state (gathered whole
 under --fsdp: ``optimizer_state``), the GradScaler's, the CPU and CUDA RNG states, the step, the process
 count and the settings it depends on (``resume_keys``), which a resumed run must repeat. A fresh run keeps
 an earlier run's metrics under a new name and removes its plots; a resumed one continues its metrics
@@ -23,7 +23,7 @@ from lora_kernels.fsdp import scatter_full
 
 from ..cli import CLIError, reading, writing
 from ..run_dir import read_metrics
-from .config import resume_keys
+from .config import RESUME_DEFAULTS, resume_keys
 from .run import Run
 
 
@@ -74,8 +74,8 @@ def start_metrics(run: Run) -> List[dict]:
 
 
 def trained_tensors(run: Run) -> Dict[str, torch.Tensor]:
-    """The adapters' A and B (detached, sharing the parameters' storage), as the training state holds them:
-    one adapter by module path, several as ``<adapter>/<module path>.lora_A``."""
+    """The adapters' A and B, and under --use_dora their magnitudes (detached, sharing the parameters' storage), as
+    the training state holds them: one adapter by module path, several as ``<adapter>/<module path>.lora_A``."""
     if not run.cfg.multi:
         return lora_state_dict(run.model)
     return {f"{name}/{key}": value for name in run.names for key, value in lora_state_dict(run.model, name).items()}
@@ -140,8 +140,8 @@ def load_checkpoint(run: Run) -> int:
         raise CLIError(f"{flag}: {str(path)!r} has a malformed 'config', 'lora' or 'step' field")
     keys = resume_keys(cfg) + (("lora_name",) if "lora_name" in state["config"] and not cfg.multi else ())
     keys = tuple(k for k in keys if k != "max_steps")  # may change: the run is extended (or cut short)
-    changed = [f"--{k} {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in keys
-               if state["config"].get(k) != getattr(cfg, k)]
+    saved = {k: state["config"].get(k, RESUME_DEFAULTS.get(k)) for k in keys}
+    changed = [f"--{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in keys if saved[k] != getattr(cfg, k)]
     if state.get("world_size", 1) != run.rt.world_size:  # the global batch is batch_size x processes
         changed.append(f"{state.get('world_size', 1)} -> {run.rt.world_size} processes")
     if state.get("fsdp", False) != cfg.fsdp:
