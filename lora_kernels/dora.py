@@ -41,8 +41,8 @@ import torch
 
 from .backends import backend_for, draw_seed_tensor, resolve_backend
 from .backends import torch as torch_backend
-from .functional import (_autocast_enabled, _check_inputs, _eager_inputs, _first_order_only, _outside_autocast,
-                         _quantized, _rows)
+from .functional import (_autocast_enabled, _check_inputs, _eager_inputs, _first_order_only, _in_x_dtype,
+                         _outside_autocast, _quantized, _rows)
 from .reference import dora_linear_reference
 
 
@@ -229,10 +229,7 @@ def dora_linear(
         return _outside_autocast(lambda *args: dora_linear(*args[:5], magnitude, *args[5:]), x, weight, bias,
                                  lora_A, lora_B, scaling, dropout_p, training, backend)
     quantized = _quantized(weight)
-    if (not quantized and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"weight and bias must have x's dtype {x.dtype}, got weight "
-                        f"{weight.format if quantized else weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    lora_A, lora_B = _in_x_dtype(x, weight, bias, lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
     name = resolve_backend(backend, x)
     seed = draw_seed_tensor(x.device) if p > 0 else None

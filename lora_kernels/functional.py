@@ -123,6 +123,22 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
 
 
+def _in_x_dtype(x, weight, bias, lora_A, lora_B) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` in x's dtype, once W (a tensor) and the bias are checked to have it, as ``F.linear``
+    wants (a quantized W is dequantized in x's dtype).
+
+    Raises:
+        TypeError: naming the dtypes.
+    """
+    quantized = _quantized(weight)
+    if (not quantized and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(
+            f"weight and bias must have x's dtype {x.dtype}, got weight {weight.format if quantized else weight.dtype}"
+            + (f", bias {bias.dtype}" if bias is not None else "")
+        )
+    return lora_A.to(x.dtype), lora_B.to(x.dtype)
+
+
 def _save_for_backward(ctx, x2d, weight, lora_A, lora_B, s, seed) -> None:
     """Saves only what the requested gradients read: x for dA/dW, W for dX, S for dB, and never a mask. A
     quantized base is not a tensor: the context keeps the view (its tensors are the module's buffers, never
@@ -343,13 +359,7 @@ def lora_linear(
         return _outside_autocast(lora_linear, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
 
     quantized = _quantized(weight)
-    if (not quantized and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            f"weight and bias must have x's dtype {x.dtype}, got weight {weight.format if quantized else weight.dtype}"
-            + (f", bias {bias.dtype}" if bias is not None else "")
-        )
-    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    lora_A, lora_B = _in_x_dtype(x, weight, bias, lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
     if backend in ("auto", "triton", "torch") and torch.compiler.is_compiling() and not quantized:
         return _lora_linear_custom_op(x, weight, bias, lora_A, lora_B, float(scaling), p, backend)
