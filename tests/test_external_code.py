@@ -110,11 +110,12 @@ def _lm_loss(model, ids):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_in_place_residual_add_on_lora_output_trains(dropout):
+def test_in_place_residual_add_on_lora_output_trains(dropout, use_dora):
     torch.manual_seed(0)
     model = _TinyLM(dropout=dropout)
-    lk.replace_linear_with_fused_lora(model, rank=4, dropout=0.1, target_modules="all-linear")
+    lk.replace_linear_with_fused_lora(model, rank=4, dropout=0.1, target_modules="all-linear", use_dora=use_dora)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(1))

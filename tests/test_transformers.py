@@ -134,14 +134,15 @@ def test_gpt2_conv1d_is_refused_with_a_clear_message():
 # fuse_peft_model inside transformers.Trainer and with several live PEFT adapters
 
 
-def peft_model(family, two_adapters=False):
+def peft_model(family, two_adapters=False, use_dora=False):
     """A PEFT model over the tiny base; with ``two_adapters``, a second adapter "other" (another rank,
     rsLoRA, partly other layers) is added and made active, as a user would train it."""
     from peft import LoraConfig, get_peft_model
 
     base = tiny_transformers(family)
     torch.manual_seed(1)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            use_dora=use_dora))
     if two_adapters:
         model.add_adapter("other", LoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "up_proj"]))
         model.set_adapter("other")
@@ -176,13 +177,14 @@ def _trainer_run(model, out_dir, stop_after=None, resume=None):
     return model
 
 
-@pytest.mark.parametrize("family,two_adapters", [("llama", False), ("qwen2", False), ("llama", True)])
-def test_trainer_resume_after_fuse_peft_model_continues_the_trained_adapter(tmp_path, family, two_adapters):
+@pytest.mark.parametrize("family,two_adapters,use_dora", [("llama", False, False), ("qwen2", False, False),
+                                                          ("llama", True, False), ("llama", False, True)])
+def test_trainer_resume_after_fuse_peft_model_continues_the_trained_adapter(tmp_path, family, two_adapters, use_dora):
     """Trainer(resume_from_checkpoint=...) calls PEFT's load_adapter, which finds only PEFT's own layer
     classes: unrouted, it loaded nothing into the converted layers and the resumed run restarted from the
     untrained adapter (logits 0.18-0.34 away). Resumed, the run must end where the uninterrupted one does:
     the adapter, AdamW's moments and the schedule all restored."""
-    fused = lambda: fuse_peft_model(peft_model(family, two_adapters))  # noqa: E731
+    fused = lambda: fuse_peft_model(peft_model(family, two_adapters, use_dora))  # noqa: E731
     whole = _trainer_run(fused(), tmp_path / "whole")
     _trainer_run(fused(), tmp_path / "cut", stop_after=3)
     resumed = _trainer_run(fused(), tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
