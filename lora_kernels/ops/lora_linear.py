@@ -681,12 +681,13 @@ def _dora_gemm_config(config: KernelConfig, dora_dropout: bool, dtype: torch.dty
     """A DoRA GEMM with dropout carries two fp32 accumulators: N tiles of at most 128 (two 128x256 ones
     would need 256 registers per thread at 8 warps), 64 in IEEE fp32, whose CUDA-core dots also keep their
     operands in registers: N tiles of 64 and K blocks of 16 there (64x128x32 tiles spilled 632 B on sm90,
-    64x64x32 ones 40-204 B)."""
+    64x64x32 ones 40-204 B). TF32 takes N tiles of 64 too: its 128x128x32 forward tiles, dense and int8,
+    spilled 512-584 B on sm80 (fp32 operands: twice the registers of fp16's per mma.sync)."""
     if not dora_dropout:
         return config
     if dtype == torch.float32 and _input_precision(dtype) == "ieee":
         return dataclasses.replace(config, block_n=min(config.block_n, 64), block_k=min(config.block_k, 16))
-    return dataclasses.replace(config, block_n=min(config.block_n, 128))
+    return dataclasses.replace(config, block_n=min(config.block_n, 64 if dtype == torch.float32 else 128))
 
 
 class _ForwardPlan:
