@@ -12,7 +12,8 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from helpers import assert_close
-from lora_kernels import AdapterTerm, FusedLoRALinear, LoRAConfig, lora_linear_mixed, quant
+from lora_kernels import (AdapterTerm, FusedLoRALinear, LoRAConfig, lora_linear_mixed, merge_and_unload, quant,
+                          replace_linear_with_fused_lora)
 from lora_kernels.backends import draw_seed_tensor
 from lora_kernels.backends import torch as torch_backend
 from lora_kernels.dora import dora_linear, weight_norm
@@ -330,3 +331,22 @@ def test_autocast_computes_in_the_autocast_dtype_and_returns_fp32_gradients():
     for name, grad in expected_grads.items():
         assert got_grads[name].dtype == torch.float32, name
         assert_close(got_grads[name], grad, torch.bfloat16, "d" + name)
+
+
+@pytest.mark.parametrize("fmt", [None, "nf4"])
+def test_merge_and_unload_gives_plain_linears_with_the_dora_outputs(fmt):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 32))
+    replace_linear_with_fused_lora(model, rank=4, target_modules="all-linear", use_dora=True, quantize=fmt)
+    for name, param in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(param, 0, 0.1)
+        if name.endswith("lora_magnitude"):
+            param.data.mul_(1 + 0.3 * torch.rand_like(param))
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        expected = model(x).double()
+        merge_and_unload(model)
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    with torch.no_grad():
+        assert_close(model(x), expected, torch.float32, "merged")
