@@ -677,6 +677,11 @@ def clear_plans() -> None:
     _BACKWARD_PLANS.clear()
 
 
+def _consumer_fp32(t: torch.Tensor) -> bool:
+    """An fp32 tensor on sm86/sm89 (``configs.consumer_sm8x``), where a few DoRA tiles that fit sm80 spill."""
+    return t.dtype == torch.float32 and _configs.consumer_sm8x(_configs._device_info(t.device)[0])
+
+
 def _dora_gemm_config(config: KernelConfig, dora_dropout: bool, dtype: torch.dtype) -> KernelConfig:
     """A DoRA GEMM with dropout carries two fp32 accumulators: N tiles of at most 128 (two 128x256 ones
     would need 256 registers per thread at 8 warps), 64 in IEEE fp32, whose CUDA-core dots also keep their
@@ -832,9 +837,12 @@ class _BackwardPlan:
         self.grad_y_pass = None
         self.grad_s_sum = None
         if self.need_grad_s or need_lora_B or need_bias or need_grad_col_scale:
-            # DoRA's dY pass also holds c ⊙ dY and a Z tile: rank blocks of 64 spilled 48 B at 4 warps on sm80
+            # DoRA's dY pass also holds c ⊙ dY and a Z tile: rank blocks of 64 spilled 48 B at 4 warps on sm80,
+            # and IEEE fp32 at 4 warps 4 B on sm86/sm89
             max_block_r = cfgs.max_block_r if dora is None else min(cfgs.max_block_r, 32)
             cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, max_block_r)
+            if dora is not None and _consumer_fp32(grad_y) and cfg.num_warps == 4:
+                cfg = dataclasses.replace(cfg, num_warps=8)
             m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
             splits, tiles_per_split = split_reduction(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n),
                                                       cfgs.target_programs, cfgs.min_split_tiles)
@@ -902,11 +910,13 @@ class _BackwardPlan:
         if _autotune_enabled(device):
             tune = (("grad_input", device, dtype, _bucket(m), k, n), self._scratch_gemm(grad_y, weight, k))
         dora = self._grad_input_dora()
+        max_block_r = cfgs.grad_input_block_cap()
+        if dora[2] and _consumer_fp32(grad_y):  # two accumulators: a TF32 rank block of 32 spilled 4 B on sm86/89
+            max_block_r = min(max_block_r, 16)
         self.grad_x_gemm = _matmul_launch(m, k, n, rank, has_bias=False, has_lora=True,
                                           has_dropout=has_dropout and self.dora is None,
                                           config=_dora_gemm_config(cfgs.grad_input, dora[2], dtype),
-                                          max_block_r=cfgs.grad_input_block_cap(), precision=precision, tune=tune,
-                                          dora=dora)
+                                          max_block_r=max_block_r, precision=precision, tune=tune, dora=dora)
         self.grad_x_ints = (m, k, n, rank, grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
                             k, 1, 0, rank, 1, lora_A.stride(0), lora_A.stride(1))
 
