@@ -837,12 +837,14 @@ class _BackwardPlan:
         self.grad_y_pass = None
         self.grad_s_sum = None
         if self.need_grad_s or need_lora_B or need_bias or need_grad_col_scale:
-            # DoRA's dY pass also holds c ⊙ dY and a Z tile: rank blocks of 64 spilled 48 B at 4 warps on sm80,
-            # and IEEE fp32 at 4 warps 4 B on sm86/sm89
+            # DoRA's dY pass also holds c ⊙ dY and a Z tile: rank blocks of 64 spilled 48 B at 4 warps on sm80.
+            # In fp32 on sm86/sm89, 4 B spilled at 32x32 tiles (4 and 8 warps) and at rank blocks of 32 (8 warps,
+            # 128 registers): 32x16 tiles, rank blocks of 16 and 8 warps there.
             max_block_r = cfgs.max_block_r if dora is None else min(cfgs.max_block_r, 32)
-            cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, max_block_r)
-            if dora is not None and _consumer_fp32(grad_y) and cfg.num_warps == 4:
-                cfg = dataclasses.replace(cfg, num_warps=8)
+            consumer_fp32 = dora is not None and _consumer_fp32(grad_y)
+            cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, 16 if consumer_fp32 else max_block_r)
+            if consumer_fp32:
+                cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, 16), num_warps=max(cfg.num_warps, 8))
             m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
             splits, tiles_per_split = split_reduction(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n),
                                                       cfgs.target_programs, cfgs.min_split_tiles)
