@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Tuple, Union
 
@@ -119,8 +120,18 @@ def fuse_peft_model(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     if not plan:
         raise ValueError("the model has no PEFT LoRA linear layers to convert")
 
+    stacked_dora = []
     for path, module, adapters in plan:
-        _set_submodule(peft_model, path, _fused_layer(module, adapters, backend))
+        layer = _fused_layer(module, adapters, backend)
+        _set_submodule(peft_model, path, layer)
+        if len(layer.active_adapters) > 1 and any(layer.lora_configs[n].use_dora for n in layer.active_adapters):
+            stacked_dora.append(path)
+    if stacked_dora:
+        warnings.warn(f"fuse_peft_model: {len(stacked_dora)} layers (e.g. {stacked_dora[0]!r}) have several active "
+                      "adapters, one of them DoRA: ours add every adapter's term over the base, while PEFT without "
+                      "dropout (and in eval) lets each DoRA adapter rescale the output of the adapters before it, "
+                      "so outputs differ from PEFT's there; activate one adapter at a time for PEFT's outputs",
+                      stacklevel=2)
     if callable(getattr(peft_model, "get_base_model", None)) and isinstance(getattr(peft_model, "peft_config", None),
                                                                           dict):
         _route_peft_methods(peft_model)

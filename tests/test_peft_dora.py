@@ -9,6 +9,7 @@ seed our layer draws and applies the mask our backend regenerates from it: both 
 elements and their losses and gradients must agree to fp32 rounding.
 """
 import json
+import warnings
 
 import pytest
 import torch
@@ -267,3 +268,17 @@ def test_half_precision(tmp_path, dtype, backend):
     for name, p in params.items():
         bound = relative_error(peft_half[name], expected[name]) + TOLERANCES[dtype]
         assert relative_error(p.grad, expected[name]) <= bound, f"grad of {name}"
+
+
+def test_fuse_warns_where_several_active_adapters_include_dora():
+    """PEFT without dropout lets a second active DoRA adapter rescale the first's output; ours add the terms
+    (README), so converting such a model says where outputs will differ from PEFT's."""
+    model = peft_dora()
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True))
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.warns(UserWarning, match=r"2 layers .*several active adapters, one of them DoRA"):
+        fuse_peft_model(model)
+    single = peft_dora()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fuse_peft_model(single)  # one active adapter: no warning
