@@ -34,7 +34,7 @@ from atomic_io import (READ_ERRORS, SAFETENSORS_ERRORS, atomic_write, file_error
 from .adapters import active_adapters, adapter_names, lora_state_dict, resolve_adapter_name, set_adapter
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name, is_finite_number
 from .fsdp import check_not_sharded
-from .init import converted_adapters
+from .init import converted_adapters, residual_init_problem
 from .modules import FusedLoRALinear
 from .replace import _set_submodule, iter_lora_layers
 
@@ -354,6 +354,12 @@ def _dora_problem(name: str, magnitude: Optional[torch.Tensor], use_dora: bool, 
     return None
 
 
+def _new_config(settings: dict, rank: int, init: Optional[str]) -> LoRAConfig:
+    """The config of a new adapter from a file's layer settings, with ``init`` when one is given."""
+    config = LoRAConfig.from_layer_settings(settings, rank)
+    return config if init is None else config.replace(init=init)
+
+
 def apply_lora_tensors(
     model: nn.Module,
     tensors: Dict[str, torch.Tensor],
@@ -363,6 +369,7 @@ def apply_lora_tensors(
     backend: str = "auto",
     adapter_name: str = DEFAULT_ADAPTER,
     with_magnitudes: bool = False,
+    init: Optional[str] = None,
 ) -> nn.Module:
     """The checks and the in-place load behind :func:`load_lora` (also used for PEFT adapters).
 
@@ -377,6 +384,10 @@ def apply_lora_tensors(
             ``use_dora`` without one is refused). False: a DoRA layer may come without it (the caller sets it
             afterwards, as ``load_peft_adapter`` does; a new DoRA adapter starts at ‖W + s·B·A‖ meanwhile); a
             magnitude given is checked and loaded either way.
+        init: an initialisation that rewrites the base (``"pissa"``, ``"olora"``) for the new adapters: each
+            runs on its layer's weight (the residual stays in the base, as PEFT does when it loads an adapter
+            saved with that ``init_lora_weights``) before the file's A and B replace the initial ones. A layer
+            that already has the adapter is refused then (its base would be decomposed a second time).
 
     Raises:
         ValueError: non-finite or non-float tensors, unpaired or unknown keys, settings of the wrong type
@@ -418,18 +429,30 @@ def apply_lora_tensors(
         if isinstance(module, FusedLoRALinear):
             if module.merged:
                 problems.append(f"{name}: the layer is merged; unmerge it before loading an adapter")
+            elif has_it and init is not None:
+                problems.append(f"{name}: adapter {adapter!r} exists; an adapter saved with init {init!r} needs its "
+                                "base decomposed when it is added (delete the adapter first, or load it under "
+                                "another adapter_name)")
             elif has_it:
                 configs[name] = module.lora_configs[adapter].replace(
                     **{k: settings[k] for k in ("alpha", "use_rslora") if k in settings})
             else:
-                configs[name] = LoRAConfig.from_layer_settings(settings, rank)
+                configs[name] = _new_config(settings, rank, init)
+                problem = residual_init_problem(configs[name], module.in_features, module.out_features,
+                                                module.quantize)
+                if problem is not None:
+                    problems.append(f"{name}: {problem}")
             continue
         # Built now, attached only once everything checked out: a refused layer (e.g. an nn.Linear
         # subclass with its own forward) leaves the model untouched.
-        try:
+        problem = residual_init_problem(_new_config(settings, rank, init), module.in_features, module.out_features,
+                                        None)
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
+            continue
+        try:  # with the file's init applied once everything checked out (it rewrites the shared weight)
             new_layers[name] = FusedLoRALinear.from_linear(
-                module, config=LoRAConfig.from_layer_settings(settings, rank), backend=backend,
-                adapter_name=adapter)
+                module, config=_new_config(settings, rank, None), backend=backend, adapter_name=adapter)
         except (TypeError, ValueError) as err:
             problems.append(f"{name}: {err}")
     if strict:
@@ -447,6 +470,9 @@ def apply_lora_tensors(
         if module is not None:
             module.set_adapter(active, strict=False)
             _set_submodule(model, name, module)
+            if init is not None:  # the base decomposed now, as PEFT does on loading; A and B are replaced below
+                module.lora_configs[adapter] = module.lora_configs[adapter].replace(init=init)
+                module.reset_lora_parameters(adapter)
         else:
             module = available[name]
             if adapter in module.lora_configs:

@@ -17,9 +17,12 @@ An adapter directory, as ``peft.PeftModel.save_pretrained`` writes it:
 
 Plain LoRA and DoRA on ``nn.Linear`` layers are supported. The other PEFT LoRA variants, LoRA on
 embeddings or convolutions, ``fan_in_fan_out`` (GPT-2's ``Conv1D``), trained biases, ``modules_to_save``
-and initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, ...) are refused with a
-message naming them when loading; our own PiSSA / OLoRA adapters are saved converted to a plain LoRA for the
-original base, as PEFT's ``path_initial_model_for_weight_conversion`` does (:mod:`lora_kernels.init`).
+and initialisations that rewrite the base weights in a way we do not repeat (``pissa_niter_<n>``, which is
+randomized, CorDA, LoftQ, ...) are refused with a message naming them when loading. A file saved as-is with
+``init_lora_weights: "pissa"`` or ``"olora"`` loads as PEFT loads it: each new adapter decomposes its layer's
+base first (the residual stays in the base), then takes the file's A and B. Our own PiSSA / OLoRA adapters are
+saved converted to a plain LoRA for the original base by default, as PEFT's
+``path_initial_model_for_weight_conversion`` does (:mod:`lora_kernels.init`).
 Reading and writing files needs neither ``peft`` nor ``transformers``. The
 conversion of a live ``PeftModel`` (:func:`lora_kernels.fuse_peft_model`, which needs ``peft``) is in
 :mod:`lora_kernels.peft_live`.
@@ -77,6 +80,8 @@ _UNSUPPORTED_FIELDS = {
 }
 # init_lora_weights values that leave the base weights alone (every other value rewrites them on load).
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Deterministic inits that rewrite the base: loading decomposes the base again as PEFT does (lora_kernels.init).
+_BASE_INITS = ("pissa", "olora")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,10 +310,10 @@ def _read_config(directory: Path) -> Dict[str, Any]:
     if config.get("bias", "none") != "none":
         problems.append(f"trained base biases (bias={config['bias']!r})")
     init = config.get("init_lora_weights", True)
-    if not any(init is plain or (isinstance(plain, str) and init == plain) for plain in _PLAIN_INITS):
+    if not any(init is plain or (isinstance(plain, str) and init == plain) for plain in _PLAIN_INITS + _BASE_INITS):
         problems.append(f"init_lora_weights={init!r}, which rewrites the base weights when PEFT loads the adapter "
-                        "(convert it to plain LoRA with PEFT's save_pretrained(..., "
-                        "path_initial_model_for_weight_conversion=...) first)")
+                        "in a way lora_kernels does not repeat (randomized or data-dependent; convert it to plain "
+                        "LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...) first)")
     if problems:
         raise ValueError(f"{where} uses PEFT features that lora_kernels does not support: " + "; ".join(problems))
 
@@ -435,8 +440,9 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, backend: str = "aut
         raise ValueError(f"PEFT adapter {str(directory)!r} contradicts its config or the model: "
                          + "; ".join(mismatched[:10]))
 
+    init = config.get("init_lora_weights", True)
     apply_lora_tensors(model, tensors, layer_meta, source=directory, strict=True, backend=backend,
-                       adapter_name=adapter_name)
+                       adapter_name=adapter_name, init=init if init in _BASE_INITS else None)
     with torch.no_grad():  # checked above: every DoRA layer of the file has its magnitude, of its out_features
         for name, magnitude in magnitudes.items():
             model.get_submodule(name).lora_magnitude_of(adapter_name).copy_(magnitude)

@@ -18,6 +18,7 @@ from lora_kernels import (
     LoRAConfig,
     delete_adapter,
     load_lora,
+    load_peft_adapter,
     lora_state_dict,
     replace_linear_with_fused_lora,
     save_lora,
@@ -251,6 +252,41 @@ def test_as_is_adapter_loads_in_peft_by_decomposing_again(tmp_path, init):
     assert_close(loaded(IDS).logits, model(IDS).logits, torch.float32, "logits")
     save_lora(model, tmp_path / "as_is.safetensors", convert_to_lora=False)
     assert load_file(str(tmp_path / "as_is.safetensors"))["model.layers.0.self_attn.q_proj.lora_A"].shape[0] == 4
+    # and in ours, as PEFT loads it: the original base decomposed again, then the file's A and B
+    ours = load_peft_adapter(tiny_transformers("llama").eval(), tmp_path, backend="torch")
+    assert_close(ours(IDS).logits, model(IDS).logits, torch.float32, "logits (load_peft_adapter)")
+    layer = ours.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.lora_configs["default"].init == init and layer.lora_initial_of() is not None
+
+
+@needs_peft
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_s_as_is_adapter_loads_without_peft(tmp_path, init):
+    """PEFT's own save_pretrained of a PiSSA / OLoRA model (init_lora_weights kept): our loader decomposes the
+    original base as PeftModel.from_pretrained does, before anything else changes; a randomized init is refused."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_transformers("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                                                       init_lora_weights=init))
+    torch.manual_seed(1)
+    with torch.no_grad():  # training, a little: PEFT's own A and B moved
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05 * p.abs().max())
+    peft_model.save_pretrained(tmp_path)
+    expected = PeftModel.from_pretrained(tiny_transformers("llama").eval(), tmp_path).eval()(IDS).logits
+    assert (expected - tiny_transformers("llama").eval()(IDS).logits).abs().max() > 1e-3  # the adapter matters
+    ours = load_peft_adapter(tiny_transformers("llama").eval(), tmp_path, backend="torch")
+    assert_close(ours(IDS).logits, expected, torch.float32, "logits")
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(config, init_lora_weights="pissa_niter_4")))
+    base = tiny_transformers("llama").eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="pissa_niter_4.*randomized"):
+        load_peft_adapter(base, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
 @needs_peft

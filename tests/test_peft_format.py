@@ -277,7 +277,8 @@ def write_adapter(directory, config_changes=(), tensors=None):
     ({"peft_type": "IA3"}, "only LoRA adapters"),
     ({"alora_invocation_tokens": [1, 2]}, "aLoRA"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out.*Conv1D"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'.*rewrites the base weights"),
+    ({"init_lora_weights": "pissa_niter_16"}, "init_lora_weights='pissa_niter_16'.*rewrites the base weights"),
+    ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq'.*rewrites the base weights"),
     ({"bias": "lora_only"}, "trained base biases"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
 ])
