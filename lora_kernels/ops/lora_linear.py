@@ -845,6 +845,10 @@ class _BackwardPlan:
             cfg, block_r = cfgs.grad_output_pass, _rank_block(rank, 16 if consumer_fp32 else max_block_r)
             if consumer_fp32:
                 cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, 16), num_warps=max(cfg.num_warps, 8))
+            elif dora is not None and grad_y.element_size() == 2 and cfg.block_m > 64:
+                # sm90's 128- and 256-row 16-bit blocks spilled 4-248 B with the DoRA tiles (the full sweep):
+                # DoRA takes sm8x's 64 rows and 4 warps there
+                cfg = dataclasses.replace(cfg, block_m=64, num_warps=4)
             m_blocks, r_blocks = triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r)
             splits, tiles_per_split = split_reduction(m_blocks * r_blocks, triton.cdiv(n, cfg.block_n),
                                                       cfgs.target_programs, cfgs.min_split_tiles)
