@@ -136,7 +136,9 @@ def _in_x_dtype(x, weight, bias, lora_A, lora_B) -> Tuple[torch.Tensor, torch.Te
             f"weight and bias must have x's dtype {x.dtype}, got weight {weight.format if quantized else weight.dtype}"
             + (f", bias {bias.dtype}" if bias is not None else "")
         )
-    return lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:  # no .to() calls on the hot path when they match
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return lora_A, lora_B
 
 
 def _save_for_backward(ctx, x2d, weight, lora_A, lora_B, s, seed) -> None:
