@@ -42,7 +42,9 @@ from .backends import backend_for, draw_seed_tensor, resolve_backend
 from .backends import torch as torch_backend
 from .dora import dora_impl, scaled_lora_linear, weight_norm
 from .functional import _autocast_enabled, _eager_inputs, _LoRALinearFunction, _outside_autocast, _quantized, _rows
+from .pool import Slots, stack_adapters
 from .reference import lora_linear_mixed_reference, lora_linear_stacked_reference
+from .segmented import build_plan, row_layout, segmented_lora_linear
 
 
 class AdapterTerm(NamedTuple):
@@ -118,6 +120,8 @@ def lora_linear_mixed(
     row_adapter: Union[torch.Tensor, Sequence[Optional[int]]],
     training: bool = True,
     backend: str = "auto",
+    segmented: Union[str, bool] = "auto",
+    store: Optional[Slots] = None,
 ) -> torch.Tensor:
     """LoRA linear over a batch whose rows use different adapters (see the module docstring).
 
@@ -130,13 +134,19 @@ def lora_linear_mixed(
             an int64 tensor on x's device avoids a copy per call.
         training: dropout is applied only when True.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"``.
+        segmented: ``"auto"`` picks the segmented path (:mod:`lora_kernels.segmented`, each row at its own
+            rank) or the concatenation by :func:`segments_pay`; True / False force one (DoRA adapters always
+            run the concatenation).
+        store: where the adapters already sit in stacked storage (a layer's
+            :class:`lora_kernels.pool.AdapterPool`), ``store.slots[a]`` the slot of ``adapters[a]``; None
+            stacks them for the call when the segmented path runs.
 
     Returns:
         (B, ..., out_features) in x's dtype.
 
     Raises:
         ValueError: x has no leading dimension, ``row_adapter`` has another length than B or an index
-            outside [-1, len(adapters)), shapes that do not fit.
+            outside [-1, len(adapters)), shapes that do not fit, an unknown ``segmented``.
     """
     if x.dim() < 2:
         raise ValueError(f"a mixed batch needs x of shape (B, ..., in_features), got shape {tuple(x.shape)}")
@@ -151,6 +161,8 @@ def lora_linear_mixed(
                 or term.lora_A.shape[1] != x.shape[-1]:
             raise ValueError(f"adapter {a}: lora_A {tuple(term.lora_A.shape)} and lora_B {tuple(term.lora_B.shape)} "
                              f"do not fit a {x.shape[-1]}->{out_features} layer")
+    if segmented not in ("auto", True, False):
+        raise ValueError(f"segmented must be 'auto', True or False, got {segmented!r}")
     name = resolve_backend(backend, x)
     ps = [float(term.dropout_p) if training else 0.0 for term in adapters]
     if n == 0:
@@ -164,6 +176,10 @@ def lora_linear_mixed(
         terms = _reference_terms(adapters, x.dtype)
         return lora_linear_mixed_reference(x, dense, bias, terms, index.masked_fill(index == n, -1), masks, realised)
 
+    dora = any(t.magnitude is not None for t in adapters)
+    layout = row_layout(index.masked_fill(index == n, -1))
+    if not dora and (segmented is True or segmented == "auto" and segments_pay(adapters, layout.host)):
+        return _segmented(x, weight, bias, adapters, layout, training, name, store, seed)
     uniform_p = len(set(ps)) == 1
     impl = backend_for(backend, name, _quantized(weight))
     if name == "triton" and not uniform_p:
@@ -178,13 +194,70 @@ def lora_linear_mixed(
         p_table = torch.tensor(ps + [0.0], dtype=torch.float64, device=x.device)
         dropout_p = p_table.index_select(0, index).repeat_interleave(rows_per_entry)
     lora_As, lora_Bs = [t.lora_A for t in adapters], [t.lora_B for t in adapters]
-    if any(t.magnitude is not None for t in adapters):  # DoRA rows: one column scale per batch row (G = B)
+    if dora:  # DoRA rows: one column scale per batch row (G = B)
         col_scale = _dora_row_scales(adapters, weight, x, index, backend)
         lora_A, lora_B = _concatenated(lora_As, lora_Bs, x.dtype)
         impl = torch_backend.KERNEL_MASK if impl is torch_backend.KERNEL_MASK else dora_impl(backend, name,
                                                                                               _quantized(weight))
         return scaled_lora_linear(x, weight, bias, lora_A, lora_B, col_scale, scale, dropout_p, seed, backend, impl)
     return _scaled_lora_linear(x, weight, bias, lora_As, lora_Bs, scale, dropout_p, seed, impl)
+
+
+# The segmented path's fixed cost beside the concatenation, in rank columns per token: its extra passes
+# (a gather of each row's adapter, batched matmuls per rank, the gradients summed per slot). Measured on the
+# CPU with benchmarks/mixed_batch.py (--adapters 2..8): the concatenation wins at 2 adapters of equal rank and
+# the segmented path from 3 up; the Triton kernels' extra launches cost about the same.
+SEGMENT_OVERHEAD_RANKS = 16
+
+
+def segments_pay(adapters: Sequence[AdapterTerm], row_slots: Optional[Sequence[int]] = None) -> bool:
+    """True when the segmented path is predicted cheaper than the concatenation: the concatenation pays Σr
+    rank columns on every token, the segmented path each row's own rank (the largest when the rows are not
+    known on the host) plus :data:`SEGMENT_OVERHEAD_RANKS`."""
+    ranks = [t.lora_A.shape[0] for t in adapters]
+    if len(ranks) < 2:
+        return False
+    if row_slots:
+        own = sum(ranks[a] if a >= 0 else 0 for a in row_slots) / len(row_slots)
+    else:
+        own = max(ranks)
+    return sum(ranks) > own + SEGMENT_OVERHEAD_RANKS
+
+
+def _segmented_impl(name: str, x: torch.Tensor):
+    """The primitives of the segmented path: the Triton kernels where they run, else the torch backend (with
+    the kernels' mask wherever the kernels would have run, so that masks agree across a fallback)."""
+    if name == "triton":
+        from .backends.triton import segmented_kernels
+        kernels = segmented_kernels()
+        if kernels is not None:
+            return kernels
+        return torch_backend.KERNEL_MASK
+    return torch_backend.DEFAULT
+
+
+def _segmented(x, weight, bias, adapters: Sequence[AdapterTerm], layout, training: bool, name: str,
+               store: Optional[Slots], seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`lora_linear_mixed` on the segmented path (:mod:`lora_kernels.segmented`)."""
+    x2d = _rows(x)
+    if store is None or store.a_store.dtype != x.dtype and name == "triton":
+        store = stack_adapters([(t.lora_A, t.lora_B) for t in adapters], x.dtype)
+    slots = store.slots
+    count = store.a_store.shape[0]
+    scalings, ps = [0.0] * count, [0.0] * count
+    for slot, term in zip(slots, adapters):
+        scalings[slot], ps[slot] = float(term.scaling), float(term.dropout_p)
+    slot_table = torch.tensor(list(slots) + [-1], dtype=torch.int64).to(x.device)
+    row_slot = slot_table.index_select(0, layout.row_slot.masked_fill(layout.row_slot < 0, len(slots)))
+    host = None if layout.host is None else tuple(slots[a] if a >= 0 else -1 for a in layout.host)
+    batch = x.shape[0]
+    plan = build_plan(row_layout(row_slot, host), x2d.shape[0] // batch if batch else 0, store.ranks, scalings, ps,
+                      slots, training)
+    params = [p for t in adapters for p in (t.lora_A, t.lora_B)]
+    used = [(slot, t.lora_A.shape[0]) for slot, t in zip(slots, adapters)]
+    y = segmented_lora_linear(x2d, weight, bias, store.a_store, store.b_store, plan, used, params, seed,
+                              _segmented_impl(name, x))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _concatenated(lora_As, lora_Bs, dtype) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -322,6 +322,159 @@ class TorchBackend:
         return squares.clamp_(min=0).sqrt_()
 
 
+    # ---------------------------------------------------------------------------------------- segments
+    # Many adapters in one batch, each batch row at its own adapter's rank (lora_kernels.segmented): the six
+    # primitives of SegmentedBackend, as batched matmuls over the batch rows of each rank group
+    # (plan.groups: one bmm per distinct rank, never a loop over adapters).
+
+    def _segment_drop(self, plan, seed: Seed, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """True where x (M, K) is dropped (each token at its row's p), or None without dropout."""
+        if not plan.dropout:
+            return None
+        return self.drop_mask(seed, x.shape, plan.dropout_p, x.device)
+
+    def _inv_keep_rows(self, plan, like: torch.Tensor, rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """1/(1-p) per batch row of a group (b,), in ``like``'s dtype; None without dropout."""
+        if not plan.dropout:
+            return None
+        realised = self.realised_p(plan.row_p, like.device)
+        inv = (1.0 / (1.0 - realised)).to(device=like.device, dtype=like.dtype)
+        return inv if rows is None else inv.index_select(0, rows)
+
+    def segmented_shrink(self, x: torch.Tensor, a_store: torch.Tensor, plan, seed: Seed) -> torch.Tensor:
+        """S (M, R): each token's x̃·A_slotᵀ at its slot's rank (0 beyond it and for rows without adapter)."""
+        drop = self._segment_drop(plan, seed, x)
+        source = x if drop is None else torch.where(drop, 0, x)
+        rows3 = source.view(plan.batch_rows, plan.tokens_per_row, x.shape[1])
+        s = x.new_zeros((plan.batch_rows, plan.tokens_per_row, plan.rank_bound))
+        for group in plan.groups:
+            a = _slot_weights(a_store, group, x.shape[1], x.dtype)  # (b, r, K)
+            part = torch.bmm(_pick(rows3, group.rows), a.transpose(1, 2))  # (b, T, r)
+            factor = group.valid
+            inv_keep = self._inv_keep_rows(plan, part, group.rows)
+            if inv_keep is not None:
+                factor = inv_keep if factor is None else factor * inv_keep
+            if factor is not None:
+                part.mul_(factor.to(part.dtype)[:, None, None])
+            _put(s, group.rows, group.rank, part)
+        return s.view(-1, plan.rank_bound)
+
+    def segmented_expand(self, s: torch.Tensor, b_store: torch.Tensor, plan, out: torch.Tensor) -> None:
+        """out (M, N) += s_slot · S[:, :r] · B_slotᵀ per token, in place."""
+        s3 = s.view(plan.batch_rows, plan.tokens_per_row, -1)
+        out3 = out.view(plan.batch_rows, plan.tokens_per_row, out.shape[1])
+        for group in plan.groups:
+            b = _slot_weights(b_store, group, out.shape[1], out.dtype, transposed=True)  # (b, N, r)
+            part = _pick(s3, group.rows)[:, :, :group.rank] * group.scale.to(s.dtype)[:, None, None]
+            _add(out3, group.rows, part, b.transpose(1, 2))
+
+    def segmented_grad_s(self, grad_y: torch.Tensor, b_store: torch.Tensor, plan) -> torch.Tensor:
+        """dS (M, R) = s_slot · dY·B_slot (· 1/(1-p)), 0 beyond each slot's rank."""
+        dy3 = grad_y.view(plan.batch_rows, plan.tokens_per_row, grad_y.shape[1])
+        grad_s = grad_y.new_zeros((plan.batch_rows, plan.tokens_per_row, plan.rank_bound))
+        for group in plan.groups:
+            b = _slot_weights(b_store, group, grad_y.shape[1], grad_y.dtype, transposed=True)  # (b, N, r)
+            part = torch.bmm(_pick(dy3, group.rows), b)
+            factor = group.scale
+            inv_keep = self._inv_keep_rows(plan, part, group.rows)
+            if inv_keep is not None:
+                factor = factor.to(part.dtype) * inv_keep
+            part.mul_(factor.to(part.dtype)[:, None, None])
+            _put(grad_s, group.rows, group.rank, part)
+        return grad_s.view(-1, plan.rank_bound)
+
+    def segmented_grad_x(self, grad_s: torch.Tensor, a_store: torch.Tensor, plan, seed: Seed,
+                         grad_x: torch.Tensor) -> None:
+        """grad_x (M, K) += keep ⊙ (dS · A_slot) per token, in place."""
+        ds3 = grad_s.view(plan.batch_rows, plan.tokens_per_row, -1)
+        width = grad_x.shape[1]
+        drop = self._segment_drop(plan, seed, grad_x)
+        if drop is None:
+            gx3 = grad_x.view(plan.batch_rows, plan.tokens_per_row, width)
+            for group in plan.groups:
+                a = _slot_weights(a_store, group, width, grad_s.dtype)
+                _add(gx3, group.rows, _pick(ds3, group.rows)[:, :, :group.rank], a)
+            return
+        term = torch.zeros_like(grad_x)
+        term3 = term.view(plan.batch_rows, plan.tokens_per_row, width)
+        for group in plan.groups:
+            a = _slot_weights(a_store, group, width, grad_s.dtype)
+            _add(term3, group.rows, _pick(ds3, group.rows)[:, :, :group.rank], a)
+        grad_x.add_(term.masked_fill_(drop, 0))
+
+    def segmented_grad_a(self, grad_s: torch.Tensor, x: torch.Tensor, plan, seed: Seed,
+                         store: torch.Tensor) -> torch.Tensor:
+        """The gradients of every slot's A, in a tensor shaped and typed like ``store`` (P, R_cap·K): slot i's
+        first r_i·K values are Σ over its rows of dSᵀ·(keep ⊙ x), the rest 0."""
+        drop = self._segment_drop(plan, seed, x)
+        source = x if drop is None else torch.where(drop, 0, x)
+        x3 = source.view(plan.batch_rows, plan.tokens_per_row, x.shape[1])
+        ds3 = grad_s.view(plan.batch_rows, plan.tokens_per_row, -1)
+        grads = torch.zeros_like(store)
+        for group in plan.groups:
+            per_row = torch.bmm(_pick(ds3, group.rows)[:, :, :group.rank].transpose(1, 2), _pick(x3, group.rows))
+            _sum_into_slots(grads, group, per_row.reshape(per_row.shape[0], -1))
+        return grads
+
+    def segmented_grad_b(self, grad_y: torch.Tensor, s: torch.Tensor, plan, store: torch.Tensor) -> torch.Tensor:
+        """The gradients of every slot's B, shaped and typed like ``store`` (P, R_cap·N): slot i's first
+        N·r_i values are s_i · Σ over its rows of dYᵀ·S[:, :r_i] as (N, r_i) row-major, the rest 0."""
+        dy3 = grad_y.view(plan.batch_rows, plan.tokens_per_row, grad_y.shape[1])
+        s3 = s.view(plan.batch_rows, plan.tokens_per_row, -1)
+        grads = torch.zeros_like(store)
+        for group in plan.groups:
+            scaled = _pick(s3, group.rows)[:, :, :group.rank] * group.scale.to(s.dtype)[:, None, None]
+            per_row = torch.bmm(_pick(dy3, group.rows).transpose(1, 2), scaled)  # (b, N, r)
+            _sum_into_slots(grads, group, per_row.reshape(per_row.shape[0], -1))
+        return grads
+
+
+def _pick(t3: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The batch rows of a group: all of them (no copy) or an index_select."""
+    return t3 if rows is None else t3.index_select(0, rows)
+
+
+def _put(out3: torch.Tensor, rows: Optional[torch.Tensor], rank: int, part: torch.Tensor) -> None:
+    """out3[rows, :, :rank] = part (a group over every row adds: rows outside it hold zeros in ``part``)."""
+    if rows is None:
+        out3[:, :, :rank].add_(part)
+    else:
+        out3[rows, :, :rank] = part
+
+
+def _add(out3: torch.Tensor, rows: Optional[torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> None:
+    """out3[rows] += left @ right (batched); the rows of a group are distinct, so index_add_ is exact."""
+    if rows is None:
+        out3.baddbmm_(left, right)
+    else:
+        out3.index_add_(0, rows, torch.bmm(left, right))
+
+
+def _slot_weights(store: torch.Tensor, group, width: int, dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
+    """Each row's adapter weight of a rank group from the pool store: A (b, r, K), or B (b, N, r) when
+    ``transposed`` (a slot holds A as (r, K) and B as (N, r), row-major, in its first r·width values)."""
+    rank = group.rank
+    flat = store.index_select(0, group.slots)[:, :rank * width]
+    shaped = flat.view(-1, width, rank) if transposed else flat.view(-1, rank, width)
+    return shaped.to(dtype)
+
+
+def _sum_into_slots(grads: torch.Tensor, group, per_row: torch.Tensor) -> None:
+    """grads[slot, :numel] += each row's gradient, summed over the rows sharing a slot in a fixed order: an
+    index_add_ on the CPU (sequential), a one-hot matmul elsewhere (index_add_ would use atomics)."""
+    numel = per_row.shape[1]
+    target = grads[:, :numel]
+    per_row = per_row.to(grads.dtype)
+    if group.valid is not None:  # a group over every row: rows of other ranks carry zeros, skip them
+        per_row = per_row * group.valid.to(per_row.dtype)[:, None]
+    if grads.device.type == "cpu":
+        target.index_add_(0, group.slots, per_row)
+    else:
+        one_hot = torch.zeros((grads.shape[0], per_row.shape[0]), dtype=per_row.dtype, device=grads.device)
+        one_hot[group.slots, torch.arange(per_row.shape[0], device=grads.device)] = 1
+        target.add_(one_hot @ per_row)
+
+
 def _row_chunks(rows: int, columns: int, elements: int = 1 << 22):
     """(start, stop) row ranges of at most ``elements`` values: a W cast to fp32 a chunk at a time."""
     step = max(1, elements // max(columns, 1))

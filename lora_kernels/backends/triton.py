@@ -39,6 +39,13 @@ def _triton_module(name: str = "lora_linear") -> Optional[ModuleType]:
         return None
 
 
+def segmented_kernels() -> Optional[ModuleType]:
+    """The Triton primitives of the segmented path (:mod:`lora_kernels.ops.segmented`, the
+    ``SegmentedBackend`` contract), or None where they do not import."""
+    module = _triton_module("segmented")
+    return module if module is not None and hasattr(module, "segmented_shrink") else None
+
+
 def triton_available() -> bool:
     """True when the Triton backend can be imported on this machine."""
     return _triton_module() is not None
