@@ -27,7 +27,9 @@ import torch.nn as nn
 
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
 from .init import check_residual_inits
+from .mixed import segments_pay
 from .modules import FusedLoRALinear
+from .pool import Slots
 from .replace import (Targets, _set_submodule, find_target_linears, iter_lora_layers,
                       mark_only_lora_as_trainable)
 
@@ -238,13 +240,15 @@ def lora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> Dic
 
 class _MixedRows:
     """What a layer needs inside :func:`mixed_adapters`: its path, the per-row names, and per device the
-    layer's own (adapter names, row index) so that repeated calls copy nothing."""
+    layer's own (adapter names, row index, where they sit in its pool) so that repeated calls copy nothing."""
 
     def __init__(self, path: str, names: Tuple[Optional[str], ...]):
         self.path, self.names = path, names
         self._cache = {}
 
-    def rows_for(self, layer, device: torch.device) -> Tuple[List[str], torch.Tensor]:
+    def rows_for(self, layer, device: torch.device) -> Tuple[List[str], torch.Tensor, Tuple[int, ...]]:
+        """(the adapters this layer has that some row uses, each row's index into them (-1: none) on
+        ``device``, the same indices on the host)."""
         key = (device, tuple(layer.lora_configs))
         cached = self._cache.get(key)
         if cached is None:
@@ -252,9 +256,19 @@ class _MixedRows:
             # base here, as set_adapter skips adapters a layer does not have.
             used = [name for name in layer.lora_configs if name in self.names]
             position = {name: a for a, name in enumerate(used)}
-            index = torch.tensor([position.get(name, -1) for name in self.names], dtype=torch.int64, device=device)
-            cached = self._cache[key] = (used, index)
+            host = tuple(position.get(name, -1) for name in self.names)
+            index = torch.tensor(host, dtype=torch.int64, device=device)
+            cached = self._cache[key] = (used, index, host)
         return cached
+
+    def store_for(self, layer, used: List[str], terms, host: Tuple[int, ...]) -> Optional[Slots]:
+        """Where ``used`` sit in the layer's adapter pool (placed there once per context), or None when the
+        segmented path is not predicted to pay or the parameters cannot be pooled."""
+        key = ("store", tuple(used))
+        if key not in self._cache:
+            pays = bool(terms) and all(t.magnitude is None for t in terms) and segments_pay(terms, host)
+            self._cache[key] = layer.pooled(used) if pays else None
+        return self._cache[key]
 
 
 @contextlib.contextmanager
@@ -307,4 +321,5 @@ def mixed_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
     finally:
         for layer, active in before:
             layer._mixed = None
+            layer.unpool()
             layer.set_adapter([name for name in active if name in layer.lora_configs], strict=False)

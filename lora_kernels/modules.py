@@ -66,6 +66,7 @@ from .dora import dora_linear, weight_norm
 from .functional import _rows, backend_names, lora_linear
 from .init import residual_factors, residual_init_problem
 from .mixed import AdapterTerm, lora_linear_mixed, lora_linear_stacked
+from .pool import AdapterPool, Slots
 
 
 def _check_backend(backend) -> None:
@@ -255,6 +256,7 @@ class FusedLoRALinear(nn.Module):
         self.register_state_dict_post_hook(_rename_saved_keys)
         self.lora_enabled = True  # False: run the base layer alone (see lora_kernels.disable_lora)
         self._mixed = None  # the per-row adapters inside lora_kernels.mixed_adapters (a _MixedRows)
+        self._pool = None  # the adapters' stacked storage for segmented mixed batches (an AdapterPool), made lazily
         self.register_buffer("_weight_before_merge", None, persistent=False)
         self.quantize, self.base_dtype = None, None  # set by quantize_base
         self.add_adapter(adapter_name, config, dtype=factory["dtype"], _stacklevel=4)
@@ -327,6 +329,8 @@ class FusedLoRALinear(nn.Module):
         if self._merged:
             raise RuntimeError(f"cannot delete adapter {name!r} from a merged layer; unmerge it first")
         self._restore_residual_base(name)
+        if self._pool is not None:
+            self._pool.release(name)
         del self.lora_configs[name]
         if name == DEFAULT_ADAPTER:
             self.lora_A, self.lora_B, self.lora_magnitude = None, None, None
@@ -642,9 +646,23 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"mixed_adapters: layer {mixed.path!r} got an input of shape {tuple(x.shape)} with "
                              f"{got}, but len(names) = {len(mixed.names)}; names must give one adapter per row "
                              "of the leading dimension of every LoRA layer's input")
-        used, index = mixed.rows_for(self, x.device)
-        return lora_linear_mixed(x, weight, self.bias, [self._adapter_term(name) for name in used], index,
-                                 training=self.training, backend=self.backend)
+        used, index, host = mixed.rows_for(self, x.device)
+        terms = [self._adapter_term(name) for name in used]
+        return lora_linear_mixed(x, weight, self.bias, terms, index, training=self.training, backend=self.backend,
+                                 store=mixed.store_for(self, used, terms, host))
+
+    def pooled(self, names: Sequence[str]) -> Optional[Slots]:
+        """Puts adapters ``names`` in this layer's :class:`lora_kernels.pool.AdapterPool` (their parameters become
+        views of their slots until :meth:`unpool`) and returns where they sit; None where they cannot share a
+        store (see :meth:`lora_kernels.pool.AdapterPool.place`)."""
+        if self._pool is None:
+            self._pool = AdapterPool(self.in_features, self.out_features)
+        return self._pool.place([(name, *self.lora_params(name)) for name in names])
+
+    def unpool(self) -> None:
+        """Gives the pooled parameters their own storage back (the pool keeps its slots for the next time)."""
+        if self._pool is not None:
+            self._pool.unalias()
 
     def _lora_term(self, x: torch.Tensor, name: str, weight) -> torch.Tensor:
         """``scaling · (dropout(x)·Aᵀ)·Bᵀ`` of adapter ``name``, differentiable by autograd; for a DoRA adapter

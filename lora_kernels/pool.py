@@ -3,15 +3,18 @@
 Slot i of a pool holds adapter i's ``lora_A`` (r_i, K) in ``a_store[i, :r_i·K]`` and its ``lora_B``
 (N, r_i) in ``b_store[i, :N·r_i]``, both row-major; the stores are (P, R_cap·K) and (P, R_cap·N), R_cap the
 largest rank held, so adapters of different ranks share them. The adapters' parameters stay ordinary
-``nn.Parameter`` objects (optimizers, state dicts and adapter files see no difference): the pool makes each
-one a view of its slot (``param.data = view``), and the segmented kernels read the stores directly, so a
-mixed batch of 64 adapters stacks nothing per call.
+``nn.Parameter`` objects (optimizers see no difference): the pool makes each one a view of its slot
+(``param.data = view``), and the segmented kernels read the stores directly, so a mixed batch of 64 adapters
+stacks nothing per call and an optimizer step inside a mixed batch updates the store itself.
 
-Adding an adapter takes a free slot and copies that adapter alone; deleting frees its slot; switching copies
-nothing. Only a pool that is full, or an adapter of a larger rank than R_cap, reallocates (capacity doubles),
-copying the adapters it holds once. Whatever replaces a parameter's storage behind the pool's back
-(``model.to(...)``, ``load_state_dict(assign=True)``, ``param.data = ...``) is noticed at the next
-:meth:`AdapterPool.place`, which puts the adapter back in (and starts a new store on a new device or dtype).
+The parameters are views of the pool only while :func:`lora_kernels.mixed_adapters` runs a batch through it
+(:meth:`AdapterPool.unalias` at the end of the context gives each its own storage back), so that outside a
+mixed batch they are ordinary tensors to every saver, optimizer and library (safetensors refuses tensors that
+share a storage). The pool keeps its slots between contexts: entering one copies each adapter into its own
+slot. Adding an adapter takes a free slot; deleting frees its slot; switching copies nothing. Only a pool
+that is full, or an adapter of a larger rank than R_cap, reallocates (capacity doubles). Whatever replaces a
+parameter's storage (``model.to(...)``, ``load_state_dict(assign=True)``, ``param.data = ...``) is noticed at
+the next :meth:`AdapterPool.place`, which puts the adapter back in (a new store on a new device or dtype).
 Parameters that are not plain tensors (FSDP2's DTensors) are not pooled: :meth:`AdapterPool.place` returns
 None and the caller stacks them for the call.
 """
@@ -78,6 +81,18 @@ class AdapterPool:
         return lora_A.data_ptr() == view_a.data_ptr() and lora_B.data_ptr() == view_b.data_ptr() \
             and lora_A.stride() == view_a.stride() and lora_B.stride() == view_b.stride()
 
+    def unalias(self) -> None:
+        """Gives every pooled parameter its own storage again (a copy of its slot) and keeps the slots, so the
+        next :meth:`place` copies each adapter back into its own slot without reallocating anything."""
+        if self.a_store is None:
+            return
+        stores = {self.a_store.untyped_storage().data_ptr(), self.b_store.untyped_storage().data_ptr()}
+        with torch.no_grad():
+            for held in self._params:
+                for param in held or ():
+                    if param.untyped_storage().data_ptr() in stores:
+                        param.data = param.data.clone()
+
     def release(self, name: str) -> None:
         """Frees ``name``'s slot (its parameters keep their values: they own a copy from then on)."""
         slot = self._slot.pop(name, None)
@@ -138,9 +153,12 @@ class AdapterPool:
         live = [(slot, p) for slot, p in enumerate(self._params) if p is not None and self._holds(slot, *p)]
         needed = len(live) + sum(1 for name in names if name not in self._slot or self._params[self._slot[name]] is None
                                  or not self._holds(self._slot[name], *self._params[self._slot[name]]))
-        capacity = max(self.capacity, needed, 1)
-        if self.a_store is not None and capacity == self.capacity and needed > self.capacity - free:
-            capacity *= 2  # room for the next adapters without another reallocation
+        if self.a_store is None:
+            capacity = max(needed, 1)
+        elif needed > self.capacity:
+            capacity = max(needed, 2 * self.capacity)  # room for the next adapters without another reallocation
+        else:
+            capacity = self.capacity  # a larger rank only
         factory = {"dtype": like.dtype, "device": like.device}
         self.a_store = torch.zeros((capacity, need_rank * self.in_features), **factory)
         self.b_store = torch.zeros((capacity, need_rank * self.out_features), **factory)
