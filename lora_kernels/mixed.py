@@ -242,22 +242,33 @@ def _segmented(x, weight, bias, adapters: Sequence[AdapterTerm], layout, trainin
     x2d = _rows(x)
     if store is None or store.a_store.dtype != x.dtype and name == "triton":
         store = stack_adapters([(t.lora_A, t.lora_B) for t in adapters], x.dtype)
+    batch = x.shape[0]
+    tokens = x2d.shape[0] // batch if batch else 0
+    key = (tokens, training)
+    plan = None if store.plans is None else store.plans.get(key)
+    if plan is None:
+        plan = _plan(store, adapters, layout, tokens, training, x.device)
+        if store.plans is not None:  # a layer's pool inside mixed_adapters: the row layout is fixed
+            store.plans[key] = plan
+    params = [p for t in adapters for p in (t.lora_A, t.lora_B)]
+    used = [(slot, t.lora_A.shape[0]) for slot, t in zip(store.slots, adapters)]
+    y = segmented_lora_linear(x2d, weight, bias, store.a_store, store.b_store, plan, used, params, seed,
+                              _segmented_impl(name, x))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _plan(store: Slots, adapters: Sequence[AdapterTerm], layout, tokens: int, training: bool, device):
+    """The :class:`lora_kernels.segmented.SegmentPlan` of a batch whose rows use ``adapters`` (``layout``: each
+    row's index into them) sitting in ``store``."""
     slots = store.slots
     count = store.a_store.shape[0]
     scalings, ps = [0.0] * count, [0.0] * count
     for slot, term in zip(slots, adapters):
         scalings[slot], ps[slot] = float(term.scaling), float(term.dropout_p)
-    slot_table = torch.tensor(list(slots) + [-1], dtype=torch.int64).to(x.device)
+    slot_table = torch.tensor(list(slots) + [-1], dtype=torch.int64).to(device)
     row_slot = slot_table.index_select(0, layout.row_slot.masked_fill(layout.row_slot < 0, len(slots)))
     host = None if layout.host is None else tuple(slots[a] if a >= 0 else -1 for a in layout.host)
-    batch = x.shape[0]
-    plan = build_plan(row_layout(row_slot, host), x2d.shape[0] // batch if batch else 0, store.ranks, scalings, ps,
-                      slots, training)
-    params = [p for t in adapters for p in (t.lora_A, t.lora_B)]
-    used = [(slot, t.lora_A.shape[0]) for slot, t in zip(slots, adapters)]
-    y = segmented_lora_linear(x2d, weight, bias, store.a_store, store.b_store, plan, used, params, seed,
-                              _segmented_impl(name, x))
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+    return build_plan(row_layout(row_slot, host), tokens, store.ranks, scalings, ps, slots, training)
 
 
 def _concatenated(lora_As, lora_Bs, dtype) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -26,13 +26,15 @@ import torch
 
 
 class Slots(NamedTuple):
-    """A store and where adapters sit in it: ``slots[a]`` is adapter a's slot (in the caller's order); per
-    slot of the store, ``ranks`` (0: free), ``scalings`` and ``dropouts``."""
+    """A store and where adapters sit in it: ``slots[a]`` is adapter a's slot (in the caller's order),
+    ``ranks`` the rank held in each slot of the store (0: free). ``plans`` (a dict, or None) lets the caller
+    keep the plans of a fixed row layout (:mod:`lora_kernels.segmented`) for as long as it keeps these slots."""
 
     a_store: torch.Tensor
     b_store: torch.Tensor
     slots: Tuple[int, ...]
     ranks: Tuple[int, ...]
+    plans: Optional[dict] = None
 
 
 class AdapterPool:
@@ -127,7 +129,7 @@ class AdapterPool:
                         slot = self._params.index(None)
                         self._slot[name] = slot
                     self._put(slot, lora_A, lora_B)
-        return Slots(self.a_store, self.b_store, tuple(self._slot[name] for name, _, _ in adapters), self.ranks())
+        return Slots(self.a_store, self.b_store, tuple(self._slot[name] for name, _, _ in adapters), self.ranks(), {})
 
     def _put(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         view_a, view_b = self._views(slot, lora_A.shape[0])

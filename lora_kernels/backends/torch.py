@@ -467,8 +467,9 @@ def _sum_into_slots(grads: torch.Tensor, group, per_row: torch.Tensor) -> None:
     per_row = per_row.to(grads.dtype)
     if group.valid is not None:  # a group over every row: rows of other ranks carry zeros, skip them
         per_row = per_row * group.valid.to(per_row.dtype)[:, None]
-    if grads.device.type == "cpu":
-        target.index_add_(0, group.slots, per_row)
+    if grads.device.type == "cpu":  # into a contiguous buffer: index_add_ on a strided slice is far slower
+        summed = torch.zeros((grads.shape[0], numel), dtype=grads.dtype, device=grads.device)
+        target.add_(summed.index_add_(0, group.slots, per_row))
     else:
         one_hot = torch.zeros((grads.shape[0], per_row.shape[0]), dtype=per_row.dtype, device=grads.device)
         one_hot[group.slots, torch.arange(per_row.shape[0], device=grads.device)] = 1
