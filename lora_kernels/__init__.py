@@ -10,7 +10,7 @@ Public API, in the groups of ``__all__``:
 * named adapters (:func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`adapter_names`,
   :func:`active_adapters`);
 * mixed batches with one adapter per row (:func:`mixed_adapters`, :func:`lora_linear_mixed`,
-  :class:`AdapterTerm`);
+  :class:`AdapterTerm`; many adapters at each row's own rank from a layer's :class:`AdapterPool`);
 * model-level helpers (:func:`replace_linear_with_fused_lora` and friends, :func:`lora_state_dict`);
 * adapter files (:func:`save_lora`, :func:`load_lora`; PEFT's format with :func:`save_peft_adapter`,
   :func:`load_peft_adapter`, and :func:`fuse_peft_model` for a live ``PeftModel``);
@@ -25,6 +25,7 @@ from .dora import dora_linear
 from .functional import lora_linear
 from .io import load_lora, save_lora
 from .mixed import AdapterTerm, lora_linear_mixed
+from .pool import AdapterPool
 from .modules import FusedLoRALinear
 from .optim import lora_param_groups
 from .peft_format import load_peft_adapter, save_peft_adapter
@@ -68,6 +69,7 @@ __all__ = [
     "mixed_adapters",
     "lora_linear_mixed",
     "AdapterTerm",
+    "AdapterPool",
     # model-level helpers
     "replace_linear_with_fused_lora",
     "find_target_linears",

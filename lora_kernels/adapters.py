@@ -261,6 +261,7 @@ class _MixedRows:
             cached = self._cache[key] = (used, index, host)
         return cached
 
+    @torch.compiler.disable
     def store_for(self, layer, used: List[str], terms, host: Tuple[int, ...]) -> Optional[Slots]:
         """Where ``used`` sit in the layer's adapter pool (placed there once per context), or None when the
         segmented path is not predicted to pay or the parameters cannot be pooled."""

@@ -18,17 +18,20 @@ adapter a and 0 elsewhere (a row with ``None``: all 0), and the backends take it
 
 Cost: the low-rank GEMMs run over Σr columns instead of one adapter's r, i.e. 2·M·K·Σr + 2·M·N·Σr extra
 FLOPs beside the base's 2·M·K·N: for four rank-16 adapters on a 4096x4096 layer that is 2·64·(K+N) / (2·K·N)
-= 3.1% of the base instead of 0.8%. Negligible for a few adapters; for many adapters (tens of ranks-64
-adapters, Punica/S-LoRA serving), kernels that segment rows by adapter are the next step.
+= 3.1% of the base instead of 0.8%. Negligible for a few adapters; with many, every row would pay the sum of
+all ranks, so :func:`lora_linear_mixed` switches to the segmented path (:mod:`lora_kernels.segmented`: each
+row at its own adapter's rank, the adapters in stacked storage) when :func:`segments_pay` predicts it cheaper
+(from three adapters of equal rank up). Both paths give the same results; ``segmented=True`` / ``False``
+forces one. DoRA adapters always take the concatenation.
 
 Dropout. The mask is a pure function of (seed, row, column), drawn once per call: row m gets exactly the
 mask the single-adapter path would give it at the same seed. Adapters with the same dropout p run on any
 backend; when the mixed adapters' p differ (in training), the Triton kernels (one p per launch) are not used
 and the torch backend runs the batch with one drop threshold per row, the same masks and results.
 
-Backends: ``"triton"`` and ``"torch"`` run the concatenated pass above; ``"eager"`` runs
+Backends: ``"triton"`` and ``"torch"`` run the concatenated pass above or the segmented one; ``"eager"`` runs
 :func:`lora_kernels.reference.lora_linear_mixed_reference`, which loops over adapters. ``torch.compile``
-traces the autograd Function (no custom op for mixed batches yet).
+traces the concatenated pass's autograd Function; the segmented path runs eagerly under it (a graph break).
 """
 from __future__ import annotations
 
@@ -178,7 +181,8 @@ def lora_linear_mixed(
 
     dora = any(t.magnitude is not None for t in adapters)
     layout = row_layout(index.masked_fill(index == n, -1))
-    if not dora and (segmented is True or segmented == "auto" and segments_pay(adapters, layout.host)):
+    if not dora and (segmented is True or segmented == "auto" and segments_pay(adapters, layout.host)
+                     and _plain(adapters)):
         return _segmented(x, weight, bias, adapters, layout, training, name, store, seed)
     uniform_p = len(set(ps)) == 1
     impl = backend_for(backend, name, _quantized(weight))
@@ -224,6 +228,11 @@ def segments_pay(adapters: Sequence[AdapterTerm], row_slots: Optional[Sequence[i
     return sum(ranks) > own + SEGMENT_OVERHEAD_RANKS
 
 
+def _plain(adapters: Sequence[AdapterTerm]) -> bool:
+    """True when every adapter tensor is a plain tensor (not FSDP2's DTensor): what the stores can stack."""
+    return all(type(t.lora_A.data) is torch.Tensor and type(t.lora_B.data) is torch.Tensor for t in adapters)
+
+
 def _segmented_impl(name: str, x: torch.Tensor):
     """The primitives of the segmented path: the Triton kernels where they run, else the torch backend (with
     the kernels' mask wherever the kernels would have run, so that masks agree across a fallback)."""
@@ -236,9 +245,11 @@ def _segmented_impl(name: str, x: torch.Tensor):
     return torch_backend.DEFAULT
 
 
+@torch.compiler.disable
 def _segmented(x, weight, bias, adapters: Sequence[AdapterTerm], layout, training: bool, name: str,
                store: Optional[Slots], seed: Optional[torch.Tensor]) -> torch.Tensor:
-    """:func:`lora_linear_mixed` on the segmented path (:mod:`lora_kernels.segmented`)."""
+    """:func:`lora_linear_mixed` on the segmented path (:mod:`lora_kernels.segmented`). Under torch.compile it
+    runs eagerly (a graph break): the plan and the pool are host-side bookkeeping."""
     x2d = _rows(x)
     if store is None or store.a_store.dtype != x.dtype and name == "triton":
         store = stack_adapters([(t.lora_A, t.lora_B) for t in adapters], x.dtype)

@@ -355,3 +355,22 @@ def test_adapters_trained_in_a_pool_save_and_load(tmp_path):
     load_lora(fresh, path, adapter_name="a4")
     set_adapter(fresh, "a4")
     assert_close(fresh(x), expected, torch.float32, "a4 after save/load")
+
+
+def test_torch_compile_runs_the_segmented_path_eagerly_with_the_same_results():
+    model = many_adapter_model(6)
+    names = names_of(6)
+    x = torch.randn(6, 3, 16, generator=torch.Generator().manual_seed(4))
+    with mixed_adapters(model, names):
+        y = model(x)
+        y.square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model)
+    with mixed_adapters(model, names):
+        y_compiled = compiled(x)
+        y_compiled.square().sum().backward()
+    assert_close(y_compiled, y, torch.float32, "compiled output")
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(p.grad, expected[n], torch.float32, f"compiled grad of {n}")

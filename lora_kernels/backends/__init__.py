@@ -10,8 +10,8 @@
 Importing this package imports the built-in backends, so they are registered whenever ``lora_kernels`` is.
 """
 # No `import torch` here: the submodule .torch is an attribute of this package under that very name.
-from .base import (DoRABackend, Grads, LoRABackend, RESERVED, Seed, draw_seed_tensor, get_backend, register_backend,
-                   registered_backends)
+from .base import (DoRABackend, Grads, LoRABackend, RESERVED, Seed, SegmentedBackend, draw_seed_tensor, get_backend,
+                   register_backend, registered_backends)
 from .resolve import BACKENDS, backend_for, backend_names, resolve_backend
 from .torch import TorchBackend
 from .triton import TRITON_DTYPES, triton_available, triton_refusal
@@ -23,6 +23,7 @@ __all__ = [
     "LoRABackend",
     "RESERVED",
     "Seed",
+    "SegmentedBackend",
     "TRITON_DTYPES",
     "TorchBackend",
     "backend_for",

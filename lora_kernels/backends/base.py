@@ -73,6 +73,36 @@ class DoRABackend(Protocol):
         """‖W + scaling·B·A‖ per output row, (N,) fp32, without forming B·A."""
 
 
+@runtime_checkable
+class SegmentedBackend(Protocol):
+    """The six primitives of the segmented mixed-batch path (:mod:`lora_kernels.segmented`, which states the
+    maths): x (M, K) is B batch rows of T tokens, ``plan`` a :class:`lora_kernels.segmented.SegmentPlan` saying
+    which slot of the stores each row uses; ``a_store`` (P, R_cap·K) holds slot i's A (r_i, K) and ``b_store``
+    (P, R_cap·N) its B (N, r_i), row-major. S and dS are (M, R), 0 beyond each row's rank. The torch backend
+    implements them (:class:`lora_kernels.backends.TorchBackend`), as do the Triton kernels
+    (:mod:`lora_kernels.ops.segmented`)."""
+
+    def segmented_shrink(self, x: torch.Tensor, a_store: torch.Tensor, plan, seed: Optional[Seed]) -> torch.Tensor:
+        """S = x̃·A_slotᵀ (x̃ with each row's dropout and 1/(1-p))."""
+
+    def segmented_expand(self, s: torch.Tensor, b_store: torch.Tensor, plan, out: torch.Tensor) -> None:
+        """out += s_slot·S·B_slotᵀ, in place."""
+
+    def segmented_grad_s(self, grad_y: torch.Tensor, b_store: torch.Tensor, plan) -> torch.Tensor:
+        """dS = s_slot·dY·B_slot (· 1/(1-p) with dropout)."""
+
+    def segmented_grad_x(self, grad_s: torch.Tensor, a_store: torch.Tensor, plan, seed: Optional[Seed],
+                         grad_x: torch.Tensor) -> None:
+        """grad_x += keep ⊙ (dS·A_slot), in place."""
+
+    def segmented_grad_a(self, grad_s: torch.Tensor, x: torch.Tensor, plan, seed: Optional[Seed],
+                         store: torch.Tensor) -> torch.Tensor:
+        """Every slot's dA = Σ over its rows of dSᵀ·(keep ⊙ x), shaped like ``store`` (slots without rows: 0)."""
+
+    def segmented_grad_b(self, grad_y: torch.Tensor, s: torch.Tensor, plan, store: torch.Tensor) -> torch.Tensor:
+        """Every slot's dB = s_i·Σ over its rows of dYᵀ·S, shaped like ``store``."""
+
+
 _REGISTRY: Dict[str, Callable[[bool], LoRABackend]] = {}
 RESERVED = ("auto", "eager")  # names lora_linear handles itself: a choice, and the autograd reference
 
