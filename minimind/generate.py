@@ -181,8 +181,8 @@ def generate_batch(
             in eval mode yourself.
         tokenizer: its tokenizer.
         prompts: each a user message, or a whole conversation (a list of ``{"role", "content"}``).
-        adapters: one per prompt: an adapter name, or None for the base alone; None (the argument): every
-            prompt with the model's active adapters.
+        adapters: one per prompt: an adapter name, or None for the base alone (a model without LoRA layers takes
+            all None); None (the argument): every prompt with the model's active adapters.
         max_new_tokens, temperature, **kwargs: as for :func:`stream_generate` (``eos_token_id`` and
             ``pad_token_id`` default to the tokenizer's).
 
@@ -203,11 +203,11 @@ def generate_batch(
     eos, pad = kwargs.pop("eos_token_id", tokenizer.eos_token_id), kwargs.pop("pad_token_id", tokenizer.pad_token_id)
     input_ids, mask = left_pad(ids, pad)
     device = next(model.parameters()).device
-    if adapters is None:
-        mixing = contextlib.nullcontext()
-    else:
-        from lora_kernels import mixed_adapters
+    from lora_kernels import iter_lora_layers, mixed_adapters
 
+    if adapters is None or (all(name is None for name in adapters) and next(iter_lora_layers(model), None) is None):
+        mixing = contextlib.nullcontext()  # the active adapters; or every prompt the base of a model without LoRA
+    else:
         mixing = mixed_adapters(model, list(adapters))
     with mixing:
         out = generate(model, input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
