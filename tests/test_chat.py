@@ -165,6 +165,14 @@ def test_chat_answers_64_prompts_with_64_adapters_in_one_batch(bundled, tmp_path
     assert len(base) == 3 and sum(answer != base[prompt] for prompt, answer in zip(prompts, alone) if prompt in base) >= 4
 
 
+def test_chat_prompt_adapter_none_without_any_lora_runs_the_base(bundled, capsys):
+    settings = ["--temperature", "0", "--max-new-tokens", "8"]
+    assert chat.main([*settings, "--prompt", "What color is snow?", "--prompt-adapter", "none"]) == 0
+    batched = capsys.readouterr().out.splitlines()
+    assert chat.main([*settings, "--prompt", "What color is snow?"]) == 0
+    assert batched == [">>> [none] What color is snow?", capsys.readouterr().out.splitlines()[1]]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input and interruptions
 
