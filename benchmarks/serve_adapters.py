@@ -155,7 +155,8 @@ class _PeftRows:
 
 def make_providers(model, peft_model, prompt_ids: Sequence[Sequence[int]], row_names: Sequence[str],
                    new_tokens: int, pad_token_id: int = 0) -> Dict[str, Callable[[], torch.Tensor]]:
-    """{provider: a function generating ``new_tokens`` greedy tokens for every prompt, returning them (P, new_tokens)}."""
+    """{provider: a function generating ``new_tokens`` greedy tokens for every prompt; it returns them, (P, new_tokens)}.
+    """
     from lora_kernels import set_adapter
     from minimind.generate import generate, generate_mixed, left_pad
 
@@ -331,8 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Software: torch {versions['torch']}, Triton {versions['triton'] or 'not installed'} (not used on the "
           f"CPU), PEFT {versions['peft'] or 'not installed'}")
     print(f"Measured: the bundled MiniMind base (fp32, CPU), adapters of rank {args.rank} (alpha = rank) on "
-          f"'{args.targets}', {args.prompts_per_adapter} prompt(s) per adapter, {args.new_tokens} greedy new tokens per "
-          f"prompt with the KV cache; median of {args.rounds} interleaved rounds; speed / `batched` is the median "
+          f"'{args.targets}', {args.prompts_per_adapter} prompt(s) per adapter, {args.new_tokens} greedy new tokens "
+          f"per prompt with the KV cache; median of {args.rounds} interleaved rounds; speed / `batched` is the median "
           "of per-round ratios (batched's time / the provider's)")
     summary, per_count = {}, {}
     for n, result in results.items():

@@ -162,7 +162,8 @@ def test_chat_answers_64_prompts_with_64_adapters_in_one_batch(bundled, tmp_path
         alone.append(decode_reply(tok, row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row))
     assert out == "".join(f">>> [{name}] {prompt}\n{answer}\n" for prompt, name, answer in zip(prompts, names, alone))
     base = {prompt: answer for prompt, name, answer in zip(prompts, names, alone) if name == "none"}
-    assert len(base) == 3 and sum(answer != base[prompt] for prompt, answer in zip(prompts, alone) if prompt in base) >= 4
+    differ = sum(answer != base[prompt] for prompt, answer in zip(prompts, alone) if prompt in base)
+    assert len(base) == 3 and differ >= 4  # the adapters matter
 
 
 def test_chat_prompt_adapter_none_without_any_lora_runs_the_base(bundled, capsys):
