@@ -155,8 +155,8 @@ class _PeftRows:
 
 def make_providers(model, peft_model, prompt_ids: Sequence[Sequence[int]], row_names: Sequence[str],
                    new_tokens: int, pad_token_id: int = 0) -> Dict[str, Callable[[], torch.Tensor]]:
-    """{provider: a function generating ``new_tokens`` greedy tokens for every prompt; it returns them, (P, new_tokens)}.
-    """
+    """{provider: a function that generates ``new_tokens`` greedy tokens for every prompt and returns them
+    (P, new_tokens)}."""
     from lora_kernels import set_adapter
     from minimind.generate import generate, generate_mixed, left_pad
 
