@@ -1,6 +1,6 @@
 """Text generation with the KV cache: greedy or sampled (temperature, top-k, top-p), repetition
 penalty, streaming token by token, batches with left padding, and batches whose prompts each name their
-adapter (:func:`generate_batch`)."""
+adapter (:func:`generate_batch`, :func:`generate_mixed`)."""
 from __future__ import annotations
 
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -181,8 +181,8 @@ def generate_batch(
             in eval mode yourself.
         tokenizer: its tokenizer.
         prompts: each a user message, or a whole conversation (a list of ``{"role", "content"}``).
-        adapters: one per prompt: an adapter name, or None for the base alone; None (the argument): every
-            prompt with the model's active adapters.
+        adapters: one per prompt: an adapter name, or None for the base alone (a model without LoRA layers takes
+            all None); None (the argument): every prompt with the model's active adapters.
         max_new_tokens, temperature, **kwargs: as for :func:`stream_generate` (``eos_token_id`` and
             ``pad_token_id`` default to the tokenizer's).
 
@@ -193,8 +193,6 @@ def generate_batch(
         ValueError: ``adapters`` and ``prompts`` of different lengths, an unknown adapter name (from
             ``mixed_adapters``), or an empty prompt list.
     """
-    import contextlib
-
     if adapters is not None and len(adapters) != len(prompts):
         raise ValueError(f"adapters must give one name (or None) per prompt: {len(prompts)} prompts, "
                          f"{len(adapters)} adapters")
@@ -203,21 +201,51 @@ def generate_batch(
     eos, pad = kwargs.pop("eos_token_id", tokenizer.eos_token_id), kwargs.pop("pad_token_id", tokenizer.pad_token_id)
     input_ids, mask = left_pad(ids, pad)
     device = next(model.parameters()).device
-    if adapters is None:
-        mixing = contextlib.nullcontext()
-    else:
-        from lora_kernels import mixed_adapters
-
-        mixing = mixed_adapters(model, list(adapters))
-    with mixing:
-        out = generate(model, input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                       temperature=temperature, eos_token_id=eos, pad_token_id=pad, **kwargs)
+    out = generate_mixed(model, input_ids.to(device), adapters, attention_mask=mask.to(device),
+                         max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos, pad_token_id=pad,
+                         **kwargs)
     answers = []
     for row in out[:, input_ids.shape[1]:].tolist():
         if eos is not None and eos in row:
             row = row[:row.index(eos)]
         answers.append(decode_reply(tokenizer, row))
     return answers
+
+
+def generate_mixed(model: MiniMindForCausalLM, input_ids: torch.Tensor, adapters: Optional[Sequence[Optional[str]]],
+                   **kwargs) -> torch.Tensor:
+    """:func:`generate` with row i of the batch through adapter ``adapters[i]``: the token ids behind
+    :func:`generate_batch` (which adds the chat template, the left padding and the decoding).
+
+    Every step is one forward of the whole batch under ``lora_kernels.mixed_adapters`` (set once for the whole
+    generation: the per-row adapter indices are built at the first step and reused by every later one).
+
+    Args:
+        model: a MiniMind model with named adapters, in eval mode.
+        input_ids: (B, T) prompt ids, left-padded (pass ``attention_mask``).
+        adapters: B entries, an adapter name or None (the base alone); None (the argument): every row with the
+            model's active adapters. All None on a model without LoRA layers runs the base.
+        **kwargs: as for :func:`stream_generate`.
+
+    Returns:
+        (B, T + n) int64, as :func:`generate`.
+
+    Raises:
+        ValueError: ``adapters`` not of length B, or an unknown adapter name (from ``mixed_adapters``).
+    """
+    import contextlib
+
+    from lora_kernels import iter_lora_layers, mixed_adapters
+
+    if adapters is not None and len(adapters) != input_ids.shape[0]:
+        raise ValueError(f"adapters must give one name (or None) per row: {input_ids.shape[0]} rows, "
+                         f"{len(adapters)} adapters")
+    if adapters is None or (all(name is None for name in adapters) and next(iter_lora_layers(model), None) is None):
+        mixing = contextlib.nullcontext()  # the active adapters; or every row the base of a model without LoRA
+    else:
+        mixing = mixed_adapters(model, list(adapters))
+    with mixing:
+        return generate(model, input_ids, **kwargs)
 
 
 def decode_reply(tokenizer: MiniMindTokenizer, ids: Sequence[int]) -> str:

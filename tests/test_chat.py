@@ -122,6 +122,58 @@ def test_chat_answers_prompts_in_one_batch_each_with_its_adapter(bundled, tmp_pa
     assert "2 prompts, 1 adapters" in capsys.readouterr().err
 
 
+def test_chat_answers_64_prompts_with_64_adapters_in_one_batch(bundled, tmp_path, capsys):
+    """--prompt-adapter at issue #21's scale: 64 adapter files of ranks 4..64, 64 prompts each with its adapter and
+    3 with none, one batch; each answer is the one its prompt gets alone with its adapter active."""
+    from lora_kernels import LoRAConfig, add_adapter, replace_linear_with_fused_lora, set_adapter
+    from minimind.generate import decode_reply, generate
+    from minimind.lora_io import save_minimind_lora
+
+    model, tok = load_minimind(), MiniMindTokenizer.from_pretrained()
+    torch.manual_seed(0)
+    loras, names = [], []
+    for i in range(64):
+        name, config = f"a{i}", LoRAConfig(rank=4 + 60 * i // 63)
+        if i == 0:
+            replace_linear_with_fused_lora(model, config=config, adapter_name=name)
+        else:
+            add_adapter(model, name, config=config)
+        with torch.no_grad():
+            for layer in model.modules():
+                if hasattr(layer, "lora_params") and name in layer.lora_configs:
+                    layer.lora_params(name)[1].normal_(std=0.3)
+        save_minimind_lora(model, tmp_path / f"{name}.pth", adapter_name=name)
+        loras += ["--lora", f"{name}={tmp_path / f'{name}.pth'}"]
+        names.append(name)
+    names = names[:30] + ["none"] + names[30:] + ["none", "none"]
+    questions = ["What color is snow?", "Who are you?", "What is the capital of France?", "讲一个故事。", "2+3=?"]
+    prompts = [questions[i % 5] + " Please answer briefly." * (i % 3) for i in range(len(names))]
+    argv = [*loras, "--temperature", "0", "--repetition-penalty", "1", "--max-new-tokens", "6"]
+    for prompt, name in zip(prompts, names):
+        argv += ["--prompt", prompt, "--prompt-adapter", name]
+    assert chat.main(argv) == 0
+    out = capsys.readouterr().out
+    alone = []
+    for prompt, name in zip(prompts, names):
+        set_adapter(model, [] if name == "none" else name)
+        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                    tokenize=True)])
+        row = generate(model, ids, max_new_tokens=6, temperature=0, eos_token_id=None)[0, ids.shape[1]:].tolist()
+        alone.append(decode_reply(tok, row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row))
+    assert out == "".join(f">>> [{name}] {prompt}\n{answer}\n" for prompt, name, answer in zip(prompts, names, alone))
+    base = {prompt: answer for prompt, name, answer in zip(prompts, names, alone) if name == "none"}
+    differ = sum(answer != base[prompt] for prompt, answer in zip(prompts, alone) if prompt in base)
+    assert len(base) == 3 and differ >= 4  # the adapters matter
+
+
+def test_chat_prompt_adapter_none_without_any_lora_runs_the_base(bundled, capsys):
+    settings = ["--temperature", "0", "--max-new-tokens", "8"]
+    assert chat.main([*settings, "--prompt", "What color is snow?", "--prompt-adapter", "none"]) == 0
+    batched = capsys.readouterr().out.splitlines()
+    assert chat.main([*settings, "--prompt", "What color is snow?"]) == 0
+    assert batched == [">>> [none] What color is snow?", capsys.readouterr().out.splitlines()[1]]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input and interruptions
 

@@ -165,3 +165,76 @@ def test_generate_batch_refuses_a_wrong_number_of_adapters():
     model = two_adapter_model(tok.vocab_size)
     with pytest.raises(ValueError, match="2 prompts, 1 adapters"):
         generate_batch(model, tok, ["a", "b"], adapters=["qa"])
+
+
+def many_adapter_model(vocab_size, n=64):
+    """A tiny random base (hidden 64) with ``n`` adapters a0..a{n-1} of ranks 4..64 (alpha and targets varying:
+    every fourth only on the square layers), every lora_B random so that each adapter matters."""
+    from lora_kernels import LoRAConfig, add_adapter, replace_linear_with_fused_lora
+
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=96, vocab_size=vocab_size, max_position_embeddings=128)
+    model = MiniMindForCausalLM(cfg).eval()
+    ranks = [4 + 60 * i // (n - 1) for i in range(n)]
+    for i, rank in enumerate(ranks):
+        config = LoRAConfig(rank=rank, alpha=rank * (1 + i % 3) / 2)
+        targets = "square" if i % 4 == 3 else "all-linear"
+        if i == 0:
+            replace_linear_with_fused_lora(model, config=config, target_modules=targets, adapter_name="a0")
+        else:
+            add_adapter(model, f"a{i}", target_modules=targets, config=config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.3 / p.shape[-1] ** 0.5 if "lora_A" in name else 0.3)
+    return model, ranks
+
+
+@pytest.mark.filterwarnings("ignore:rank .* parameters as the layer itself")
+def test_generate_batch_with_64_rank_varying_adapters_equals_each_prompt_alone(monkeypatch):
+    """Issue #21's serving case: 64 adapters (ranks 4..64) and 8 prompts of the base in one batch of prompts of
+    different lengths; greedy, every row's tokens are the ones its prompt gets alone with its adapter active."""
+    import importlib
+
+    from lora_kernels import set_adapter
+
+    gen = importlib.import_module("minimind.generate")  # the module (the package's `generate` is the function)
+
+    tok = MiniMindTokenizer.from_pretrained()
+    model, ranks = many_adapter_model(tok.vocab_size)
+    assert min(ranks) == 4 and max(ranks) == 64
+    n, steps = len(ranks), 4
+    names = [f"a{i}" for i in range(n)] + [None] * 8
+    names = names[::3] + names[1::3] + names[2::3]  # adapters and None interleaved
+    prompts = [f"Question {i}: " + "tell me more " * (i % 11) for i in range(len(names))]
+    rows = []
+    real_decode = gen.decode_reply
+    monkeypatch.setattr(gen, "decode_reply", lambda t, ids: rows.append(list(ids)) or real_decode(t, ids))
+    gen.generate_batch(model, tok, prompts, adapters=names, max_new_tokens=steps, eos_token_id=None)
+    batched, rows[:] = list(rows), []
+    gen.generate_batch(model, tok, prompts, adapters=[None] * len(prompts), max_new_tokens=steps, eos_token_id=None)
+    base = list(rows)
+    for prompt, name, got in zip(prompts, names, batched):
+        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                    tokenize=True)])
+        set_adapter(model, [] if name is None else name)
+        alone = generate(model, ids, max_new_tokens=steps, temperature=0, eos_token_id=None)[0, ids.shape[1]:]
+        assert got == alone.tolist(), (prompt, name)
+    # The adapters matter: most adapted rows answer otherwise than the base; the base rows answer as the base.
+    assert sum(got != b for got, b, name in zip(batched, base, names) if name is not None) >= n * 3 // 4
+    assert all(got == b for got, b, name in zip(batched, base, names) if name is None)
+
+
+def test_generate_batch_of_base_prompts_on_a_model_without_lora():
+    from minimind.generate import generate_batch
+
+    tok = MiniMindTokenizer.from_pretrained()
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                               num_key_value_heads=2, vocab_size=tok.vocab_size)).eval()
+    kwargs = dict(max_new_tokens=3, eos_token_id=None)
+    assert generate_batch(model, tok, ["hi", "ho"], adapters=[None, None], **kwargs) == \
+        generate_batch(model, tok, ["hi", "ho"], **kwargs)
+    with pytest.raises(ValueError, match="qa"):
+        generate_batch(model, tok, ["hi"], adapters=["qa"], **kwargs)
