@@ -261,6 +261,15 @@ class _MixedRows:
             cached = self._cache[key] = (used, index, host)
         return cached
 
+    def terms_for(self, layer, used: List[str]) -> list:
+        """The layer's :class:`lora_kernels.AdapterTerm` of each adapter in ``used``, built once per context
+        (64 adapters rebuilt per layer per decoding step cost more than the step's LoRA maths)."""
+        key = ("terms", tuple(used))
+        terms = self._cache.get(key)
+        if terms is None:
+            terms = self._cache[key] = [layer._adapter_term(name) for name in used]
+        return terms
+
     @torch.compiler.disable
     def store_for(self, layer, used: List[str], terms, host: Tuple[int, ...]) -> Optional[Slots]:
         """Where ``used`` sit in the layer's adapter pool (placed there once per context), or None when the

@@ -647,7 +647,7 @@ class FusedLoRALinear(nn.Module):
                              f"{got}, but len(names) = {len(mixed.names)}; names must give one adapter per row "
                              "of the leading dimension of every LoRA layer's input")
         used, index, host = mixed.rows_for(self, x.device)
-        terms = [self._adapter_term(name) for name in used]
+        terms = mixed.terms_for(self, used)
         return lora_linear_mixed(x, weight, self.bias, terms, index, training=self.training, backend=self.backend,
                                  store=mixed.store_for(self, used, terms, host))
 
