@@ -47,7 +47,7 @@ from .dora import dora_impl, scaled_lora_linear, weight_norm
 from .functional import _autocast_enabled, _eager_inputs, _LoRALinearFunction, _outside_autocast, _quantized, _rows
 from .pool import Slots, stack_adapters
 from .reference import lora_linear_mixed_reference, lora_linear_stacked_reference
-from .segmented import build_plan, row_layout, segmented_lora_linear
+from .segmented import build_plan, row_layout, segmented_forward, segmented_lora_linear
 
 
 class AdapterTerm(NamedTuple):
@@ -154,7 +154,13 @@ def lora_linear_mixed(
     if x.dim() < 2:
         raise ValueError(f"a mixed batch needs x of shape (B, ..., in_features), got shape {tuple(x.shape)}")
     if _autocast_enabled(x.device.type):  # as lora_linear: compute in the autocast dtype, with autocast off
-        return _outside_autocast(lora_linear_mixed, x, weight, bias, adapters, row_adapter, training, backend)
+        return _outside_autocast(lora_linear_mixed, x, weight, bias, adapters, row_adapter, training, backend,
+                                 segmented, store)
+    plan = _kept_plan(store, x, training)
+    if plan is not None:  # a layer's pool inside mixed_adapters, called before with these rows: checked then
+        name = resolve_backend(backend, x)
+        return _run_segmented(x, weight, bias, adapters, plan, store, name,
+                              draw_seed_tensor(x.device) if plan.dropout else None)
 
     batch, n = x.shape[0], len(adapters)
     index = _row_index(row_adapter, n, batch, x.device)
@@ -245,27 +251,47 @@ def _segmented_impl(name: str, x: torch.Tensor):
     return torch_backend.DEFAULT
 
 
+def _tokens_per_row(x: torch.Tensor) -> int:
+    return x.numel() // (x.shape[0] * x.shape[-1]) if x.shape[0] and x.shape[-1] else 0
+
+
+def _kept_plan(store: Optional[Slots], x: torch.Tensor, training: bool):
+    """The plan a layer's slots keep for this batch shape (None: none yet, or no kept plans)."""
+    if store is None or not store.plans:
+        return None
+    return store.plans.get((_tokens_per_row(x), training, x.device))
+
+
 @torch.compiler.disable
 def _segmented(x, weight, bias, adapters: Sequence[AdapterTerm], layout, training: bool, name: str,
                store: Optional[Slots], seed: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`lora_linear_mixed` on the segmented path (:mod:`lora_kernels.segmented`). Under torch.compile it
     runs eagerly (a graph break): the plan and the pool are host-side bookkeeping."""
-    x2d = _rows(x)
     if store is None or store.a_store.dtype != x.dtype and name == "triton":
         store = stack_adapters([(t.lora_A, t.lora_B) for t in adapters], x.dtype)
-    batch = x.shape[0]
-    tokens = x2d.shape[0] // batch if batch else 0
-    key = (tokens, training)
-    plan = None if store.plans is None else store.plans.get(key)
-    if plan is None:
-        plan = _plan(store, adapters, layout, tokens, training, x.device)
-        if store.plans is not None:  # a layer's pool inside mixed_adapters: the row layout is fixed
-            store.plans[key] = plan
-    params = [p for t in adapters for p in (t.lora_A, t.lora_B)]
-    used = [(slot, t.lora_A.shape[0]) for slot, t in zip(store.slots, adapters)]
-    y = segmented_lora_linear(x2d, weight, bias, store.a_store, store.b_store, plan, used, params, seed,
-                              _segmented_impl(name, x))
+    plan = _plan(store, adapters, layout, _tokens_per_row(x), training, x.device)
+    if store.plans is not None:  # a layer's pool inside mixed_adapters: the row layout is fixed
+        store.plans[(_tokens_per_row(x), training, x.device)] = plan
+    return _run_segmented(x, weight, bias, adapters, plan, store, name, seed)
+
+
+@torch.compiler.disable
+def _run_segmented(x, weight, bias, adapters: Sequence[AdapterTerm], plan, store: Slots, name: str,
+                   seed: Optional[torch.Tensor]) -> torch.Tensor:
+    x2d = _rows(x)
+    impl = _segmented_impl(name, x)
+    if not torch.is_grad_enabled() or not (x.requires_grad or _requires_grad(weight) or _requires_grad(bias)
+                                           or any(t.lora_A.requires_grad or t.lora_B.requires_grad for t in adapters)):
+        y = segmented_forward(x2d, weight, bias, store.a_store, store.b_store, plan, seed, impl)
+    else:
+        params = [p for t in adapters for p in (t.lora_A, t.lora_B)]
+        used = [(slot, t.lora_A.shape[0]) for slot, t in zip(store.slots, adapters)]
+        y = segmented_lora_linear(x2d, weight, bias, store.a_store, store.b_store, plan, used, params, seed, impl)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _requires_grad(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
 
 
 def _plan(store: Slots, adapters: Sequence[AdapterTerm], layout, tokens: int, training: bool, device):

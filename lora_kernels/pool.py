@@ -89,7 +89,7 @@ class AdapterPool:
         if self.a_store is None:
             return
         stores = {self.a_store.untyped_storage().data_ptr(), self.b_store.untyped_storage().data_ptr()}
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # a copy made under inference_mode could not train
             for held in self._params:
                 for param in held or ():
                     if param.untyped_storage().data_ptr() in stores:
@@ -110,6 +110,10 @@ class AdapterPool:
         devices, or parameters that are not plain tensors)."""
         if not adapters:
             return None
+        with torch.inference_mode(False):  # the store must be an ordinary tensor even when serving starts it
+            return self._place(adapters)
+
+    def _place(self, adapters) -> Optional[Slots]:
         first = adapters[0][1]
         for _, lora_A, lora_B in adapters:
             for t in (lora_A, lora_B):

@@ -158,6 +158,19 @@ def _rank_groups(layout: RowLayout, ranks: List[int], slot_ranks: Sequence[int],
     return tuple(groups)
 
 
+def _forward(x2d, weight, bias, a_store, b_store, plan: SegmentPlan, seed, impl) -> Tuple[torch.Tensor, torch.Tensor]:
+    s = impl.segmented_shrink(x2d, a_store, plan, seed)
+    y = _base_linear(x2d, weight, bias)
+    impl.segmented_expand(s, b_store, plan, y)
+    return y, s
+
+
+def segmented_forward(x2d: torch.Tensor, weight, bias: Optional[torch.Tensor], a_store: torch.Tensor,
+                      b_store: torch.Tensor, plan: SegmentPlan, seed: Optional[Seed], impl) -> torch.Tensor:
+    """y (M, N) of the segmented path without autograd (inference: no Function, no parameters to route)."""
+    return _forward(x2d, weight, bias, a_store, b_store, plan, seed, impl)[0]
+
+
 class _SegmentedLoRAFunction(torch.autograd.Function):
     """The segmented LoRA linear over a store; the adapters' own parameters come last (``*params``: A_0, B_0,
     A_1, B_1, ... of ``used``'s slots) so that autograd hands each its gradient, a view of the gradient
@@ -165,9 +178,7 @@ class _SegmentedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, a_store, b_store, plan, used, seed, impl, *params):
-        s = impl.segmented_shrink(x2d, a_store, plan, seed)
-        y = _base_linear(x2d, weight, bias)
-        impl.segmented_expand(s, b_store, plan, y)
+        y, s = _forward(x2d, weight, bias, a_store, b_store, plan, seed, impl)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_params = any(ctx.needs_input_grad[9:])
         ctx.save_for_backward(x2d if (need_weight or need_params) else None,

@@ -374,3 +374,31 @@ def test_torch_compile_runs_the_segmented_path_eagerly_with_the_same_results():
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert_close(p.grad, expected[n], torch.float32, f"compiled grad of {n}")
+
+
+def test_a_pool_started_under_inference_mode_still_trains():
+    model = many_adapter_model(6)
+    names = names_of(6)
+    x = torch.randn(6, 2, 16)
+    with torch.inference_mode(), mixed_adapters(model, names):
+        served = model(x)
+    with mixed_adapters(model, names):
+        trained = model(x)
+        trained.square().sum().backward()  # inference tensors cannot be saved for backward
+    assert not any(p.is_inference() for p in model.parameters())
+    assert_close(trained.detach(), served, torch.float32, "served vs trained output")
+
+
+def test_autocast_keeps_the_path_and_computes_in_the_autocast_dtype():
+    gen = torch.Generator().manual_seed(8)
+    adapters = make_adapters(6, 24, 20, torch.float32, (0.0,), gen)
+    weight, bias = torch.randn(20, 24, generator=gen) / 24 ** 0.5, torch.randn(20, generator=gen)
+    x = torch.randn(7, 3, 24, generator=gen)
+    rows = batch_rows(7, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear_mixed(x, weight, bias, adapters, rows, training=False, segmented=True)
+    assert y.dtype == torch.bfloat16
+    y_ref, _, _ = separate_runs(x.bfloat16().float(), weight.bfloat16().float(), bias.bfloat16().float(),
+                                [AdapterTerm(t.lora_A.bfloat16().float(), t.lora_B.bfloat16().float(), t.scaling)
+                                 for t in adapters], rows, torch.zeros(7, 3, 20), None, "torch", training=False)
+    assert_close(y.float(), y_ref.float(), torch.bfloat16, "autocast output")
