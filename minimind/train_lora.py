@@ -75,7 +75,7 @@ from lora_kernels.fsdp import gathered_lora
 
 from .cli import CLIError, run_cli, writing
 from .lora_trainer.batches import data_loader, epoch_steps, load_data, windows
-from .lora_trainer.config import TrainConfig, check_adapters, model_adapters, parse_args, run_stem
+from .lora_trainer.config import NAMED_ADAPTERS, TrainConfig, check_adapters, model_adapters, parse_args, run_stem
 from .lora_trainer.model import add_lora, load_base, param_groups
 from .lora_trainer.report import answer, answer_prompts, describe, finish
 from .lora_trainer.run import Run, adapter_files
@@ -322,15 +322,26 @@ def loss_fields(run: Run, key: str, losses: Dict[str, float]) -> Dict[str, float
     return row
 
 
+def bar_losses(run: Run, loss: float) -> Dict[str, str]:
+    """The progress bar's losses: ``loss`` for one adapter; ``loss_<name>`` each for up to
+    ``NAMED_ADAPTERS`` adapters; for more (16 fields would not fit a line), ``loss`` (their mean, as in the
+    metrics) and ``worst`` (the adapter with the highest loss, and its loss). metrics.jsonl has every one."""
+    if not run.cfg.multi:
+        return {"loss": f"{loss:.4f}"}
+    if len(run.last_losses) <= NAMED_ADAPTERS:
+        return {f"loss_{name}": f"{value:.4f}" for name, value in run.last_losses.items()}
+    worst = max(run.last_losses, key=run.last_losses.get)
+    return {"loss": f"{loss:.4f}", "worst": f"{worst} {run.last_losses[worst]:.4f}"}
+
+
 def log_step(run: Run, epoch: int, loss: float, first: bool) -> None:
     """Progress bar, and every --log_interval steps a metrics line (appended to the metrics file)."""
     cfg, rt, step = run.cfg, run.rt, run.step
     elapsed = max(time.perf_counter() - run.time_since, 1e-9)
     tok_s = run.tokens_since * rt.world_size / elapsed
     run.bar.update(1)
-    shown = {f"loss_{name}": f"{value:.4f}" for name, value in run.last_losses.items()} if cfg.multi else \
-        {"loss": f"{loss:.4f}"}
-    run.bar.set_postfix(**shown, lr=f"{run.lr_at(step - 1):.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+    shown = {**bar_losses(run, loss), "lr": f"{run.lr_at(step - 1):.2e}", "tok_s": f"{tok_s:,.0f}"}
+    run.bar.set_postfix(ordered_dict=shown, refresh=False)  # in this order (keyword arguments would be sorted)
     logged = step % cfg.log_interval == 0 or step == run.total_steps or first
     evaluated = logged and run.eval_set is not None and is_save_step(run)
     losses_eval = None
