@@ -217,12 +217,37 @@ def rows_through_adapters(run: Run, sources: Optional[torch.Tensor]):
 
 def clip_per_adapter(run: Run) -> None:
     """Clips each adapter's gradient norm to ``--grad_clip`` on its own: one norm over all adapters would
-    let one adapter's gradient shrink another's, and training them together would differ from apart."""
-    params: Dict[Optional[str], list] = {}
+    let one adapter's gradient shrink another's, and training them together would differ from apart.
+
+    One adapter: ``clip_grad_norm_``. Several: what ``clip_grad_norm_`` does for each, batched over the
+    adapters: one ``_foreach_norm`` over every gradient, each adapter's norm of its gradients' norms, and one
+    ``_foreach_mul_`` per adapter by its (device-side) factor min(1, clip / (norm + 1e-6)): a few kernels
+    whatever the count of adapters, and no wait for the device.
+    """
+    grads: Dict[Optional[str], list] = {}
     for group in run.optimizer.param_groups:
-        params.setdefault(group.get("adapter"), []).extend(group["params"])
-    for group_params in params.values():
-        torch.nn.utils.clip_grad_norm_(group_params, run.cfg.grad_clip)
+        grads.setdefault(group.get("adapter"), []).extend(p.grad for p in group["params"] if p.grad is not None)
+    if len(grads) == 1:
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], run.cfg.grad_clip)
+        return
+    per_adapter = [g for g in grads.values() if g]
+    counts = {len(g) for g in per_adapter}
+    if len(counts) != 1 or len({(t.device, t.dtype) for g in per_adapter for t in g}) != 1:
+        for adapter_grads in per_adapter:  # unequal parameter lists (or mixed devices): one adapter at a time
+            torch.nn.utils.clip_grads_with_norm_(adapter_grads, run.cfg.grad_clip,
+                                                 torch.nn.utils.get_total_norm(adapter_grads))
+        return
+    flat = [t for g in per_adapter for t in g]
+    norms = torch.stack(torch._foreach_norm(flat)).view(len(per_adapter), -1)
+    factors = (run.cfg.grad_clip / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp_(max=1.0)
+    for k, adapter_grads in enumerate(per_adapter):
+        torch._foreach_mul_(adapter_grads, factors[k])
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, with one read from the device: the max-norm of each
+    tensor is NaN or inf exactly when the tensor holds a NaN or an inf (a max cannot overflow)."""
+    return bool(torch.stack(torch._foreach_norm(list(tensors), float("inf"))).isfinite().all()) if tensors else True
 
 
 def train_step(run: Run, micro_batches: list) -> float:
@@ -282,7 +307,7 @@ def train_step(run: Run, micro_batches: list) -> float:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    if not all(bool(torch.isfinite(p).all()) for g in run.optimizer.param_groups for p in g["params"]):
+    if not all_finite([p for g in run.optimizer.param_groups for p in g["params"]]):
         raise CLIError(f"the update of step {run.step} (learning rate {lr:.3g}) made the adapter non-finite: "
                        "stopped before writing it; lower --learning_rate (the last saved files are intact)")
     return step_loss
@@ -300,18 +325,36 @@ def eval_loss(run: Run, eval_set=None) -> float:
     return evaluate(run.model, loader, run.rt.device, run.rt.autocast)
 
 
+@torch.no_grad()
 def eval_losses(run: Run) -> Dict[str, float]:
-    """Several adapters: each one's evaluation loss on its own evaluation set (that adapter alone active)."""
-    from lora_kernels import active_adapters, set_adapter
+    """Several adapters: each one's evaluation loss on its own evaluation set (the mean cross-entropy per
+    assistant token, as :func:`eval_loss` of a run of it alone), all in mixed batches: batch j holds rows
+    ``j·batch_size ...`` of every evaluation set that has them, each row through its own adapter
+    (``mixed_adapters``), so 16 adapters take the forwards of the largest set alone, not of all 16 sets."""
+    from lora_kernels import mixed_adapters
 
-    active, losses = active_adapters(run.model), {}
+    from .dataset import TaggedDatasets
+
+    cfg, rt, model = run.cfg, run.rt, run.model
+    tagged = TaggedDatasets(run.eval_set)
+    size = cfg.batch_size
+    batches = [[offset + i for offset, data in zip(tagged.offsets, tagged.datasets)
+                for i in range(start, min(start + size, len(data)))]
+               for start in range(0, max(len(data) for data in tagged.datasets), size)]
+    sums = torch.zeros(len(run.names), dtype=torch.float64, device=rt.device)
+    counts = torch.zeros(len(run.names), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
     try:
-        for name, eval_set in zip(run.names, run.eval_set):
-            set_adapter(run.model, name)
-            losses[name] = eval_loss(run, eval_set)
+        for ids, labels, sources in data_loader(tagged, batches, run.tokenizer.pad_token_id, 0):
+            with mixed_adapters(model, [run.names[k] for k in sources.tolist()]), rt.autocast():
+                row_sums, _ = row_loss_sums(model, ids.to(rt.device), labels.to(rt.device))
+            sums.index_add_(0, sources.to(rt.device), row_sums.double())
+            counts.index_add_(0, sources, row_supervised_tokens(labels).double())
     finally:
-        set_adapter(run.model, active)
-    return losses
+        model.train(was_training)
+    return {name: total / count if count else math.nan
+            for name, total, count in zip(run.names, sums.tolist(), counts.tolist())}
 
 
 def loss_fields(run: Run, key: str, losses: Dict[str, float]) -> Dict[str, float]:
