@@ -244,10 +244,18 @@ def clip_per_adapter(run: Run) -> None:
         torch._foreach_mul_(adapter_grads, factors[k])
 
 
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+def all_finite(tensors: Sequence[torch.Tensor], across_processes: bool = False) -> bool:
     """Whether every element of ``tensors`` is finite, with one read from the device: the max-norm of each
-    tensor is NaN or inf exactly when the tensor holds a NaN or an inf (a max cannot overflow)."""
-    return bool(torch.stack(torch._foreach_norm(list(tensors), float("inf"))).isfinite().all()) if tensors else True
+    tensor is NaN or inf exactly when the tensor holds a NaN or an inf (a max cannot overflow). A sharded
+    (FSDP2, DTensor) tensor is checked on this process's shard; ``across_processes``: every process gets the
+    answer for all shards (one all-reduce), so that all of them stop together."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    if not local:
+        return True
+    finite = torch.stack(torch._foreach_norm(local, float("inf"))).isfinite().all().float()
+    if across_processes:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def train_step(run: Run, micro_batches: list) -> float:
@@ -307,7 +315,7 @@ def train_step(run: Run, micro_batches: list) -> float:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    if not all_finite([p for g in run.optimizer.param_groups for p in g["params"]]):
+    if not all_finite([p for g in run.optimizer.param_groups for p in g["params"]], across_processes=cfg.fsdp):
         raise CLIError(f"the update of step {run.step} (learning rate {lr:.3g}) made the adapter non-finite: "
                        "stopped before writing it; lower --learning_rate (the last saved files are intact)")
     return step_loss
