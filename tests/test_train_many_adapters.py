@@ -6,13 +6,14 @@ Every run is a tiny random base (hidden 32, 1 layer), batch 2 of each data set a
 differ in size (2 to 17 conversations: 1 to 8 steps per epoch) and in their rows' lengths.
 """
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import args_for
+from helpers import ROOT, args_for
 from minimind import train_lora
 from minimind.cli import CLIError
 from minimind.lora_trainer.config import run_stem
@@ -197,3 +198,16 @@ def test_shared_file_stem_and_defaults_scale_with_the_adapters(tmp_path):
         cfg(["a", "z" * 201])
     with pytest.raises(CLIError, match="201 characters"):
         parse_args(["--lora_name", "z" * 201, "--out_dir", str(tmp_path)])
+
+
+def test_the_step_benchmark_runs(tiny, capsys):
+    """``python -m benchmarks.many_adapters_step`` (the README's timing of one step of many adapters against the
+    runs alone) on the tiny base: both sides train and the ratio is printed."""
+    if str(ROOT) not in sys.path:  # `pytest tests` (not `python -m pytest`) does not put the repo root on the path
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import many_adapters_step
+
+    assert many_adapters_step.main(["--adapters", "3", "--steps", "2", "--batch_size", "2", "--max_seq_len", "40",
+                                    "--rank", "4", "--base", str(tiny / "base.safetensors"), "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["adapters"] == 3 and result["together_ms"] > 0 and result["alone_ms"] > 0 and result["ratio"] > 0
