@@ -48,7 +48,9 @@ adapter, and AdamW is per parameter, so each adapter trains exactly as it would 
 with ``--lora_dropout`` the masks differ from a run alone, and an MoE base's auxiliary loss is the mixed
 batch's). Each adapter gets the files of a run of it alone (``DIR/lora/a_{hidden_size}.pth``, ...), the
 metrics ``loss/a``, ``loss/b`` beside their mean ``loss``, the overview in ``DIR/a/``; the shared files of
-MiniMind's layout take the stem ``a+b``.
+MiniMind's layout take the stem ``a+b``. Past three adapters (tested with 16) the progress bar shows their mean
+``loss`` and the ``worst`` adapter instead of a ``loss_<name>`` each, the shared files take the stem
+``a+15more_<hash>`` (``run_stem``), and one prompt per adapter is answered by default.
 
 The output is owned by one run at a time (a lock file naming the PID); every file is written to a
 temporary name, fsynced and renamed, so a crash never leaves half a file (and the next run removes the
