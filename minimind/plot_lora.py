@@ -255,27 +255,53 @@ def plot_adapter(layers, out_dir: Path, source: str, top_k: int = 1, per_layer: 
     return stats
 
 
+NAMED_CURVES = 3  # up to this many adapters' curves, each in the legend in the plot; more: see plot_loss
+
+
 def plot_loss(rows: List[dict], path: Path, title: str) -> None:
     """The loss curve of a run's metrics rows (``minimind.train_lora``): train loss per logged step, and the
-    evaluation loss where there is one; several adapters' rows give one curve per adapter.
+    evaluation loss where there is one; several adapters' rows give one curve per adapter. More than
+    :data:`NAMED_CURVES` adapters (16 curves would hide each other under their legend): a wider figure, one
+    thin curve per adapter in its own colour (its evaluation loss dashed, in the same colour), their mean
+    thick and black, and the legend beside the plot.
 
     Raises:
         CLIError: the picture could not be written (named).
     """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
     # Several adapters log "loss/<adapter>" (and "eval_loss/<adapter>"): one curve each instead of their mean.
     keys = [k for k in rows[0] if k.startswith("loss/")] or ["loss"]
-    for key in keys:
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"train {key}".replace("/", " "))
-    for key in dict.fromkeys(k for r in rows for k in r if k.startswith("eval_loss/")) or ["eval_loss"]:
-        evals = [r for r in rows if key in r]
-        if evals:
-            ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-",
-                    label=key.replace("eval_loss", "eval loss").replace("/", " "))
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy per assistant token", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_loss/"))) or ["eval_loss"]
+    steps = [r["step"] for r in rows]
+    if len(keys) > NAMED_CURVES:
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        cmap = plt.get_cmap("tab20" if len(keys) <= 20 else "viridis")
+        for i, key in enumerate(keys):
+            color = cmap(i if len(keys) <= 20 else i / (len(keys) - 1))
+            name = key[len("loss/"):]
+            ax.plot(steps, [r[key] for r in rows], color=color, lw=1.0, alpha=0.85, label=name)
+            evals = [r for r in rows if f"eval_loss/{name}" in r]
+            if evals:
+                ax.plot([r["step"] for r in evals], [r[f"eval_loss/{name}"] for r in evals], "o--", color=color,
+                        lw=1.0, ms=3)
+        ax.plot(steps, [r["loss"] for r in rows], color="black", lw=2.5, label=f"mean of {len(keys)}")
+        ax.set(xlabel="optimizer step", ylabel="cross-entropy per assistant token", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", ncol=-(-(len(keys) + 1) // 24),
+                  title="train (eval: dashed)" if any(k in r for r in rows for k in eval_keys) else "train",
+                  title_fontsize="small")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in keys:
+            ax.plot(steps, [r[key] for r in rows], label=f"train {key}".replace("/", " "))
+        for key in eval_keys:
+            evals = [r for r in rows if key in r]
+            if evals:
+                ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-",
+                        label=key.replace("eval_loss", "eval loss").replace("/", " "))
+        ax.set(xlabel="optimizer step", ylabel="cross-entropy per assistant token", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with writing(path):
         _save(fig, path)

@@ -48,7 +48,9 @@ adapter, and AdamW is per parameter, so each adapter trains exactly as it would 
 with ``--lora_dropout`` the masks differ from a run alone, and an MoE base's auxiliary loss is the mixed
 batch's). Each adapter gets the files of a run of it alone (``DIR/lora/a_{hidden_size}.pth``, ...), the
 metrics ``loss/a``, ``loss/b`` beside their mean ``loss``, the overview in ``DIR/a/``; the shared files of
-MiniMind's layout take the stem ``a+b``.
+MiniMind's layout take the stem ``a+b``. Past three adapters (tested with 16) the progress bar shows their mean
+``loss`` and the ``worst`` adapter instead of a ``loss_<name>`` each, the shared files take the stem
+``a+15more_<hash>`` (``run_stem``), and one prompt per adapter is answered by default.
 
 The output is owned by one run at a time (a lock file naming the PID); every file is written to a
 temporary name, fsynced and renamed, so a crash never leaves half a file (and the next run removes the
@@ -75,7 +77,7 @@ from lora_kernels.fsdp import gathered_lora
 
 from .cli import CLIError, run_cli, writing
 from .lora_trainer.batches import data_loader, epoch_steps, load_data, windows
-from .lora_trainer.config import TrainConfig, check_adapters, model_adapters, parse_args, run_stem
+from .lora_trainer.config import NAMED_ADAPTERS, TrainConfig, check_adapters, model_adapters, parse_args, run_stem
 from .lora_trainer.model import add_lora, load_base, param_groups
 from .lora_trainer.report import answer, answer_prompts, describe, finish
 from .lora_trainer.run import Run, adapter_files
@@ -217,12 +219,45 @@ def rows_through_adapters(run: Run, sources: Optional[torch.Tensor]):
 
 def clip_per_adapter(run: Run) -> None:
     """Clips each adapter's gradient norm to ``--grad_clip`` on its own: one norm over all adapters would
-    let one adapter's gradient shrink another's, and training them together would differ from apart."""
-    params: Dict[Optional[str], list] = {}
+    let one adapter's gradient shrink another's, and training them together would differ from apart.
+
+    One adapter: ``clip_grad_norm_``. Several: what ``clip_grad_norm_`` does for each, batched over the
+    adapters: one ``_foreach_norm`` over every gradient, each adapter's norm of its gradients' norms, and one
+    ``_foreach_mul_`` per adapter by its (device-side) factor min(1, clip / (norm + 1e-6)): a few kernels
+    whatever the count of adapters, and no wait for the device.
+    """
+    grads: Dict[Optional[str], list] = {}
     for group in run.optimizer.param_groups:
-        params.setdefault(group.get("adapter"), []).extend(group["params"])
-    for group_params in params.values():
-        torch.nn.utils.clip_grad_norm_(group_params, run.cfg.grad_clip)
+        grads.setdefault(group.get("adapter"), []).extend(p.grad for p in group["params"] if p.grad is not None)
+    if len(grads) == 1:
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], run.cfg.grad_clip)
+        return
+    per_adapter = [g for g in grads.values() if g]
+    counts = {len(g) for g in per_adapter}
+    if len(counts) != 1 or len({(t.device, t.dtype) for g in per_adapter for t in g}) != 1:
+        for adapter_grads in per_adapter:  # unequal parameter lists (or mixed devices): one adapter at a time
+            torch.nn.utils.clip_grads_with_norm_(adapter_grads, run.cfg.grad_clip,
+                                                 torch.nn.utils.get_total_norm(adapter_grads))
+        return
+    flat = [t for g in per_adapter for t in g]
+    norms = torch.stack(torch._foreach_norm(flat)).view(len(per_adapter), -1)
+    factors = (run.cfg.grad_clip / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp_(max=1.0)
+    for k, adapter_grads in enumerate(per_adapter):
+        torch._foreach_mul_(adapter_grads, factors[k])
+
+
+def all_finite(tensors: Sequence[torch.Tensor], across_processes: bool = False) -> bool:
+    """Whether every element of ``tensors`` is finite, with one read from the device: the max-norm of each
+    tensor is NaN or inf exactly when the tensor holds a NaN or an inf (a max cannot overflow). A sharded
+    (FSDP2, DTensor) tensor is checked on this process's shard; ``across_processes``: every process gets the
+    answer for all shards (one all-reduce), so that all of them stop together."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    if not local:
+        return True
+    finite = torch.stack(torch._foreach_norm(local, float("inf"))).isfinite().all().float()
+    if across_processes:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def train_step(run: Run, micro_batches: list) -> float:
@@ -282,7 +317,7 @@ def train_step(run: Run, micro_batches: list) -> float:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    if not all(bool(torch.isfinite(p).all()) for g in run.optimizer.param_groups for p in g["params"]):
+    if not all_finite([p for g in run.optimizer.param_groups for p in g["params"]], across_processes=cfg.fsdp):
         raise CLIError(f"the update of step {run.step} (learning rate {lr:.3g}) made the adapter non-finite: "
                        "stopped before writing it; lower --learning_rate (the last saved files are intact)")
     return step_loss
@@ -300,18 +335,36 @@ def eval_loss(run: Run, eval_set=None) -> float:
     return evaluate(run.model, loader, run.rt.device, run.rt.autocast)
 
 
+@torch.no_grad()
 def eval_losses(run: Run) -> Dict[str, float]:
-    """Several adapters: each one's evaluation loss on its own evaluation set (that adapter alone active)."""
-    from lora_kernels import active_adapters, set_adapter
+    """Several adapters: each one's evaluation loss on its own evaluation set (the mean cross-entropy per
+    assistant token, as :func:`eval_loss` of a run of it alone), all in mixed batches: batch j holds rows
+    ``j·batch_size ...`` of every evaluation set that has them, each row through its own adapter
+    (``mixed_adapters``), so 16 adapters take the forwards of the largest set alone, not of all 16 sets."""
+    from lora_kernels import mixed_adapters
 
-    active, losses = active_adapters(run.model), {}
+    from .dataset import TaggedDatasets
+
+    cfg, rt, model = run.cfg, run.rt, run.model
+    tagged = TaggedDatasets(run.eval_set)
+    size = cfg.batch_size
+    batches = [[offset + i for offset, data in zip(tagged.offsets, tagged.datasets)
+                for i in range(start, min(start + size, len(data)))]
+               for start in range(0, max(len(data) for data in tagged.datasets), size)]
+    sums = torch.zeros(len(run.names), dtype=torch.float64, device=rt.device)
+    counts = torch.zeros(len(run.names), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
     try:
-        for name, eval_set in zip(run.names, run.eval_set):
-            set_adapter(run.model, name)
-            losses[name] = eval_loss(run, eval_set)
+        for ids, labels, sources in data_loader(tagged, batches, run.tokenizer.pad_token_id, 0):
+            with mixed_adapters(model, [run.names[k] for k in sources.tolist()]), rt.autocast():
+                row_sums, _ = row_loss_sums(model, ids.to(rt.device), labels.to(rt.device))
+            sums.index_add_(0, sources.to(rt.device), row_sums.double())
+            counts.index_add_(0, sources, row_supervised_tokens(labels).double())
     finally:
-        set_adapter(run.model, active)
-    return losses
+        model.train(was_training)
+    return {name: total / count if count else math.nan
+            for name, total, count in zip(run.names, sums.tolist(), counts.tolist())}
 
 
 def loss_fields(run: Run, key: str, losses: Dict[str, float]) -> Dict[str, float]:
@@ -322,15 +375,26 @@ def loss_fields(run: Run, key: str, losses: Dict[str, float]) -> Dict[str, float
     return row
 
 
+def bar_losses(run: Run, loss: float) -> Dict[str, str]:
+    """The progress bar's losses: ``loss`` for one adapter; ``loss_<name>`` each for up to
+    ``NAMED_ADAPTERS`` adapters; for more (16 fields would not fit a line), ``loss`` (their mean, as in the
+    metrics) and ``worst`` (the adapter with the highest loss, and its loss). metrics.jsonl has every one."""
+    if not run.cfg.multi:
+        return {"loss": f"{loss:.4f}"}
+    if len(run.last_losses) <= NAMED_ADAPTERS:
+        return {f"loss_{name}": f"{value:.4f}" for name, value in run.last_losses.items()}
+    worst = max(run.last_losses, key=run.last_losses.get)
+    return {"loss": f"{loss:.4f}", "worst": f"{worst} {run.last_losses[worst]:.4f}"}
+
+
 def log_step(run: Run, epoch: int, loss: float, first: bool) -> None:
     """Progress bar, and every --log_interval steps a metrics line (appended to the metrics file)."""
     cfg, rt, step = run.cfg, run.rt, run.step
     elapsed = max(time.perf_counter() - run.time_since, 1e-9)
     tok_s = run.tokens_since * rt.world_size / elapsed
     run.bar.update(1)
-    shown = {f"loss_{name}": f"{value:.4f}" for name, value in run.last_losses.items()} if cfg.multi else \
-        {"loss": f"{loss:.4f}"}
-    run.bar.set_postfix(**shown, lr=f"{run.lr_at(step - 1):.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+    shown = {**bar_losses(run, loss), "lr": f"{run.lr_at(step - 1):.2e}", "tok_s": f"{tok_s:,.0f}"}
+    run.bar.set_postfix(ordered_dict=shown, refresh=False)  # in this order (keyword arguments would be sorted)
     logged = step % cfg.log_interval == 0 or step == run.total_steps or first
     evaluated = logged and run.eval_set is not None and is_save_step(run)
     losses_eval = None

@@ -9,6 +9,7 @@ adapters and the run's shared files.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +28,14 @@ BUNDLED_BASE = ASSETS / "base.safetensors"
 BUNDLED_DATA = ASSETS / "lora_identity.jsonl"
 MINIMIND_HIDDEN_SIZE, MINIMIND_LAYERS = 768, 8  # MiniMind's defaults, used to resolve --from_weight
 DEFAULT_LR, MINIMIND_LR = 5e-3, 1e-4  # ours: the bundled job's (rank 16, a few hundred steps); MiniMind's train_lora.py
+# Up to this many adapters trained at once, the progress bar shows each one's loss and the shared files of
+# MiniMind's layout are named after all of them (``a+b+c``); with more, the bar shows their mean and the worst
+# one, and the shared files take a short stem (``run_stem``).
+NAMED_ADAPTERS = 3
+# A file name holds at most 255 bytes: an adapter's files add "_<hidden>[_moe].safetensors" and a temporary
+# file's ".<name>.XXXXXXXX.tmp" to its name (about 35 characters), the shared files of MiniMind's layout less.
+MAX_NAME_CHARS = 200
+STEM_CHARS = 100  # the longest ``a+b+c`` stem of the shared files
 
 
 @dataclass
@@ -201,7 +210,9 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--num_workers", type=number(0, integer=True), default=0, help="DataLoader worker processes")
     r.add_argument("--log_interval", type=count, default=10)
     r.add_argument("--save_interval", type=count, default=100, help="steps between adapter and state saves")
-    r.add_argument("--answers", type=number(0, integer=True), default=3, help="prompts answered before/after")
+    r.add_argument("--answers", type=number(0, integer=True), default=None,
+                   help=f"prompts answered before/after (several adapters: per adapter; default 3, with more than "
+                        f"{NAMED_ADAPTERS} adapters 1)")
     r.add_argument("--no_progress", action="store_true", help="log lines instead of a progress bar")
     r.add_argument("--use_wandb", action="store_true")
     r.add_argument("--wandb_project", default="MiniMind-LoRA")
@@ -235,6 +246,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
                        "has no DoRA: give --out_dir DIR (the adapter is then DIR/lora/NAME_HIDDEN.safetensors)")
     cfg.out_dir = ns.save_dir or ns.out_dir or ("../out" if minimind_layout else "out")
     cfg.use_compile, cfg.progress = bool(ns.use_compile), not ns.no_progress
+    if ns.answers is None:  # many adapters: one prompt each (16 adapters x 3 prompts would be 144 lines)
+        cfg.answers = 1 if len(cfg.lora_names) > NAMED_ADAPTERS else TrainConfig.answers
     cfg.resume = "if-present" if ns.from_resume else ns.resume
     if ns.from_weight is not None:  # MiniMind's init_model: {save_dir}/{name}_{hidden}[_moe].pth
         hidden = ns.hidden_size or MINIMIND_HIDDEN_SIZE
@@ -265,6 +278,10 @@ def check_adapters(cfg: TrainConfig) -> None:
     from lora_kernels.config import check_adapter_name
 
     names, paths = cfg.lora_names, cfg.data_paths
+    long = next((name for name in names if len(name) > MAX_NAME_CHARS), None)
+    if long is not None:  # its files are {name}_{hidden}.pth etc.: a file name has at most 255 bytes
+        raise CLIError(f"--lora_name: the name {long[:40]!r}... has {len(long)} characters, more than the "
+                       f"{MAX_NAME_CHARS} a file name can take with the suffixes; give a shorter name")
     if len(names) == 1 and len(paths) == 1:
         return
     if cfg.fsdp:
@@ -295,5 +312,16 @@ def model_adapters(cfg: TrainConfig) -> List[str]:
 
 
 def run_stem(cfg: TrainConfig) -> str:
-    """The name the run's shared files take in MiniMind's layout: the adapter's, or ``a+b`` for several."""
-    return "+".join(cfg.lora_names) if cfg.multi else cfg.lora_name
+    """The name the run's shared files (training state, metrics, lock, plots) take in MiniMind's layout: the
+    adapter's; ``a+b`` for a few adapters; for more than :data:`NAMED_ADAPTERS`, or names too long to join into
+    a file name, ``<first>+<n-1>more_<hash>``: the first name (cut to 40 characters), how many follow and 8 hex
+    digits of the SHA-1 of all the names in order, so that the same adapters in the same order find the same
+    training state (``--from_resume 1``) and no other run does."""
+    if not cfg.multi:
+        return cfg.lora_name
+    names = cfg.lora_names
+    joined = "+".join(names)
+    if len(names) <= NAMED_ADAPTERS and len(joined) <= STEM_CHARS:
+        return joined
+    digest = hashlib.sha1(joined.encode("utf-8")).hexdigest()[:8]
+    return f"{names[0][:40]}+{len(names) - 1}more_{digest}"

@@ -13,7 +13,7 @@ from lora_kernels import disable_lora, lora_summary
 from lora_kernels.config import DEFAULT_ADAPTER
 
 from ..cli import writing
-from .config import MINIMIND_LR, run_stem
+from .config import MINIMIND_LR, NAMED_ADAPTERS, run_stem
 from .model import lora_config
 from .run import Run
 
@@ -142,7 +142,9 @@ def finish(run: Run) -> Dict[str, object]:
     cfg, paths = run.cfg, run.paths
     lines = []
     if run.rows:
-        plot_loss(run.rows, paths.loss_curve, f"{run_stem(cfg)}: rank {cfg.rank}, {run.backend.split(':')[0]}")
+        names = run_stem(cfg) if len(run.names) <= NAMED_ADAPTERS else \
+            f"{len(run.names)} adapters ({run.names[0]} ... {run.names[-1]})"
+        plot_loss(run.rows, paths.loss_curve, f"{names}: rank {cfg.rank}, {run.backend.split(':')[0]}")
         result.update(first_loss=run.rows[0]["loss"], last_loss=run.rows[-1]["loss"])
         for key in [k for k in run.rows[0] if k.startswith("loss/")] or ["loss"]:
             result[key.replace("loss", "first_loss")] = run.rows[0][key]
@@ -150,7 +152,7 @@ def finish(run: Run) -> Dict[str, object]:
             which = f" {key[len('loss/'):]}" if cfg.multi else ""
             lines.append(f"loss{which} {run.rows[0][key]:.4f} (step {run.rows[0]['step']}) -> "
                          f"{run.rows[-1][key]:.4f} (step {run.rows[-1]['step']})")
-    stats = {}
+    stats, saved = {}, []
     # DoRA's update needs the base W, which the model has (the file alone, read under --fsdp, gives s·B·A).
     update = "ΔW = g⊙(W + s·B·A) − W" if cfg.use_dora and not cfg.fsdp else "ΔW = s·B·A"
     for name, (minimind_file, safetensors_file) in run.adapter_files.items():
@@ -164,16 +166,25 @@ def finish(run: Run) -> Dict[str, object]:
             stats[name] = plot_adapter(layers, folder, str(minimind_file or safetensors_file), per_layer=False,
                                        title=f"what {label} learned: {update} per layer")
         if minimind_file is None:
-            lines.append(f"saved {safetensors_file} (lora_kernels format, with the DoRA magnitudes; MiniMind's .pth "
+            saved.append(f"saved {safetensors_file} (lora_kernels format, with the DoRA magnitudes; MiniMind's .pth "
                          "format has no DoRA)")
             continue
         beside = safetensors_file.parent == Path(minimind_file).parent
-        lines.append(f"saved {minimind_file} (MiniMind format) and {safetensors_file.name if beside else safetensors_file}")
+        saved.append(f"saved {minimind_file} (MiniMind format) and {safetensors_file.name if beside else safetensors_file}")
+    files = list(run.adapter_files.values())
+    if len(files) > NAMED_ADAPTERS:  # many adapters: one line for their files and one for their overviews
+        first, last = files[0][0] or files[0][1], files[-1][0] or files[-1][1]
+        kinds = ("MiniMind format, and .safetensors each" if files[0][0] is not None else
+                 "lora_kernels format, with the DoRA magnitudes; MiniMind's .pth format has no DoRA")
+        saved = [f"saved {len(files)} adapters: {first} ... {last} ({kinds})"]
+        overview = f"{paths.plots / '<adapter>' / OVERVIEW_NAME} ({len(files)} adapters)"
+    else:
+        overview = " / ".join(str((paths.plots / name if cfg.multi else paths.plots) / OVERVIEW_NAME)
+                              for name in run.adapter_files)
+    lines += saved
     result["lora_stats"] = stats[DEFAULT_ADAPTER] if not cfg.multi else stats
     if cfg.multi:
         result["adapters"] = dict(run.adapter_files)
-    overview = " / ".join(str((paths.plots / name if cfg.multi else paths.plots) / OVERVIEW_NAME)
-                          for name in run.adapter_files)
     lines.append(f"metrics {paths.metrics}, curve {paths.loss_curve}, LoRA overview {overview} (per layer: "
                  f"python -m minimind.plot_lora {next(iter(run.adapter_files.values()))[1]} --out DIR)")
     if run.prompts:

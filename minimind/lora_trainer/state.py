@@ -23,7 +23,7 @@ from lora_kernels.fsdp import scatter_full
 
 from ..cli import CLIError, reading, writing
 from ..run_dir import read_metrics
-from .config import RESUME_DEFAULTS, resume_keys
+from .config import NAMED_ADAPTERS, RESUME_DEFAULTS, resume_keys
 from .run import Run
 
 
@@ -114,6 +114,18 @@ def save_checkpoint(run: Run, optimizer: Optional[dict] = None) -> None:
         atomic_write(run.paths.checkpoint, lambda tmp: torch.save(state, tmp))
 
 
+def setting_change(key: str, before, after) -> str:
+    """``--key before -> after``; a list of many adapters' names or data sets (comma-separated, as many before
+    as after) names the entries that differ instead of repeating both lists whole."""
+    if key in ("lora_name", "data_path") and isinstance(before, str) and isinstance(after, str):
+        old, new = before.split(","), after.split(",")
+        if len(old) == len(new) > NAMED_ADAPTERS:
+            diffs = [f"#{i + 1} {a.strip()!r} -> {b.strip()!r}" for i, (a, b) in enumerate(zip(old, new)) if a != b]
+            return (f"--{key} ({len(old)} entries) " + ", ".join(diffs[:3])
+                    + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""))
+    return f"--{key} {before!r} -> {after!r}"
+
+
 def load_checkpoint(run: Run) -> int:
     """Checks a training state against this run, then restores it; returns the steps already done.
 
@@ -141,7 +153,7 @@ def load_checkpoint(run: Run) -> int:
     keys = resume_keys(cfg) + (("lora_name",) if "lora_name" in state["config"] and not cfg.multi else ())
     keys = tuple(k for k in keys if k != "max_steps")  # may change: the run is extended (or cut short)
     saved = {k: state["config"].get(k, RESUME_DEFAULTS.get(k)) for k in keys}
-    changed = [f"--{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in keys if saved[k] != getattr(cfg, k)]
+    changed = [setting_change(k, saved[k], getattr(cfg, k)) for k in keys if saved[k] != getattr(cfg, k)]
     if state.get("world_size", 1) != run.rt.world_size:  # the global batch is batch_size x processes
         changed.append(f"{state.get('world_size', 1)} -> {run.rt.world_size} processes")
     if state.get("fsdp", False) != cfg.fsdp:
