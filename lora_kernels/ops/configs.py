@@ -410,13 +410,17 @@ def segmented_blocks(kind: str, dtype: torch.dtype, tokens_per_row: int, rank_bo
     A token block never spans two batch rows, so it is at most the row's T rounded up (16..64); the rank block
     covers the rank bound up to 64 (a power of two >= 16 for ``tl.dot``; larger ranks loop over blocks of 64).
     Columns: 128 bytes of K per shrink step (64 fp16/bf16, 32 fp32), 64 output columns for the expand and grad
-    tiles.
+    tiles. fp32 (IEEE on CUDA cores, or TF32) takes at most 32 tokens and 32 ranks per block: 64 x 64 tiles
+    spilled 4 B to 11 KB (sm80/86/89/90, the compile gate, Triton 3.9).
     """
     if kind not in ("shrink", "expand", "grad"):
         raise ValueError(f"kind must be 'shrink', 'expand' or 'grad', got {kind!r}")
-    block_m = min(64, max(16, triton.next_power_of_2(max(int(tokens_per_row), 1))))
-    block_r = min(64, max(16, triton.next_power_of_2(max(int(rank_bound), 1))))
     wide = dtype.itemsize <= 2
-    if kind == "shrink":
-        return SegmentedBlocks(block_m, 64 if wide else 32, block_r)
-    return SegmentedBlocks(block_m, 64, block_r, num_stages=3 if wide else 2)
+    cap = 64 if wide else 32
+    block_m = min(cap, max(16, triton.next_power_of_2(max(int(tokens_per_row), 1))))
+    block_r = min(cap, max(16, triton.next_power_of_2(max(int(rank_bound), 1))))
+    if kind == "shrink":  # fp32: 2 stages (3 spilled 4-8 B in IEEE fp32's B-layout blocks on sm86/sm89)
+        return SegmentedBlocks(block_m, 64 if wide else 32, block_r, num_stages=3 if wide else 2)
+    # fp32 grad: its token loop unpipelined (2 stages took 175-241 registers on sm80 and spilled 24-28 B at
+    # 16-token blocks; 1 stage: 63-80 registers)
+    return SegmentedBlocks(block_m, 64, block_r, num_stages=3 if wide else 1)
