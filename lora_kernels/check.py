@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="precisions to sweep / check (default: all; --interpret: fp32 fp16)")
     parser.add_argument("--full", action="store_true", help="--aot: every (N, K) pair and autotune candidate")
     parser.add_argument("--quick", action="store_true", help="--aot: the representative subset of the tests")
-    parser.add_argument("--only", nargs="+", choices=("lora", "quantized", "dora", "segmented"),
+    parser.add_argument("--only", nargs="+", choices=("lora", "quantized", "dora", "segmented"),  # = aot.KINDS
                         help="--aot: only these kinds of cases (default: all); e.g. --only segmented")
     parser.add_argument("--jobs", type=int, default=1, help="--aot: compile processes (default 1)")
     parser.add_argument("--out", help="--aot: write report.md and report.json (and jobs/, one file per arch and "

@@ -421,6 +421,6 @@ def segmented_blocks(kind: str, dtype: torch.dtype, tokens_per_row: int, rank_bo
     block_r = min(cap, max(16, triton.next_power_of_2(max(int(rank_bound), 1))))
     if kind == "shrink":  # fp32: 2 stages (3 spilled 4-8 B in IEEE fp32's B-layout blocks on sm86/sm89)
         return SegmentedBlocks(block_m, 64 if wide else 32, block_r, num_stages=3 if wide else 2)
-    # fp32 grad: its token loop unpipelined (2 stages took 175-241 registers on sm80 and spilled 24-28 B at
-    # 16-token blocks; 1 stage: 63-80 registers)
+    # fp32: the grad kernel's token loop unpipelined (2 stages took 175-241 registers on sm80 and spilled 24-28 B
+    # at 16-token blocks; 1 stage: 63-80 registers); the expand's only loop (ranks) is unpipelined anyway
     return SegmentedBlocks(block_m, 64, block_r, num_stages=3 if wide else 1)
