@@ -3,7 +3,8 @@
 The kernels are compiled for real targets (sm90, sm80) with the installed Triton and ptxas, in a subprocess
 without ``TRITON_INTERPRET`` (in this process ``triton.jit`` built interpreter functions). The subset
 (``--quick``): decode M = 17 and training M = 8192, N = K = 768, ranks 16 and 100 (rank blocks 16 and 64,
-a rank that is a multiple of 16 and one that is not), every combination of bias, dropout and trainable W; sm90 in bf16 and TF32, sm80 in bf16: every kernel of
+a rank that is a multiple of 16 and one that is not), every combination of bias, dropout and trainable W, and the
+segmented primitives (64 rows x 64 tokens); sm90 in bf16 and TF32, sm80 in bf16: every kernel of
 forward and backward in both MMA forms (about 130 compilations, ~1-2 minutes on 2 cores with a cold Triton
 cache). The full sweep's report is in benchmarks/results/compile-gate/.
 """

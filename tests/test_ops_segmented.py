@@ -272,3 +272,24 @@ def test_checks_name_what_does_not_fit():
         seg.segmented_shrink(x, a_store[:, :4], plan, SEED)
     with pytest.raises(ValueError, match="rank_capacity"):
         seg.segmented_grad_a(torch.zeros(x.shape[0], plan.rank_bound), x, plan, SEED, rank_capacity=2)
+    with pytest.raises(ValueError, match="seed"):
+        seg.segmented_shrink(x, a_store, _plan(case, True), None)
+
+
+def test_expand_adds_in_the_output_dtype():
+    """fp16 S and B into an fp32 y: the sum is formed in fp32 and stored as fp32 (the output pointer's dtype)."""
+    case = CASES[1]
+    plan = _plan(case, False)
+    gen = torch.Generator().manual_seed(5)
+    b_store = _store(case, case.n, torch.float16, "B", gen)
+    s = _small(case, plan, torch.float16, gen)
+    y0 = torch.randn(s.shape[0], case.n, generator=gen)
+    y = y0.clone()
+    seg.segmented_expand(s, b_store, plan, y)
+    ref = y0.double().clone()
+    for b, i in enumerate(case.row_slot):
+        if i >= 0:
+            r, rows = case.slot_rank[i], _rows(case, b)
+            ref[rows] += float(plan.slot_scaling[i]) * s[rows, :r].double() @ _b(b_store, i, r, case.n).t()
+    assert y.dtype == torch.float32
+    assert_close(y, ref, torch.float32, "y (fp32 out)")

@@ -4,6 +4,9 @@ With a quantized base (``Case.quantize``: NF4, NF4 with double quantization, int
 rank) case also runs the launchers of :mod:`lora_kernels.ops.quantized` (W frozen, bias on, dropout or not):
 the in-loop GEMMs, or above ``configs.DEQUANT_ONCE``'s crossover (NF4 on sm90) the dequantize kernel and the
 16-bit kernels, as the launchers choose on that arch.
+The segmented many-adapter kernels (:mod:`lora_kernels.ops.segmented`, :func:`segmented_cases`) run their six
+primitives on a plan of 64 batch rows over a pool of 64 slots. Each case has a kind (``KINDS``: lora,
+quantized, dora, segmented); ``python -m lora_kernels.check --aot --only KIND ...`` sweeps those kinds only.
 
 :func:`sweep` calls the public launchers (``forward``, ``backward``, ``dropout_mask``) under
 :func:`~lora_kernels.ops.standin.stand_in_gpu` (compile-only) over a grid of cases: precision (IEEE fp32,

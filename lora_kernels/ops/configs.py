@@ -402,8 +402,7 @@ class SegmentedBlocks:
     num_stages: int = 3
 
 
-def segmented_blocks(kind: str, dtype: torch.dtype, tokens_per_row: int, rank_bound: int,
-                     capability: Optional[Tuple[int, int]] = None) -> SegmentedBlocks:
+def segmented_blocks(kind: str, dtype: torch.dtype, tokens_per_row: int, rank_bound: int) -> SegmentedBlocks:
     """Block sizes of the segmented ``kind`` ("shrink", "expand", "grad") kernel: simple and safe, one set for
     every arch (the compile gate checks them on sm80/86/89/90).
 

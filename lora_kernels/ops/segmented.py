@@ -324,6 +324,12 @@ def _check_store(name: str, store: torch.Tensor, plan, width: int, dtype: torch.
         raise TypeError(f"{name} must have dtype {dtype}, got {store.dtype}")
 
 
+def _seed(seed, device: torch.device) -> torch.Tensor:
+    if seed is None:
+        raise ValueError("plan.dropout is set: the forward's dropout seed is needed, got None")
+    return seed_tensor(seed, device)
+
+
 def _rank_capacity(plan, rank_capacity: Optional[int]) -> int:
     cap = rank_capacity if rank_capacity is not None else getattr(plan, "rank_capacity", None)
     cap = int(plan.rank_bound if cap is None else cap)
@@ -342,8 +348,8 @@ def _shrink(kind: str, inp: torch.Tensor, store: torch.Tensor, plan, seed, b_lay
     if out.numel() == 0:
         return out
     dropout = bool(plan.dropout)
-    blocks = _configs.segmented_blocks("shrink", inp.dtype, plan.tokens_per_row, rank_bound, _device_capability(device))
-    seed_t = seed_tensor(seed, device) if dropout and not b_layout else inp
+    blocks = _configs.segmented_blocks("shrink", inp.dtype, plan.tokens_per_row, rank_bound)
+    seed_t = _seed(seed, device) if dropout and not b_layout else inp
     grid = (row_slot.numel(), triton.cdiv(plan.tokens_per_row, blocks.block_m))
     ints = (int(plan.tokens_per_row), width, rank_bound, *inp.stride(), *store.stride(), *out.stride())
     meta = dict(B_LAYOUT=b_layout, MASK_INPUT=dropout and not b_layout, SCALE_BY_SLOT=b_layout,
@@ -367,8 +373,8 @@ def _expand(kind: str, s: torch.Tensor, store: torch.Tensor, plan, seed, out: to
     if out.device != device:
         raise ValueError(f"out must be on {device}, got {out.device}")
     masked = bool(plan.dropout) and not b_layout
-    blocks = _configs.segmented_blocks("expand", s.dtype, plan.tokens_per_row, rank_bound, _device_capability(device))
-    seed_t = seed_tensor(seed, device) if masked else s
+    blocks = _configs.segmented_blocks("expand", s.dtype, plan.tokens_per_row, rank_bound)
+    seed_t = _seed(seed, device) if masked else s
     grid = (row_slot.numel(), triton.cdiv(plan.tokens_per_row, blocks.block_m), triton.cdiv(width, blocks.block_n))
     ints = (int(plan.tokens_per_row), width, rank_bound, *s.stride(), *store.stride(), *out.stride())
     meta = dict(B_LAYOUT=b_layout, SCALE_BY_SLOT=b_layout, MASK_OUTPUT=masked, BLOCK_M=blocks.block_m,
@@ -400,8 +406,8 @@ def _grad(kind: str, left: torch.Tensor, inp: torch.Tensor, plan, seed, b_layout
     if m == 0:
         return out.zero_()
     masked = bool(plan.dropout) and not b_layout
-    blocks = _configs.segmented_blocks("grad", inp.dtype, plan.tokens_per_row, rank_bound, _device_capability(device))
-    seed_t = seed_tensor(seed, device) if masked else inp
+    blocks = _configs.segmented_blocks("grad", inp.dtype, plan.tokens_per_row, rank_bound)
+    seed_t = _seed(seed, device) if masked else inp
     grid = (slots, triton.cdiv(width, blocks.block_n), triton.cdiv(cap, blocks.block_r))
     ints = (int(plan.tokens_per_row), width, rank_bound, cap, *left.stride(), *inp.stride(), *out.stride())
     meta = dict(B_LAYOUT=b_layout, MASK_INPUT=masked, SCALE_BY_SLOT=b_layout, BLOCK_M=blocks.block_m,
@@ -410,10 +416,6 @@ def _grad(kind: str, left: torch.Tensor, inp: torch.Tensor, plan, seed, b_layout
     tensors = (left, inp, out, plan.rows_by_slot, plan.slot_row_start, slot_rank, slot_scaling, slot_p, seed_t)
     _launch(kind, _segmented_grad_kernel, grid, meta, tensors, ints, (*tensors, *ints))
     return out
-
-
-def _device_capability(device: torch.device):
-    return _configs._device_info(device)[0]
 
 
 # ----------------------------------------------------------------------------------------------- primitives
