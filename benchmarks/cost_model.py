@@ -19,7 +19,8 @@ Providers, all with a frozen base (W gets no gradient) and x requiring grad (a l
 
 Mixed batches (``--adapters N``, ``lora_kernels.mixed``): ``mixed`` (:func:`ours_mixed`, the fused kernels at
 rank N·r plus the concatenation's small tensors) against ``loop`` (:func:`loop_over_adapters`, the fused layer
-once per adapter on its gathered rows).
+once per adapter on its gathered rows) and ``segmented`` (:func:`ours_segmented`, issue #21: the base GEMMs,
+then one launch per segmented primitive, each row paying its own adapter's rank r).
 
 Quantized base (QLoRA, ``--quantized``), the same W in NF4 (4 bits + a fp32 absmax per 64) or int8 (+ a fp32
 scale per row):
@@ -320,18 +321,55 @@ def loop_over_adapters(s: Shape, adapters: int, gpu: Optional[GPU] = None) -> Li
     return ks
 
 
+def ours_segmented(s: Shape, adapters: int, gpu: Optional[GPU] = None, train: bool = True,
+                   pool_slots: Optional[int] = None, rank_capacity: Optional[int] = None) -> List[Kernel]:
+    """The segmented path (issue #21, ``lora_kernels/ops/segmented.py``): every token's row uses one of
+    ``adapters`` adapters of rank ``s.r`` (rows spread over them), and pays that rank only, whatever the
+    number of adapters. The base GEMMs run on their own (``frozen``); the LoRA term is one launch per
+    primitive: forward the shrink S = x̃·A_iᵀ (M, r) and the expand y += s_i·S·B_iᵀ (a read-modify-write of y);
+    backward dS = s_i·dY·B_i/(1-p), dX += keep ⊙ dS·A_i (read-modify-write of dX), dA and dB per slot. Each
+    adapter's A and B are read from HBM once per kernel (the programs of its rows share them through L2); the
+    grad kernels write every slot of the pool's gradient stores (``pool_slots`` × ``rank_capacity`` × K or N,
+    zeros where unused; default: ``adapters`` slots of rank ``s.r``). The mask is rehashed where x is read
+    (shrink, dA) and on dX's elements (expand epilogue), ``HASH_OPS`` per element, overlapped with the loads.
+    ``train=False``: the forward only (base GEMM, shrink, expand). ``gpu`` is unused (no launcher-chosen
+    splits), kept for the providers' signature."""
+    e, m, k, n, r = s.element, s.m, s.k, s.n, s.r
+    slots, cap = pool_slots or adapters, rank_capacity or r
+    hashed = HASH_OPS * m * k if s.dropout > 0 else 0.0
+    base_forward, base_grad_x = frozen(s)
+    kernels = [base_forward,
+               Kernel("segmented shrink S = (keep ⊙ x)·A_iᵀ/(1-p)", (m * k + adapters * r * k + m * r) * e,
+                      2.0 * m * k * r, hashed),
+               Kernel("segmented expand y += s_i·S·B_iᵀ", (2 * m * n + m * r + adapters * n * r) * e, 2.0 * m * n * r)]
+    if not train:
+        return kernels
+    return kernels + [
+        base_grad_x,
+        Kernel("segmented dS = s_i·dY·B_i/(1-p)", (m * n + adapters * n * r + m * r) * e, 2.0 * m * n * r),
+        Kernel("segmented dX += keep ⊙ dS·A_i", (2 * m * k + m * r + adapters * r * k) * e, 2.0 * m * k * r, hashed),
+        Kernel("segmented dA_i = dSᵀ·(keep ⊙ x), whole store", (m * k + m * r + slots * cap * k) * e,
+               2.0 * m * k * r, hashed),
+        Kernel("segmented dB_i = s_i·dYᵀ·S, whole store", (m * n + m * r + slots * cap * n) * e, 2.0 * m * n * r),
+    ]
+
+
 def mixed_table(m: int, widths: Sequence[int], rank: int, adapters: int, gpus: Sequence[GPU],
                 dropout: float = 0.1) -> str:
     """A markdown table of predicted µs per training step (K = N = each width): one adapter over the batch,
-    a mixed batch of ``adapters`` adapters, a loop over them."""
-    lines = ["| GPU | M×K→N, r × adapters, p | one adapter µs | mixed µs | loop µs | mixed / one | loop / mixed |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    a mixed batch of ``adapters`` adapters concatenated, a loop over them, and the segmented path (its
+    forward alone too)."""
+    lines = ["| GPU | M×K→N, r × adapters, p | one adapter µs | mixed µs | loop µs | segmented µs | segmented fwd µs "
+             "| mixed / one | loop / mixed | segmented / mixed |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for gpu, width in ((gpu, width) for gpu in gpus for width in widths):
         s = Shape(m, width, width, rank, dropout)
-        one, mixed, loop = (predict_us(ks, gpu) for ks in (ours(s, gpu), ours_mixed(s, adapters, gpu),
-                                                             loop_over_adapters(s, adapters, gpu)))
+        one, mixed, loop, segmented, forward = (predict_us(ks, gpu) for ks in (
+            ours(s, gpu), ours_mixed(s, adapters, gpu), loop_over_adapters(s, adapters, gpu),
+            ours_segmented(s, adapters, gpu), ours_segmented(s, adapters, gpu, train=False)))
         lines.append(f"| {gpu.name} | {m}×{width}→{width}, {rank} × {adapters}, {dropout:g} | {one:.1f} | {mixed:.1f} | "
-                     f"{loop:.1f} | {mixed / one:.2f} | {loop / mixed:.2f} |")
+                     f"{loop:.1f} | {segmented:.1f} | {forward:.1f} | {mixed / one:.2f} | {loop / mixed:.2f} | "
+                     f"{segmented / mixed:.2f} |")
     return "\n".join(lines)
 
 

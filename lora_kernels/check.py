@@ -7,7 +7,8 @@ Two modes:
   Triton, reads registers, spills, shared memory and the MMA form of each, prints one table and exits 1 on
   any failure (compile error, shared memory over the arch's limit, a spill in a default configuration, an
   sm90 fp16/bf16 GEMM without wgmma). ``--quick`` compiles a representative subset (the test suite's);
-  ``--full`` adds every (N, K) pair and every autotune candidate. ``--out DIR`` writes ``report.md`` and
+  ``--full`` adds every (N, K) pair and every autotune candidate. ``--only KIND ...`` keeps the cases of
+  those kinds (``lora``, ``quantized``, ``dora``, ``segmented``). ``--out DIR`` writes ``report.md`` and
   ``report.json`` there.
 * default (a CUDA GPU): every kernel (forward and all gradients, with and without dropout and bias) against
   the float64 reference at the benchmark shapes (``--shapes MxNxK:r,...``), then forward+backward timings
@@ -65,11 +66,11 @@ def stack_lines() -> List[str]:
 # ------------------------------------------------------------------------------------------------- --aot
 
 
-def _sweep_job(arch: int, precision: str, full: bool, quick: bool):
+def _sweep_job(arch: int, precision: str, full: bool, quick: bool, kinds=None):
     from lora_kernels.ops import aot
 
     start = time.time()
-    reports, errors = aot.sweep_arch(arch, (precision,), full=full, quick=quick)
+    reports, errors = aot.sweep_arch(arch, (precision,), full=full, quick=quick, kinds=kinds)
     print(f"check --aot: sm{arch} {precision}: {len(reports)} distinct kernels, {len(errors)} compile errors, "
           f"{time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return [dataclasses.asdict(r) for r in reports], [dataclasses.asdict(e) for e in errors]
@@ -152,13 +153,13 @@ def run_aot(args) -> int:
                    if (parts / f"sm{a}-{p}.json").exists()]
         todo = [(a, p) for a, p in jobs if not (parts / f"sm{a}-{p}.json").exists()]
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_sweep_job, arch, p, args.full, args.quick): (arch, p) for arch, p in todo}
+            futures = {pool.submit(_sweep_job, arch, p, args.full, args.quick, args.only): (arch, p) for arch, p in todo}
             results += [done(*futures[f], f.result()) for f in concurrent.futures.as_completed(futures)]
     elif args.jobs <= 1:
-        results = [done(arch, p, _sweep_job(arch, p, args.full, args.quick)) for arch, p in jobs]
+        results = [done(arch, p, _sweep_job(arch, p, args.full, args.quick, args.only)) for arch, p in jobs]
     else:
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_sweep_job, arch, p, args.full, args.quick): (arch, p) for arch, p in jobs}
+            futures = {pool.submit(_sweep_job, arch, p, args.full, args.quick, args.only): (arch, p) for arch, p in jobs}
             results = [done(*futures[f], f.result()) for f in concurrent.futures.as_completed(futures)]
     for r, e in results:
         reports += r
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="precisions to sweep / check (default: all; --interpret: fp32 fp16)")
     parser.add_argument("--full", action="store_true", help="--aot: every (N, K) pair and autotune candidate")
     parser.add_argument("--quick", action="store_true", help="--aot: the representative subset of the tests")
+    parser.add_argument("--only", nargs="+", choices=("lora", "quantized", "dora", "segmented"),  # = aot.KINDS
+                        help="--aot: only these kinds of cases (default: all); e.g. --only segmented")
     parser.add_argument("--jobs", type=int, default=1, help="--aot: compile processes (default 1)")
     parser.add_argument("--out", help="--aot: write report.md and report.json (and jobs/, one file per arch and "
                                       "precision as each finishes) to this directory")

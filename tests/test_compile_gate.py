@@ -3,7 +3,8 @@
 The kernels are compiled for real targets (sm90, sm80) with the installed Triton and ptxas, in a subprocess
 without ``TRITON_INTERPRET`` (in this process ``triton.jit`` built interpreter functions). The subset
 (``--quick``): decode M = 17 and training M = 8192, N = K = 768, ranks 16 and 100 (rank blocks 16 and 64,
-a rank that is a multiple of 16 and one that is not), every combination of bias, dropout and trainable W; sm90 in bf16 and TF32, sm80 in bf16: every kernel of
+a rank that is a multiple of 16 and one that is not), every combination of bias, dropout and trainable W, and the
+segmented primitives (64 rows x 64 tokens); sm90 in bf16 and TF32, sm80 in bf16: every kernel of
 forward and backward in both MMA forms (about 130 compilations, ~1-2 minutes on 2 cores with a cold Triton
 cache). The full sweep's report is in benchmarks/results/compile-gate/.
 """
@@ -66,6 +67,7 @@ def test_quick_gate_passes(quick_gate):
     for arch in (90, 80):
         roles = {role for k in kernels if k["arch"] == arch for role in k["roles"]}
         assert roles >= {"down", "forward", "dY", "sum", "dX", "dA", "dW", "mask"}, (arch, roles)
+        assert roles >= {"seg-S", "seg-y", "seg-dS", "seg-dX", "seg-dA", "seg-dB"}, (arch, roles)  # ops.segmented
     for k in kernels:
         if k["default"]:
             assert k["spill_stores"] == k["spill_loads"] == 0, k
@@ -105,6 +107,25 @@ def test_verdicts_flag_each_failure_kind():
     assert aot.verdicts([_report(default=False, shared=300_000, spill_stores=8, mma="HMMA")], []) == []
     failures = aot.verdicts([], [aot.CompileError(80, "bf16 M=1", "CompilationError: boom\nmore")])
     assert failures == ["sm80: compile error in bf16 M=1: CompilationError: boom"]
+
+
+def test_kinds_filter_the_cases():
+    """``check --aot --only KIND``: each case has one kind of aot.KINDS, the filter keeps exactly those, and the
+    segmented cases are 64 rows of 64 tokens (and of 1 outside --quick) at K = N 4096 and 512, rank bounds 16
+    and 64, dropout on and off."""
+    from lora_kernels import check
+
+    every = list(aot.cases(("bf16",), quick=True))
+    assert {c.kind for c in every} == set(aot.KINDS)
+    only = list(aot.cases(("bf16",), quick=True, kinds=("segmented",)))
+    assert only == [c for c in every if c.kind == "segmented"] and len(only) == 2 * 2 * 2
+    assert {(c.m, c.segment_tokens, c.k, c.n, c.rank) for c in only} == {
+        (4096, 64, w, w, r) for w in (4096, 512) for r in (16, 64)}
+    assert len(list(aot.cases(("bf16",), kinds=("segmented",)))) == 16  # + 64 rows of one token
+    parser = check.build_parser()
+    assert parser.parse_args(["--aot", "--only", "segmented", "dora"]).only == ["segmented", "dora"]
+    only_action = next(a for a in parser._actions if a.dest == "only")
+    assert tuple(only_action.choices) == aot.KINDS
 
 
 def test_stand_in_refuses_the_interpreter():

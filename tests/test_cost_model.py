@@ -1,4 +1,6 @@
 """benchmarks/cost_model.py: its accounting, checked by hand on small cases."""
+import dataclasses
+
 import pytest
 
 from benchmarks.cost_model import GPUS, LAUNCH_US, Kernel, Shape, eager, frozen, ours, predict_us
@@ -196,3 +198,59 @@ def test_dora_adds_exactly_its_passes_bytes_to_ours(dropout):
     assert len(base_gemms) == (4 if dropout else 2) and any(kk.name.startswith("B·A") for kk in peft)
     assert sum(kk.bytes for kk in peft) > sum(kk.bytes for kk in dora)
     assert kept_bytes(s, "ours-dora") - kept_bytes(s, "ours") == m * n * e < kept_bytes(s, "peft-dora")
+
+
+def test_segmented_path_counts_by_hand():
+    """ours_segmented: the base GEMMs plus one launch per primitive, each token paying its own rank r whatever
+    the number of adapters; bytes, FLOPs, hash work and launches derived by hand for a small shape."""
+    from benchmarks.cost_model import HASH_OPS, ours_mixed, ours_segmented
+
+    m, k, n, r, e = 1024, 256, 512, 8, 2
+    s = Shape(m=m, k=k, n=n, r=r, dropout=0.1, element=e)
+    forward = ours_segmented(s, 4, train=False)
+    assert len(forward) == 3  # base GEMM, shrink, expand
+    base = (m * k + k * n + m * n + n) * e  # x, W, y, bias
+    shrink = (m * k + 4 * r * k + m * r) * e  # x, four adapters' A once each, S
+    expand = (m * n + m * n + m * r + 4 * n * r) * e  # y read and written, S, four B
+    assert sum(kk.bytes for kk in forward) == base + shrink + expand
+    assert sum(kk.flops for kk in forward) == 2 * m * n * k + 2 * m * r * k + 2 * m * r * n
+    assert sum(kk.int_ops for kk in forward) == HASH_OPS * m * k  # the shrink's mask
+
+    step = ours_segmented(s, 4)
+    assert step[:3] == forward and len(step) == 8  # + base dX GEMM, dS, dX, dA, dB
+    grad_x_base = (m * n + n * k + m * k) * e
+    grad_s = (m * n + 4 * n * r + m * r) * e
+    grad_x = (2 * m * k + m * r + 4 * r * k) * e
+    grad_a = (m * k + m * r + 4 * r * k) * e  # x, dS, the (4, r·K) store written whole
+    grad_b = (m * n + m * r + 4 * r * n) * e
+    assert sum(kk.bytes for kk in step[3:]) == grad_x_base + grad_s + grad_x + grad_a + grad_b
+    # six rank-r GEMMs (three over K, three over N) and the two base GEMMs
+    assert sum(kk.flops for kk in step) == 2 * (2 * m * n * k) + 2 * m * r * (3 * k + 3 * n)
+    assert sum(kk.int_ops for kk in step) == 3 * HASH_OPS * m * k  # shrink, dX epilogue, dA
+    assert ours_segmented(dataclasses.replace(s, dropout=0.0), 4)[1].int_ops == 0
+
+    # A pool of 64 slots of capacity 16: the gradient stores grow, nothing else does.
+    pooled = ours_segmented(s, 4, pool_slots=64, rank_capacity=16)
+    assert sum(kk.bytes for kk in pooled) - sum(kk.bytes for kk in step) == (64 * 16 - 4 * r) * (k + n) * e
+    # 64 adapters: the same FLOPs and launches (each token pays r, not 64·r as the concatenation does), only the
+    # adapters' weights read once more each
+    many = ours_segmented(s, 64)
+    assert len(many) == 8 and sum(kk.flops for kk in many) == sum(kk.flops for kk in step)
+    # (A in the shrink, dX, dA store; B in the expand, dS, dB store)
+    assert sum(kk.bytes for kk in many) - sum(kk.bytes for kk in step) == 3 * 60 * r * (k + n) * e
+    base_flops = 2 * (2 * m * n * k)
+    lora_flops = sum(kk.flops for kk in many) - base_flops
+    assert lora_flops == 2 * m * r * (3 * k + 3 * n)
+    # concatenated at rank 64·r: S, the dY pass (dS and dB) and dA (ours counts no LoRA FLOPs inside its fused GEMMs)
+    mixed_lora = sum(kk.flops for kk in ours_mixed(s, 64)) - base_flops
+    assert mixed_lora == 2 * m * (64 * r) * (2 * k + 2 * n) > 40 * lora_flops
+    assert predict_us(many, GPUS["h100"]) < predict_us(ours_mixed(s, 64), GPUS["h100"])
+
+
+def test_mixed_table_has_the_segmented_columns():
+    from benchmarks.cost_model import mixed_table
+
+    table = mixed_table(1024, [256, 512], 8, 4, [GPUS["h100"]])
+    header, _, *rows = table.splitlines()
+    assert "segmented µs" in header and "segmented fwd µs" in header and len(rows) == 2
+    assert all(len(row.split("|")) == len(header.split("|")) for row in rows)

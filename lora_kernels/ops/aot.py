@@ -4,6 +4,9 @@ With a quantized base (``Case.quantize``: NF4, NF4 with double quantization, int
 rank) case also runs the launchers of :mod:`lora_kernels.ops.quantized` (W frozen, bias on, dropout or not):
 the in-loop GEMMs, or above ``configs.DEQUANT_ONCE``'s crossover (NF4 on sm90) the dequantize kernel and the
 16-bit kernels, as the launchers choose on that arch.
+The segmented many-adapter kernels (:mod:`lora_kernels.ops.segmented`, :func:`segmented_cases`) run their six
+primitives on a plan of 64 batch rows over a pool of 64 slots. Each case has a kind (``KINDS``: lora,
+quantized, dora, segmented); ``python -m lora_kernels.check --aot --only KIND ...`` sweeps those kinds only.
 
 :func:`sweep` calls the public launchers (``forward``, ``backward``, ``dropout_mask``) under
 :func:`~lora_kernels.ops.standin.stand_in_gpu` (compile-only) over a grid of cases: precision (IEEE fp32,
@@ -63,23 +66,45 @@ class Case:
     autotune: Optional[int] = None  # index into autotune_candidates(default tile) of each GEMM
     quantize: Optional[str] = None  # one of QUANTIZED: the kernels of lora_kernels.ops.quantized
     dora: bool = False  # the DoRA launchers (lora_kernels.ops.dora): forward with Z, backward with dc, weight norm
+    # the six segmented primitives (lora_kernels.ops.segmented) over batch rows of this many tokens (M = rows x
+    # tokens; rank is the plan's rank bound); 0: not a segmented case
+    segment_tokens: int = 0
+
+    @property
+    def kind(self) -> str:
+        """Which launchers the case runs: one of KINDS (``check --aot --only`` filters on it)."""
+        if self.segment_tokens:
+            return "segmented"
+        return "dora" if self.dora else ("quantized" if self.quantize else "lora")
 
     def __str__(self) -> str:
         text = (f"{self.precision} M={self.m} N={self.n} K={self.k} r={self.rank}"
                 f"{' bias' if self.bias else ''}{' dropout' if self.dropout else ''}{' dW' if self.train_w else ''}")
         text += f" {self.quantize}" if self.quantize else ""
         text += " dora" if self.dora else ""
+        if self.segment_tokens:
+            text += f" segmented {self.m // self.segment_tokens}x{self.segment_tokens}"
         return text + (f" autotune#{self.autotune}" if self.autotune is not None else "")
+
+
+KINDS = ("lora", "quantized", "dora", "segmented")
 
 
 QUANTIZED = ("nf4", "nf4-dq", "int8")  # a frozen quantized base: NF4, NF4 with double quantization, int8
 
 
-def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: bool = False) -> Iterator[Case]:
+def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: bool = False,
+          kinds: Optional[Sequence[str]] = None) -> Iterator[Case]:
     """The sweep's cases. ``quick``: a representative subset (decode and training M, N = K = 768, ranks
     16 and 100: rank blocks 16 and 64, a rank a multiple of 16 and one that is not, every flag; and one
     training call at 4096², where sm90 takes the dY pass's 256-row blocks) for the test suite. ``full``:
-    every (N, K) pair and the autotune candidates."""
+    every (N, K) pair and the autotune candidates. ``kinds``: only the cases of these kinds (``KINDS``)."""
+    for case in _all_cases(precisions, full, quick):
+        if kinds is None or case.kind in kinds:
+            yield case
+
+
+def _all_cases(precisions: Sequence[str], full: bool, quick: bool) -> Iterator[Case]:
     if quick:
         ms, widths, ranks = (17, 8192), ((768, 768),), (16, 100)
     else:
@@ -96,6 +121,7 @@ def cases(precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: boo
         for precision, rank in itertools.product(precisions, ranks):
             yield Case(precision, 8192, 4096, 4096, rank, True, False, False)
     yield from dora_cases(precisions, ms, widths, ranks, quick)
+    yield from segmented_cases(precisions, quick)
     if full:  # every candidate tile of the GEMM autotuner, where the launchers would tune (BLOCK_M >= 64)
         for precision, (n, k), rank in itertools.product(precisions, widths, (16, 100)):
             for bias, dropout in itertools.product((False, True), repeat=2):
@@ -114,6 +140,42 @@ def dora_cases(precisions: Sequence[str], ms: Sequence[int], widths, ranks: Sequ
             if rank == ranks[0]:
                 for quantize in QUANTIZED[::2] if quick else QUANTIZED:
                     yield Case(precision, m, n, k, rank, True, dropout, False, quantize=quantize, dora=True)
+
+
+def segmented_cases(precisions: Sequence[str], quick: bool) -> Iterator[Case]:
+    """The segmented primitives (issue #21): 64 batch rows of 64 tokens (M = 4096), K = N in {4096, 512}, rank
+    bounds 16 and 64 (rank blocks 16 and 64), dropout on and off; outside ``quick`` also 64 rows of one token
+    (decode: 16-token blocks)."""
+    for precision, tokens, width, rank, dropout in itertools.product(
+            precisions, (64,) if quick else (64, 1), (4096, 512), (16, 64), (False, True)):
+        yield Case(precision, 64 * tokens, width, width, rank, False, dropout, False, segment_tokens=tokens)
+
+
+def _run_segmented(case: Case, tensors: "_Tensors") -> int:
+    """The six segmented primitives for ``case`` on a plan of 64 rows over a pool of 64 slots (CPU tensors:
+    nothing runs); returns how many launches the forward (shrink, expand) made."""
+    from types import SimpleNamespace
+
+    from . import segmented as seg
+
+    dtype = DTYPES[case.precision]
+    rows, slots = case.m // case.segment_tokens, 64
+    plan = SimpleNamespace(
+        row_slot=tensors(rows, dtype=torch.int32), tokens_per_row=case.segment_tokens, rank_bound=case.rank,
+        slot_rank=tensors(slots, dtype=torch.int32), slot_scaling=tensors(slots, dtype=torch.float32),
+        slot_p=tensors(slots, dtype=torch.float32), dropout=case.dropout, rows_by_slot=tensors(rows, dtype=torch.int32),
+        slot_row_start=tensors(slots + 1, dtype=torch.int32))
+    x, y = tensors(case.m, case.k, dtype=dtype), tensors(case.m, case.n, dtype=dtype)
+    a_store, b_store = tensors(slots, case.rank * case.k, dtype=dtype), tensors(slots, case.rank * case.n, dtype=dtype)
+    with _fp32_precision(case.precision):
+        s = seg.segmented_shrink(x, a_store, plan, 1234)
+        seg.segmented_expand(s, b_store, plan, y)
+        forward_launches = 2
+        grad_s = seg.segmented_grad_s(y, b_store, plan)
+        seg.segmented_grad_x(grad_s, a_store, plan, 1234, x)
+        seg.segmented_grad_a(grad_s, x, plan, 1234)
+        seg.segmented_grad_b(y, s, plan)
+    return forward_launches
 
 
 @contextlib.contextmanager
@@ -173,6 +235,8 @@ def _run_case(case: Case, tensors: _Tensors, launched: list) -> int:
     how many of those launches ``forward`` made."""
     from . import lora_linear as ops
 
+    if case.segment_tokens:
+        return _run_segmented(case, tensors)
     dtype = DTYPES[case.precision]
     x = tensors(case.m, case.k, dtype=dtype)
     w = tensors(case.n, case.k, dtype=dtype)
@@ -211,7 +275,13 @@ _ROLES = {"_lora_down_kernel": "down", "_lora_dy_kernel": "dY", "_lora_da_kernel
           "_weight_norm_kernel": "norm"}  # DoRA's weight norm (lora_kernels.ops.dora)  # quantized: W dequantized once, above configs.DEQUANT_ONCE's crossover
 
 
+_SEGMENTED_ROLES = {"_segmented_shrink_kernel": ("seg-S", "seg-dS"), "_segmented_expand_kernel": ("seg-dX", "seg-y"),
+                    "_segmented_grad_kernel": ("seg-dA", "seg-dB")}  # (A layout, B layout)
+
+
 def _role(name: str, constexprs: dict, in_forward: bool) -> str:
+    if name in _SEGMENTED_ROLES:
+        return _SEGMENTED_ROLES[name][bool(constexprs.get("B_LAYOUT"))]
     if name == "_qlora_matmul_kernel":  # the quantized GEMMs: W_T in the forward, W in dX
         return "forward" if constexprs.get("W_T") else "dX"
     if name == "_lora_matmul_kernel":
@@ -244,7 +314,7 @@ class KernelReport:
     @property
     def config(self) -> str:
         c = self.constexprs
-        parts = [f"{k}={c[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in c]
+        parts = [f"{k}={c[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_R") if k in c]
         if "FORMAT" in c and c.get("QUANTIZED", True):  # a quantized GEMM (ops.quantized) or weight norm (ops.dora)
             parts.append(("nf4" + ("-dq" if c.get("DOUBLE_QUANT") else "")) if c["FORMAT"] == 0 else "int8")
         flags = [k.split("_", 1)[1].lower() for k in ("HAS_BIAS", "HAS_LORA", "HAS_DROPOUT", "COMPUTE_GRAD_S",
@@ -252,6 +322,9 @@ class KernelReport:
                                                       "COMPUTE_GRAD_COL_SCALE", "KEEP_Z", "DORA_DROPOUT") if c.get(k)]
         if c.get("COL_SCALE"):  # DoRA's column scale: 1 in the GEMM's epilogue (forward), 2 on dY tiles (dX)
             flags.append("c-epilogue" if c["COL_SCALE"] == 1 else "c-prologue")
+        # the segmented kernels (ops.segmented): B-layout weights, the keep mask on input or output, s_i per slot
+        flags += [name for key, name in (("B_LAYOUT", "b-layout"), ("MASK_INPUT", "mask-in"), ("MASK_OUTPUT", "mask-out"),
+                                         ("SCALE_BY_SLOT", "slot-scale")) if c.get(key)]
         parts.append(f"w{c.get('num_warps')}s{c.get('num_stages')}")
         return " ".join(parts + flags)
 
@@ -341,9 +414,10 @@ def _read_binary(report: KernelReport, compiled, log: Optional[str]) -> None:
     report.scalar_16bit_loads = len(re.findall(r"\bLDG\.E\.U16\b", sass))
 
 
-def sweep_arch(arch: int, precisions: Sequence[str] = PRECISIONS, full: bool = False,
-               quick: bool = False) -> Tuple[List[KernelReport], List[CompileError]]:
-    """Compiles every case of :func:`cases` for ``arch`` and reads each distinct kernel once."""
+def sweep_arch(arch: int, precisions: Sequence[str] = PRECISIONS, full: bool = False, quick: bool = False,
+               kinds: Optional[Sequence[str]] = None) -> Tuple[List[KernelReport], List[CompileError]]:
+    """Compiles every case of :func:`cases` (of ``kinds``, default all) for ``arch`` and reads each distinct
+    kernel once."""
     from . import lora_linear as ops
 
     reports: Dict[str, KernelReport] = {}
@@ -370,9 +444,10 @@ def sweep_arch(arch: int, precisions: Sequence[str] = PRECISIONS, full: bool = F
                     rep.roles.append(role)
             del gpu.kernels[:]
 
-        ops.dropout_mask(1, (4096, 4096), 0.1, torch.device("cpu"))
-        collect("dropout_mask 4096x4096", "bool", True, 1)
-        for case in cases(precisions, full=full, quick=quick):
+        if kinds is None or "lora" in kinds:
+            ops.dropout_mask(1, (4096, 4096), 0.1, torch.device("cpu"))
+            collect("dropout_mask 4096x4096", "bool", True, 1)
+        for case in cases(precisions, full=full, quick=quick, kinds=kinds):
             try:
                 forward_launches = _run_case(case, tensors, gpu.kernels)
             except _NoSuchCandidate:

@@ -388,3 +388,38 @@ def _tuned_gemm(key: tuple, default: KernelConfig, launch: Callable[[KernelConfi
     best = min(timings)[2] if timings else default
     _TUNED[key] = best
     return best
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentedBlocks:
+    """Block sizes of one segmented kernel (:mod:`lora_kernels.ops.segmented`): ``block_m`` tokens of one
+    batch row, ``block_n`` the streamed (shrink: K) or output (expand, grad) columns, ``block_r`` the rank."""
+
+    block_m: int
+    block_n: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def segmented_blocks(kind: str, dtype: torch.dtype, tokens_per_row: int, rank_bound: int) -> SegmentedBlocks:
+    """Block sizes of the segmented ``kind`` ("shrink", "expand", "grad") kernel: simple and safe, one set for
+    every arch (the compile gate checks them on sm80/86/89/90).
+
+    A token block never spans two batch rows, so it is at most the row's T rounded up (16..64); the rank block
+    covers the rank bound up to 64 (a power of two >= 16 for ``tl.dot``; larger ranks loop over blocks of 64).
+    Columns: 128 bytes of K per shrink step (64 fp16/bf16, 32 fp32), 64 output columns for the expand and grad
+    tiles. fp32 (IEEE on CUDA cores, or TF32) takes at most 32 tokens and 32 ranks per block: 64 x 64 tiles
+    spilled 4 B to 11 KB (sm80/86/89/90, the compile gate, Triton 3.9).
+    """
+    if kind not in ("shrink", "expand", "grad"):
+        raise ValueError(f"kind must be 'shrink', 'expand' or 'grad', got {kind!r}")
+    wide = dtype.itemsize <= 2
+    cap = 64 if wide else 32
+    block_m = min(cap, max(16, triton.next_power_of_2(max(int(tokens_per_row), 1))))
+    block_r = min(cap, max(16, triton.next_power_of_2(max(int(rank_bound), 1))))
+    if kind == "shrink":  # fp32: 2 stages (3 spilled 4-8 B in IEEE fp32's B-layout blocks on sm86/sm89)
+        return SegmentedBlocks(block_m, 64 if wide else 32, block_r, num_stages=3 if wide else 2)
+    # fp32: the grad kernel's token loop unpipelined (2 stages took 175-241 registers on sm80 and spilled 24-28 B
+    # at 16-token blocks; 1 stage: 63-80 registers); the expand's only loop (ranks) is unpipelined anyway
+    return SegmentedBlocks(block_m, 64, block_r, num_stages=3 if wide else 1)

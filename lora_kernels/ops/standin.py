@@ -268,12 +268,14 @@ def _knob(scope, name: str, value) -> Iterator[None]:
 
 
 def _clear_launch_plans() -> None:
-    """The launchers cache plans that call compiled kernels directly (see ``lora_linear.clear_plans``)."""
-    from . import lora_linear
+    """The launchers cache plans that call compiled kernels directly (see ``lora_linear.clear_plans``,
+    ``segmented.clear_plans``)."""
+    from . import lora_linear, segmented
 
-    clear = getattr(lora_linear, "clear_plans", None)
-    if clear is not None:
-        clear()
+    for module in (lora_linear, segmented):
+        clear = getattr(module, "clear_plans", None)
+        if clear is not None:
+            clear()
 
 
 def _lora_kernel():
