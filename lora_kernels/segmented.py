@@ -209,13 +209,13 @@ class _SegmentedLoRAFunction(torch.autograd.Function):
             grad_bias = grad_y.sum(0)
         param_grads: List[Optional[torch.Tensor]] = [None] * len(param_needs)
         if any(param_needs[0::2]):
-            store = impl.segmented_grad_a(grad_s, x2d, plan, seed, ctx.a_store)
+            store = impl.segmented_grad_a(grad_s, x2d, plan, seed, rank_capacity=ctx.a_store.shape[1] // x2d.shape[1])
             for i, (slot, rank) in enumerate(ctx.used):
                 if param_needs[2 * i]:
                     grad = store[slot, :rank * x2d.shape[1]].view(rank, x2d.shape[1])
                     param_grads[2 * i] = grad.to(ctx.param_dtypes[2 * i])
         if any(param_needs[1::2]):
-            store = impl.segmented_grad_b(grad_y, s, plan, ctx.b_store)
+            store = impl.segmented_grad_b(grad_y, s, plan, rank_capacity=ctx.b_store.shape[1] // grad_y.shape[1])
             out_features = grad_y.shape[1]
             for i, (slot, rank) in enumerate(ctx.used):
                 if param_needs[2 * i + 1]:

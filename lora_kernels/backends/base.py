@@ -96,11 +96,13 @@ class SegmentedBackend(Protocol):
         """grad_x += keep ⊙ (dS·A_slot), in place."""
 
     def segmented_grad_a(self, grad_s: torch.Tensor, x: torch.Tensor, plan, seed: Optional[Seed],
-                         store: torch.Tensor) -> torch.Tensor:
-        """Every slot's dA = Σ over its rows of dSᵀ·(keep ⊙ x), shaped like ``store`` (slots without rows: 0)."""
+                         rank_capacity: Optional[int] = None) -> torch.Tensor:
+        """Every slot's dA = Σ over its rows of dSᵀ·(keep ⊙ x), (P, rank_capacity·K) in the store's layout
+        (slots without rows: 0); rank_capacity defaults to the plan's rank bound."""
 
-    def segmented_grad_b(self, grad_y: torch.Tensor, s: torch.Tensor, plan, store: torch.Tensor) -> torch.Tensor:
-        """Every slot's dB = s_i·Σ over its rows of dYᵀ·S, shaped like ``store``."""
+    def segmented_grad_b(self, grad_y: torch.Tensor, s: torch.Tensor, plan,
+                         rank_capacity: Optional[int] = None) -> torch.Tensor:
+        """Every slot's dB = s_i·Σ over its rows of dYᵀ·S, (P, rank_capacity·N) in the store's layout."""
 
 
 _REGISTRY: Dict[str, Callable[[bool], LoRABackend]] = {}

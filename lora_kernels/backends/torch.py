@@ -403,30 +403,39 @@ class TorchBackend:
         grad_x.add_(term.masked_fill_(drop, 0))
 
     def segmented_grad_a(self, grad_s: torch.Tensor, x: torch.Tensor, plan, seed: Seed,
-                         store: torch.Tensor) -> torch.Tensor:
-        """The gradients of every slot's A, in a tensor shaped and typed like ``store`` (P, R_cap·K): slot i's
-        first r_i·K values are Σ over its rows of dSᵀ·(keep ⊙ x), the rest 0."""
+                         rank_capacity: Optional[int] = None) -> torch.Tensor:
+        """Every slot's dA, (P, rank_capacity·K) (rank_capacity defaults to the plan's rank bound): slot i's
+        first r_i·K values are Σ over its rows of dSᵀ·(keep ⊙ x), the rest 0. Summed in fp32 (float64 for
+        float64)."""
         drop = self._segment_drop(plan, seed, x)
         source = x if drop is None else torch.where(drop, 0, x)
         x3 = source.view(plan.batch_rows, plan.tokens_per_row, x.shape[1])
         ds3 = grad_s.view(plan.batch_rows, plan.tokens_per_row, -1)
-        grads = torch.zeros_like(store)
+        grads = _grad_store(plan, rank_capacity, x.shape[1], x)
         for group in plan.groups:
             per_row = torch.bmm(_pick(ds3, group.rows)[:, :, :group.rank].transpose(1, 2), _pick(x3, group.rows))
             _sum_into_slots(grads, group, per_row.reshape(per_row.shape[0], -1))
         return grads
 
-    def segmented_grad_b(self, grad_y: torch.Tensor, s: torch.Tensor, plan, store: torch.Tensor) -> torch.Tensor:
-        """The gradients of every slot's B, shaped and typed like ``store`` (P, R_cap·N): slot i's first
-        N·r_i values are s_i · Σ over its rows of dYᵀ·S[:, :r_i] as (N, r_i) row-major, the rest 0."""
+    def segmented_grad_b(self, grad_y: torch.Tensor, s: torch.Tensor, plan,
+                         rank_capacity: Optional[int] = None) -> torch.Tensor:
+        """Every slot's dB, (P, rank_capacity·N): slot i's first N·r_i values are s_i · Σ over its rows of
+        dYᵀ·S[:, :r_i] as (N, r_i) row-major, the rest 0."""
         dy3 = grad_y.view(plan.batch_rows, plan.tokens_per_row, grad_y.shape[1])
         s3 = s.view(plan.batch_rows, plan.tokens_per_row, -1)
-        grads = torch.zeros_like(store)
+        grads = _grad_store(plan, rank_capacity, grad_y.shape[1], grad_y)
         for group in plan.groups:
             scaled = _pick(s3, group.rows)[:, :, :group.rank] * group.scale.to(s.dtype)[:, None, None]
             per_row = torch.bmm(_pick(dy3, group.rows).transpose(1, 2), scaled)  # (b, N, r)
             _sum_into_slots(grads, group, per_row.reshape(per_row.shape[0], -1))
         return grads
+
+
+def _grad_store(plan, rank_capacity: Optional[int], width: int, like: torch.Tensor) -> torch.Tensor:
+    """Zeros (P, R_cap·width) to sum the slots' gradients in: fp32, float64 for float64 inputs."""
+    capacity = plan.rank_bound if rank_capacity is None else rank_capacity
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.zeros((plan.slot_rank.shape[0], capacity * width), dtype=dtype, device=like.device)
 
 
 def _pick(t3: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
