@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import platform
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -49,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks.machine import cpu_model
 from lora_kernels import FusedLoRALinear, lora_linear
 from lora_kernels.dora import weight_norm
 from lora_kernels.reference import lora_linear_unfused
@@ -146,23 +146,12 @@ class BenchSettings:
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
-        return f"{_cpu_model()}, {os.cpu_count()} cores"
+        return f"{cpu_model()}, {os.cpu_count()} cores"
 
     def sync(self) -> None:
         """Waits for queued device work, so that a timer read afterwards covers it."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine() or "CPU"
 
 
 def _triton_skip_reason(device: torch.device) -> Optional[str]:

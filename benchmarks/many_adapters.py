@@ -21,7 +21,6 @@ README come from ``benchmarks.cost_model`` (predictions, not measurements).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import triton
+from benchmarks.machine import cpu_model
 from lora_kernels import (LoRAConfig, add_adapter, iter_lora_layers, lora_linear_mixed, mixed_adapters,
                           replace_linear_with_fused_lora, set_adapter)
 from lora_kernels.mixed import AdapterTerm
@@ -125,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"Measured on the CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+    print(f"Measured on the CPU ({cpu_model()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, Triton {triton.__version__}: {args.layers} layers {args.width}->{args.width}, "
           f"rank {'4-64 mixed' if args.mixed_ranks else args.rank}, dropout 0.1, x (max({args.rows}, N), "
           f"{args.seq}, {args.width}) fp32, forward+backward; median ms of {args.rounds} interleaved rounds")

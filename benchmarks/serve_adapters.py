@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -50,6 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks.machine import cpu_model
 from benchmarks.dora_layer import MISSING, _commit, _load, _versions, interleaved_times
 
 PROVIDERS = ("single", "batched", "loop", "peft")
@@ -61,17 +61,6 @@ LABELS = {
 }
 SAME_TOKENS = ("batched", "loop", "peft")  # each prompt through its own adapter: the same greedy tokens
 B_STD = 0.3
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine() or "CPU"
 
 
 def chat_prompts(count: int) -> List[str]:
@@ -327,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "python -m benchmarks.serve_adapters" + "".join(" " + shlex.quote(a) for a in
                                                               (sys.argv[1:] if argv is None else argv))
     print(f"Command: `{command}`; commit {_commit()}; {datetime.date.today().isoformat()}")
-    print(f"Machine: {_cpu_model()}, {torch.get_num_threads()} torch threads; 1-minute load average {load_start} at "
+    print(f"Machine: {cpu_model()}, {torch.get_num_threads()} torch threads; 1-minute load average {load_start} at "
           f"start, {load_end} at end")
     print(f"Software: torch {versions['torch']}, Triton {versions['triton'] or 'not installed'} (not used on the "
           f"CPU), PEFT {versions['peft'] or 'not installed'}")
@@ -358,7 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print("\n".join(render_summary(per_count, args.rank)))
     print()
-    print(json.dumps({"command": command, "versions": versions, "threads": torch.get_num_threads(), "cpu": _cpu_model(),
+    print(json.dumps({"command": command, "versions": versions, "threads": torch.get_num_threads(), "cpu": cpu_model(),
                       "load_average": [load_start, load_end], "results": summary}))
     return 0
 

@@ -113,41 +113,35 @@ CASES = {  # adapters: (batch rows, tokens per row, K, N)
 }
 
 
+def compare_with_separate_runs(backend, count, case, dtype, ps, generator_seed):
+    """A batch of ``case`` = (batch rows, tokens per row, K, N) over ``count`` adapters, segmented, against the
+    float64 separate runs at the same seed."""
+    rows_count, tokens, k, n = case
+    gen = torch.Generator().manual_seed(generator_seed)
+    adapters = make_adapters(count, k, n, dtype, ps, gen)
+    weight, bias = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype), torch.randn(n, generator=gen).to(dtype)
+    x = torch.randn(rows_count, tokens, k, generator=gen).to(dtype)
+    grad_out = torch.randn(rows_count, tokens, n, generator=gen).to(dtype)
+    rows = batch_rows(rows_count, count)
+    torch.manual_seed(7)
+    seed = draw_seed_tensor(torch.device("cpu"))
+    mixed = run_mixed(x, weight, bias, adapters, rows, grad_out, 7, backend)
+    check(mixed, separate_runs(x, weight, bias, adapters, rows, grad_out, seed, backend), adapters, dtype,
+          f"{backend}, {count} adapters, {dtype}, p {ps}")
+
+
 @pytest.mark.parametrize("ps", [(0.0,), (0.25,), (0.3, 0.1, 0.0, 0.5)], ids=["no-dropout", "same-p", "mixed-p"])
 @pytest.mark.parametrize("count", list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_segmented_equals_separate_runs_fp32(backend, count, ps):
     if backend == "triton" and count == 256 and ps != (0.0,):
         pytest.skip("256 adapters on the interpreter: once, without dropout (the mask is covered above)")
-    rows_count, tokens, k, n = CASES[count]
-    gen = torch.Generator().manual_seed(count)
-    adapters = make_adapters(count, k, n, torch.float32, ps, gen)
-    weight, bias = torch.randn(n, k, generator=gen) / k ** 0.5, torch.randn(n, generator=gen)
-    x = torch.randn(rows_count, tokens, k, generator=gen)
-    grad_out = torch.randn(rows_count, tokens, n, generator=gen)
-    rows = batch_rows(rows_count, count)
-    torch.manual_seed(7)
-    seed = draw_seed_tensor(torch.device("cpu"))
-    mixed = run_mixed(x, weight, bias, adapters, rows, grad_out, 7, backend)
-    check(mixed, separate_runs(x, weight, bias, adapters, rows, grad_out, seed, backend), adapters, torch.float32,
-          f"{backend}, {count} adapters, p {ps}")
+    compare_with_separate_runs(backend, count, CASES[count], torch.float32, ps, count)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_segmented_equals_separate_runs_fp16(backend):
-    rows_count, tokens, k, n = CASES[64]
-    gen = torch.Generator().manual_seed(3)
-    adapters = make_adapters(16, k, n, torch.float16, (0.2,), gen)
-    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).half()
-    bias = torch.randn(n, generator=gen).half()
-    x = torch.randn(rows_count, tokens, k, generator=gen).half()
-    grad_out = torch.randn(rows_count, tokens, n, generator=gen).half()
-    rows = batch_rows(rows_count, 16)
-    torch.manual_seed(7)
-    seed = draw_seed_tensor(torch.device("cpu"))
-    mixed = run_mixed(x, weight, bias, adapters, rows, grad_out, 7, backend)
-    check(mixed, separate_runs(x, weight, bias, adapters, rows, grad_out, seed, backend), adapters, torch.float16,
-          f"{backend} fp16")
+    compare_with_separate_runs(backend, 16, CASES[64], torch.float16, (0.2,), 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
