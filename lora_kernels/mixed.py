@@ -156,7 +156,7 @@ def lora_linear_mixed(
     if _autocast_enabled(x.device.type):  # as lora_linear: compute in the autocast dtype, with autocast off
         return _outside_autocast(lora_linear_mixed, x, weight, bias, adapters, row_adapter, training, backend,
                                  segmented, store)
-    plan = _kept_plan(store, x, training)
+    plan = _kept_plan(store, x, training) if segmented is not False else None
     if plan is not None:  # a layer's pool inside mixed_adapters, called before with these rows: checked then
         name = resolve_backend(backend, x)
         return _run_segmented(x, weight, bias, adapters, plan, store, name,
@@ -213,10 +213,12 @@ def lora_linear_mixed(
     return _scaled_lora_linear(x, weight, bias, lora_As, lora_Bs, scale, dropout_p, seed, impl)
 
 
-# The segmented path's fixed cost beside the concatenation, in rank columns per token: its extra passes
-# (a gather of each row's adapter, batched matmuls per rank, the gradients summed per slot). Measured on the
-# CPU with benchmarks/mixed_batch.py (--adapters 2..8): the concatenation wins at 2 adapters of equal rank and
-# the segmented path from 3 up; the Triton kernels' extra launches cost about the same.
+# The segmented path's fixed cost beside the concatenation, in rank columns per token: its extra passes (a
+# gather of each row's adapter, batched matmuls per rank, the gradients summed per slot; on a GPU three more
+# launches). 16 puts the switch between two adapters of equal rank (the concatenation: 2r columns, no extra
+# pass) and four, where both measure and predict the segmented path cheaper: benchmarks/many_adapters.py on
+# the CPU, 4 rank-16 adapters, 1.07x one adapter against the concatenation's 1.20x; benchmarks/cost_model.py,
+# H100/A100 at 512-768 wide, 0.79-0.86x the concatenation's time (at 4096 wide within 3% of it).
 SEGMENT_OVERHEAD_RANKS = 16
 
 
