@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_close
+from helpers import assert_close, needs_peft, tiny_transformers
 from lora_kernels import (AdapterTerm, LoRAConfig, add_adapter, delete_adapter, iter_lora_layers, lora_linear,
                           lora_linear_mixed, mixed_adapters, replace_linear_with_fused_lora, save_lora, load_lora,
                           set_adapter, triton_available)
@@ -396,3 +396,45 @@ def test_autocast_keeps_the_path_and_computes_in_the_autocast_dtype():
                                 [AdapterTerm(t.lora_A.bfloat16().float(), t.lora_B.bfloat16().float(), t.scaling)
                                  for t in adapters], rows, torch.zeros(7, 3, 20), None, "torch", training=False)
     assert_close(y.float(), y_ref.float(), torch.bfloat16, "autocast output")
+
+
+@needs_peft
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_eight_adapters_of_mixed_ranks_match_peft_adapter_names(tmp_path):
+    """A transformers Llama with 8 PEFT adapters (ranks 4-64, on different modules), saved by PEFT and loaded
+    into our layers: our segmented mixed batch gives the logits of PEFT's own ``adapter_names``."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from lora_kernels import load_peft_adapter
+
+    base = tiny_transformers("llama").eval()
+    names = [f"a{i}" for i in range(8)]
+    targets = (["q_proj", "v_proj"], ["v_proj", "up_proj"], ["q_proj", "o_proj", "down_proj"])
+    torch.manual_seed(1)
+    peft = None
+    for i, name in enumerate(names):
+        config = LoraConfig(r=RANKS[i % 5], lora_alpha=2 * i + 1, target_modules=targets[i % 3])
+        if peft is None:
+            peft = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            peft.add_adapter(name, config)
+    with torch.no_grad():
+        for parameter_name, p in peft.named_parameters():
+            if "lora_B" in parameter_name:
+                p.normal_(0, 0.2)
+    peft.eval()
+    peft.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    for name in names:
+        load_peft_adapter(ours, tmp_path / "peft" / name, adapter_name=name)
+    rows = names + [None, "a3", "a5"]
+    x = torch.randint(0, 64, (len(rows), 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft(x, adapter_names=[n or "__base__" for n in rows]).logits
+        with mixed_adapters(ours, rows):
+            got = ours(x).logits
+            assert any(layer._pool is not None for _, layer in iter_lora_layers(ours))  # the segmented path ran
+    assert_close(got, expected, torch.float32, "logits of an 8-adapter mixed batch")
+    assert (expected[0] - expected[1]).abs().max() > 1e-3  # the adapters differ
