@@ -121,8 +121,9 @@ def build_plan(layout: RowLayout, tokens_per_row: int, slot_ranks: Sequence[int]
     else:
         dropout_p = row_p.repeat_interleave(tokens_per_row)
     order = torch.argsort(torch.where(valid, row_slot, slots), stable=True)
-    counts = torch.bincount(row_slot[valid], minlength=slots) if batch else torch.zeros(slots, dtype=torch.int64,
-                                                                                        device=device)
+    # Rows per slot by a scatter into a fixed size (bincount and boolean indexing would wait for the device).
+    counts = torch.zeros(slots + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, torch.where(valid, row_slot, slots), torch.ones_like(row_slot))
     start = torch.zeros(slots + 1, dtype=torch.int64, device=device)
     start[1:] = torch.cumsum(counts[:slots], 0)
     return SegmentPlan(
