@@ -6,7 +6,7 @@
 # Writes under benchmarks/results/<device>-<date>/ (or --out DIR):
 #   results.json  pytest-benchmark JSON of `pytest benchmarks/ --benchmark-only`
 #   report.md     tables (python -m benchmarks.report), report.png  the chart
-#   tests.log, check.log (python -m lora_kernels.check), bench.log, environment.txt
+#   tests.log, check.log (python -m lora_kernels.check), bench.log, many_adapters.log, environment.txt
 #
 # Needs no network and no install: it runs from this checkout (PYTHONPATH=repo root) with the torch, triton,
 # peft, pytest and pytest-benchmark already on the machine; it says what is missing and goes on where it can.
@@ -120,6 +120,9 @@ fi
 if [ "$RUN_BENCH" = 1 ]; then
     run_step benchmarks "$OUT/bench.log" "$PYTHON" -m pytest benchmarks/ --benchmark-only \
         --benchmark-json="$OUT/results.json" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
+    # Many adapters in one batch (issue #21): the segmented kernels beside the concatenation and a loop.
+    run_step adapters "$OUT/many_adapters.log" "$PYTHON" -m benchmarks.many_adapters --device cuda \
+        --adapters 1 4 16 64 256 --width 4096 --rows 64 --seq 128
     if [ -s "$OUT/results.json" ]; then
         run_step report "$OUT/report.log" "$PYTHON" -m benchmarks.report "$OUT/results.json" --out "$OUT"
     else

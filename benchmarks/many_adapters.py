@@ -1,7 +1,7 @@
 """Many adapters in one training batch, one adapter per batch row, through a stack of LoRA layers.
 
     python -m benchmarks.many_adapters [--adapters 1 4 16 64 256] [--rows 64] [--seq 64] [--width 512]
-                                       [--layers 4] [--rank 16] [--rounds 5] [--threads N]
+                                       [--layers 4] [--rank 16] [--rounds 5] [--threads N] [--device cpu|cuda]
 
 A stack of ``--layers`` :class:`lora_kernels.FusedLoRALinear` layers (width -> width, frozen base) carrying N
 named adapters of rank ``--rank`` (dropout 0.1); x is (max(rows, N), seq, width), row i on adapter i mod N.
@@ -15,7 +15,8 @@ rounds after a warm-up, in ms, and each provider's time over ``single``'s from t
   (every row pays the sum of all ranks), skipped above 64 adapters;
 * ``loop``: a Python loop over the adapters, each over its own rows (``set_adapter``), skipped above 64.
 
-``--mixed_ranks`` gives the adapters ranks cycling through 4, 8, 16, 32, 64 instead. The GPU columns of the
+``--mixed_ranks`` gives the adapters ranks cycling through 4, 8, 16, 32, 64 instead. On CUDA the layers and x
+are bf16 and the Triton kernels run (``backend="auto"``); each round is synchronised. The GPU columns of the
 README come from ``benchmarks.cost_model`` (predictions, not measurements).
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ from lora_kernels.mixed import AdapterTerm
 MIXED_RANKS = (4, 8, 16, 32, 64)
 
 
-def build(adapters: int, width: int, layers: int, rank: int, mixed_ranks: bool) -> nn.Module:
+def build(adapters: int, width: int, layers: int, rank: int, mixed_ranks: bool,
+          device: torch.device = torch.device("cpu")) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
     ranks = [MIXED_RANKS[a % len(MIXED_RANKS)] if mixed_ranks else rank for a in range(adapters)]
@@ -50,7 +52,7 @@ def build(adapters: int, width: int, layers: int, rank: int, mixed_ranks: bool) 
         for _, layer in iter_lora_layers(model):
             for name in layer.adapter_names:
                 layer.lora_params(name)[1].normal_(0, 0.02)
-    return model.train()
+    return model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).train()
 
 
 def names(adapters: int) -> List[str]:
@@ -93,17 +95,21 @@ def providers(model: nn.Module, adapters: int, x: torch.Tensor) -> Dict[str, Cal
 
 
 def measure(adapters: int, rows: int, seq: int, width: int, layers: int, rank: int, rounds: int,
-            mixed_ranks: bool) -> Dict[str, float]:
+            mixed_ranks: bool, device: torch.device = torch.device("cpu")) -> Dict[str, float]:
     """{provider: median ms} and {provider + "/single": median ratio of the same round}."""
-    model = build(adapters, width, layers, rank, mixed_ranks)
-    x = torch.randn(max(rows, adapters), seq, width, generator=torch.Generator().manual_seed(1))
+    model = build(adapters, width, layers, rank, mixed_ranks, device)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(max(rows, adapters), seq, width, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     found = providers(model, adapters, x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: Dict[str, List[float]] = {name: [] for name in found}
     for _ in range(rounds + 1):  # the first round warms up
         for name, fn in found.items():
             model.zero_grad(set_to_none=True)
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     result = {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
     for name in found:
@@ -122,19 +128,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--mixed_ranks", action="store_true", help="ranks cycling through 4, 8, 16, 32, 64")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"Measured on the CPU ({cpu_model()}, {torch.get_num_threads()} threads), "
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"the CPU ({cpu_model()}, {torch.get_num_threads()} threads)"
+    print(f"Measured on {where}, "
           f"torch {torch.__version__}, Triton {triton.__version__}: {args.layers} layers {args.width}->{args.width}, "
           f"rank {'4-64 mixed' if args.mixed_ranks else args.rank}, dropout 0.1, x (max({args.rows}, N), "
-          f"{args.seq}, {args.width}) fp32, forward+backward; median ms of {args.rounds} interleaved rounds")
+          f"{args.seq}, {args.width}) {'bf16' if device.type == 'cuda' else 'fp32'}, forward+backward; median ms of {args.rounds} interleaved rounds")
     names_ = ["single", "segmented", "concatenated", "loop"]
     print("| adapters | " + " | ".join(f"{n} ms" for n in names_) + " | segmented / single | "
           "concatenated / single | loop / single |")
     print("| ---: | " + " | ".join("---:" for _ in names_) + " | ---: | ---: | ---: |")
     for count in args.adapters:
-        r = measure(count, args.rows, args.seq, args.width, args.layers, args.rank, args.rounds, args.mixed_ranks)
+        r = measure(count, args.rows, args.seq, args.width, args.layers, args.rank, args.rounds, args.mixed_ranks,
+                    device)
         cells = [f"{r[n]:.0f}" if n in r else "n/a" for n in names_]
         ratios = [f"{r[n + '/single']:.2f}" if n in r else "n/a" for n in ("segmented", "concatenated", "loop")]
         print(f"| {count} | " + " | ".join(cells + ratios) + " |", flush=True)
