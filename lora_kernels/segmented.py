@@ -18,7 +18,8 @@ Per call (notation of :mod:`lora_kernels.backends.torch`; x (M, K) with M = B·T
 The six primitives (``segmented_shrink``, ``_expand``, ``_grad_s``, ``_grad_x``, ``_grad_a``, ``_grad_b``) are
 the :class:`lora_kernels.backends.base.SegmentedBackend` contract: the torch backend runs them as one
 batched matmul per distinct rank (``plan.groups``), the Triton kernels (:mod:`lora_kernels.ops.segmented`)
-one program per block of a row's tokens at that row's rank rounded up to the kernels' rank block (16).
+one program per block of a row's tokens over that row's rank rounded up to the rank block (the batch's
+largest rank as a power of two, 16 to 64; :func:`lora_kernels.ops.configs.segmented_blocks`).
 
 Dropout: token m's mask is the one the single-adapter path draws for row m at the same seed and that row's
 adapter's p, so a batch row gets the same mask whichever path runs it.
