@@ -389,18 +389,14 @@ class TorchBackend:
         ds3 = grad_s.view(plan.batch_rows, plan.tokens_per_row, -1)
         width = grad_x.shape[1]
         drop = self._segment_drop(plan, seed, grad_x)
-        if drop is None:
-            gx3 = grad_x.view(plan.batch_rows, plan.tokens_per_row, width)
-            for group in plan.groups:
-                a = _slot_weights(a_store, group, width, grad_s.dtype)
-                _add(gx3, group.rows, _pick(ds3, group.rows)[:, :, :group.rank], a)
-            return
-        term = torch.zeros_like(grad_x)
-        term3 = term.view(plan.batch_rows, plan.tokens_per_row, width)
+        # Without dropout straight into grad_x; with it into a buffer that the mask then zeroes.
+        target = grad_x if drop is None else torch.zeros_like(grad_x)
+        target3 = target.view(plan.batch_rows, plan.tokens_per_row, width)
         for group in plan.groups:
             a = _slot_weights(a_store, group, width, grad_s.dtype)
-            _add(term3, group.rows, _pick(ds3, group.rows)[:, :, :group.rank], a)
-        grad_x.add_(term.masked_fill_(drop, 0))
+            _add(target3, group.rows, _pick(ds3, group.rows)[:, :, :group.rank], a)
+        if drop is not None:
+            grad_x.add_(target.masked_fill_(drop, 0))
 
     def segmented_grad_a(self, grad_s: torch.Tensor, x: torch.Tensor, plan, seed: Seed,
                          rank_capacity: Optional[int] = None) -> torch.Tensor:
