@@ -9,8 +9,9 @@ Each provider runs forward + backward (training) on the same batch; the median o
 rounds after a warm-up, in ms, and each provider's time over ``single``'s from the same rounds:
 
 * ``single``: the whole batch through one adapter (``set_adapter``): the floor;
-* ``segmented``: ``lora_kernels.mixed_adapters`` with one adapter per row (the segmented path: each row at its
-  own rank, the adapters in each layer's pool);
+* ``segmented``: ``lora_kernels.mixed_adapters`` with one adapter per row, its automatic choice: the segmented
+  path (each row at its own rank, the adapters in each layer's pool) from three adapters of equal rank up,
+  the concatenation below;
 * ``concatenated``: the same batch through :func:`lora_kernels.lora_linear_mixed` with ``segmented=False``
   (every row pays the sum of all ranks), skipped above 64 adapters;
 * ``loop``: a Python loop over the adapters, each over its own rows (``set_adapter``), skipped above 64.
