@@ -110,6 +110,41 @@ def _lm_loss(model, ids):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+def test_in_place_residual_add_with_many_adapters_in_one_batch():
+    """MiniMind's ``h += residual`` on a LoRA output under a segmented mixed batch of 6 adapters: the per-row
+    losses and every adapter's gradients equal each row run alone with its adapter active."""
+    torch.manual_seed(0)
+    model = _TinyLM()
+    lk.replace_linear_with_fused_lora(model, rank=4, target_modules="all-linear")
+    names = ["default"] + [f"a{i}" for i in range(1, 6)]
+    for name in names[1:]:
+        lk.add_adapter(model, name, config=lk.LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for _, layer in lk.iter_lora_layers(model):
+            for name in layer.adapter_names:
+                layer.lora_params(name)[1].normal_(0, 0.2)
+    ids = torch.randint(0, 40, (len(names), 12), generator=torch.Generator().manual_seed(1))
+
+    def row_losses(logits, rows):
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[rows, 1:], reduction="none").mean(1)
+
+    with lk.mixed_adapters(model, names):
+        mixed = row_losses(model(ids), slice(None))
+        mixed.sum().backward()
+        assert any(layer._pool is not None for _, layer in lk.iter_lora_layers(model))  # the segmented path
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for i, name in enumerate(names):
+        lk.set_adapter(model, name)
+        alone = row_losses(model(ids[i:i + 1]), slice(i, i + 1))
+        alone.sum().backward()
+        torch.testing.assert_close(mixed[i], alone[0], rtol=TOLERANCES[torch.float32], atol=1e-6)
+    assert len(grads) == 2 * len(names) * 4 * 2  # A and B of 6 adapters on 4 linears in 2 blocks
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=TOLERANCES[torch.float32], atol=1e-6)
+
+
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_in_place_residual_add_on_lora_output_trains(dropout, use_dora):
