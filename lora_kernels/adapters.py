@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .config import DEFAULT_ADAPTER, LoRAConfig, check_adapter_name
 from .init import check_residual_inits
-from .mixed import segments_pay
+from .mixed import takes_segments
 from .modules import FusedLoRALinear
 from .pool import Slots
 from .replace import (Targets, _set_submodule, find_target_linears, iter_lora_layers,
@@ -276,8 +276,7 @@ class _MixedRows:
         segmented path is not predicted to pay or the parameters cannot be pooled."""
         key = ("store", tuple(used))
         if key not in self._cache:
-            pays = bool(terms) and all(t.magnitude is None for t in terms) and segments_pay(terms, host)
-            self._cache[key] = layer.pooled(used) if pays else None
+            self._cache[key] = layer.pooled(used) if terms and takes_segments(terms, host) else None
         return self._cache[key]
 
 

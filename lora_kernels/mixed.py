@@ -187,8 +187,7 @@ def lora_linear_mixed(
 
     dora = any(t.magnitude is not None for t in adapters)
     layout = row_layout(index.masked_fill(index == n, -1))
-    if not dora and (segmented is True or segmented == "auto" and segments_pay(adapters, layout.host)
-                     and _plain(adapters)):
+    if takes_segments(adapters, layout.host, segmented):
         return _segmented(x, weight, bias, adapters, layout, training, name, store, seed)
     uniform_p = len(set(ps)) == 1
     impl = backend_for(backend, name, _quantized(weight))
@@ -236,6 +235,15 @@ def segments_pay(adapters: Sequence[AdapterTerm], row_slots: Optional[Sequence[i
     return sum(ranks) > own + SEGMENT_OVERHEAD_RANKS
 
 
+def takes_segments(adapters: Sequence[AdapterTerm], row_slots: Optional[Sequence[int]],
+                   segmented: Union[str, bool] = "auto") -> bool:
+    """Whether :func:`lora_linear_mixed` runs ``adapters`` on the segmented path: never with a DoRA adapter;
+    forced by ``segmented=True``; under ``"auto"`` when :func:`segments_pay` and the stores can stack them."""
+    if any(t.magnitude is not None for t in adapters) or segmented is False:
+        return False
+    return segmented is True or segments_pay(adapters, row_slots) and _plain(adapters)
+
+
 def _plain(adapters: Sequence[AdapterTerm]) -> bool:
     """True when every adapter tensor is a plain tensor (not FSDP2's DTensor): what the stores can stack."""
     return all(type(t.lora_A.data) is torch.Tensor and type(t.lora_B.data) is torch.Tensor for t in adapters)
@@ -271,9 +279,10 @@ def _segmented(x, weight, bias, adapters: Sequence[AdapterTerm], layout, trainin
     runs eagerly (a graph break): the plan and the pool are host-side bookkeeping."""
     if store is None or store.a_store.dtype != x.dtype and name == "triton":
         store = stack_adapters([(t.lora_A, t.lora_B) for t in adapters], x.dtype)
-    plan = _plan(store, adapters, layout, _tokens_per_row(x), training, x.device)
+    tokens = _tokens_per_row(x)
+    plan = _plan(store, adapters, layout, tokens, training, x.device)
     if store.plans is not None:  # a layer's pool inside mixed_adapters: the row layout is fixed
-        store.plans[(_tokens_per_row(x), training, x.device)] = plan
+        store.plans[(tokens, training, x.device)] = plan
     return _run_segmented(x, weight, bias, adapters, plan, store, name, seed)
 
 

@@ -86,23 +86,25 @@ class AdapterPool:
     def unalias(self) -> None:
         """Gives every pooled parameter its own storage again (a copy of its slot) and keeps the slots, so the
         next :meth:`place` copies each adapter back into its own slot without reallocating anything."""
-        if self.a_store is None:
-            return
-        stores = {self.a_store.untyped_storage().data_ptr(), self.b_store.untyped_storage().data_ptr()}
-        with torch.inference_mode(False), torch.no_grad():  # a copy made under inference_mode could not train
-            for held in self._params:
-                for param in held or ():
-                    if param.untyped_storage().data_ptr() in stores:
-                        param.data = param.data.clone()
+        for held in self._params:
+            self._own_storage(held or ())
 
     def release(self, name: str) -> None:
         """Frees ``name``'s slot (its parameters keep their values: they own a copy from then on)."""
         slot = self._slot.pop(name, None)
         if slot is not None:
-            lora_A, lora_B = self._params[slot]
-            with torch.no_grad():
-                lora_A.data, lora_B.data = lora_A.data.clone(), lora_B.data.clone()
+            self._own_storage(self._params[slot])
             self._params[slot] = None
+
+    def _own_storage(self, params) -> None:
+        """Copies each of ``params`` that is still a view of the stores into storage of its own."""
+        if self.a_store is None:
+            return
+        stores = {self.a_store.untyped_storage().data_ptr(), self.b_store.untyped_storage().data_ptr()}
+        with torch.inference_mode(False), torch.no_grad():  # a copy made under inference_mode could not train
+            for param in params:
+                if param.untyped_storage().data_ptr() in stores:
+                    param.data = param.data.clone()
 
     def place(self, adapters: Sequence[Tuple[str, torch.Tensor, torch.Tensor]]) -> Optional[Slots]:
         """Makes every adapter ``(name, lora_A, lora_B)`` live in the pool (those already there are checked,
